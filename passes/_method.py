@@ -1,0 +1,86 @@
+"""What every method in passes/ provides, and the rank arithmetic they share.
+
+A method is check → decompose → build: `check(layer)` returns a skip reason or None,
+`decompose(weight, rank, stats)` is pure math returning `Factors`, `build(emit, layer, factors)`
+emits nodes through `tnopt.graph.Emitter`. `cost(layer, rank)` is the method's cost model; ranks
+come from a ratio of full rank, an energy fraction, or the search's `candidate_ranks`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Fractions of full rank offered to the budgeted search, densest where accuracy usually breaks.
+CANDIDATE_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
+# Ranks are rounded to this multiple where the dimension is large enough that rounding costs little.
+HARDWARE_MULTIPLE = 8
+
+
+@dataclass
+class Factors:
+    """Output of a decomposition: named arrays, the rank they realise, and the weight-space error."""
+
+    arrays: dict[str, np.ndarray]
+    rank: object
+    rel_error: float
+    notes: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    flops: int
+
+
+def scaled_rank(full: int, fraction: float, *, round_to: int = HARDWARE_MULTIPLE) -> int:
+    """`fraction` of `full`, at least 1, rounded to a hardware multiple when full ≥ 4·multiple."""
+    rank = max(1, math.ceil(fraction * full - 1e-9))
+    if round_to and full >= 4 * round_to and rank >= round_to:
+        rank = int(round(rank / round_to) * round_to)
+    return int(min(max(rank, 1), full))
+
+
+class Method:
+    name: str = ""
+    op_types: tuple[str, ...] = ()
+
+    def check(self, layer) -> str | None:
+        if layer.op not in self.op_types:
+            return f"{self.name} does not handle {layer.op}"
+        return layer.skip_reason
+
+    def full_rank(self, layer):
+        raise NotImplementedError
+
+    def rank_from_ratio(self, layer, ratio: float):
+        raise NotImplementedError
+
+    def rank_from_energy(self, layer, energy: float):
+        raise NotImplementedError
+
+    def cost(self, layer, rank) -> Cost:
+        raise NotImplementedError
+
+    def decompose(self, weight: np.ndarray, rank, stats=None) -> Factors:
+        raise NotImplementedError
+
+    def build(self, emit, layer, factors: Factors) -> None:
+        raise NotImplementedError
+
+    def rank_label(self, rank) -> str:
+        return "x".join(str(r) for r in rank) if isinstance(rank, tuple) else str(rank)
+
+    def candidate_ranks(self, layer) -> list:
+        """Ranks the search may try, cheapest first, each strictly cheaper than the dense layer."""
+        seen, ranks = set(), []
+        for fraction in CANDIDATE_FRACTIONS:
+            rank = self.rank_from_ratio(layer, fraction)
+            if rank in seen:
+                continue
+            seen.add(rank)
+            if self.cost(layer, rank).params < layer.params:
+                ranks.append(rank)
+        return sorted(ranks, key=lambda r: self.cost(layer, r).params)

@@ -1,0 +1,54 @@
+"""SVD of a Gemm / MatMul weight.
+
+    y = x·W,  W (K, N) ≈ A·B,  A = U_r·√Σ_r (K, r),  B = √Σ_r·V_rᵀ (r, N)
+
+    Gemm(A_in, W, C)   ⇒  Gemm(A_in, A, transA) → Gemm(·, B, C, beta)      (alpha, transB folded into W)
+    MatMul(x, W)       ⇒  MatMul(x, A) → MatMul(·, B)                       (x may be N-d)
+    MatMul(W, x)       ⇒  MatMul(B, x) → MatMul(A, ·)                       (constant on the left)
+
+Params K·N → r·(K + N); it pays when r < K·N / (K + N).
+"""
+
+from __future__ import annotations
+
+from . import _linalg
+from ._method import Cost, Factors, Method, scaled_rank
+
+
+class SVD(Method):
+    name = "svd"
+    op_types = ("Gemm", "MatMul")
+
+    def full_rank(self, layer) -> int:
+        return min(layer.weight_shape)
+
+    def rank_from_ratio(self, layer, ratio: float) -> int:
+        return scaled_rank(self.full_rank(layer), ratio)
+
+    def rank_from_energy(self, layer, energy: float) -> int:
+        return _linalg.rank_for_energy(_linalg.singular_values(layer.weight), energy)
+
+    def cost(self, layer, rank: int) -> Cost:
+        k, n = layer.weight_shape
+        params = rank * (k + n)
+        return Cost(params, 2 * layer.in_positions * params)
+
+    def decompose(self, weight, rank: int, stats=None) -> Factors:
+        a, b, err = _linalg.truncated_svd(weight, rank)
+        return Factors({"A": a.astype(weight.dtype), "B": b.astype(weight.dtype)}, rank, err)
+
+    def build(self, emit, layer, factors: Factors) -> None:
+        a, b = emit.const("A", factors.arrays["A"]), emit.const("B", factors.arrays["B"])
+        if layer.op == "Gemm":
+            hidden = emit.op("Gemm", "factor_a", [emit.data_input, a], {"transA": layer.attr("transA")})
+            inputs = [hidden, b] + ([emit.bias] if emit.bias is not None else [])
+            emit.op("Gemm", "factor_b", inputs, {"beta": layer.attr("beta")}, final=True)
+        elif layer.attr("weight_side") == "left":
+            hidden = emit.op("MatMul", "factor_b", [b, emit.data_input])
+            emit.op("MatMul", "factor_a", [a, hidden], final=True)
+        else:
+            hidden = emit.op("MatMul", "factor_a", [emit.data_input, a])
+            emit.op("MatMul", "factor_b", [hidden, b], final=True)
+
+
+METHOD = SVD()

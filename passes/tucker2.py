@@ -1,0 +1,96 @@
+"""Tucker-2 of an N-d convolution kernel on its output and input channel modes.
+
+    W (O, I, *k) ≈ core ×_O U_out ×_I U_in,  core (r_o, r_i, *k),  U_out (O, r_o),  U_in (I, r_i)
+
+    Conv(I→O, k)  ⇒  Conv 1x1(I→r_i) → Conv k(r_i→r_o, stride/pads/dilation) → Conv 1x1(r_o→O, +bias)
+
+The input 1x1 runs at the input resolution, the core and output 1x1 at the output resolution, so
+stride lands on the core where it cuts the most work. Works for Conv1d/2d/3d unchanged.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+import numpy as np
+
+from . import _linalg
+from ._method import Cost, Factors, Method, scaled_rank
+
+
+class Tucker2(Method):
+    name = "tucker2"
+    op_types = ("Conv",)
+
+    def check(self, layer) -> str | None:
+        reason = super().check(layer)
+        if reason is None and layer.group != 1:
+            return "grouped Conv: Tucker-2 needs group=1"
+        return reason
+
+    def full_rank(self, layer) -> tuple[int, int]:
+        o, i = layer.weight_shape[:2]
+        k = prod(layer.weight_shape[2:])
+        # The O-mode unfolding has rank ≤ min(O, I·k) and the I-mode ≤ min(I, O·k).
+        return (min(o, i * k), min(i, o * k))
+
+    def rank_from_ratio(self, layer, ratio: float) -> tuple[int, int]:
+        r_out, r_in = self.full_rank(layer)
+        return (scaled_rank(r_out, ratio), scaled_rank(r_in, ratio))
+
+    def rank_from_energy(self, layer, energy: float) -> tuple[int, int]:
+        out_spectrum, in_spectrum = _linalg.tucker2_mode_spectra(layer.weight)
+        return (_linalg.rank_for_energy(out_spectrum, energy), _linalg.rank_for_energy(in_spectrum, energy))
+
+    def cost(self, layer, rank: tuple[int, int]) -> Cost:
+        o, i = layer.weight_shape[:2]
+        k = prod(layer.weight_shape[2:])
+        r_out, r_in = rank
+        first, core, last = i * r_in, r_out * r_in * k, r_out * o
+        flops = 2 * (layer.in_positions * first + layer.out_positions * (core + last))
+        return Cost(first + core + last, flops)
+
+    def decompose(self, weight, rank: tuple[int, int], stats=None) -> Factors:
+        u_out, core, u_in, err = _linalg.partial_tucker(weight, rank)
+        return Factors({"U_out": u_out.astype(weight.dtype), "core": core.astype(weight.dtype),
+                        "U_in": u_in.astype(weight.dtype)}, (u_out.shape[1], u_in.shape[1]), err)
+
+    def build(self, emit, layer, factors: Factors) -> None:
+        u_out, core, u_in = factors.arrays["U_out"], factors.arrays["core"], factors.arrays["U_in"]
+        n_spatial = core.ndim - 2
+        point = (1,) * n_spatial
+        w_in = u_in.T.reshape(u_in.shape[1], u_in.shape[0], *point)
+        w_out = u_out.reshape(u_out.shape[0], u_out.shape[1], *point)
+        hidden = emit.op("Conv", "in_1x1", [emit.data_input, emit.const("in_1x1/W", w_in)],
+                         {"kernel_shape": list(point)})
+        hidden = emit.op("Conv", "core", [hidden, emit.const("core/W", np.ascontiguousarray(core))],
+                         spatial_conv_attrs(layer, core.shape[2:]))
+        inputs = [hidden, emit.const("out_1x1/W", w_out)] + ([emit.bias] if emit.bias is not None else [])
+        emit.op("Conv", "out_1x1", inputs, {"kernel_shape": list(point)}, final=True)
+
+
+def spatial_conv_attrs(layer, kernel_shape, *, group: int = 1, keep_pads=True, axes=None) -> dict:
+    """The original conv's stride/pads/dilation/auto_pad for the node that carries its spatial kernel.
+
+    `axes` restricts the geometry to some spatial axes (the others get stride 1, no pad) for the
+    separable forms of other passes; None keeps all of them.
+    """
+    n = len(kernel_shape)
+    axes = range(n) if axes is None else axes
+    strides = [layer.attr("strides")[a] if a in axes else 1 for a in range(n)]
+    dilations = [layer.attr("dilations")[a] if a in axes else 1 for a in range(n)]
+    pads = layer.attr("pads")
+    begin = [pads[a] if a in axes else 0 for a in range(n)]
+    end = [pads[n + a] if a in axes else 0 for a in range(n)]
+    attrs = {"kernel_shape": [int(k) for k in kernel_shape], "strides": strides, "dilations": dilations}
+    if group != 1:
+        attrs["group"] = group
+    auto_pad = layer.attr("auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "", b"NOTSET"):
+        attrs["auto_pad"] = auto_pad
+    elif keep_pads:
+        attrs["pads"] = begin + end
+    return attrs
+
+
+METHOD = Tucker2()

@@ -1,0 +1,8 @@
+"""tnopt: compress ONNX models by tensor-network factorization of their weights, under an accuracy
+budget checked in onnxruntime."""
+
+from tnopt.pipeline import compress
+from tnopt.report import Report
+
+__all__ = ["compress", "Report"]
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from tnopt.cli import main
+
+sys.exit(main())

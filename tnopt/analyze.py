@@ -1,0 +1,175 @@
+"""Find the layers tnopt can factorize and describe each as a frozen `Layer` record.
+
+Candidates: every Conv (N-d; grouped ones get a skip reason until per-group passes exist), every
+Gemm, and every MatMul with one constant operand. A MatMul of two activations (attention QKᵀ,
+attention·V) is never a candidate and is not even listed. FLOPs are 2·MACs at the inferred
+shapes, with symbolic dims (batch, sequence) counted as 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+
+import numpy as np
+import onnx
+
+from tnopt import graph as G
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    op: str  # Conv | Gemm | MatMul
+    weight_shape: tuple[int, ...]  # Conv: (O, I/group, *k); Gemm/MatMul: the effective (K, N) of y = x·W
+    params: int
+    flops: int
+    input_shape: tuple | None
+    output_shape: tuple | None
+    attrs: tuple[tuple[str, object], ...] = ()
+    data_index: int = 0
+    has_bias: bool = False
+    weight_source: str = ""
+    # Conv: positions (batch·spatial) at the input and output; Gemm/MatMul: rows M of x.
+    in_positions: int = 1
+    out_positions: int = 1
+    skip_reason: str | None = None
+    weight: np.ndarray | None = field(default=None, repr=False, compare=False, hash=False)
+
+    @property
+    def candidate(self) -> bool:
+        return self.skip_reason is None
+
+    def attr(self, key: str, default=None):
+        return dict(self.attrs).get(key, default)
+
+    @property
+    def group(self) -> int:
+        return int(self.attr("group", 1))
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "op": self.op, "weight_shape": list(self.weight_shape),
+            "params": self.params, "flops": self.flops,
+            "input_shape": list(self.input_shape) if self.input_shape else None,
+            "output_shape": list(self.output_shape) if self.output_shape else None,
+            "weight_source": self.weight_source, "candidate": self.candidate, "skip_reason": self.skip_reason,
+        }
+
+
+def analyze(model: onnx.ModelProto) -> list[Layer]:
+    graph = G.import_graph(model)
+    return analyze_graph(graph)
+
+
+def analyze_graph(graph) -> list[Layer]:
+    layers = []
+    for node in graph.nodes:
+        if node.op == "Conv":
+            layers.append(_conv_layer(node))
+        elif node.op == "Gemm":
+            layers.append(_gemm_layer(node))
+        elif node.op == "MatMul":
+            layer = _matmul_layer(node)
+            if layer is not None:
+                layers.append(layer)
+    return layers
+
+
+def _dims(shape) -> int:
+    """Product of a shape with symbolic dims counted as 1."""
+    if shape is None:
+        return 1
+    return prod(d if isinstance(d, int) else 1 for d in shape)
+
+
+def _skip_for_weight(weight: G.ConstantWeight | None) -> str | None:
+    if weight is None:
+        return "weight is not a constant (computed at run time)"
+    if weight.shared:
+        return "weight is shared with another node; rewriting one user would not shrink the model"
+    if weight.values.dtype.kind != "f":
+        return f"weight dtype {weight.values.dtype} is not floating point"
+    return None
+
+
+def _conv_layer(node) -> Layer:
+    x, w_tensor, y = node.inputs[0], node.inputs[1], node.outputs[0]
+    weight = G.resolve_constant(w_tensor)
+    in_shape, out_shape = G.shape_of(x), G.shape_of(y)
+    reason = _skip_for_weight(weight)
+    w_shape = tuple(weight.values.shape) if weight is not None else tuple(G.shape_of(w_tensor) or ())
+    group = int(node.attrs.get("group", 1))
+    spatial_dims = max(len(w_shape) - 2, 0)
+    attrs = {
+        "group": group,
+        "kernel_shape": tuple(node.attrs.get("kernel_shape", w_shape[2:])),
+        "strides": tuple(node.attrs.get("strides", (1,) * spatial_dims)),
+        "dilations": tuple(node.attrs.get("dilations", (1,) * spatial_dims)),
+        "pads": tuple(node.attrs.get("pads", (0,) * (2 * spatial_dims))),
+        "auto_pad": node.attrs.get("auto_pad", "NOTSET"),
+    }
+    if reason is None and len(w_shape) < 3:
+        reason = "malformed Conv weight"
+    if reason is None and group > 1:
+        if group == (in_shape[1] if in_shape and isinstance(in_shape[1], int) else None) and w_shape[1] == 1:
+            reason = "depthwise Conv (one input channel per group): nothing to factorize across channels"
+        else:
+            reason = f"grouped Conv (group={group}): per-group factorization is not implemented"
+    params = int(prod(w_shape)) if w_shape else 0
+    out_positions = _dims(out_shape[:1] + out_shape[2:]) if out_shape else 1
+    in_positions = _dims(in_shape[:1] + in_shape[2:]) if in_shape else 1
+    flops = 2 * out_positions * params  # each output position multiplies the whole (O, I/g, k) kernel
+    has_bias = len(node.inputs) > 2 and G.is_present(node.inputs[2])
+    return Layer(node.name, "Conv", w_shape, params, flops, in_shape, out_shape, tuple(sorted(attrs.items())),
+                 0, has_bias, weight.source if weight else "", in_positions, out_positions, reason,
+                 weight.values if weight is not None and reason is None else None)
+
+
+def _gemm_layer(node) -> Layer:
+    a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
+    trans_a, trans_b = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
+    alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+    weight = G.resolve_constant(b)
+    reason = _skip_for_weight(weight)
+    if reason is None and weight.values.ndim != 2:
+        reason = "Gemm weight is not 2-D"
+    effective = None
+    if reason is None:
+        # y = alpha·A'·B' + beta·C: fold transB and alpha into the (K, N) matrix that gets factorized.
+        effective = (weight.values.T if trans_b else weight.values) * np.asarray(alpha, weight.values.dtype)
+    w_shape = tuple(effective.shape) if effective is not None else tuple(G.shape_of(b) or ())
+    in_shape = G.shape_of(a)
+    rows = (in_shape[1] if trans_a else in_shape[0]) if in_shape else 1
+    rows = rows if isinstance(rows, int) else 1
+    params = int(prod(w_shape)) if w_shape else 0
+    attrs = {"transA": trans_a, "transB": trans_b, "alpha": alpha, "beta": beta}
+    has_bias = len(node.inputs) > 2 and G.is_present(node.inputs[2])
+    return Layer(node.name, "Gemm", w_shape, params, 2 * rows * params, in_shape, G.shape_of(y),
+                 tuple(sorted(attrs.items())), 0, has_bias, weight.source if weight else "", rows, rows,
+                 reason, effective)
+
+
+def _matmul_layer(node) -> Layer | None:
+    left, right = node.inputs[0], node.inputs[1]
+    w_right, w_left = G.resolve_constant(right), G.resolve_constant(left)
+    if w_right is None and w_left is None:
+        return None  # activation × activation (attention): never a candidate, not even listed
+    if w_right is not None and w_left is not None:
+        return None  # constant × constant: the runtime folds it
+    weight, data_index, side = (w_right, 0, "right") if w_right is not None else (w_left, 1, "left")
+    x = node.inputs[data_index]
+    in_shape = G.shape_of(x)
+    reason = _skip_for_weight(weight)
+    if reason is None and weight.values.ndim != 2:
+        reason = f"weight has {weight.values.ndim} dims; only a 2-D weight is factorized"
+    w_shape = tuple(weight.values.shape)
+    params = int(prod(w_shape))
+    if in_shape:
+        # right: x (..., M, K) @ W (K, N) → rows = prod(leading dims); left: W (M, K) @ x (..., K, N)
+        rows = _dims(in_shape[:-1]) if side == "right" else _dims(in_shape[:-2] + in_shape[-1:])
+    else:
+        rows = 1
+    return Layer(node.name, "MatMul", w_shape, params, 2 * rows * params, in_shape, G.shape_of(node.outputs[0]),
+                 (("weight_side", side),), data_index, False, weight.source, rows, rows, reason,
+                 weight.values if reason is None else None)

@@ -1,0 +1,192 @@
+"""Command line: `tnopt MODEL -o OUT`, `tnopt inspect MODEL`, `tnopt compare A B`.
+
+Every error caused by the input prints one line `tnopt: error: …` and exits 2; a search that misses
+its budget saves its best model and exits 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from tnopt.errors import EXIT_BAD_INPUT, EXIT_BUDGET_MISSED, EXIT_OK, TnoptError
+
+SUBCOMMANDS = ("inspect", "compare")
+
+
+def _percent(text: str) -> float:
+    """'1%' → 0.01, '0.01' → 0.01."""
+    text = text.strip()
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or percentage: {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors also exit 2 with one line
+        self.exit(EXIT_BAD_INPUT, f"tnopt: error: {message}\n")
+
+
+def compress_parser():
+    from tnopt.passes import METHODS
+
+    p = _Parser(prog="tnopt", description="Compress an ONNX model by factorizing its Conv/Gemm/MatMul weights.",
+                epilog="Other commands: `tnopt inspect MODEL`, `tnopt compare A B`.")
+    p.add_argument("model", help="input .onnx (never modified)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
+    p.add_argument("--method", "--methods", dest="methods", default="auto",
+                   help=f"auto or a comma list of: {', '.join(METHODS)}")
+    p.add_argument("--list-methods", action="store_true", help=argparse.SUPPRESS)
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--rank-ratio", type=float, help="keep this fraction of each layer's full rank")
+    rule.add_argument("--energy", type=float, help="keep this fraction of singular-value energy")
+    rule.add_argument("--budget", type=_percent, help="allowed metric drop, e.g. 1%% (budgeted search)")
+    rule.add_argument("--max-drop", type=_percent, dest="budget", help="same as --budget")
+    p.add_argument("--drop-type", choices=("absolute", "relative"), default="absolute")
+    p.add_argument("--metric", choices=("top1", "agreement", "cosine", "rel-l2"),
+                   help="default: top1 with labels, else agreement for classifiers, else cosine")
+    p.add_argument("--objective", choices=("params", "flops", "latency"), default="flops")
+    p.add_argument("--no-latency-guard", action="store_true",
+                   help="apply rewrites even where the runtime does not run them faster")
+    p.add_argument("--data", help=".npz with arrays keyed by input name (+ optional 'labels')")
+    p.add_argument("--eval-data", help="disjoint .npz for the final metric (default: a split of --data)")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--cache", default=None, help="directory for cached sensitivities (default ~/.cache/tnopt)")
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--plot", help="write the search plot (PNG) here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or tables")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "--list-methods":
+            return _list_methods()
+        if argv and argv[0] in SUBCOMMANDS:
+            return {"inspect": _inspect, "compare": _compare}[argv[0]](argv[1:])
+        return _compress(argv)
+    except TnoptError as exc:
+        print(f"tnopt: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("tnopt: interrupted; nothing written", file=sys.stderr)
+        return 130
+
+
+def _list_methods() -> int:
+    from tnopt.passes import METHODS
+
+    for name, method in METHODS.items():
+        doc = (sys.modules[type(method).__module__].__doc__ or "").strip().splitlines()
+        print(f"{name:10s} {', '.join(method.op_types):16s} {doc[0] if doc else ''}")
+    return EXIT_OK
+
+
+def _compress(argv) -> int:
+    from tnopt import io
+    from tnopt.pipeline import compress
+    from tnopt.runtime import Runtime
+
+    args = compress_parser().parse_args(argv)
+    if args.list_methods:
+        return _list_methods()
+    io.check_output_path(args.output, args.model)
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    cache = None if args.no_cache else (args.cache or _default_cache())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the pipeline's warnings reach the user through `say` and the report
+        model, report = compress(
+            args.model, methods=args.methods, rank_ratio=args.rank_ratio, energy=args.energy, budget=args.budget
+            if args.budget is None else {"max_drop": args.budget, "drop_type": args.drop_type},
+            data=args.data, eval_data=args.eval_data, metric=args.metric, provider=args.provider,
+            objective=args.objective, cache_dir=cache, seed=args.seed, progress=not args.quiet,
+            latency_guard=not args.no_latency_guard, log=say)
+    runtime = Runtime(args.provider)
+    report.after.file_bytes = io.save_model_atomic(model, args.output, verify_session=runtime.verify_loads)
+    if args.report:
+        report.write_json(args.report)
+    if args.plot and report.search:
+        from tnopt.plot import plot_search
+
+        plot_search(report, args.plot)
+    if not args.quiet:
+        print(report.layer_table())
+        print()
+        print(report.summary_table())
+        print(f"\nwrote {args.output} ({len(report.rewritten)} of {len(report.layers)} layers rewritten)")
+    if report.budget_met is False:
+        print(f"tnopt: budget not met: saved the best model found to {args.output} "
+              f"({report.search.get('miss_reason', '')})", file=sys.stderr)
+        return EXIT_BUDGET_MISSED
+    return EXIT_OK
+
+
+def _default_cache() -> str:
+    import os
+
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tnopt")
+
+
+def _inspect(argv) -> int:
+    from tnopt import io
+    from tnopt.analyze import analyze
+    from tnopt.report import format_table
+
+    p = _Parser(prog="tnopt inspect", description="List the layers tnopt can factorize.")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--cuts", action="store_true", help="per Conv layer: kernel norm kept per cut at 2x/4x/8x")
+    args = p.parse_args(argv)
+    model = io.load_model(args.model)
+    layers = analyze(model)
+    if args.cuts:
+        from tnopt.cuts import cut_table
+
+        return cut_table(layers, as_json=args.json)
+    if args.json:
+        print(json.dumps([layer.to_dict() for layer in layers], indent=2))
+        return EXIT_OK
+    rows = [("name", "op", "weight", "params", "FLOPs", "status")]
+    for layer in layers:
+        rows.append((layer.name, layer.op, "x".join(map(str, layer.weight_shape)), f"{layer.params:,}",
+                     f"{layer.flops:,}", "candidate" if layer.candidate else f"skip: {layer.skip_reason}"))
+    print(format_table(rows))
+    n = sum(layer.candidate for layer in layers)
+    print(f"\n{n} candidate layer(s) of {len(layers)}; FLOPs at inferred shapes with symbolic dims = 1")
+    return EXIT_OK
+
+
+def _compare(argv) -> int:
+    from tnopt import io
+    from tnopt.data import input_specs, random_inputs
+    from tnopt.metrics import fidelity_report
+    from tnopt.pipeline import load_data, summarize
+    from tnopt.report import format_table
+    from tnopt.runtime import Runtime
+
+    p = _Parser(prog="tnopt compare", description="Compare two models' outputs and sizes.")
+    p.add_argument("reference")
+    p.add_argument("candidate")
+    p.add_argument("--data")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    args = p.parse_args(argv)
+    a, b = io.load_model(args.reference), io.load_model(args.candidate)
+    data = load_data(args.data, a) if args.data else random_inputs(input_specs(a), 64)
+    runtime = Runtime(args.provider)
+    values = fidelity_report(runtime.run(a, data.inputs), runtime.run(b, data.inputs), data.labels)
+    sa, sb = summarize(a), summarize(b)
+    rows = [("", "reference", "candidate"), ("params", f"{sa.params:,}", f"{sb.params:,}"),
+            ("FLOPs", f"{sa.flops:,}", f"{sb.flops:,}"), ("file bytes", f"{sa.file_bytes:,}", f"{sb.file_bytes:,}")]
+    rows += [(k, "", f"{v:.4f}") for k, v in values.items()]
+    print(format_table(rows))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Quality of a compressed model's outputs against the original's (and against labels).
+
+Each metric maps (reference outputs, outputs, labels) to a float. `drop` turns a value into the loss
+the budget is charged with: reference − value for higher-is-better metrics, value − reference for
+rel-l2 (lower is better), optionally relative to the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+def _logits(outputs: list[np.ndarray]) -> np.ndarray:
+    first = np.asarray(outputs[0])
+    return first.reshape(-1, first.shape[-1]) if first.ndim > 1 else first[:, None]
+
+
+def _per_sample(outputs: list[np.ndarray]) -> np.ndarray:
+    floats = [np.asarray(o, dtype=np.float64).reshape(len(o), -1) for o in outputs
+              if np.issubdtype(np.asarray(o).dtype, np.floating)]
+    return np.concatenate(floats, axis=1)
+
+
+def top1(reference, outputs, labels) -> float:
+    if labels is None:
+        raise ValueError("top1 needs labels")
+    predictions = _logits(outputs).argmax(axis=-1)
+    return float(np.mean(predictions == np.asarray(labels).reshape(-1)))
+
+
+def agreement(reference, outputs, labels=None) -> float:
+    return float(np.mean(_logits(outputs).argmax(-1) == _logits(reference).argmax(-1)))
+
+
+def cosine(reference, outputs, labels=None) -> float:
+    a, b = _per_sample(reference), _per_sample(outputs)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    sims = np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-30), 1.0)
+    return float(np.mean(sims))
+
+
+def rel_l2(reference, outputs, labels=None) -> float:
+    a, b = _per_sample(reference), _per_sample(outputs)
+    denom = float(np.sum(a**2))
+    return float(np.sqrt(np.sum((a - b) ** 2) / denom)) if denom > 0 else float(np.sqrt(np.sum(b**2)))
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    fn: Callable
+    higher_is_better: bool = True
+    needs_labels: bool = False
+
+    def __call__(self, reference, outputs, labels=None) -> float:
+        return float(self.fn(reference, outputs, labels))
+
+    def drop(self, value: float, baseline: float, drop_type: str = "absolute") -> float:
+        loss = baseline - value if self.higher_is_better else value - baseline
+        if drop_type == "relative" and self.higher_is_better and baseline != 0:
+            return loss / abs(baseline)
+        return loss
+
+
+METRICS: dict[str, Metric] = {
+    "top1": Metric("top1", top1, needs_labels=True),
+    "agreement": Metric("agreement", agreement),
+    "cosine": Metric("cosine", cosine),
+    "rel-l2": Metric("rel-l2", rel_l2, higher_is_better=False),
+}
+
+
+def user_metric(fn: Callable, name: str | None = None) -> Metric:
+    """Wrap fn(outputs, labels) -> float (higher is better) supplied through the Python API."""
+    return Metric(name or getattr(fn, "__name__", "custom"), lambda ref, out, labels: fn(out, labels))
+
+
+def fidelity_report(reference, outputs, labels=None) -> dict[str, float]:
+    """All applicable metrics at once, for the before/after validation table."""
+    values = {"agreement": agreement(reference, outputs), "cosine": cosine(reference, outputs),
+              "rel-l2": rel_l2(reference, outputs)}
+    if labels is not None:
+        values["top1"] = top1(reference, outputs, labels)
+        values["top1_original"] = top1(reference, reference, labels)
+    return values

@@ -1,0 +1,227 @@
+"""The only module that orders the stages:
+
+load → analyze → (calibration data) → factorize candidates → choose ranks (fixed rule or budgeted
+search with onnxruntime in the loop) → rewrite → validate on evaluation data → report.
+Saving is the caller's (CLI) last step, through io.save_model_atomic.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from tnopt import io
+from tnopt.analyze import Layer, analyze
+from tnopt.data import Dataset, input_specs, load_npz, random_inputs
+from tnopt.errors import TnoptError, UnsupportedModelError
+from tnopt.graph import op_counts, parameter_count
+from tnopt.metrics import fidelity_report
+from tnopt.passes import METHODS
+from tnopt.report import LayerReport, ModelSummary, Report
+from tnopt.rewrite import Choice, apply_plan
+from tnopt.runtime import Runtime
+
+DEFAULT_RANDOM_SAMPLES = 64
+
+
+def resolve_methods(methods: str | list[str] | None) -> list[str]:
+    if methods in (None, "auto"):
+        return list(METHODS)
+    names = methods.split(",") if isinstance(methods, str) else list(methods)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise TnoptError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)} or auto")
+    return names
+
+
+def applicable_methods(layer: Layer, methods: list[str]) -> tuple[list[str], str | None]:
+    """Methods that accept `layer`, or the first skip reason when none does."""
+    accepted, reasons = [], []
+    for name in methods:
+        reason = METHODS[name].check(layer)
+        (reasons.append(reason) if reason else accepted.append(name))
+    if accepted:
+        return accepted, None
+    handles = [n for n in methods if layer.op in METHODS[n].op_types]
+    if not handles:
+        return [], f"no selected method handles {layer.op} (selected: {', '.join(methods)})"
+    return [], layer.skip_reason or reasons[0]
+
+
+def load_data(data, model: onnx.ModelProto, *, seed: int = 0, role: str = "data") -> Dataset | None:
+    if data is None:
+        return None
+    if isinstance(data, Dataset):
+        return data
+    specs = input_specs(model)
+    if isinstance(data, dict):
+        labels = data.get("labels")
+        inputs = {k: np.asarray(v) for k, v in data.items() if k != "labels"}
+        return Dataset(inputs, None if labels is None else np.asarray(labels), f"{role} (in memory)")
+    return load_npz(data, specs)
+
+
+def summarize(model: onnx.ModelProto) -> ModelSummary:
+    inferred = model
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        pass
+    flops = sum(layer.flops for layer in analyze(inferred))
+    return ModelSummary(op_counts(model), parameter_count(model), flops, model.ByteSize())
+
+
+def factorize(layer: Layer, method: str, rank, stats=None):
+    return METHODS[method].decompose(layer.weight, rank, stats)
+
+
+def compress(
+    model: str | onnx.ModelProto,
+    *,
+    methods: str | list[str] | None = None,
+    rank_ratio: float | None = None,
+    energy: float | None = None,
+    ranks: dict[str, object] | None = None,
+    budget=None,
+    data=None,
+    eval_data=None,
+    metric: str | Callable | None = None,
+    provider: str = "auto",
+    objective: str = "flops",
+    cache_dir: str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    latency_guard: bool | None = None,
+    allow_growth: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> tuple[onnx.ModelProto, Report]:
+    """Compress `model`; returns (compressed ModelProto, Report). Nothing is written to disk.
+
+    Exactly one rank rule applies: `budget` (budgeted search), `ranks` (layer name → rank),
+    `energy` (keep that fraction of singular-value energy) or `rank_ratio` (fraction of full rank;
+    0.5 when nothing is given). `allow_growth` rewrites layers even where the factorized form has
+    more parameters than the dense layer (used to test exactness at full rank).
+    """
+    say = log or (lambda message: None)
+    started = time.perf_counter()
+    source = model if isinstance(model, str) else getattr(model.graph, "name", "model")
+    original = io.load_model(model)
+    runtime = Runtime(provider)
+    method_names = resolve_methods(methods)
+    layers = analyze(original)
+    if not layers:
+        raise UnsupportedModelError(f"{source}: no Conv, Gemm or constant-weight MatMul layers to compress")
+
+    report = Report(model=str(source), provider=runtime.provider_name, before=summarize(original))
+    calib = load_data(data, original, seed=seed, role="calibration data")
+    evaluation = load_data(eval_data, original, seed=seed, role="evaluation data")
+    if calib is None and evaluation is None:
+        calib = random_inputs(input_specs(original), DEFAULT_RANDOM_SAMPLES, seed)
+        message = (f"no --data given: validating on {len(calib)} seeded random inputs; only fidelity "
+                   "metrics (agreement, cosine, rel-l2) mean anything on them")
+        report.warnings.append(message)
+        warnings.warn(message, stacklevel=2)
+        say(f"warning: {message}")
+    if evaluation is None:
+        if budget is not None and calib is not None and len(calib) >= 4 and not calib.synthetic:
+            calib, evaluation = calib.split(0.5)
+            report.warnings.append(f"no --eval-data: searched on {calib.source}, evaluated on {evaluation.source}")
+        else:
+            evaluation = calib
+    if calib is None:
+        calib = evaluation
+    report.data, report.eval_data = calib.source, evaluation.source
+
+    candidates: dict[str, list[str]] = {}
+    for layer in layers:
+        accepted, reason = applicable_methods(layer, method_names)
+        if accepted:
+            candidates[layer.name] = accepted
+        else:
+            report.layers.append(_layer_entry(layer, "skipped", reason))
+    if not candidates:
+        raise UnsupportedModelError(f"{source}: none of the {len(layers)} layers can be factorized "
+                                    f"({report.layers[0].reason})")
+    by_name = {layer.name: layer for layer in layers}
+
+    if budget is not None:
+        from tnopt.search import run_search
+
+        choices, decisions = run_search(
+            original, [by_name[n] for n in candidates], candidates, calib=calib, evaluation=evaluation,
+            budget=budget, metric=metric, objective=objective, runtime=runtime, cache_dir=cache_dir,
+            seed=seed, progress=progress, latency_guard=True if latency_guard is None else latency_guard,
+            report=report, say=say)
+    else:
+        choices, decisions = _fixed_rank_plan([by_name[n] for n in candidates], candidates, rank_ratio,
+                                              energy, ranks, allow_growth)
+    report.timings["plan_s"] = time.perf_counter() - started
+
+    compressed, _ = apply_plan(original, choices)
+    compressed_eval_start = time.perf_counter()
+    reference = runtime.run(original, evaluation.inputs)
+    outputs = runtime.run(compressed, evaluation.inputs)
+    report.metrics.update(fidelity_report(reference, outputs, evaluation.labels))
+    report.timings["validate_s"] = time.perf_counter() - compressed_eval_start
+
+    chosen = {c.layer.name: c for c in choices}
+    for name in candidates:
+        layer = by_name[name]
+        decision = decisions.get(name, {})
+        entry = _layer_entry(layer, "rewritten" if name in chosen else "kept", decision.get("reason", ""))
+        entry.sensitivity = decision.get("sensitivity", {})
+        entry.latency_before_ms = decision.get("latency_before_ms")
+        entry.latency_after_ms = decision.get("latency_after_ms")
+        if name in chosen:
+            choice = chosen[name]
+            cost = METHODS[choice.method].cost(layer, choice.factors.rank)
+            entry.method, entry.rank = choice.method, choice.rank_label
+            entry.params_after, entry.flops_after = cost.params, cost.flops
+            entry.weight_error = choice.factors.rel_error
+        report.layers.append(entry)
+    order = {layer.name: i for i, layer in enumerate(layers)}
+    report.layers.sort(key=lambda entry: order[entry.name])
+    report.after = summarize(compressed)
+    report.timings["total_s"] = time.perf_counter() - started
+    return compressed, report
+
+
+def _layer_entry(layer: Layer, decision: str, reason: str | None) -> LayerReport:
+    return LayerReport(layer.name, layer.op, list(layer.weight_shape), decision, reason or "",
+                       params_before=layer.params, flops_before=layer.flops)
+
+
+def _fixed_rank_plan(layers, candidates, rank_ratio, energy, ranks, allow_growth):
+    """One method per layer (the first selected that accepts it) at a rank from the given rule."""
+    if sum(x is not None for x in (rank_ratio, energy, ranks)) > 1:
+        raise TnoptError("give only one of --rank-ratio, --energy, ranks")
+    if rank_ratio is None and energy is None and ranks is None:
+        rank_ratio = 0.5
+    if rank_ratio is not None and not 0 < rank_ratio <= 1:
+        raise TnoptError(f"--rank-ratio must be in (0, 1], got {rank_ratio}")
+    if energy is not None and not 0 < energy <= 1:
+        raise TnoptError(f"--energy must be in (0, 1], got {energy}")
+    choices, decisions = [], {}
+    for layer in layers:
+        method_name = candidates[layer.name][0]
+        method = METHODS[method_name]
+        if ranks is not None:
+            if layer.name not in ranks:
+                decisions[layer.name] = {"reason": "no rank given for this layer"}
+                continue
+            rank = ranks[layer.name]
+        elif energy is not None:
+            rank = method.rank_from_energy(layer, energy)
+        else:
+            rank = method.rank_from_ratio(layer, rank_ratio)
+        cost = method.cost(layer, rank)
+        if cost.params >= layer.params and not allow_growth:
+            decisions[layer.name] = {"reason": f"{method_name} at rank {method.rank_label(rank)} has "
+                                               f"{cost.params:,} params ≥ dense {layer.params:,}; kept dense"}
+            continue
+        choices.append(Choice(layer, method_name, factorize(layer, method_name, rank)))
+    return choices, decisions

@@ -1,0 +1,115 @@
+"""What a run did, per layer and overall: JSON for machines, a table for people, a PNG for the search."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ModelSummary:
+    op_counts: dict[str, int]
+    params: int
+    flops: int  # of Conv / Gemm / constant-weight MatMul at the inferred shapes (symbolic dims = 1)
+    file_bytes: int
+
+
+@dataclass
+class LayerReport:
+    name: str
+    op: str
+    weight_shape: list[int]
+    decision: str  # rewritten | kept | skipped
+    reason: str = ""
+    method: str | None = None
+    rank: str | None = None
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    weight_error: float | None = None  # ‖W − Ŵ‖ / ‖W‖
+    sensitivity: dict[str, float] = field(default_factory=dict)  # "method:rank" → metric drop, layer alone
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
+
+
+@dataclass
+class Report:
+    model: str
+    provider: str
+    before: ModelSummary
+    after: ModelSummary | None = None
+    layers: list[LayerReport] = field(default_factory=list)
+    data: str = ""
+    eval_data: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)  # compressed vs original on eval data
+    budget: dict | None = None
+    budget_met: bool | None = None
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    search: dict = field(default_factory=dict)
+
+    @property
+    def rewritten(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.decision == "rewritten"]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=_jsonable) + "\n")
+
+    def summary_table(self) -> str:
+        after = self.after or self.before
+        rows = [("", "before", "after", "ratio")]
+        rows.append(("params", f"{self.before.params:,}", f"{after.params:,}", _ratio(self.before.params, after.params)))
+        rows.append(("FLOPs", f"{self.before.flops:,}", f"{after.flops:,}", _ratio(self.before.flops, after.flops)))
+        rows.append(("file bytes", f"{self.before.file_bytes:,}", f"{after.file_bytes:,}",
+                     _ratio(self.before.file_bytes, after.file_bytes)))
+        for op in sorted(set(self.before.op_counts) | set(after.op_counts)):
+            b, a = self.before.op_counts.get(op, 0), after.op_counts.get(op, 0)
+            rows.append((f"  {op}", str(b), str(a), "" if a == b else f"{a - b:+d}"))
+        text = [format_table(rows)]
+        if self.metrics:
+            metric_rows = [("metric (eval data)", "original", "compressed")]
+            for key, value in self.metrics.items():
+                if key.endswith("_original"):
+                    continue
+                original = self.metrics.get(f"{key}_original", _REFERENCE.get(key))
+                metric_rows.append((key, "" if original is None else f"{original:.4f}", f"{value:.4f}"))
+            text.append(format_table(metric_rows))
+        return "\n\n".join(text)
+
+    def layer_table(self) -> str:
+        rows = [("layer", "op", "weight", "decision", "method", "rank", "params", "FLOPs", "err", "reason")]
+        for layer in self.layers:
+            rows.append((layer.name, layer.op, "x".join(map(str, layer.weight_shape)), layer.decision,
+                         layer.method or "", layer.rank or "",
+                         _ratio(layer.params_before, layer.params_after) if layer.params_after else "",
+                         _ratio(layer.flops_before, layer.flops_after) if layer.flops_after else "",
+                         "" if layer.weight_error is None else f"{layer.weight_error:.3f}", layer.reason))
+        return format_table(rows)
+
+
+_REFERENCE = {"agreement": 1.0, "cosine": 1.0, "rel-l2": 0.0}
+
+
+def _ratio(before: int, after: int) -> str:
+    return f"{before / after:.2f}x" if after else "-"
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, tuple | set):
+        return list(value)
+    return str(value)
+
+
+def format_table(rows: list[tuple]) -> str:
+    """Left-aligned text columns; the first row is the header."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

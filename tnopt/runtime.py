@@ -1,0 +1,138 @@
+"""onnxruntime sessions: provider choice, batched runs, intermediate capture, latency timing.
+
+Provider policy: `cuda` demands the CUDA provider and fails loudly when a session does not get it
+(onnxruntime-gpu lists CUDA as "available" even on machines without a GPU, so we test a real
+session); `auto` uses CUDA when a session really gets it, else CPU; `cpu` is CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from tnopt.errors import TnoptError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def _quiet_options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: provider fallbacks are reported by us, once
+    return options
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_works() -> tuple[bool, str]:
+    """Whether a session really runs on the CUDA provider here, and why not."""
+    if CUDA not in ort.get_available_providers():
+        return False, "this onnxruntime build has no CUDA provider"
+    try:
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+    except Exception:  # preloading is best effort; the session below is the real test
+        pass
+    from onnx import TensorProto, helper
+
+    probe = helper.make_model(
+        helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]),
+        opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), _quiet_options(), providers=[CUDA, CPU])
+    except Exception as exc:
+        return False, f"CUDA session failed ({str(exc).splitlines()[0][:120]})"
+    if session.get_providers()[0] != CUDA:
+        return False, "no usable CUDA device (the CUDA provider fell back to CPU)"
+    return True, ""
+
+
+def resolve_providers(choice: str = "auto") -> list[str]:
+    if choice == "cpu":
+        return [CPU]
+    if choice not in ("auto", "cuda"):
+        raise TnoptError(f"unknown provider {choice!r}; choose auto, cpu or cuda")
+    works, why = cuda_works()
+    if works:
+        return [CUDA, CPU]
+    if choice == "cuda":
+        raise TnoptError(f"--provider cuda: {why}")
+    return [CPU]
+
+
+class Runtime:
+    """Sessions on one provider list; every model evaluation in tnopt goes through here."""
+
+    def __init__(self, provider: str = "auto", batch_size: int = 256):
+        self.providers = resolve_providers(provider)
+        self.batch_size = batch_size
+
+    @property
+    def provider_name(self) -> str:
+        return "cuda" if self.providers[0] == CUDA else "cpu"
+
+    def session(self, model: onnx.ModelProto | bytes) -> ort.InferenceSession:
+        payload = model if isinstance(model, bytes) else model.SerializeToString()
+        try:
+            return ort.InferenceSession(payload, _quiet_options(), providers=self.providers)
+        except Exception as exc:
+            raise TnoptError(f"onnxruntime cannot load the model ({str(exc).splitlines()[0][:200]})") from None
+
+    def verify_loads(self, payload: bytes) -> None:
+        self.session(payload)
+
+    def run(self, model_or_session, feeds: dict[str, np.ndarray], output_names=None) -> list[np.ndarray]:
+        """Run over all samples (axis 0 of every feed) in batches; outputs concatenated on axis 0."""
+        session = model_or_session if isinstance(model_or_session, ort.InferenceSession) \
+            else self.session(model_or_session)
+        n = len(next(iter(feeds.values())))
+        step = fixed_batch(session) or self.batch_size
+        chunks: list[list[np.ndarray]] = []
+        for start in range(0, n, step):
+            batch = {k: v[start:start + step] for k, v in feeds.items()}
+            short = len(next(iter(batch.values())))
+            if short < step and fixed_batch(session):
+                # A model with a fixed batch dim gets the last chunk padded, then trimmed.
+                batch = {k: np.concatenate([v, np.repeat(v[-1:], step - short, axis=0)]) for k, v in batch.items()}
+            try:
+                outputs = session.run(output_names, batch)
+            except Exception as exc:
+                raise TnoptError(f"onnxruntime failed to run the model ({str(exc).splitlines()[0][:200]})") from None
+            chunks.append([o[:short] for o in outputs])
+        return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+    def capture(self, model: onnx.ModelProto, tensor_names: list[str], feeds) -> dict[str, np.ndarray]:
+        """Values of intermediate tensors, obtained by adding them as graph outputs of a copy."""
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        existing = {o.name for o in probe.graph.output}
+        for name in tensor_names:
+            if name not in existing:
+                probe.graph.output.append(onnx.ValueInfoProto(name=name))
+        session = self.session(probe)
+        values = self.run(session, feeds, output_names=list(tensor_names))
+        return dict(zip(tensor_names, values))
+
+    def latency(self, model: onnx.ModelProto | bytes, feed: dict[str, np.ndarray], repeats: int = 20,
+                warmup: int = 3) -> float:
+        """Median wall time of one run in seconds (after warm-up)."""
+        session = self.session(model)
+        for _ in range(warmup):
+            session.run(None, feed)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+
+def fixed_batch(session: ort.InferenceSession) -> int | None:
+    dims = [i.shape[0] for i in session.get_inputs() if i.shape]
+    fixed = [d for d in dims if isinstance(d, int)]
+    return fixed[0] if fixed else None
