@@ -80,15 +80,21 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
     """Refuse outputs that would overwrite the input or cannot be written, before any work is done."""
     out = Path(output)
     if input_path is not None and Path(input_path).exists():
-        if out.exists() and os.path.samefile(out, input_path) or out.resolve() == Path(input_path).resolve():
+        same_file = out.exists() and os.path.samefile(out, input_path)
+        if same_file or out.resolve() == Path(input_path).resolve():
             raise OutputError(f"{out}: the output would overwrite the input model; choose another -o")
     parent = out.resolve().parent
     if not parent.is_dir():
         raise OutputError(f"{out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{out}: directory {parent} is not writable")
     if out.is_dir():
         raise OutputError(f"{out}: is a directory")
+    # Really create a file: permission bits do not tell root, read-only mounts or /proc apart.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    except OSError:
+        raise OutputError(f"{out}: directory {parent} is not writable") from None
+    os.close(fd)
+    os.unlink(probe)
     return out
 
 

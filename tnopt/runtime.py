@@ -16,6 +16,10 @@ import onnxruntime as ort
 
 from tnopt.errors import TnoptError
 
+# onnxruntime logs provider-library load failures (no CUDA here) to stderr on its own; tnopt reports
+# the provider it got itself, in one line, so only fatal runtime messages may pass.
+ort.set_default_logger_severity(3)
+
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
@@ -43,10 +47,13 @@ def cuda_works() -> tuple[bool, str]:
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]),
         opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    ort.set_default_logger_severity(4)  # a missing CUDA library is logged as an error; we say it ourselves
     try:
         session = ort.InferenceSession(probe.SerializeToString(), _quiet_options(), providers=[CUDA, CPU])
     except Exception as exc:
         return False, f"CUDA session failed ({str(exc).splitlines()[0][:120]})"
+    finally:
+        ort.set_default_logger_severity(3)
     if session.get_providers()[0] != CUDA:
         return False, "no usable CUDA device (the CUDA provider fell back to CPU)"
     return True, ""
