@@ -6,7 +6,29 @@ reconstruction error ‖W − Ŵ‖_F / ‖W‖_F so callers can report it.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+
 import numpy as np
+
+_SVD_CACHE: OrderedDict = OrderedDict()
+_SVD_CACHE_SIZE = 64
+
+
+def svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD in float64, memoised: the search factorizes one weight at many ranks, and every
+    rank of a truncated SVD (and every HOSVD start) reuses the same decomposition."""
+    w = np.ascontiguousarray(matrix, dtype=np.float64)
+    key = (w.shape, hashlib.sha1(w.tobytes()).hexdigest())
+    hit = _SVD_CACHE.get(key)
+    if hit is None:
+        hit = np.linalg.svd(w, full_matrices=False)
+        _SVD_CACHE[key] = hit
+        if len(_SVD_CACHE) > _SVD_CACHE_SIZE:
+            _SVD_CACHE.popitem(last=False)
+    else:
+        _SVD_CACHE.move_to_end(key)
+    return hit
 
 
 def relative_error(original: np.ndarray, approx: np.ndarray) -> float:
@@ -15,7 +37,7 @@ def relative_error(original: np.ndarray, approx: np.ndarray) -> float:
 
 
 def singular_values(matrix: np.ndarray) -> np.ndarray:
-    return np.linalg.svd(np.asarray(matrix, dtype=np.float64), compute_uv=False)
+    return svd(matrix)[1]
 
 
 def rank_for_energy(values: np.ndarray, energy: float) -> int:
@@ -31,8 +53,7 @@ def rank_for_energy(values: np.ndarray, energy: float) -> int:
 def truncated_svd(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
     """W (K, N) ≈ A·B with A = U_r·√Σ_r (K, r) and B = √Σ_r·V_rᵀ (r, N); balanced split keeps both
     factors at the same scale, which matters in fp16. Returns (A, B, relative error)."""
-    w = np.asarray(matrix, dtype=np.float64)
-    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    u, s, vt = svd(matrix)
     rank = max(1, min(rank, len(s)))
     root = np.sqrt(s[:rank])
     a, b = u[:, :rank] * root, root[:, None] * vt[:rank]
@@ -65,8 +86,8 @@ def partial_tucker(weight: np.ndarray, ranks: tuple[int, int], n_iter: int = 10,
     """
     w = np.asarray(weight, dtype=np.float64)
     r_out, r_in = min(ranks[0], w.shape[0]), min(ranks[1], w.shape[1])
-    u_out = leading_left_vectors(unfold(w, 0), r_out)
-    u_in = leading_left_vectors(unfold(w, 1), r_in)
+    u_out = svd(unfold(w, 0))[0][:, :r_out]
+    u_in = svd(unfold(w, 1))[0][:, :r_in]
     previous = np.inf
     for _ in range(n_iter):
         # Each factor is the leading subspace of W projected on the other factor (HOOI step).

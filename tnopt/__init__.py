@@ -1,8 +1,9 @@
 """tnopt: compress ONNX models by tensor-network factorization of their weights, under an accuracy
 budget checked in onnxruntime."""
 
+from tnopt import errors
 from tnopt.pipeline import compress
 from tnopt.report import Report
 
-__all__ = ["compress", "Report"]
+__all__ = ["compress", "errors", "Report"]
 __version__ = "0.1.0"

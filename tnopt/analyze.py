@@ -34,6 +34,7 @@ class Layer:
     in_positions: int = 1
     out_positions: int = 1
     skip_reason: str | None = None
+    input_name: str = ""  # the activation tensor the layer reads (captured for statistics and timing)
     weight: np.ndarray | None = field(default=None, repr=False, compare=False, hash=False)
 
     @property
@@ -122,7 +123,7 @@ def _conv_layer(node) -> Layer:
     flops = 2 * out_positions * params  # each output position multiplies the whole (O, I/g, k) kernel
     has_bias = len(node.inputs) > 2 and G.is_present(node.inputs[2])
     return Layer(node.name, "Conv", w_shape, params, flops, in_shape, out_shape, tuple(sorted(attrs.items())),
-                 0, has_bias, weight.source if weight else "", in_positions, out_positions, reason,
+                 0, has_bias, weight.source if weight else "", in_positions, out_positions, reason, x.name,
                  weight.values if weight is not None and reason is None else None)
 
 
@@ -147,7 +148,7 @@ def _gemm_layer(node) -> Layer:
     has_bias = len(node.inputs) > 2 and G.is_present(node.inputs[2])
     return Layer(node.name, "Gemm", w_shape, params, 2 * rows * params, in_shape, G.shape_of(y),
                  tuple(sorted(attrs.items())), 0, has_bias, weight.source if weight else "", rows, rows,
-                 reason, effective)
+                 reason, a.name, effective)
 
 
 def _matmul_layer(node) -> Layer | None:
@@ -171,5 +172,5 @@ def _matmul_layer(node) -> Layer | None:
     else:
         rows = 1
     return Layer(node.name, "MatMul", w_shape, params, 2 * rows * params, in_shape, G.shape_of(node.outputs[0]),
-                 (("weight_side", side),), data_index, False, weight.source, rows, rows, reason,
+                 (("weight_side", side),), data_index, False, weight.source, rows, rows, reason, x.name,
                  weight.values if reason is None else None)

@@ -217,3 +217,40 @@ class Emitter:
         self.node.outputs.clear()
         self.node.inputs.clear()
         self.graph.nodes.remove(self.node)
+
+
+def isolate_layer(layer, like: onnx.ModelProto, input_shape: tuple[int, ...], dtype) -> onnx.ModelProto:
+    """A one-node model computing `layer` alone (same op, attributes and weight; zero bias) on an
+    input of concrete `input_shape`, for timing the dense node against its factorized subgraph.
+    The node keeps the layer's name so the same rank plan applies to it."""
+    x = gs.Variable("x", dtype=dtype, shape=list(input_shape))
+    y = gs.Variable("y", dtype=dtype)
+    weight = gs.Constant("W", np.ascontiguousarray(layer.weight))
+    attrs: dict = {}
+    if layer.op == "Conv":
+        attrs = {k: list(v) if isinstance(v, tuple) else v for k, v in layer.attrs if k != "auto_pad"}
+        if layer.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
+            attrs["auto_pad"] = layer.attr("auto_pad")
+            attrs.pop("pads", None)
+        inputs = [x, weight]
+        if layer.has_bias:
+            inputs.append(gs.Constant("B", np.zeros(layer.weight_shape[0], layer.weight.dtype)))
+    elif layer.op == "Gemm":
+        # The analyzed weight already folds transB and alpha.
+        attrs = {"transA": layer.attr("transA"), "beta": layer.attr("beta")}
+        inputs = [x, weight]
+        if layer.has_bias:
+            inputs.append(gs.Constant("B", np.zeros(layer.weight_shape[1], layer.weight.dtype)))
+    else:
+        inputs = [weight, x] if layer.attr("weight_side") == "left" else [x, weight]
+    node = gs.Node(layer.op, name=layer.name, attrs=attrs, inputs=inputs, outputs=[y])
+    graph = gs.Graph(nodes=[node], inputs=[x], outputs=[y], opset=default_opset_of(like))
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = like.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(like.opset_import)
+    return model
+
+
+def default_opset_of(model: onnx.ModelProto) -> int:
+    return next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))

@@ -78,6 +78,19 @@ def user_metric(fn: Callable, name: str | None = None) -> Metric:
     return Metric(name or getattr(fn, "__name__", "custom"), lambda ref, out, labels: fn(out, labels))
 
 
+def paired_standard_error(name: str, reference, outputs, labels=None) -> float:
+    """Standard error of the measured drop, from per-sample paired differences (0 when the metric
+    has no per-sample form). A top-1 drop measured on n samples is uncertain by about this much."""
+    if name == "top1" and labels is not None:
+        truth = np.asarray(labels).reshape(-1)
+        diff = (_logits(reference).argmax(-1) == truth).astype(float) - (_logits(outputs).argmax(-1) == truth)
+    elif name == "agreement":
+        diff = (_logits(reference).argmax(-1) != _logits(outputs).argmax(-1)).astype(float)
+    else:
+        return 0.0
+    return float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+
+
 def fidelity_report(reference, outputs, labels=None) -> dict[str, float]:
     """All applicable metrics at once, for the before/after validation table."""
     values = {"agreement": agreement(reference, outputs), "cosine": cosine(reference, outputs),

@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 import onnx
+from threadpoolctl import threadpool_limits
 
 from tnopt import io
 from tnopt.analyze import Layer, analyze
@@ -76,7 +77,10 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
 
 
 def factorize(layer: Layer, method: str, rank, stats=None):
-    return METHODS[method].decompose(layer.weight, rank, stats)
+    # One BLAS thread: these matrices are small, and a multi-threaded OpenBLAS fighting
+    # onnxruntime's spinning worker threads for 2 cores was measured 200x slower (1.5 s per SVD).
+    with threadpool_limits(1):
+        return METHODS[method].decompose(layer.weight, rank, stats)
 
 
 def compress(

@@ -7,7 +7,9 @@ session); `auto` uses CUDA when a session really gets it, else CPU; `cpu` is CPU
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import time
 
 import numpy as np
@@ -37,7 +39,9 @@ def cuda_works() -> tuple[bool, str]:
         return False, "this onnxruntime build has no CUDA provider"
     try:
         if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()
+            # It prints a line per missing CUDA library; the one-line reason below says it better.
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                ort.preload_dlls()
     except Exception:  # preloading is best effort; the session below is the real test
         pass
     from onnx import TensorProto, helper

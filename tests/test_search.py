@@ -1,0 +1,90 @@
+"""The budgeted search: budgets are honoured, monotone, cached, and a miss still saves a model."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import MODELS
+
+import tnopt
+
+MODEL = MODELS / "lenet5.onnx"
+
+
+def search(budget, splits, cache, **kwargs):
+    calib, evaluation = splits
+    return tnopt.compress(str(MODEL), budget=budget, data=str(calib), eval_data=str(evaluation),
+                          cache_dir=None if cache is None else str(cache), provider="cpu", **kwargs)
+
+
+def test_zero_budget_keeps_the_evaluation_metric(small_splits, tmp_path):
+    _, report = search(0.0, small_splits, tmp_path / "cache")
+    assert report.budget["metric"] == "top1"
+    assert report.metrics["top1"] == report.metrics["top1_original"]
+    assert report.budget_met
+
+
+def test_larger_budget_never_compresses_less(small_splits, tmp_path):
+    flops = []
+    for budget in (0.005, 0.01, 0.02, 0.05):
+        _, report = search(budget, small_splits, tmp_path / "cache")
+        flops.append(report.after.flops)
+        calibration_drop = report.budget["drop_calibration"]
+        assert calibration_drop + report.budget["margin_calibration"] <= budget + 1e-12
+    assert all(b <= a for a, b in zip(flops, flops[1:])), flops
+    assert flops[-1] < flops[0] or flops[0] < report.before.flops  # the search compresses something
+
+
+def test_second_run_with_another_budget_reuses_the_sweep(small_splits, tmp_path):
+    cache = tmp_path / "cache"
+    _, first = search(0.01, small_splits, cache)
+    assert first.search["sweep_cache_hits"] == 0
+    assert first.search["sweep_measurements"] > 0
+    _, second = search(0.02, small_splits, cache)
+    assert second.search["sweep_cache_hits"] == second.search["sweep_measurements"] == \
+        first.search["sweep_measurements"]
+
+
+def test_no_cache_measures_again(small_splits, tmp_path):
+    _, report = search(0.01, small_splits, None)
+    assert report.search["sweep_cache_hits"] == 0 and report.search["cache_file"] is None
+
+
+def test_unmeetable_budget_saves_best_model_and_exits_3(small_splits, tmp_path):
+    calib, evaluation = small_splits
+    out = tmp_path / "out.onnx"
+    result = subprocess.run([sys.executable, "-m", "tnopt", str(MODEL), "-o", str(out), "--max-drop", "-0.05",
+                             "--data", str(calib), "--eval-data", str(evaluation), "--cache", str(tmp_path / "c"),
+                             "-q"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 3, result.stderr
+    assert out.exists()
+    assert "budget not met" in result.stderr and "saved the best model" in result.stderr
+
+
+def test_cli_budget_prints_cache_use_and_writes_plot(small_splits, tmp_path):
+    calib, evaluation = small_splits
+    common = [sys.executable, "-m", "tnopt", str(MODEL), "--data", str(calib), "--eval-data", str(evaluation),
+              "--cache", str(tmp_path / "c")]
+    first = subprocess.run(common + ["-o", str(tmp_path / "a.onnx"), "--budget", "1%"], capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode in (0, 3), first.stderr
+    second = subprocess.run(common + ["-o", str(tmp_path / "b.onnx"), "--budget", "2%", "--plot",
+                                      str(tmp_path / "s.png"), "--report", str(tmp_path / "r.json")],
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode in (0, 3), second.stderr
+    assert "from cache" in second.stderr
+    import re
+
+    measured, cached = map(int, re.search(r"sensitivity: (\d+) measurements, (\d+) from cache", second.stderr).groups())
+    assert measured == cached > 0
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_metric_needs_labels(tmp_path):
+    import numpy as np
+
+    with np.load(MODELS / "calib.npz") as archive:
+        np.savez(tmp_path / "nolabels.npz", input=archive["input"][:32])
+    with pytest.raises(tnopt.errors.DataError, match="needs labels"):
+        tnopt.compress(str(MODEL), budget=0.01, data=str(tmp_path / "nolabels.npz"), metric="top1",
+                       provider="cpu", cache_dir=None)
