@@ -38,8 +38,8 @@ class Cost:
 def scaled_rank(full: int, fraction: float, *, round_to: int = HARDWARE_MULTIPLE) -> int:
     """`fraction` of `full`, at least 1, rounded to a hardware multiple when full ≥ 4·multiple."""
     rank = max(1, math.ceil(fraction * full - 1e-9))
-    if round_to and full >= 4 * round_to and rank >= round_to:
-        rank = int(round(rank / round_to) * round_to)
+    if round_to and full >= 4 * round_to and round_to <= rank < full:
+        rank = math.floor(rank / round_to + 0.5) * round_to  # nearest multiple, halves round up
     return int(min(max(rank, 1), full))
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Option:
@@ -48,7 +50,58 @@ def _hull(options: list[Option]) -> list[Option]:
 
 
 def allocate(options: list[Option], tau: float) -> dict[str, Option]:
-    """Choose at most one option per layer, maximising total saving with Σ proxy ≤ tau."""
+    """Choose at most one option per layer, maximising total saving with Σ proxy ≤ tau.
+
+    Two solvers, the better plan wins: the Lagrangian hull walk (+ fill), and an exact dynamic
+    programme over the proxy axis cut into BINS steps (each proxy rounded *up*, so its plans are
+    always feasible). The DP is exact up to that rounding; the walk covers what rounding loses.
+    """
+    walk = _hull_walk(options, tau)
+    table = _knapsack(options, tau)
+    return table if total_saving(table) > total_saving(walk) else walk
+
+
+BINS = 2000
+
+
+def _knapsack(options: list[Option], tau: float) -> dict[str, Option]:
+    free = [o for o in options if o.proxy <= 0 and o.saving > 0]
+    if tau <= 0:
+        return _best_free(free)
+    layers = sorted({o.layer for o in options})
+    best = np.zeros(BINS + 1)  # best[b]: max saving using at most b proxy steps
+    picks = []  # per layer: for each b, index of the option taken (-1 = keep dense)
+    for layer in layers:
+        mine = [o for o in options if o.layer == layer and o.saving > 0]
+        weights = [int(np.ceil(o.proxy / tau * BINS - 1e-9)) if o.proxy > 0 else 0 for o in mine]
+        new, pick = best.copy(), np.full(BINS + 1, -1)
+        for index, (option, weight) in enumerate(zip(mine, weights)):
+            if weight > BINS:
+                continue
+            candidate = np.full(BINS + 1, -np.inf)
+            candidate[weight:] = best[:BINS + 1 - weight] + option.saving
+            better = candidate > new
+            new[better], pick[better] = candidate[better], index
+        picks.append((mine, weights, pick))
+        best = new
+    chosen, b = {}, BINS
+    for layer, (mine, weights, pick) in zip(reversed(layers), reversed(picks)):
+        index = pick[b]
+        if index >= 0:
+            chosen[layer] = mine[index]
+            b -= weights[index]
+    return chosen
+
+
+def _best_free(free: list[Option]) -> dict[str, Option]:
+    chosen: dict[str, Option] = {}
+    for option in free:
+        if option.saving > chosen.get(option.layer, Option("", "", 0.0, 0.0)).saving:
+            chosen[option.layer] = option
+    return chosen
+
+
+def _hull_walk(options: list[Option], tau: float) -> dict[str, Option]:
     steps = []  # (slope, layer, index on that layer's hull)
     hulls: dict[str, list[Option]] = {}
     for layer in sorted({o.layer for o in options}):
@@ -75,7 +128,28 @@ def allocate(options: list[Option], tau: float) -> dict[str, Option]:
             continue
         chosen[layer] = option
         used += extra
-    return chosen
+    return _fill(options, chosen, tau - used)
+
+
+def _fill(options: list[Option], chosen: dict[str, Option], slack: float) -> dict[str, Option]:
+    """Spend the proxy budget the hull walk left over on any option (hull or not) that adds saving.
+
+    The hull walk is the Lagrangian solution; near τ it can stop short of a small option that a
+    concave stretch of the hull hid (the classic gap of the relaxation). Filling closes most of it.
+    """
+    while True:
+        best, best_gain = None, 0.0
+        for option in options:
+            current = chosen.get(option.layer)
+            gain = option.saving - (current.saving if current else 0.0)
+            extra = option.proxy - (current.proxy if current else 0.0)
+            if gain > best_gain and extra <= slack + 1e-15:
+                best, best_gain = option, gain
+        if best is None:
+            return chosen
+        current = chosen.get(best.layer)
+        slack -= best.proxy - (current.proxy if current else 0.0)
+        chosen[best.layer] = best
 
 
 def total_saving(plan: dict[str, Option]) -> float:

@@ -223,9 +223,9 @@ def _fixed_rank_plan(layers, candidates, rank_ratio, energy, ranks, allow_growth
         else:
             rank = method.rank_from_ratio(layer, rank_ratio)
         cost = method.cost(layer, rank)
-        if cost.params >= layer.params and not allow_growth:
+        if cost.params > layer.params and not allow_growth:
             decisions[layer.name] = {"reason": f"{method_name} at rank {method.rank_label(rank)} has "
-                                               f"{cost.params:,} params ≥ dense {layer.params:,}; kept dense"}
+                                               f"{cost.params:,} params > dense {layer.params:,}; kept dense"}
             continue
         choices.append(Choice(layer, method_name, factorize(layer, method_name, rank)))
     return choices, decisions
