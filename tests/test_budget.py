@@ -54,8 +54,8 @@ def test_dominated_option_is_never_chosen():
 
 
 @pytest.mark.parametrize("full,fraction,expected", [
-    (120, 1.0, 120), (84, 1.0, 84), (84, 0.5, 40), (384, 0.5, 192), (64, 0.3, 16), (10, 0.5, 5), (3, 0.1, 1),
-    (100, 0.99, 99),
+    (120, 1.0, 120), (84, 1.0, 84), (84, 0.5, 40), (384, 0.5, 192), (64, 0.3, 24), (10, 0.5, 5), (3, 0.1, 1),
+    (100, 0.99, 96), (100, 1.0, 100),
 ])
 def test_scaled_rank(full, fraction, expected):
     assert scaled_rank(full, fraction) == expected
