@@ -30,6 +30,29 @@ class Factors:
 
 
 @dataclass(frozen=True)
+class RefitSpec:
+    """Where a method's last linear map sits, so the sequential correction can refit it.
+
+    The emitted node `hidden_role` produces H; the final node computes H·M (+ bias) along
+    `channel_axis`, with M stored as `factors.arrays[factor_key]` — as (r, out) or, for a 1x1 conv
+    weight, as (out, r, 1, …) (`transposed`). `intercept`: the refit may also replace the bias.
+    """
+
+    hidden_role: str
+    factor_key: str
+    channel_axis: int
+    transposed: bool
+    intercept: bool
+
+    def to_matrix(self, array: np.ndarray) -> np.ndarray:
+        matrix = array.reshape(array.shape[0], array.shape[1])
+        return matrix.T if self.transposed else matrix
+
+    def from_matrix(self, matrix: np.ndarray, like: np.ndarray) -> np.ndarray:
+        return (matrix.T if self.transposed else matrix).reshape(like.shape).astype(like.dtype)
+
+
+@dataclass(frozen=True)
 class Cost:
     params: int
     flops: int
@@ -69,6 +92,17 @@ class Method:
 
     def build(self, emit, layer, factors: Factors) -> None:
         raise NotImplementedError
+
+    def refit_spec(self, layer) -> RefitSpec | None:
+        """None: this method's last factor is not a plain linear map the correction can refit."""
+        return None
+
+    @staticmethod
+    def bias_input(emit, factors: Factors):
+        """The refitted bias when the correction produced one, else the original bias tensor."""
+        if "bias" in factors.arrays:
+            return emit.const("bias", factors.arrays["bias"])
+        return emit.bias
 
     def rank_label(self, rank) -> str:
         return "x".join(str(r) for r in rank) if isinstance(rank, tuple) else str(rank)

@@ -6,13 +6,14 @@
     MatMul(x, W)       ⇒  MatMul(x, A) → MatMul(·, B)                       (x may be N-d)
     MatMul(W, x)       ⇒  MatMul(B, x) → MatMul(A, ·)                       (constant on the left)
 
-Params K·N → r·(K + N); it pays when r < K·N / (K + N).
+Params K·N → r·(K + N); it pays when r < K·N / (K + N). With calibration statistics the SVD is
+whitened (SVD of SᵀW, C = SSᵀ the input moment), so it truncates the output error, not the weight's.
 """
 
 from __future__ import annotations
 
 from . import _linalg
-from ._method import Cost, Factors, Method, scaled_rank
+from ._method import Cost, Factors, Method, RefitSpec, scaled_rank
 
 
 class SVD(Method):
@@ -34,21 +35,36 @@ class SVD(Method):
         return Cost(params, 2 * layer.in_positions * params)
 
     def decompose(self, weight, rank: int, stats=None) -> Factors:
-        a, b, err = _linalg.truncated_svd(weight, rank)
-        return Factors({"A": a.astype(weight.dtype), "B": b.astype(weight.dtype)}, rank, err)
+        if stats is not None:
+            a, b, err, output_err = _linalg.whitened_svd(weight, stats.input_moment, rank)
+            notes = {"data_aware": True, "output_error": output_err}
+        else:
+            a, b, err = _linalg.truncated_svd(weight, rank)
+            notes = {}
+        return Factors({"A": a.astype(weight.dtype), "B": b.astype(weight.dtype)}, rank, err, notes)
 
     def build(self, emit, layer, factors: Factors) -> None:
         a, b = emit.const("A", factors.arrays["A"]), emit.const("B", factors.arrays["B"])
         if layer.op == "Gemm":
             hidden = emit.op("Gemm", "factor_a", [emit.data_input, a], {"transA": layer.attr("transA")})
-            inputs = [hidden, b] + ([emit.bias] if emit.bias is not None else [])
-            emit.op("Gemm", "factor_b", inputs, {"beta": layer.attr("beta")}, final=True)
+            bias = self.bias_input(emit, factors)
+            inputs = [hidden, b] + ([bias] if bias is not None else [])
+            # A refitted bias already holds beta·C.
+            beta = 1.0 if "bias" in factors.arrays else layer.attr("beta")
+            emit.op("Gemm", "factor_b", inputs, {"beta": beta}, final=True)
         elif layer.attr("weight_side") == "left":
             hidden = emit.op("MatMul", "factor_b", [b, emit.data_input])
             emit.op("MatMul", "factor_a", [a, hidden], final=True)
         else:
             hidden = emit.op("MatMul", "factor_a", [emit.data_input, a])
             emit.op("MatMul", "factor_b", [hidden, b], final=True)
+
+
+    def refit_spec(self, layer) -> RefitSpec | None:
+        if layer.attr("weight_side") == "left":
+            return None  # A·(B·x): the last factor multiplies from the left; not refitted
+        # A MatMul's bias lives in a separate Add downstream, so only Gemm refits an intercept.
+        return RefitSpec("factor_a", "B", -1, False, intercept=layer.op == "Gemm" and layer.bias_per_channel)
 
 
 METHOD = SVD()

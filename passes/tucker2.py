@@ -4,6 +4,7 @@
 
     Conv(I→O, k)  ⇒  Conv 1x1(I→r_i) → Conv k(r_i→r_o, stride/pads/dilation) → Conv 1x1(r_o→O, +bias)
 
+With calibration statistics the input mode is fitted in the channel-covariance-weighted norm.
 The input 1x1 runs at the input resolution, the core and output 1x1 at the output resolution, so
 stride lands on the core where it cuts the most work. Works for Conv1d/2d/3d unchanged.
 """
@@ -15,7 +16,7 @@ from math import prod
 import numpy as np
 
 from . import _linalg
-from ._method import Cost, Factors, Method, scaled_rank
+from ._method import Cost, Factors, Method, RefitSpec, scaled_rank
 
 
 class Tucker2(Method):
@@ -51,7 +52,10 @@ class Tucker2(Method):
         return Cost(first + core + last, flops)
 
     def decompose(self, weight, rank: tuple[int, int], stats=None) -> Factors:
-        u_out, core, u_in, err = _linalg.partial_tucker(weight, rank)
+        if stats is not None:
+            u_out, core, u_in, err = _linalg.whitened_partial_tucker(weight, rank, stats.input_moment)
+        else:
+            u_out, core, u_in, err = _linalg.partial_tucker(weight, rank)
         return Factors({"U_out": u_out.astype(weight.dtype), "core": core.astype(weight.dtype),
                         "U_in": u_in.astype(weight.dtype)}, (u_out.shape[1], u_in.shape[1]), err)
 
@@ -65,8 +69,12 @@ class Tucker2(Method):
                          {"kernel_shape": list(point)})
         hidden = emit.op("Conv", "core", [hidden, emit.const("core/W", np.ascontiguousarray(core))],
                          spatial_conv_attrs(layer, core.shape[2:]))
-        inputs = [hidden, emit.const("out_1x1/W", w_out)] + ([emit.bias] if emit.bias is not None else [])
+        bias = self.bias_input(emit, factors)
+        inputs = [hidden, emit.const("out_1x1/W", w_out)] + ([bias] if bias is not None else [])
         emit.op("Conv", "out_1x1", inputs, {"kernel_shape": list(point)}, final=True)
+
+    def refit_spec(self, layer) -> RefitSpec:
+        return RefitSpec("core", "U_out", 1, True, intercept=True)
 
 
 def spatial_conv_attrs(layer, kernel_shape, *, group: int = 1, keep_pads=True, axes=None) -> dict:

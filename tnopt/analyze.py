@@ -35,6 +35,9 @@ class Layer:
     out_positions: int = 1
     skip_reason: str | None = None
     input_name: str = ""  # the activation tensor the layer reads (captured for statistics and timing)
+    output_name: str = ""  # the tensor it writes (the target of the sequential correction)
+    # Whether the bias (Conv B, Gemm C) is one value per output channel; an intercept refit needs it.
+    bias_per_channel: bool = False
     weight: np.ndarray | None = field(default=None, repr=False, compare=False, hash=False)
 
     @property
@@ -124,7 +127,7 @@ def _conv_layer(node) -> Layer:
     has_bias = len(node.inputs) > 2 and G.is_present(node.inputs[2])
     return Layer(node.name, "Conv", w_shape, params, flops, in_shape, out_shape, tuple(sorted(attrs.items())),
                  0, has_bias, weight.source if weight else "", in_positions, out_positions, reason, x.name,
-                 weight.values if weight is not None and reason is None else None)
+                 y.name, True, weight.values if weight is not None and reason is None else None)
 
 
 def _gemm_layer(node) -> Layer:
@@ -146,9 +149,12 @@ def _gemm_layer(node) -> Layer:
     params = int(prod(w_shape)) if w_shape else 0
     attrs = {"transA": trans_a, "transB": trans_b, "alpha": alpha, "beta": beta}
     has_bias = len(node.inputs) > 2 and G.is_present(node.inputs[2])
+    # C broadcasts to (M, N); it is a per-channel bias when at most its last axis is longer than 1.
+    c_shape = G.shape_of(node.inputs[2]) if has_bias else ()
+    per_channel = c_shape is not None and all(d == 1 for d in c_shape[:-1])
     return Layer(node.name, "Gemm", w_shape, params, 2 * rows * params, in_shape, G.shape_of(y),
                  tuple(sorted(attrs.items())), 0, has_bias, weight.source if weight else "", rows, rows,
-                 reason, a.name, effective)
+                 reason, a.name, y.name, per_channel, effective)
 
 
 def _matmul_layer(node) -> Layer | None:
@@ -173,4 +179,4 @@ def _matmul_layer(node) -> Layer | None:
         rows = 1
     return Layer(node.name, "MatMul", w_shape, params, 2 * rows * params, in_shape, G.shape_of(node.outputs[0]),
                  (("weight_side", side),), data_index, False, weight.source, rows, rows, reason, x.name,
-                 weight.values if reason is None else None)
+                 node.outputs[0].name, False, weight.values if reason is None else None)

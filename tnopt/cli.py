@@ -51,6 +51,10 @@ def compress_parser():
     p.add_argument("--objective", choices=("params", "flops", "latency"), default="flops")
     p.add_argument("--no-latency-guard", action="store_true",
                    help="apply rewrites even where the runtime does not run them faster")
+    p.add_argument("--no-data-aware", action="store_true",
+                   help="weight-only factors (default with --data: whitened by the calibration moments)")
+    p.add_argument("--no-correct", action="store_true",
+                   help="skip the sequential least-squares refit of each layer's last factor")
     p.add_argument("--data", help=".npz with arrays keyed by input name (+ optional 'labels')")
     p.add_argument("--eval-data", help="disjoint .npz for the final metric (default: a split of --data)")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
@@ -106,7 +110,8 @@ def _compress(argv) -> int:
             if args.budget is None else {"max_drop": args.budget, "drop_type": args.drop_type},
             data=args.data, eval_data=args.eval_data, metric=args.metric, provider=args.provider,
             objective=args.objective, cache_dir=cache, seed=args.seed, progress=not args.quiet,
-            latency_guard=not args.no_latency_guard, log=say)
+            latency_guard=not args.no_latency_guard, data_aware=False if args.no_data_aware else None,
+            correct=False if args.no_correct else None, log=say)
     runtime = Runtime(args.provider)
     report.after.file_bytes = io.save_model_atomic(model, args.output, verify_session=runtime.verify_loads)
     if args.report:

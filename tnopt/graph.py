@@ -167,6 +167,11 @@ def _folded_shape(node, values: np.ndarray, operands) -> tuple | None:
     return None
 
 
+def emitted_tensor(layer_name: str, method: str, role: str) -> str:
+    """Name of the tensor the Emitter gives the output of node `role` of a rewritten layer."""
+    return f"{layer_name}/{method}/{role}_out"
+
+
 @dataclass
 class Emitter:
     """Builds the replacement of one node: deterministic names, provenance, one splice.
@@ -197,13 +202,17 @@ class Emitter:
     def const(self, role: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(f"{self.prefix}/{role}", np.ascontiguousarray(values))
 
-    def op(self, op_type: str, role: str, inputs: list, attrs: dict | None = None, *, final: bool = False):
+    def op(self, op_type: str, role: str, inputs: list, attrs: dict | None = None, *, final: bool = False,
+           dtype=None):
+        """`dtype` overrides the layer's dtype for the output (int64 for Shape/Slice/Concat of shapes):
+        the declared type is exported as value_info, and a wrong one makes onnxruntime refuse the model."""
         name = f"{self.prefix}/{role}"
         if final:
             outputs = list(self.node.outputs)
             self._detach_original()
         else:
-            outputs = [gs.Variable(f"{name}_out", dtype=self.dtype)]
+            outputs = [gs.Variable(emitted_tensor(self.node.name, self.method, role),
+                                   dtype=self.dtype if dtype is None else dtype)]
         new = gs.Node(op=op_type, name=name, attrs=dict(attrs or {}), inputs=list(inputs), outputs=outputs)
         self.graph.nodes.append(new)
         self.provenance[name] = {"tnopt.method": self.method, "tnopt.source_node": self.node.name,

@@ -17,16 +17,23 @@ from threadpoolctl import threadpool_limits
 
 from tnopt import io
 from tnopt.analyze import Layer, analyze
+from tnopt.correct import sequential_correction
 from tnopt.data import Dataset, input_specs, load_npz, random_inputs
 from tnopt.errors import TnoptError, UnsupportedModelError
 from tnopt.graph import op_counts, parameter_count
 from tnopt.metrics import fidelity_report
 from tnopt.passes import METHODS
+from tnopt.profile import collect_stats
 from tnopt.report import LayerReport, ModelSummary, Report
 from tnopt.rewrite import Choice, apply_plan
 from tnopt.runtime import Runtime
 
 DEFAULT_RANDOM_SAMPLES = 64
+# Calibration moments and the least-squares refit converge long before this many samples.
+MAX_STATS_SAMPLES = 2048
+MAX_REFIT_SAMPLES = 512
+# Methods whose data-aware form needs the im2col (patch) moment of a Conv input.
+PATCH_METHODS = ("cut-o",)
 
 
 def resolve_methods(methods: str | list[str] | None) -> list[str]:
@@ -100,6 +107,8 @@ def compress(
     seed: int = 0,
     progress: bool = False,
     latency_guard: bool | None = None,
+    data_aware: bool | None = None,
+    correct: bool | None = None,
     allow_growth: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
@@ -109,6 +118,8 @@ def compress(
     `energy` (keep that fraction of singular-value energy) or `rank_ratio` (fraction of full rank;
     0.5 when nothing is given). `allow_growth` rewrites layers even where the factorized form has
     more parameters than the dense layer (used to test exactness at full rank).
+    `data_aware` (whitened factors from calibration moments) and `correct` (sequential least-squares
+    refit of each layer's last factor) default to on when real data is given, off on random inputs.
     """
     say = log or (lambda message: None)
     started = time.perf_counter()
@@ -151,6 +162,27 @@ def compress(
         raise UnsupportedModelError(f"{source}: none of the {len(layers)} layers can be factorized "
                                     f"({report.layers[0].reason})")
     by_name = {layer.name: layer for layer in layers}
+    order = {layer.name: i for i, layer in enumerate(layers)}
+
+    real_data = not calib.synthetic
+    data_aware = real_data if data_aware is None else data_aware
+    correct = real_data if correct is None else correct
+    stats = {}
+    if data_aware:
+        stats_start = time.perf_counter()
+        stats = collect_stats(original, [by_name[n] for n in candidates], calib.head(MAX_STATS_SAMPLES).inputs,
+                              runtime, want_patches=any(m in method_names for m in PATCH_METHODS))
+        report.timings["stats_s"] = time.perf_counter() - stats_start
+        say(f"calibration statistics: {len(stats)} layers from {min(len(calib), MAX_STATS_SAMPLES)} samples")
+    report.factors = {"data_aware": bool(stats), "correct": bool(correct)}
+
+    def factor_fn(layer, method, rank):
+        return factorize(layer, method, rank, stats.get(layer.name))
+
+    refit_inputs = calib.head(MAX_REFIT_SAMPLES).inputs
+
+    def correct_fn(choices):
+        return sequential_correction(original, choices, refit_inputs, runtime, order) if correct else choices
 
     if budget is not None:
         from tnopt.search import run_search
@@ -159,10 +191,12 @@ def compress(
             original, [by_name[n] for n in candidates], candidates, calib=calib, evaluation=evaluation,
             budget=budget, metric=metric, objective=objective, runtime=runtime, cache_dir=cache_dir,
             seed=seed, progress=progress, latency_guard=True if latency_guard is None else latency_guard,
-            report=report, say=say)
+            report=report, say=say, factorize=factor_fn, correct=correct_fn,
+            factor_mode=("white" if stats else "weight") + ("+corr" if correct else ""))
     else:
         choices, decisions = _fixed_rank_plan([by_name[n] for n in candidates], candidates, rank_ratio,
-                                              energy, ranks, allow_growth)
+                                              energy, ranks, allow_growth, factor_fn)
+        choices = correct_fn(choices)
     report.timings["plan_s"] = time.perf_counter() - started
 
     compressed, _ = apply_plan(original, choices)
@@ -186,8 +220,8 @@ def compress(
             entry.method, entry.rank = choice.method, choice.rank_label
             entry.params_after, entry.flops_after = cost.params, cost.flops
             entry.weight_error = choice.factors.rel_error
+            entry.factor_notes = {k: v for k, v in choice.factors.notes.items() if isinstance(v, (bool, int, float, str))}
         report.layers.append(entry)
-    order = {layer.name: i for i, layer in enumerate(layers)}
     report.layers.sort(key=lambda entry: order[entry.name])
     report.after = summarize(compressed)
     report.timings["total_s"] = time.perf_counter() - started
@@ -199,7 +233,7 @@ def _layer_entry(layer: Layer, decision: str, reason: str | None) -> LayerReport
                        params_before=layer.params, flops_before=layer.flops)
 
 
-def _fixed_rank_plan(layers, candidates, rank_ratio, energy, ranks, allow_growth):
+def _fixed_rank_plan(layers, candidates, rank_ratio, energy, ranks, allow_growth, factor_fn):
     """One method per layer (the first selected that accepts it) at a rank from the given rule."""
     if sum(x is not None for x in (rank_ratio, energy, ranks)) > 1:
         raise TnoptError("give only one of --rank-ratio, --energy, ranks")
@@ -227,5 +261,5 @@ def _fixed_rank_plan(layers, candidates, rank_ratio, energy, ranks, allow_growth
             decisions[layer.name] = {"reason": f"{method_name} at rank {method.rank_label(rank)} has "
                                                f"{cost.params:,} params > dense {layer.params:,}; kept dense"}
             continue
-        choices.append(Choice(layer, method_name, factorize(layer, method_name, rank)))
+        choices.append(Choice(layer, method_name, factor_fn(layer, method_name, rank)))
     return choices, decisions

@@ -32,6 +32,7 @@ class LayerReport:
     sensitivity: dict[str, float] = field(default_factory=dict)  # "method:rank" → metric drop, layer alone
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
+    factor_notes: dict = field(default_factory=dict)  # e.g. data_aware, corrected, mode (MPO)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     search: dict = field(default_factory=dict)
+    factors: dict = field(default_factory=dict)  # how factors were fitted: data_aware, correct
 
     @property
     def rewritten(self) -> list[LayerReport]:

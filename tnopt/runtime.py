@@ -99,34 +99,42 @@ class Runtime:
 
     def run(self, model_or_session, feeds: dict[str, np.ndarray], output_names=None) -> list[np.ndarray]:
         """Run over all samples (axis 0 of every feed) in batches; outputs concatenated on axis 0."""
+        chunks = [outputs for _, outputs in self.iter_batches(model_or_session, feeds, output_names)]
+        return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+    def iter_batches(self, model_or_session, feeds: dict[str, np.ndarray], output_names=None):
+        """Yield (batch slice, outputs) per batch: statistics accumulate without holding every
+        sample's activations at once."""
         session = model_or_session if isinstance(model_or_session, ort.InferenceSession) \
             else self.session(model_or_session)
         n = len(next(iter(feeds.values())))
-        step = fixed_batch(session) or self.batch_size
-        chunks: list[list[np.ndarray]] = []
+        fixed = fixed_batch(session)
+        step = fixed or self.batch_size
         for start in range(0, n, step):
             batch = {k: v[start:start + step] for k, v in feeds.items()}
             short = len(next(iter(batch.values())))
-            if short < step and fixed_batch(session):
+            if short < step and fixed:
                 # A model with a fixed batch dim gets the last chunk padded, then trimmed.
                 batch = {k: np.concatenate([v, np.repeat(v[-1:], step - short, axis=0)]) for k, v in batch.items()}
             try:
                 outputs = session.run(output_names, batch)
             except Exception as exc:
                 raise TnoptError(f"onnxruntime failed to run the model ({str(exc).splitlines()[0][:200]})") from None
-            chunks.append([o[:short] for o in outputs])
-        return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+            yield slice(start, start + short), [o[:short] for o in outputs]
 
-    def capture(self, model: onnx.ModelProto, tensor_names: list[str], feeds) -> dict[str, np.ndarray]:
-        """Values of intermediate tensors, obtained by adding them as graph outputs of a copy."""
+    def with_outputs(self, model: onnx.ModelProto, tensor_names: list[str]) -> ort.InferenceSession:
+        """A session on a copy of `model` that also returns the named intermediate tensors."""
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
         existing = {o.name for o in probe.graph.output}
         for name in tensor_names:
             if name not in existing:
                 probe.graph.output.append(onnx.ValueInfoProto(name=name))
-        session = self.session(probe)
-        values = self.run(session, feeds, output_names=list(tensor_names))
+        return self.session(probe)
+
+    def capture(self, model: onnx.ModelProto, tensor_names: list[str], feeds) -> dict[str, np.ndarray]:
+        """Values of intermediate tensors on all of `feeds` (small inputs only: it keeps them all)."""
+        values = self.run(self.with_outputs(model, tensor_names), feeds, output_names=list(tensor_names))
         return dict(zip(tensor_names, values))
 
     def latency(self, model: onnx.ModelProto | bytes, feed: dict[str, np.ndarray], repeats: int = 20,

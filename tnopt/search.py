@@ -116,7 +116,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def run_search(original, layers, candidates, *, calib: Dataset, evaluation: Dataset, budget, metric, objective,
                runtime, cache_dir, seed, progress, latency_guard, report, say, factorize=None,
-               factor_mode: str = "weight"):
+               correct=None, factor_mode: str = "weight"):
     """Returns (choices, decisions) and fills report.budget / report.search / report.budget_met."""
     from tnopt.pipeline import factorize as default_factorize
 
@@ -222,6 +222,8 @@ def run_search(original, layers, candidates, *, calib: Dataset, evaluation: Data
         for name, option in plan.items():
             method, rank = option_choice[(name, option.key)]
             choices.append(Choice(by_name[name], method, factors_for(by_name[name], method, rank)))
+        if correct is not None and choices:
+            choices = correct(choices)
         model, _ = apply_plan(original, choices)
         outputs = runtime.run(model, calib.inputs)
         value = metric(reference, outputs, calib.labels)

@@ -1,0 +1,91 @@
+"""Calibration statistics: each candidate layer's input second moments, accumulated batch by batch.
+
+For y = x·W (Gemm/MatMul) the output error of any Ŵ on the calibration rows X is
+‖X(W − Ŵ)‖² = tr((W − Ŵ)ᵀ C (W − Ŵ)) with C = XᵀX: the second moment C is all a data-aware
+factorization needs. Conv layers get the channel moment (over every pixel: the input mode of
+Tucker-2 / CP / the {I | O·k} cut) and, for 2-D convs, the patch (im2col) moment that makes the
+{O | I·k·k} cut exact. Memory is one batch of activations plus the moments themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tnopt.analyze import Layer
+
+
+@dataclass
+class LayerStats:
+    rows: int  # how many input rows (pixels, tokens, samples) the moments average over
+    input_moment: np.ndarray  # (K, K) or (I, I): E[x xᵀ] over rows
+    patch_moment: np.ndarray | None = None  # Conv 2-D: (I·kh·kw)² moment of the im2col rows
+
+    def fingerprint(self) -> str:
+        return f"{self.rows}-{float(np.trace(self.input_moment)):.6e}"
+
+
+class _Accumulator:
+    def __init__(self, layer: Layer, want_patches: bool):
+        self.layer = layer
+        self.want_patches = want_patches and layer.op == "Conv" and len(layer.weight_shape) == 4 \
+            and layer.group == 1 and layer.attr("auto_pad", "NOTSET") in ("NOTSET", "")
+        self.rows = 0
+        self.moment = None
+        self.patch_moment = None
+        self.patch_rows = 0
+
+    def add(self, activations: np.ndarray) -> None:
+        rows = _rows(self.layer, activations)
+        gram = rows.T @ rows
+        self.moment = gram if self.moment is None else self.moment + gram
+        self.rows += len(rows)
+        if self.want_patches:
+            patches = _patches(self.layer, activations)
+            gram = patches.T @ patches
+            self.patch_moment = gram if self.patch_moment is None else self.patch_moment + gram
+            self.patch_rows += len(patches)
+
+    def result(self) -> LayerStats:
+        patch = None if self.patch_moment is None else self.patch_moment / max(self.patch_rows, 1)
+        return LayerStats(self.rows, self.moment / max(self.rows, 1), patch)
+
+
+def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """The layer's input as a (rows, features) float64 matrix, features = the contracted axis."""
+    x = np.asarray(x, dtype=np.float64)
+    if layer.op == "Conv":
+        return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+    if layer.op == "Gemm":
+        return x.T if layer.attr("transA") else x.reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1])  # MatMul, weight on the right
+
+
+def _patches(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """im2col rows (positions, I·kh·kw) in the (I, kh, kw) order of a reshaped Conv weight."""
+    import torch
+
+    pads = layer.attr("pads")
+    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    unfolded = torch.nn.functional.unfold(torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float64)),
+                                          kernel_size=tuple(layer.attr("kernel_shape")),
+                                          dilation=tuple(layer.attr("dilations")), stride=tuple(layer.attr("strides")))
+    return unfolded.transpose(1, 2).reshape(-1, unfolded.shape[1]).numpy()
+
+
+def collect_stats(model, layers: list[Layer], inputs: dict[str, np.ndarray], runtime,
+                  want_patches: bool = False) -> dict[str, LayerStats]:
+    """Input moments of every layer whose weight sits on the right of its product (all but
+    left-weight MatMuls), from one pass of the original model over `inputs`."""
+    eligible = [layer for layer in layers if layer.attr("weight_side", "right") == "right"]
+    if not eligible:
+        return {}
+    names = sorted({layer.input_name for layer in eligible})
+    session = runtime.with_outputs(model, names)
+    accumulators = {layer.name: _Accumulator(layer, want_patches) for layer in eligible}
+    for _, outputs in runtime.iter_batches(session, inputs, output_names=names):
+        values = dict(zip(names, outputs))
+        for layer in eligible:
+            accumulators[layer.name].add(values[layer.input_name])
+    return {name: acc.result() for name, acc in accumulators.items()}
