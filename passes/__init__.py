@@ -4,12 +4,16 @@ A new method is one file providing a `Method` subclass instance and one line her
 choices and `--list-methods` derive from this dict.
 """
 
-from . import svd, tucker2
+from . import cp, cut, svd, tucker2
 from ._method import Cost, Factors, Method
 
 METHODS: dict[str, Method] = {
     "tucker2": tucker2.METHOD,
     "svd": svd.METHOD,
+    "cp": cp.METHOD,
+    "cut-o": cut.CUT_O,
+    "cut-i": cut.CUT_I,
+    "cut-spatial": cut.CUT_SPATIAL,
 }
 
 __all__ = ["METHODS", "Cost", "Factors", "Method"]

@@ -1,0 +1,77 @@
+"""CP (canonical polyadic) decomposition of a 2-D convolution kernel, the separable chain of Lebedev 2015.
+
+    W (O, I, kh, kw) ≈ Σ_r a_out[o,r] · a_in[i,r] · a_h[y,r] · a_w[x,r]
+
+    Conv(I→O, kh×kw)  ⇒  Conv 1x1(I→r) → Conv kh×1(group r, H geometry) → Conv 1×kw(group r, W geometry)
+                          → Conv 1x1(r→O, +bias)
+
+The H axis's stride/pads/dilation go on the kh×1 depthwise conv and the W axis's on the 1×kw one
+(putting both strides on one conv is the classic bug). auto_pad SAME_* / VALID are carried to both:
+each axis's SAME padding depends only on that axis's size, kernel, stride and dilation, and the
+other conv is 1-wide with stride 1 there, so it pads nothing on that axis.
+
+Fits are by damped CP-ALS (`_linalg.cp_als`). A degenerate fit (huge components cancelling each
+other, non-finite factors, or no fit at all) is still returned, with the reason in
+`factors.notes["refused"]` (and `notes["degenerate"]` for degeneracy): callers must not apply it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _linalg
+from ._conv import mixed_positions, plain_conv_reason
+from ._method import Cost, Factors, Method, scaled_rank
+from .tucker2 import spatial_conv_attrs
+
+
+class CP(Method):
+    name = "cp"
+    op_types = ("Conv",)
+
+    def check(self, layer) -> str | None:
+        return super().check(layer) or plain_conv_reason(layer, "CP", two_d=True)
+
+    def full_rank(self, layer) -> int:
+        # The generic upper bound on the CP rank: the product of all modes but the largest.
+        dims = layer.weight_shape
+        total = int(np.prod(dims))
+        return min(total // d for d in dims)
+
+    def rank_from_ratio(self, layer, ratio: float) -> int:
+        return scaled_rank(self.full_rank(layer), ratio)
+
+    def rank_from_energy(self, layer, energy: float) -> int:
+        # CP has no spectrum of its own; a rank-r CP has O- and I-mode ranks ≤ r, so the larger of the
+        # two unfoldings' energy ranks is the smallest CP rank that can keep that energy.
+        out_spectrum, in_spectrum = _linalg.tucker2_mode_spectra(layer.weight)
+        return max(_linalg.rank_for_energy(out_spectrum, energy), _linalg.rank_for_energy(in_spectrum, energy))
+
+    def cost(self, layer, rank: int) -> Cost:
+        o, i, kh, kw = layer.weight_shape
+        params = rank * (i + kh + kw + o)
+        flops = 2 * rank * (layer.in_positions * i + mixed_positions(layer, (0,)) * kh
+                            + layer.out_positions * (kw + o))
+        return Cost(params, flops)
+
+    def decompose(self, weight, rank: int, stats=None) -> Factors:
+        (a_out, a_in, a_h, a_w), err, notes = _linalg.cp_als(weight, rank)
+        arrays = {"A_out": a_out, "A_in": a_in, "A_h": a_h, "A_w": a_w}
+        return Factors({k: v.astype(weight.dtype) for k, v in arrays.items()}, int(rank), err, notes)
+
+    def build(self, emit, layer, factors: Factors) -> None:
+        a = factors.arrays
+        r = a["A_out"].shape[1]
+        kh, kw = a["A_h"].shape[0], a["A_w"].shape[0]
+        hidden = emit.op("Conv", "in_1x1", [emit.data_input, emit.const("in_1x1/W", a["A_in"].T[:, :, None, None])],
+                         {"kernel_shape": [1, 1]})
+        hidden = emit.op("Conv", "depth_h", [hidden, emit.const("depth_h/W", a["A_h"].T[:, None, :, None])],
+                         spatial_conv_attrs(layer, (kh, 1), group=r, axes=(0,)))
+        hidden = emit.op("Conv", "depth_w", [hidden, emit.const("depth_w/W", a["A_w"].T[:, None, None, :])],
+                         spatial_conv_attrs(layer, (1, kw), group=r, axes=(1,)))
+        inputs = [hidden, emit.const("out_1x1/W", a["A_out"][:, :, None, None])]
+        emit.op("Conv", "out_1x1", inputs + ([emit.bias] if emit.bias is not None else []),
+                {"kernel_shape": [1, 1]}, final=True)
+
+
+METHOD = CP()

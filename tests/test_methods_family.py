@@ -1,0 +1,261 @@
+"""The tensor-network family: CP, the three SVD cuts, grouped Tucker-2, and `inspect --cuts`.
+
+Planted rank: a kernel of exact rank r for the method, factorized at r, reproduces onnxruntime
+outputs to 1e-5, with strides, asymmetric pads, dilation and a dynamic batch.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import MODELS, ROOT
+from helpers import assert_equivalent, init, make_model, op_count, tensor
+from onnx import helper
+from tnopt.passes import METHODS, _linalg
+from tnopt.passes.cut import cut_matrix
+
+import tnopt
+from tnopt.analyze import analyze
+
+RNG = np.random.default_rng(7)
+
+GEOMETRIES = [
+    {},
+    {"strides": [2, 3], "pads": [1, 0, 2, 1], "dilations": [2, 1]},
+    {"strides": [3, 2], "pads": [0, 2, 1, 0], "dilations": [1, 2]},
+    {"strides": [2, 3], "auto_pad": "SAME_UPPER"},
+    {"strides": [3, 2], "auto_pad": "SAME_LOWER"},  # onnxruntime rejects dilation with SAME_*
+    {"strides": [2, 2], "auto_pad": "VALID"},
+]
+
+
+def planted_cp(shape, rank, seed=0):
+    """A kernel of exact CP rank `rank`; unit-scale Gaussian factors are well conditioned."""
+    rng = np.random.default_rng(seed)
+    factors = [rng.standard_normal((d, rank)) for d in shape]
+    return _linalg.cp_reconstruct(factors).astype(np.float32)
+
+
+def planted_cut(shape, cut, rank, seed=0):
+    """A kernel whose `cut` matrix has exact rank `rank`."""
+    rng = np.random.default_rng(seed)
+    o, i, *k = shape
+    if cut == "o":
+        return (rng.standard_normal((o, rank)) @ rng.standard_normal((rank, i * np.prod(k, dtype=int)))).reshape(
+            shape).astype(np.float32)
+    if cut == "i":
+        m = rng.standard_normal((i, rank)) @ rng.standard_normal((rank, o * np.prod(k, dtype=int)))
+        return np.swapaxes(m.reshape(i, o, *k), 0, 1).astype(np.float32).copy()
+    kh, kw = k
+    m = rng.standard_normal((o * kh, rank)) @ rng.standard_normal((rank, i * kw))
+    return m.reshape(o, kh, i, kw).transpose(0, 2, 1, 3).astype(np.float32).copy()
+
+
+def conv_model(weight, attrs, spatial, bias=True, batch="N"):
+    o, i = weight.shape[:2]
+    inputs = ["x", "w"] + (["b"] if bias else [])
+    inits = [init("w", weight)] + ([init("b", RNG.standard_normal(o))] if bias else [])
+    return make_model([helper.make_node("Conv", inputs, ["y"], name="conv", **attrs)],
+                      [tensor("x", [batch, i, *spatial])], [tensor("y", 2 + len(spatial))], inits)
+
+
+def compress_at(model, method, rank):
+    out, report = tnopt.compress(model, ranks={"conv": rank}, methods=[method], provider="cpu", allow_growth=True)
+    entry = report.layers[0]
+    assert entry.decision == "rewritten", entry.reason
+    return out, entry
+
+
+def check_batches(model, out, spatial, channels, batches=(1, 3)):
+    for batch in batches:
+        x = RNG.standard_normal((batch, channels, *spatial)).astype(np.float32)
+        assert_equivalent(model, out, {"x": x})
+
+
+# --- CP ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attrs", GEOMETRIES)
+def test_cp_planted_rank(attrs):
+    weight = planted_cp((10, 8, 3, 3), 5, seed=1)
+    model = conv_model(weight, attrs, (13, 14))
+    out, entry = compress_at(model, "cp", 5)
+    assert op_count(out, "Conv") == 4 and entry.weight_error < 1e-6
+    check_batches(model, out, (13, 14), 8)
+
+
+def test_cp_places_each_axis_geometry_on_its_own_depthwise_conv():
+    weight = planted_cp((6, 4, 3, 5), 3, seed=2)
+    attrs = {"strides": [2, 3], "pads": [1, 2, 0, 1], "dilations": [2, 1]}
+    model = conv_model(weight, attrs, (11, 16), bias=False)
+    out, _ = compress_at(model, "cp", 3)
+    nodes = {n.name.split("/")[-1]: {a.name: helper.get_attribute_value(a) for a in n.attribute}
+             for n in out.graph.node}
+    assert nodes["depth_h"] == {"kernel_shape": [3, 1], "strides": [2, 1], "dilations": [2, 1],
+                                "pads": [1, 0, 0, 0], "group": 3}
+    assert nodes["depth_w"] == {"kernel_shape": [1, 5], "strides": [1, 3], "dilations": [1, 1],
+                                "pads": [0, 2, 0, 1], "group": 3}
+    assert "strides" not in nodes["in_1x1"] and "strides" not in nodes["out_1x1"]
+    check_batches(model, out, (11, 16), 4)
+
+
+def test_cp_below_planted_rank_is_not_exact():
+    weight = planted_cp((10, 8, 3, 3), 5, seed=1)
+    model = conv_model(weight, GEOMETRIES[1], (13, 14))
+    out, entry = compress_at(model, "cp", 3)
+    assert entry.weight_error > 1e-3
+    with pytest.raises(AssertionError):
+        check_batches(model, out, (13, 14), 8, batches=(2,))
+
+
+def test_cp_refuses_grouped_and_non_2d():
+    layers = analyze(conv_model(planted_cp((8, 8, 3), 2), {}, (9,)))
+    assert "2-D" in METHODS["cp"].check(layers[0])
+    assert METHODS["cut-o"].check(layers[0]) is None and "2-D" in METHODS["cut-spatial"].check(layers[0])
+
+
+def test_cp_diagnose_flags_cancelling_components():
+    rng = np.random.default_rng(3)
+    a = [rng.standard_normal((d, 1)) for d in (6, 5, 3, 3)]
+    b = [rng.standard_normal((d, 1)) for d in (6, 5, 3, 3)]
+    eps = 1e-3
+    # (a + εb)^⊗4/ε − a^⊗4/ε: an exact rank-2 CP whose two terms are ~1000x the tensor they sum to.
+    factors = [np.hstack([x + eps * y, x]) for x, y in zip(a, b)]
+    factors[0] = factors[0] * np.array([1 / eps, -1 / eps])
+    tensor_ = _linalg.cp_reconstruct(factors)
+    reason = _linalg.cp_diagnose(factors, float(np.linalg.norm(tensor_)))
+    assert reason is not None and reason.startswith("degenerate")
+    good = [rng.standard_normal((d, 3)) for d in (6, 5, 3, 3)]
+    assert _linalg.cp_diagnose(good, float(np.linalg.norm(_linalg.cp_reconstruct(good)))) is None
+
+
+def test_cp_degenerate_fit_is_refused_in_notes(monkeypatch):
+    """Border-rank tensor (rank 4, approximable at rank 2 only by diverging components): ALS swamps
+    with components cancelling each other; the refusal must reach `factors.notes`."""
+    rng = np.random.default_rng(4)
+    a = [rng.standard_normal(d) for d in (6, 5, 3, 3)]
+    b = [rng.standard_normal(d) for d in (6, 5, 3, 3)]
+    weight = sum(np.einsum("a,b,c,d->abcd", *[b[m] if m == k else a[m] for m in range(4)]) for k in range(4))
+    weight = weight.astype(np.float32)
+    clean = METHODS["cp"].decompose(weight, 2)
+    assert "refused" not in clean.notes and clean.notes["norm_ratio"] > 1.5  # cancelling, below the limit
+    monkeypatch.setattr(_linalg, "CP_MAX_NORM_RATIO", 1.5)
+    factors = METHODS["cp"].decompose(weight, 2)
+    assert factors.notes["refused"].startswith("degenerate") and factors.notes["degenerate"]
+    assert set(factors.arrays) == {"A_out", "A_in", "A_h", "A_w"}  # still well formed
+
+
+def test_cp_is_deterministic():
+    weight = RNG.standard_normal((12, 10, 3, 3)).astype(np.float32)
+    first, second = METHODS["cp"].decompose(weight, 7), METHODS["cp"].decompose(weight, 7)
+    assert all(np.array_equal(first.arrays[k], second.arrays[k]) for k in first.arrays)
+    assert first.rel_error < 1
+
+
+# --- cuts ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attrs", GEOMETRIES)
+@pytest.mark.parametrize("cut", ["o", "i", "spatial"])
+def test_cut_planted_rank_2d(cut, attrs):
+    weight = planted_cut((10, 6, 3, 5), cut, 4, seed=5)
+    model = conv_model(weight, attrs, (12, 17))
+    out, entry = compress_at(model, f"cut-{cut}", 4)
+    assert op_count(out, "Conv") == 2 and entry.weight_error < 1e-6
+    check_batches(model, out, (12, 17), 6)
+
+
+@pytest.mark.parametrize("cut", ["o", "i"])
+def test_cut_planted_rank_conv1d_and_conv3d(cut):
+    w1 = planted_cut((9, 5, 4), cut, 3, seed=6)
+    m1 = conv_model(w1, {"strides": [2], "pads": [2, 1], "dilations": [2]}, (23,))
+    o1, _ = compress_at(m1, f"cut-{cut}", 3)
+    check_batches(m1, o1, (23,), 5)
+    w3 = planted_cut((7, 4, 3, 2, 3), cut, 2, seed=7)
+    m3 = conv_model(w3, {"strides": [2, 1, 3], "pads": [1, 0, 2, 0, 1, 1], "dilations": [1, 2, 1]}, (7, 6, 9))
+    o3, _ = compress_at(m3, f"cut-{cut}", 2)
+    check_batches(m3, o3, (7, 6, 9), 4)
+
+
+def test_cut_spatial_places_axis_geometry():
+    weight = planted_cut((6, 4, 3, 5), "spatial", 2, seed=8)
+    model = conv_model(weight, {"strides": [2, 3], "pads": [1, 2, 0, 1], "dilations": [2, 1]}, (11, 16))
+    out, _ = compress_at(model, "cut-spatial", 2)
+    nodes = {n.name.split("/")[-1]: {a.name: helper.get_attribute_value(a) for a in n.attribute}
+             for n in out.graph.node}
+    assert nodes["row"]["kernel_shape"] == [1, 5] and nodes["row"]["strides"] == [1, 3]
+    assert nodes["row"]["pads"] == [0, 2, 0, 1]
+    assert nodes["column"]["kernel_shape"] == [3, 1] and nodes["column"]["strides"] == [2, 1]
+    assert nodes["column"]["dilations"] == [2, 1] and nodes["column"]["pads"] == [1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("cut", ["o", "i", "spatial"])
+def test_cut_below_planted_rank_is_not_exact(cut):
+    weight = planted_cut((10, 6, 3, 5), cut, 4, seed=5)
+    model = conv_model(weight, GEOMETRIES[1], (12, 17))
+    out, entry = compress_at(model, f"cut-{cut}", 3)
+    assert entry.weight_error > 1e-3
+    with pytest.raises(AssertionError):
+        check_batches(model, out, (12, 17), 6, batches=(2,))
+
+
+def test_cut_costs_match_the_emitted_initializers():
+    weight = RNG.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    model = conv_model(weight, {"strides": [2, 2], "pads": [1, 1, 1, 1]}, (12, 12), bias=False, batch=1)
+    layer = analyze(model)[0]
+    for name, rank in [("cut-o", 5), ("cut-i", 5), ("cut-spatial", 5), ("cp", 6)]:
+        out, _ = compress_at(model, name, rank)
+        stored = sum(int(np.prod(t.dims)) for t in out.graph.initializer)
+        assert METHODS[name].cost(layer, rank).params == stored, name
+
+
+def test_cut_matrix_rank_matches_planting():
+    for cut in ("o", "i", "spatial"):
+        weight = planted_cut((8, 6, 3, 3), cut, 3, seed=9)
+        assert np.linalg.matrix_rank(cut_matrix(weight, cut), tol=1e-4) == 3
+
+
+# --- inspect --cuts ------------------------------------------------------------------------------------
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "tnopt", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60, check=False)
+
+
+def test_inspect_cuts_table_and_json():
+    table = run_cli("inspect", "--cuts", str(MODELS / "cnn4.onnx"))
+    assert table.returncode == 0, table.stderr
+    assert "O|Ikk" in table.stdout and "Okh|Ikw" in table.stdout and "/7/Conv" in table.stdout
+    result = run_cli("inspect", "--cuts", "--json", str(MODELS / "cnn4.onnx"))
+    assert result.returncode == 0, result.stderr
+    records = json.loads(result.stdout)
+    convs = [layer for layer in analyze_file(MODELS / "cnn4.onnx") if layer.op == "Conv"]
+    assert len(records) == 3 * len(convs)
+    for record in records:
+        fractions = [record["kept"][f]["norm_fraction"] for f in ("2", "4", "8")]
+        present = [x for x in fractions if x is not None]
+        assert all(0 < x <= 1 + 1e-9 for x in present)
+        assert present == sorted(present, reverse=True)  # more compression keeps less norm
+        m, n = record["matrix"]
+        for f in ("2", "4", "8"):
+            r = record["kept"][f]["rank"]
+            assert r is None or r * (m + n) <= m * n / int(f)
+    first = records[0]  # 32x1x3x3: the O|Ikk cut is 32x9; at 8x not even rank 1 fits
+    assert first["layer"] == "/0/Conv" and first["kept"]["8"]["rank"] is None
+
+
+def analyze_file(path):
+    import onnx
+
+    return analyze(onnx.load(str(path)))
+
+
+def test_kept_norm_fraction_and_param_ratio_rank():
+    values = np.array([3.0, 4.0])
+    assert _linalg.kept_norm_fraction(values, 1) == pytest.approx(0.6)
+    assert _linalg.kept_norm_fraction(values, 2) == pytest.approx(1.0)
+    assert _linalg.rank_for_param_ratio(64, 576, 2) == 28  # 28·640 = 17920 ≤ 18432 < 29·640
+    assert _linalg.rank_for_param_ratio(32, 9, 8) == 0
