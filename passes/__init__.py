@@ -4,7 +4,7 @@ A new method is one file providing a `Method` subclass instance and one line her
 choices and `--list-methods` derive from this dict.
 """
 
-from . import cp, cut, mpo, svd, tucker2
+from . import cp, cut, mpo, svd, tucker2, tucker2_grouped
 from ._method import Cost, Factors, Method
 
 METHODS: dict[str, Method] = {
@@ -14,6 +14,7 @@ METHODS: dict[str, Method] = {
     "cut-o": cut.CUT_O,
     "cut-i": cut.CUT_I,
     "cut-spatial": cut.CUT_SPATIAL,
+    "tucker2-grouped": tucker2_grouped.METHOD,
     "mpo": mpo.METHOD, "mpo-storage": mpo.STORAGE,
 }
 

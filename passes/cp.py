@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _linalg
 from ._conv import mixed_positions, plain_conv_reason
-from ._method import Cost, Factors, Method, scaled_rank
+from ._method import Cost, Factors, Method, RefitSpec, scaled_rank
 from .tucker2 import spatial_conv_attrs
 
 
@@ -55,7 +55,16 @@ class CP(Method):
         return Cost(params, flops)
 
     def decompose(self, weight, rank: int, stats=None) -> Factors:
-        (a_out, a_in, a_h, a_w), err, notes = _linalg.cp_als(weight, rank)
+        if stats is None:
+            (a_out, a_in, a_h, a_w), err, notes = _linalg.cp_als(weight, rank)
+        else:
+            # CP of W ×_I Sᵀ (C = SSᵀ the channel moment), then a_in = S⁻ᵀ·ã_in: the fit is weighted
+            # by the input directions real data excites.
+            s = _linalg.whitening(stats.input_moment)
+            (a_out, a_in, a_h, a_w), _, notes = _linalg.cp_als(_linalg.mode_product(weight, s.T, 1), rank)
+            a_in = _linalg.unwhiten(s, a_in)
+            err = _linalg.relative_error(weight, _linalg.cp_reconstruct([a_out, a_in, a_h, a_w]))
+            notes["data_aware"] = True
         arrays = {"A_out": a_out, "A_in": a_in, "A_h": a_h, "A_w": a_w}
         return Factors({k: v.astype(weight.dtype) for k, v in arrays.items()}, int(rank), err, notes)
 
@@ -69,9 +78,14 @@ class CP(Method):
                          spatial_conv_attrs(layer, (kh, 1), group=r, axes=(0,)))
         hidden = emit.op("Conv", "depth_w", [hidden, emit.const("depth_w/W", a["A_w"].T[:, None, None, :])],
                          spatial_conv_attrs(layer, (1, kw), group=r, axes=(1,)))
+        bias = self.bias_input(emit, factors)
         inputs = [hidden, emit.const("out_1x1/W", a["A_out"][:, :, None, None])]
-        emit.op("Conv", "out_1x1", inputs + ([emit.bias] if emit.bias is not None else []),
+        emit.op("Conv", "out_1x1", inputs + ([bias] if bias is not None else []),
                 {"kernel_shape": [1, 1]}, final=True)
+
+    def refit_spec(self, layer) -> RefitSpec:
+        # The output 1x1 is a per-pixel linear map of the depthwise chain's output: refittable.
+        return RefitSpec("depth_w", "A_out", 1, True, intercept=True)
 
 
 METHOD = CP()

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _linalg
 from ._conv import mixed_positions, plain_conv_reason
-from ._method import Cost, Factors, Method, scaled_rank
+from ._method import Cost, Factors, Method, RefitSpec, scaled_rank
 from .tucker2 import spatial_conv_attrs
 
 CUTS = ("o", "i", "spatial")
@@ -63,6 +63,23 @@ def cut_profile(weight: np.ndarray, cut: str, factors=(2, 4, 8)) -> dict:
     return out
 
 
+def input_side_moment(weight_shape, cut: str, stats) -> np.ndarray:
+    """Second moment of what the cut's input-side factor reads: the im2col patch (I, *k) for cut-o,
+    a row segment (I, kw) for the spatial cut. From the patch moment when it was collected (its
+    fixed-row blocks averaged over kh for the spatial cut), else the channel moment ⊗ I, which
+    ignores the correlation between neighbouring pixels."""
+    i, kernel = weight_shape[1], tuple(weight_shape[2:])
+    patch = getattr(stats, "patch_moment", None)
+    taps = prod(kernel) if cut == "o" else kernel[-1]
+    if patch is not None and patch.shape == (i * prod(kernel),) * 2:
+        if cut == "o":
+            return patch
+        kh, kw = kernel
+        blocks = patch.reshape(i, kh, kw, i, kh, kw)
+        return np.mean([blocks[:, h, :, :, h, :] for h in range(kh)], axis=0).reshape(i * kw, i * kw)
+    return np.kron(stats.input_moment, np.eye(taps))
+
+
 class Cut(Method):
     op_types = ("Conv",)
 
@@ -101,8 +118,21 @@ class Cut(Method):
         return Cost(first + last, flops)
 
     def decompose(self, weight, rank: int, stats=None) -> Factors:
-        a, b, err = _linalg.truncated_svd(cut_matrix(weight, self.cut), rank)
-        return Factors({"A": a.astype(weight.dtype), "B": b.astype(weight.dtype)}, int(a.shape[1]), err)
+        matrix = cut_matrix(weight, self.cut)
+        if stats is None:
+            a, b, err = _linalg.truncated_svd(matrix, rank)
+            notes = {}
+        elif self.cut == "i":
+            # Rows are input channels: whiten them by the channel moment, as for y = x·M.
+            a, b, err, output_err = _linalg.whitened_svd(matrix, stats.input_moment, rank)
+            notes = {"data_aware": True, "output_error": output_err}
+        else:
+            # Columns hold the input side (I·k patch or I·kw row segment): whiten the transpose.
+            at, bt, err, output_err = _linalg.whitened_svd(matrix.T, input_side_moment(weight.shape, self.cut, stats),
+                                                           rank)
+            a, b = bt.T, at.T
+            notes = {"data_aware": True, "output_error": output_err}
+        return Factors({"A": a.astype(weight.dtype), "B": b.astype(weight.dtype)}, int(a.shape[1]), err, notes)
 
     def build(self, emit, layer, factors: Factors) -> None:
         a, b = factors.arrays["A"], factors.arrays["B"]
@@ -110,7 +140,8 @@ class Cut(Method):
         o, i = layer.weight_shape[:2]
         kernel = tuple(layer.weight_shape[2:])
         point = (1,) * len(kernel)
-        bias = [emit.bias] if emit.bias is not None else []
+        bias_input = self.bias_input(emit, factors)
+        bias = [bias_input] if bias_input is not None else []
         if self.cut == "o":
             hidden = emit.op("Conv", "spatial", [emit.data_input, emit.const("spatial/W", b.reshape(r, i, *kernel))],
                              spatial_conv_attrs(layer, kernel))
@@ -130,6 +161,10 @@ class Cut(Method):
                              spatial_conv_attrs(layer, (1, kw), axes=(1,)))
             emit.op("Conv", "column", [hidden, emit.const("column/W", w_last)] + bias,
                     spatial_conv_attrs(layer, (kh, 1), axes=(0,)), final=True)
+
+    def refit_spec(self, layer) -> RefitSpec | None:
+        # Only cut-o ends in a 1x1 conv (a per-pixel linear map); the others end in a spatial conv.
+        return RefitSpec("spatial", "A", 1, True, intercept=True) if self.cut == "o" else None
 
 
 CUT_O, CUT_I, CUT_SPATIAL = Cut("o"), Cut("i"), Cut("spatial")

@@ -1,6 +1,6 @@
 """Find the layers tnopt can factorize and describe each as a frozen `Layer` record.
 
-Candidates: every Conv (N-d; grouped ones get a skip reason until per-group passes exist), every
+Candidates: every Conv (N-d; grouped ones too, depthwise ones get a skip reason), every
 Gemm, and every MatMul with one constant operand. A MatMul of two activations (attention QKᵀ,
 attention·V) is never a candidate and is not even listed. FLOPs are 2·MACs at the inferred
 shapes, with symbolic dims (batch, sequence) counted as 1.
@@ -115,11 +115,9 @@ def _conv_layer(node) -> Layer:
     }
     if reason is None and len(w_shape) < 3:
         reason = "malformed Conv weight"
-    if reason is None and group > 1:
-        if group == (in_shape[1] if in_shape and isinstance(in_shape[1], int) else None) and w_shape[1] == 1:
-            reason = "depthwise Conv (one input channel per group): nothing to factorize across channels"
-        else:
-            reason = f"grouped Conv (group={group}): per-group factorization is not implemented"
+    if reason is None and group > 1 and w_shape[1] == 1:
+        # Other grouped convs are candidates (per-group Tucker-2); methods needing group=1 refuse them.
+        reason = "depthwise Conv (one input channel per group): nothing to factorize across channels"
     params = int(prod(w_shape)) if w_shape else 0
     out_positions = _dims(out_shape[:1] + out_shape[2:]) if out_shape else 1
     in_positions = _dims(in_shape[:1] + in_shape[2:]) if in_shape else 1
