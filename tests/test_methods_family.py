@@ -369,3 +369,13 @@ def test_sequential_correction_runs_for_cp_and_cut_o():
         _, fixed = tnopt.compress(model, ranks={"conv": 3}, methods=[name], provider="cpu", data=data,
                                   data_aware=False, correct=True)
         assert fixed.metrics["rel-l2"] < plain.metrics["rel-l2"], name
+
+
+def test_mttkrp_matches_the_khatri_rao_definition():
+    for shape in [(6, 5, 3, 3), (7, 4, 2, 3, 5)]:
+        x = RNG.standard_normal(shape)
+        factors = [RNG.standard_normal((d, 4)) for d in shape]
+        for mode in range(len(shape)):
+            others = [factors[m] for m in range(len(shape)) if m != mode]
+            expected = _linalg.unfold(x, mode) @ _linalg.khatri_rao(others)
+            np.testing.assert_allclose(_linalg._mttkrp(x, factors, mode), expected, rtol=1e-10, atol=1e-10)
