@@ -5,7 +5,7 @@ choices and `--list-methods` derive from this dict.
 """
 
 from . import cp, cut, mpo, svd, tucker2, tucker2_grouped
-from ._method import Cost, Factors, Method
+from ._method import Cost, Factors, Method, RefitSpec
 
 METHODS: dict[str, Method] = {
     "tucker2": tucker2.METHOD,
@@ -18,4 +18,4 @@ METHODS: dict[str, Method] = {
     "mpo": mpo.METHOD, "mpo-storage": mpo.STORAGE,
 }
 
-__all__ = ["METHODS", "Cost", "Factors", "Method"]
+__all__ = ["METHODS", "Cost", "Factors", "Method", "RefitSpec"]

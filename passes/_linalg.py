@@ -223,7 +223,7 @@ def cp_diagnose(factors: list[np.ndarray], norm: float) -> str | None:
 
 
 # Sweeps are capped so one fit costs about this many flops (the search fits every layer at many ranks).
-CP_FLOP_BUDGET = 2e9
+CP_FLOP_BUDGET = 3e8
 
 
 def cp_als(tensor: np.ndarray, rank: int, n_iter: int | None = None, tol: float = 1e-6, *,
@@ -425,10 +425,23 @@ def tt_unfolding_spectra(weight: np.ndarray, in_modes, out_modes) -> list[np.nda
 DEFAULT_DAMPING = 1e-2
 
 
+_WHITENING_CACHE: OrderedDict = OrderedDict()
+
+
 def whitening(moment: np.ndarray, damping: float = DEFAULT_DAMPING) -> np.ndarray:
     """Lower Cholesky factor S of moment + damping·mean(diag)·I. Damping keeps dead (all-zero)
-    input channels from turning into huge entries of S⁻¹ that unseen data would then amplify."""
-    c = np.asarray(moment, dtype=np.float64)
+    input channels from turning into huge entries of S⁻¹ that unseen data would then amplify.
+    Memoised like `svd`: one layer's moment is whitened once for all its candidate ranks."""
+    c = np.ascontiguousarray(moment, dtype=np.float64)
+    key = (c.shape, damping, hashlib.sha1(c.tobytes()).hexdigest())
+    if key not in _WHITENING_CACHE:
+        _WHITENING_CACHE[key] = _damped_cholesky(c, damping)
+        if len(_WHITENING_CACHE) > _SVD_CACHE_SIZE:
+            _WHITENING_CACHE.popitem(last=False)
+    return _WHITENING_CACHE[key]
+
+
+def _damped_cholesky(c: np.ndarray, damping: float) -> np.ndarray:
     scale = float(np.mean(np.diag(c))) or 1.0
     # Round-off can leave a rank-deficient moment slightly indefinite: raise the damping until it is not.
     for attempt in range(8):

@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 # Ops through which a constant weight may reach a layer; each is folded when reading the weight.
-_PASS_THROUGH = ("Identity", "Transpose", "Cast", "Mul", "Reshape", "Squeeze", "Unsqueeze")
+_PASS_THROUGH = ("Identity", "Transpose", "Cast", "Mul", "MatMul", "Reshape", "Squeeze", "Unsqueeze")
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -115,8 +115,8 @@ class ConstantWeight:
 
 def resolve_constant(tensor, depth: int = 0) -> ConstantWeight | None:
     """Fold `tensor` to an array when it is constant: an initializer, a Constant node, or one of
-    those reached through Identity / Transpose / Cast / Mul-by-constant / Reshape (weights of
-    dequantized or exported-transposed layers). Returns None for activations."""
+    those reached through Identity / Transpose / Cast / Mul / MatMul of constants / Reshape
+    (weights of dequantized, exported-transposed or MPO-stored layers). Returns None for activations."""
     if depth > 8:
         return None
     shared = len(tensor.outputs) > 1
@@ -144,10 +144,11 @@ def resolve_constant(tensor, depth: int = 0) -> ConstantWeight | None:
         values = np.transpose(values, producer.attrs.get("perm"))
     elif producer.op == "Cast":
         values = values.astype(onnx.helper.tensor_dtype_to_np_dtype(producer.attrs["to"]))
-    elif producer.op == "Mul":
+    elif producer.op in ("Mul", "MatMul"):
         if len(operands) != 2 or operands[1] is None:
             return None
-        values = values * operands[1].values
+        # MatMul of constants: the rebuild subgraph of MPO storage mode, folded like the runtime does.
+        values = values * operands[1].values if producer.op == "Mul" else values @ operands[1].values
     elif producer.op in ("Reshape", "Squeeze", "Unsqueeze"):
         target = _folded_shape(producer, values, operands)
         if target is None:

@@ -16,6 +16,11 @@ import numpy as np
 from tnopt.analyze import Layer
 
 
+# The patch moment stops accumulating past this many im2col rows: (I·k·k)² entries converge long
+# before, and each batch of 28x28 feature maps adds ~50k rows.
+MAX_PATCH_ROWS = 200_000
+
+
 @dataclass
 class LayerStats:
     rows: int  # how many input rows (pixels, tokens, samples) the moments average over
@@ -41,9 +46,10 @@ class _Accumulator:
         gram = rows.T @ rows
         self.moment = gram if self.moment is None else self.moment + gram
         self.rows += len(rows)
-        if self.want_patches:
+        if self.want_patches and self.patch_rows < MAX_PATCH_ROWS:
             patches = _patches(self.layer, activations)
-            gram = patches.T @ patches
+            # float32 products, float64 sums across batches: the moment only feeds a damped whitening.
+            gram = (patches.T @ patches).astype(np.float64)
             self.patch_moment = gram if self.patch_moment is None else self.patch_moment + gram
             self.patch_rows += len(patches)
 
@@ -68,7 +74,7 @@ def _patches(layer: Layer, x: np.ndarray) -> np.ndarray:
 
     pads = layer.attr("pads")
     padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    unfolded = torch.nn.functional.unfold(torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float64)),
+    unfolded = torch.nn.functional.unfold(torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32)),
                                           kernel_size=tuple(layer.attr("kernel_shape")),
                                           dilation=tuple(layer.attr("dilations")), stride=tuple(layer.attr("strides")))
     return unfolded.transpose(1, 2).reshape(-1, unfolded.shape[1]).numpy()

@@ -40,6 +40,9 @@ TIMING_BATCH = 32
 # Relative weight error below which a rewrite counts as exact (float32 round-off of a planted rank).
 LOSSLESS_ERROR = 1e-6
 BISECTION_STEPS = 5
+# With several methods per layer (--method auto) only the best few by a math-only pre-screen are swept.
+MAX_METHODS_PER_LAYER = 2
+SCREEN_FRACTIONS = (0.5, 0.25, 0.125)
 
 
 def parse_budget(budget) -> tuple[float, str]:
@@ -147,6 +150,7 @@ def run_search(original, layers, candidates, *, calib: Dataset, evaluation: Data
         return metric.drop(value, base, drop_type)
 
     # 1. sensitivity sweep --------------------------------------------------------------------------
+    candidates = {layer.name: screen_methods(layer, candidates[layer.name], factors_for) for layer in layers}
     plans = {layer.name: [(m, r) for m in candidates[layer.name] for r in METHODS[m].candidate_ranks(layer)]
              for layer in layers}
     decisions: dict[str, dict] = {layer.name: {"sensitivity": {}} for layer in layers}
@@ -196,7 +200,9 @@ def run_search(original, layers, candidates, *, calib: Dataset, evaluation: Data
             continue  # a zero budget admits only numerically exact rewrites (rank-deficient weights)
         if latency:
             dense_s, rewritten_s = latency.get((name, None, None)), latency.get((name, method, rank))
-            if latency_guard and (dense_s is None or rewritten_s is None or rewritten_s > LATENCY_MARGIN * dense_s):
+            folded = getattr(METHODS[method], "folded_at_load", False)  # runs the dense weight: same speed
+            if latency_guard and not folded and (dense_s is None or rewritten_s is None
+                                                 or rewritten_s > LATENCY_MARGIN * dense_s):
                 continue
         cost = METHODS[method].cost(layer, rank)
         if objective == "params":
@@ -306,6 +312,29 @@ def run_search(original, layers, candidates, *, calib: Dataset, evaluation: Data
     if miss:
         say(f"budget not met: {miss}")
     return final["choices"], decisions
+
+
+def screen_methods(layer, methods: list[str], factors_for) -> list[str]:
+    """Keep at most MAX_METHODS_PER_LAYER methods for the ORT sweep: those whose factors have the
+    lowest weight error at equal parameter count most often (a cheap, math-only pre-screen; the
+    sweep then measures the survivors for real). Each method is probed at the parameter budgets
+    of SCREEN_FRACTIONS of the dense layer."""
+    if len(methods) <= MAX_METHODS_PER_LAYER:
+        return methods
+    wins = {m: 0 for m in methods}
+    for fraction in SCREEN_FRACTIONS:
+        target = fraction * layer.params
+        errors = {}
+        for method in methods:
+            affordable = [r for r in METHODS[method].candidate_ranks(layer)
+                          if METHODS[method].cost(layer, r).params <= target]
+            if affordable:
+                rank = max(affordable, key=lambda r: METHODS[method].cost(layer, r).params)
+                errors[method] = factors_for(layer, method, rank).rel_error
+        if errors:
+            wins[min(errors, key=errors.get)] += 1
+    ranked = sorted(methods, key=lambda m: (-wins[m], methods.index(m)))
+    return ranked[:MAX_METHODS_PER_LAYER]
 
 
 def _curve_point(tau, result) -> dict:

@@ -1,0 +1,132 @@
+"""Budgeted search vs two peer rank rules, per reference model and budget, in one run.
+
+    python bench/budget.py [--models cnn4,resnet] [--budgets 0.005,0.01,0.02] [--calib 512] [--out FILE]
+
+Same model, same data, same seed for every rule: calibration = the first N samples of
+models/calib.npz, evaluation = models/eval.npz (disjoint, 2048 samples). Columns: FLOP and
+parameter ratios of the whole model (dense / compressed), top-1 drop on the evaluation split, and
+wall-clock compile time. tnopt runs cold (empty cache) for the first budget of each model; later
+budgets reuse the sensitivity cache, as a user's second run would (marked "cached").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import peers  # noqa: E402
+
+import tnopt  # noqa: E402
+from tnopt.report import format_table  # noqa: E402
+
+MODELS = ["fc2", "lenet5", "cnn4", "vgg", "resnet"]
+
+
+def load_splits(calib_n: int):
+    with np.load(ROOT / "models" / "calib.npz") as a:
+        calib = {"input": a["input"][:calib_n], "labels": a["labels"][:calib_n]}
+    with np.load(ROOT / "models" / "eval.npz") as a:
+        evaluation = {"input": a["input"], "labels": a["labels"]}
+    return calib, evaluation
+
+
+def ratios(report):
+    return report.before.flops / report.after.flops, report.before.params / report.after.params
+
+
+def eval_drop(report):
+    return report.metrics["top1_original"] - report.metrics["top1"]
+
+
+def calib_drop(path, calib, **kwargs):
+    """Compress with a fixed rule and measure the top-1 drop on the calibration data."""
+    model, report = tnopt.compress(str(path), data=calib, eval_data=calib, provider="cpu", **kwargs)
+    return report.metrics["top1_original"] - report.metrics["top1"]
+
+
+def uniform_bisected(path, calib, evaluation, budget, steps=8):
+    """Smallest uniform rank ratio whose calibration drop fits the budget (weight-only factors)."""
+    low, high = 0.0, 1.0  # ratio 1.0 keeps every layer dense-equivalent: always within budget
+    for _ in range(steps):
+        mid = (low + high) / 2
+        if calib_drop(path, calib, rank_ratio=mid, data_aware=False, correct=False) <= budget:
+            high = mid
+        else:
+            low = mid
+    _, report = tnopt.compress(str(path), rank_ratio=high, data=calib, eval_data=evaluation, provider="cpu",
+                               data_aware=False, correct=False)
+    return report, high
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--budgets", default="0.005,0.01,0.02")
+    p.add_argument("--calib", type=int, default=512)
+    p.add_argument("--out", help="append the table (markdown) to this file")
+    args = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+    budgets = [float(b) for b in args.budgets.split(",")]
+    calib, evaluation = load_splits(args.calib)
+    rows = [("model", "budget", "rule", "FLOPs x", "params x", "eval drop", "compile s", "note")]
+    for name in args.models.split(","):
+        path = ROOT / "models" / f"{name}.onnx"
+        cache = tempfile.mkdtemp(prefix=f"tnopt-bench-{name}-")
+        for index, budget in enumerate(budgets):
+            start = time.perf_counter()
+            _, report = tnopt.compress(str(path), budget=budget, data=calib, eval_data=evaluation,
+                                       provider="cpu", cache_dir=cache)
+            seconds = time.perf_counter() - start
+            flops, params = ratios(report)
+            note = ("cold" if index == 0 else "cached") + ("" if report.budget_met else "; MISSED: "
+                                                           + report.search["miss_reason"][:60])
+            rows.append((name, f"{budget:.1%}", "tnopt search", f"{flops:.2f}", f"{params:.2f}",
+                         f"{eval_drop(report):+.2%}", f"{seconds:.1f}", note))
+            print(format_table(rows[-1:]), flush=True)
+            start = time.perf_counter()
+            report, ratio = uniform_bisected(path, calib, evaluation, budget)
+            seconds = time.perf_counter() - start
+            flops, params = ratios(report)
+            rows.append((name, f"{budget:.1%}", "uniform ratio (bisected)", f"{flops:.2f}", f"{params:.2f}",
+                         f"{eval_drop(report):+.2%}", f"{seconds:.1f}", f"ratio {ratio:.3f}"))
+            print(format_table(rows[-1:]), flush=True)
+        start = time.perf_counter()
+        ranks = peers.vbmf_ranks(path)
+        _, report = tnopt.compress(str(path), ranks=ranks, data=calib, eval_data=evaluation, provider="cpu",
+                                   data_aware=False, correct=False)
+        seconds = time.perf_counter() - start
+        flops, params = ratios(report)
+        rows.append((name, "-", "VBMF ranks (weight-only)", f"{flops:.2f}", f"{params:.2f}",
+                     f"{eval_drop(report):+.2%}", f"{seconds:.1f}", "no budget control"))
+        print(format_table(rows[-1:]), flush=True)
+    table = format_table(rows)
+    print("\n" + table)
+    if args.out:
+        md = markdown(rows)
+        header = (f"\n### bench/budget.py — {time.strftime('%Y-%m-%d')}\n\n`python bench/budget.py "
+                  f"{' '.join(argv or sys.argv[1:])}` on {platform.node() or 'this machine'}: "
+                  f"{os.cpu_count()} CPU cores, {platform.python_version()}, onnxruntime CPU provider, "
+                  f"{args.calib} calibration samples, 2048 evaluation samples.\n\n")
+        with open(args.out, "a") as handle:
+            handle.write(header + md + "\n")
+    return 0
+
+
+def markdown(rows) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows[1:]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
