@@ -10,9 +10,11 @@ The H axis's stride/pads/dilation go on the kh×1 depthwise conv and the W axis'
 each axis's SAME padding depends only on that axis's size, kernel, stride and dilation, and the
 other conv is 1-wide with stride 1 there, so it pads nothing on that axis.
 
-Fits are by damped CP-ALS (`_linalg.cp_als`). A degenerate fit (huge components cancelling each
-other, non-finite factors, or no fit at all) is still returned, with the reason in
-`factors.notes["refused"]` (and `notes["degenerate"]` for degeneracy): callers must not apply it.
+Fits are by damped CP-ALS (`_linalg.cp_als`); with calibration statistics the input mode is fitted
+in the channel-covariance-weighted norm (CP of W ×_I Sᵀ, C = SSᵀ). A degenerate fit (huge
+components cancelling each other, non-finite factors, or no fit at all) is still returned, with
+the reason in `factors.notes["refused"]` (and `notes["degenerate"]` for degeneracy): callers must
+not apply it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@
 
 The discarded singular values of each cut are exactly the kernel norm lost (Singh, Jahromi, Orús
 2024), which also makes the cuts the per-layer sensitivity probe of `tnopt inspect --cuts`.
-A rank-r cut of an m×n matrix stores r·(m + n) numbers instead of m·n.
+A rank-r cut of an m×n matrix stores r·(m + n) numbers instead of m·n. With calibration statistics
+the SVD is whitened on the input side (channel moment for cut-i, patch moment for cut-o, its row
+blocks for the spatial cut), so it truncates output error rather than weight norm.
 """
 
 from __future__ import annotations
