@@ -107,6 +107,22 @@ class Method:
     def rank_label(self, rank) -> str:
         return "x".join(str(r) for r in rank) if isinstance(rank, tuple) else str(rank)
 
+    def rank_for_params(self, layer, target_params: float):
+        """The largest ratio-derived rank whose factors fit in `target_params` (None if none does):
+        bisection on the rank ratio, so every method is compared at matched parameter counts."""
+        low, high, best = 0.0, 1.0, None
+        for _ in range(40):
+            mid = (low + high) / 2
+            rank = self.rank_from_ratio(layer, mid)
+            if self.cost(layer, rank).params <= target_params:
+                best, low = rank, mid
+            else:
+                high = mid
+        if best is None:
+            smallest = self.rank_from_ratio(layer, 1e-9)
+            best = smallest if self.cost(layer, smallest).params <= target_params else None
+        return best
+
     def candidate_ranks(self, layer) -> list:
         """Ranks the search may try, cheapest first, each strictly cheaper than the dense layer."""
         seen, ranks = set(), []

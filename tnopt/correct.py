@@ -6,14 +6,14 @@ upstream model it reproduces the original model's output of that layer:
                                        H: the layer's hidden activations in the compressed model.
 
 Closed form from the accumulated Gram matrices; no gradients. Upstream errors are absorbed by the
-layers after them, which is why it recovers most of what truncation loses.
+layers after them, which is why it recovers much of what truncation loses.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from tnopt.graph import emitted_tensor
+from tnopt.graph import emitted_tensor, truncate
 from tnopt.passes import METHODS, Factors
 from tnopt.passes._linalg import refit_last_factor
 from tnopt.rewrite import Choice, apply_plan
@@ -24,31 +24,48 @@ def _rows(values: np.ndarray, channel_axis: int) -> np.ndarray:
     return moved.reshape(-1, moved.shape[-1])
 
 
-def sequential_correction(original, choices: list[Choice], inputs: dict[str, np.ndarray], runtime,
-                          order: dict[str, int]) -> list[Choice]:
-    """Returns the choices with refitted last factors (and biases), in graph order."""
-    corrected: list[Choice] = []
-    reference = None
-    for choice in sorted(choices, key=lambda c: order[c.layer.name]):
-        spec = METHODS[choice.method].refit_spec(choice.layer)
-        if spec is None:
-            corrected.append(choice)
-            continue
+class Corrector:
+    """Refits plans against one fixed set of calibration inputs.
+
+    The original model's layer outputs (the targets) do not depend on the plan, so they are
+    captured once, on first use, and reused by every plan the search verifies; each layer's hidden
+    activations come from the compressed model cut just after them."""
+
+    def __init__(self, original, layers, inputs: dict[str, np.ndarray], runtime):
+        self.original, self.inputs, self.runtime = original, inputs, runtime
+        self.order = {layer.name: i for i, layer in enumerate(layers)}
+        self.refittable = [layer for layer in layers if any(METHODS[m].refit_spec(layer) is not None
+                                                            for m in METHODS if layer.op in METHODS[m].op_types)]
+        self._targets: dict[str, np.ndarray] | None = None
+
+    def targets(self) -> dict[str, np.ndarray]:
+        if self._targets is None:
+            names = sorted({layer.output_name for layer in self.refittable})
+            self._targets = self.runtime.capture(self.original, names, self.inputs) if names else {}
+        return self._targets
+
+    def __call__(self, choices: list[Choice]) -> list[Choice]:
+        corrected: list[Choice] = []
+        for choice in sorted(choices, key=lambda c: self.order[c.layer.name]):
+            spec = METHODS[choice.method].refit_spec(choice.layer)
+            corrected.append(choice if spec is None else self._refit(choice, spec, corrected))
+        return corrected
+
+    def _refit(self, choice: Choice, spec, upstream: list[Choice]) -> Choice:
         layer = choice.layer
-        model, _ = apply_plan(original, corrected + [choice])
+        model, _ = apply_plan(self.original, upstream + [choice])
         hidden_name = emitted_tensor(layer.name, choice.method, spec.hidden_role)
-        compressed = runtime.with_outputs(model, [hidden_name])
-        if reference is None:
-            reference = runtime.with_outputs(original, sorted({c.layer.output_name for c in choices}))
+        head = self.runtime.session(truncate(model, [hidden_name]))
+        target = self.targets()[layer.output_name]
         gram = cross = None
-        batches = zip(runtime.iter_batches(compressed, inputs, output_names=[hidden_name]),
-                      runtime.iter_batches(reference, inputs, output_names=[layer.output_name]))
-        for (_, (hidden,)), (_, (target,)) in batches:
-            h, t = _rows(hidden, spec.channel_axis), _rows(target, spec.channel_axis)
+        for rows, (hidden,) in self.runtime.iter_batches(head, self.inputs):
+            h, t = _rows(hidden, spec.channel_axis), _rows(target[rows], spec.channel_axis)
             if spec.intercept:
                 h = np.concatenate([h, np.ones((len(h), 1))], axis=1)
             gram = h.T @ h if gram is None else gram + h.T @ h
             cross = h.T @ t if cross is None else cross + h.T @ t
+        if 2 * len(gram) > _count_rows(target, spec.channel_axis):
+            return choice  # too few rows per unknown: a refit would memorise the calibration set
         solution = refit_last_factor(gram, cross)
         arrays = dict(choice.factors.arrays)
         last = arrays[spec.factor_key]
@@ -56,6 +73,8 @@ def sequential_correction(original, choices: list[Choice], inputs: dict[str, np.
         if spec.intercept:
             arrays["bias"] = solution[-1].astype(last.dtype)
         notes = dict(choice.factors.notes, corrected=True)
-        corrected.append(Choice(layer, choice.method, Factors(arrays, choice.factors.rank,
-                                                              choice.factors.rel_error, notes)))
-    return corrected
+        return Choice(layer, choice.method, Factors(arrays, choice.factors.rank, choice.factors.rel_error, notes))
+
+
+def _count_rows(values: np.ndarray, channel_axis: int) -> int:
+    return values.size // values.shape[channel_axis]

@@ -264,3 +264,23 @@ def isolate_layer(layer, like: onnx.ModelProto, input_shape: tuple[int, ...], dt
 
 def default_opset_of(model: onnx.ModelProto) -> int:
     return next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
+
+
+def truncate(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """The part of `model` needed to compute `outputs` (which become its only outputs).
+
+    onnxruntime runs every node whatever outputs are fetched, so reading an early tensor of a big
+    model costs a full run unless the graph is cut first."""
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    graph.outputs = [tensors[name].to_variable(dtype=tensors[name].dtype) if isinstance(tensors[name], gs.Constant)
+                     else tensors[name] for name in outputs]
+    for tensor in graph.outputs:
+        if tensor.dtype is None:
+            tensor.dtype = np.float32
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    cut = gs.export_onnx(graph, do_type_check=False)
+    cut.ir_version = model.ir_version
+    del cut.opset_import[:]
+    cut.opset_import.extend(model.opset_import)
+    return cut

@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from tnopt import io
 from tnopt.analyze import Layer, analyze
-from tnopt.correct import sequential_correction
+from tnopt.correct import Corrector
 from tnopt.data import Dataset, input_specs, load_npz, random_inputs
 from tnopt.errors import TnoptError, UnsupportedModelError
 from tnopt.graph import op_counts, parameter_count
@@ -114,7 +114,8 @@ def compress(
 ) -> tuple[onnx.ModelProto, Report]:
     """Compress `model`; returns (compressed ModelProto, Report). Nothing is written to disk.
 
-    Exactly one rank rule applies: `budget` (budgeted search), `ranks` (layer name → rank),
+    Exactly one rank rule applies: `budget` (budgeted search), `ranks` (layer name → rank, or →
+    (method, rank) to choose the method per layer),
     `energy` (keep that fraction of singular-value energy) or `rank_ratio` (fraction of full rank;
     0.5 when nothing is given). `allow_growth` rewrites layers even where the factorized form has
     more parameters than the dense layer (used to test exactness at full rank).
@@ -162,7 +163,6 @@ def compress(
         raise UnsupportedModelError(f"{source}: none of the {len(layers)} layers can be factorized "
                                     f"({report.layers[0].reason})")
     by_name = {layer.name: layer for layer in layers}
-    order = {layer.name: i for i, layer in enumerate(layers)}
 
     real_data = not calib.synthetic
     data_aware = real_data if data_aware is None else data_aware
@@ -179,10 +179,11 @@ def compress(
     def factor_fn(layer, method, rank):
         return factorize(layer, method, rank, stats.get(layer.name))
 
-    refit_inputs = calib.head(MAX_REFIT_SAMPLES).inputs
+    corrector = Corrector(original, [by_name[n] for n in candidates], calib.head(MAX_REFIT_SAMPLES).inputs,
+                          runtime) if correct else None
 
     def correct_fn(choices):
-        return sequential_correction(original, choices, refit_inputs, runtime, order) if correct else choices
+        return corrector(choices) if corrector is not None and choices else choices
 
     if budget is not None:
         from tnopt.search import run_search
@@ -222,6 +223,7 @@ def compress(
             entry.weight_error = choice.factors.rel_error
             entry.factor_notes = {k: v for k, v in choice.factors.notes.items() if isinstance(v, (bool, int, float, str))}
         report.layers.append(entry)
+    order = {layer.name: i for i, layer in enumerate(layers)}
     report.layers.sort(key=lambda entry: order[entry.name])
     report.after = summarize(compressed)
     report.timings["total_s"] = time.perf_counter() - started
@@ -246,20 +248,28 @@ def _fixed_rank_plan(layers, candidates, rank_ratio, energy, ranks, allow_growth
     choices, decisions = [], {}
     for layer in layers:
         method_name = candidates[layer.name][0]
-        method = METHODS[method_name]
         if ranks is not None:
             if layer.name not in ranks:
                 decisions[layer.name] = {"reason": "no rank given for this layer"}
                 continue
             rank = ranks[layer.name]
-        elif energy is not None:
+            if isinstance(rank, tuple) and rank and isinstance(rank[0], str):
+                method_name, rank = rank  # (method, rank): this layer's method chosen by the caller
+                if method_name not in candidates[layer.name]:
+                    raise TnoptError(f"{layer.name}: method {method_name} does not accept this layer")
+        method = METHODS[method_name]
+        if energy is not None:
             rank = method.rank_from_energy(layer, energy)
-        else:
+        elif rank_ratio is not None:
             rank = method.rank_from_ratio(layer, rank_ratio)
         cost = method.cost(layer, rank)
         if cost.params > layer.params and not allow_growth:
             decisions[layer.name] = {"reason": f"{method_name} at rank {method.rank_label(rank)} has "
                                                f"{cost.params:,} params > dense {layer.params:,}; kept dense"}
             continue
-        choices.append(Choice(layer, method_name, factor_fn(layer, method_name, rank)))
+        factors = factor_fn(layer, method_name, rank)
+        if factors.notes.get("refused"):
+            decisions[layer.name] = {"reason": f"{method_name}: {factors.notes['refused']}"}
+            continue
+        choices.append(Choice(layer, method_name, factors))
     return choices, decisions

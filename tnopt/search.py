@@ -165,6 +165,13 @@ def run_search(original, layers, candidates, *, calib: Dataset, evaluation: Data
                 entry = cache.get(key)
                 if entry is None:
                     factors = factors_for(layer, method, rank)
+                    if factors.notes.get("refused"):  # e.g. a degenerate CP fit: never emitted
+                        entry = {"drop": float("inf"), "proxy": float("inf"), "weight_error": factors.rel_error,
+                                 "refused": factors.notes["refused"]}
+                        cache.put(key, entry)
+                        measured[(layer.name, method, rank)] = entry
+                        bar.update(1)
+                        continue
                     model, _ = apply_plan(original, [Choice(layer, method, factors)])
                     outputs = runtime.run(model, sweep_data.inputs)
                     value = metric(sweep_reference, outputs, sweep_data.labels)
@@ -174,7 +181,7 @@ def run_search(original, layers, candidates, *, calib: Dataset, evaluation: Data
                 measured[(layer.name, method, rank)] = entry
                 decisions[layer.name]["sensitivity"][f"{method}:{label}"] = entry["drop"]
                 bar.update(1)
-                if entry["drop"] > SWEEP_STOP_DROP:
+                if entry["drop"] > SWEEP_STOP_DROP and not entry.get("refused"):
                     break
     bar.close()
     cache.save()
@@ -330,7 +337,9 @@ def screen_methods(layer, methods: list[str], factors_for) -> list[str]:
                           if METHODS[method].cost(layer, r).params <= target]
             if affordable:
                 rank = max(affordable, key=lambda r: METHODS[method].cost(layer, r).params)
-                errors[method] = factors_for(layer, method, rank).rel_error
+                factors = factors_for(layer, method, rank)
+                if not factors.notes.get("refused"):
+                    errors[method] = factors.rel_error
         if errors:
             wins[min(errors, key=errors.get)] += 1
     ranked = sorted(methods, key=lambda m: (-wins[m], methods.index(m)))
