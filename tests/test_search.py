@@ -88,3 +88,21 @@ def test_metric_needs_labels(tmp_path):
     with pytest.raises(tnopt.errors.DataError, match="needs labels"):
         tnopt.compress(str(MODEL), budget=0.01, data=str(tmp_path / "nolabels.npz"), metric="top1",
                        provider="cpu", cache_dir=None)
+
+
+def test_default_metric_without_labels_agreement_for_classifier_cosine_for_embedding():
+    import numpy as np
+    from helpers import init, make_model, planted_matrix, tensor
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((64, 32)).astype(np.float32)}
+    classifier = make_model([helper.make_node("Gemm", ["x", "w"], ["y"], name="fc")], [tensor("x", ["N", 32])],
+                            [tensor("y", ["N", 10])], [init("w", planted_matrix(32, 10, 10))])
+    embedding = make_model([helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+                            helper.make_node("Div", ["h", "scale"], ["y"])], [tensor("x", ["N", 32])],
+                           [tensor("y", ["N", 24])], [init("w", planted_matrix(32, 24, 24)), init("scale", [2.0])])
+    for model, expected in ((classifier, "agreement"), (embedding, "cosine")):
+        _, report = tnopt.compress(model, budget=0.05, data=data, provider="cpu", cache_dir=None,
+                                   latency_guard=False)
+        assert report.budget["metric"] == expected

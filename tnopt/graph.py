@@ -284,3 +284,12 @@ def truncate(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     del cut.opset_import[:]
     cut.opset_import.extend(model.opset_import)
     return cut
+
+
+def output_producer(model: onnx.ModelProto, index: int = 0) -> str | None:
+    """Op type of the node that writes graph output `index` (None for a pass-through input)."""
+    name = model.graph.output[index].name
+    for node in model.graph.node:
+        if name in node.output:
+            return node.op_type
+    return None

@@ -25,7 +25,7 @@ import numpy as np
 from tnopt import budget as B
 from tnopt.data import Dataset
 from tnopt.errors import DataError, TnoptError
-from tnopt.graph import isolate_layer
+from tnopt.graph import isolate_layer, output_producer
 from tnopt.metrics import METRICS, Metric, paired_standard_error, rel_l2, user_metric
 from tnopt.passes import METHODS
 from tnopt.rewrite import Choice, apply_plan
@@ -54,7 +54,11 @@ def parse_budget(budget) -> tuple[float, str]:
     return float(budget), "absolute"
 
 
-def choose_metric(metric, calib: Dataset, reference_outputs) -> Metric:
+# Ops that end a classifier head: logits or probabilities, where top-1 agreement means something.
+CLASSIFIER_HEADS = ("Gemm", "MatMul", "Add", "Softmax", "LogSoftmax", "Sigmoid")
+
+
+def choose_metric(metric, calib: Dataset, reference_outputs, model=None) -> Metric:
     if callable(metric) and not isinstance(metric, Metric):
         return user_metric(metric)
     if isinstance(metric, Metric):
@@ -63,7 +67,9 @@ def choose_metric(metric, calib: Dataset, reference_outputs) -> Metric:
         if calib.labels is not None:
             return METRICS["top1"]
         first = reference_outputs[0]
-        classifier = first.ndim == 2 and first.shape[1] >= 2
+        # An embedding (MiniLM's mean pool ends in Div) is 2-D too; its argmax means nothing.
+        head = output_producer(model) if model is not None else "Gemm"
+        classifier = first.ndim == 2 and first.shape[1] >= 2 and head in CLASSIFIER_HEADS
         return METRICS["agreement" if classifier else "cosine"]
     if metric not in METRICS:
         raise TnoptError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
@@ -129,7 +135,7 @@ def run_search(original, layers, candidates, *, calib: Dataset, evaluation: Data
     sweep_data = calib.head(MAX_SWEEP_SAMPLES)
     reference = runtime.run(original, calib.inputs)
     sweep_reference = [r[:len(sweep_data)] for r in reference]
-    metric = choose_metric(metric, calib, reference)
+    metric = choose_metric(metric, calib, reference, original)
     baseline = metric(reference, reference, calib.labels)
     sweep_baseline = metric(sweep_reference, sweep_reference, sweep_data.labels)
     model_hash = hashlib.sha256(original.SerializeToString()).hexdigest()[:16]
