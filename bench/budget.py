@@ -63,8 +63,15 @@ def uniform_bisected(path, calib, evaluation, budget, steps=8):
             high = mid
         else:
             low = mid
-    _, report = tnopt.compress(str(path), rank_ratio=high, data=calib, eval_data=evaluation, provider="cpu",
-                               data_aware=False, correct=False)
+    _, report = tnopt.compress(
+        str(path),
+        rank_ratio=high,
+        data=calib,
+        eval_data=evaluation,
+        provider="cpu",
+        data_aware=False,
+        correct=False,
+    )
     return report, high
 
 
@@ -84,39 +91,80 @@ def main(argv=None) -> int:
         cache = tempfile.mkdtemp(prefix=f"tnopt-bench-{name}-")
         for index, budget in enumerate(budgets):
             start = time.perf_counter()
-            _, report = tnopt.compress(str(path), budget=budget, data=calib, eval_data=evaluation,
-                                       provider="cpu", cache_dir=cache)
+            _, report = tnopt.compress(
+                str(path), budget=budget, data=calib, eval_data=evaluation, provider="cpu", cache_dir=cache
+            )
             seconds = time.perf_counter() - start
             flops, params = ratios(report)
-            note = ("cold" if index == 0 else "cached") + ("" if report.budget_met else "; MISSED: "
-                                                           + report.search["miss_reason"][:60])
-            rows.append((name, f"{budget:.1%}", "tnopt search", f"{flops:.2f}", f"{params:.2f}",
-                         f"{eval_drop(report):+.2%}", f"{seconds:.1f}", note))
+            note = ("cold" if index == 0 else "cached") + (
+                "" if report.budget_met else "; MISSED: " + report.search["miss_reason"][:60]
+            )
+            rows.append(
+                (
+                    name,
+                    f"{budget:.1%}",
+                    "tnopt search",
+                    f"{flops:.2f}",
+                    f"{params:.2f}",
+                    f"{eval_drop(report):+.2%}",
+                    f"{seconds:.1f}",
+                    note,
+                )
+            )
             print(format_table(rows[-1:]), flush=True)
             start = time.perf_counter()
             report, ratio = uniform_bisected(path, calib, evaluation, budget)
             seconds = time.perf_counter() - start
             flops, params = ratios(report)
-            rows.append((name, f"{budget:.1%}", "uniform ratio (bisected)", f"{flops:.2f}", f"{params:.2f}",
-                         f"{eval_drop(report):+.2%}", f"{seconds:.1f}", f"ratio {ratio:.3f}"))
+            rows.append(
+                (
+                    name,
+                    f"{budget:.1%}",
+                    "uniform ratio (bisected)",
+                    f"{flops:.2f}",
+                    f"{params:.2f}",
+                    f"{eval_drop(report):+.2%}",
+                    f"{seconds:.1f}",
+                    f"ratio {ratio:.3f}",
+                )
+            )
             print(format_table(rows[-1:]), flush=True)
         start = time.perf_counter()
         ranks = peers.vbmf_ranks(path)
-        _, report = tnopt.compress(str(path), ranks=ranks, data=calib, eval_data=evaluation, provider="cpu",
-                                   data_aware=False, correct=False)
+        _, report = tnopt.compress(
+            str(path),
+            ranks=ranks,
+            data=calib,
+            eval_data=evaluation,
+            provider="cpu",
+            data_aware=False,
+            correct=False,
+        )
         seconds = time.perf_counter() - start
         flops, params = ratios(report)
-        rows.append((name, "-", "VBMF ranks (weight-only)", f"{flops:.2f}", f"{params:.2f}",
-                     f"{eval_drop(report):+.2%}", f"{seconds:.1f}", "no budget control"))
+        rows.append(
+            (
+                name,
+                "-",
+                "VBMF ranks (weight-only)",
+                f"{flops:.2f}",
+                f"{params:.2f}",
+                f"{eval_drop(report):+.2%}",
+                f"{seconds:.1f}",
+                "no budget control",
+            )
+        )
         print(format_table(rows[-1:]), flush=True)
     table = format_table(rows)
     print("\n" + table)
     if args.out:
         md = markdown(rows)
-        header = (f"\n### bench/budget.py — {time.strftime('%Y-%m-%d')}\n\n`python bench/budget.py "
-                  f"{' '.join(argv or sys.argv[1:])}` on {platform.node() or 'this machine'}: "
-                  f"{os.cpu_count()} CPU cores, {platform.python_version()}, onnxruntime CPU provider, "
-                  f"{args.calib} calibration samples, 2048 evaluation samples.\n\n")
+        header = (
+            f"\n### bench/budget.py — {time.strftime('%Y-%m-%d')}\n\n`python bench/budget.py "
+            f"{' '.join(argv or sys.argv[1:])}` on {platform.node() or 'this machine'}: "
+            f"{os.cpu_count()} CPU cores, {platform.python_version()}, onnxruntime CPU provider, "
+            f"{args.calib} calibration samples, 2048 evaluation samples.\n\n"
+        )
         with open(args.out, "a") as handle:
             handle.write(header + md + "\n")
     return 0

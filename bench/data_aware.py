@@ -26,12 +26,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import tnopt  # noqa: E402
 from methods import _markdown, dataset  # noqa: E402
+
+import tnopt  # noqa: E402
 from tnopt.report import format_table  # noqa: E402
 
-MODES = {"weight-only": dict(data_aware=False, correct=False), "whitened": dict(data_aware=True, correct=False),
-         "whitened+correction": dict(data_aware=True, correct=True)}
+MODES = {
+    "weight-only": dict(data_aware=False, correct=False),
+    "whitened": dict(data_aware=True, correct=False),
+    "whitened+correction": dict(data_aware=True, correct=True),
+}
 
 
 def memory_probe() -> int:
@@ -68,8 +72,18 @@ def main(argv=None) -> int:
     if args.memory_probe:
         return memory_probe()
     warnings.simplefilter("ignore")
-    rows = [("model", "budget", "factors", "FLOPs x", "params x", "FLOPs removed vs weight-only", "eval drop",
-             "compile s")]
+    rows = [
+        (
+            "model",
+            "budget",
+            "factors",
+            "FLOPs x",
+            "params x",
+            "FLOPs removed vs weight-only",
+            "eval drop",
+            "compile s",
+        )
+    ]
     for name in [m for m in args.models.split(",") if m]:
         path, calib, evaluation, metric = dataset(name)
         cache = tempfile.mkdtemp(prefix=f"tnopt-da-{name}-")
@@ -77,30 +91,56 @@ def main(argv=None) -> int:
             removed_weight_only = None
             for mode, flags in MODES.items():
                 start = time.perf_counter()
-                _, report = tnopt.compress(str(path), budget=budget, data=calib, eval_data=evaluation, metric=metric,
-                                           provider="cpu", cache_dir=cache, **flags)
+                _, report = tnopt.compress(
+                    str(path),
+                    budget=budget,
+                    data=calib,
+                    eval_data=evaluation,
+                    metric=metric,
+                    provider="cpu",
+                    cache_dir=cache,
+                    **flags,
+                )
                 seconds = time.perf_counter() - start
                 removed = report.before.flops - report.after.flops
                 removed_weight_only = removed if removed_weight_only is None else removed_weight_only
-                relative = f"{removed / removed_weight_only:.2f}x" if removed_weight_only else (
-                    "n/a (weight-only removed 0)" if removed else "-")
+                relative = (
+                    f"{removed / removed_weight_only:.2f}x"
+                    if removed_weight_only
+                    else ("n/a (weight-only removed 0)" if removed else "-")
+                )
                 drop = report.budget["drop_evaluation"]
-                rows.append((name, f"{budget:.1%}", mode, f"{report.before.flops / report.after.flops:.2f}",
-                             f"{report.before.params / report.after.params:.2f}", relative,
-                             "n/a" if drop is None else f"{drop:+.2%}", f"{seconds:.0f}"))
+                rows.append(
+                    (
+                        name,
+                        f"{budget:.1%}",
+                        mode,
+                        f"{report.before.flops / report.after.flops:.2f}",
+                        f"{report.before.params / report.after.params:.2f}",
+                        relative,
+                        "n/a" if drop is None else f"{drop:+.2%}",
+                        f"{seconds:.0f}",
+                    )
+                )
                 print(format_table(rows[-1:]), flush=True)
     memory_line = ""
     if args.memory:
-        out = subprocess.run([sys.executable, __file__, "--memory-probe"], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-probe"], capture_output=True, text=True, check=True
+        )
         line = next(line for line in out.stdout.splitlines() if line.startswith("MEMORY"))
         _, layers, kib, seconds = line.split()
-        memory_line = (f"Statistics for ResNet-style ({layers} layers, channel and patch moments) over 2048 "
-                       f"samples: peak RSS +{int(kib) / 1024:.0f} MiB beyond the loaded model, {seconds} s.")
+        memory_line = (
+            f"Statistics for ResNet-style ({layers} layers, channel and patch moments) over 2048 "
+            f"samples: peak RSS +{int(kib) / 1024:.0f} MiB beyond the loaded model, {seconds} s."
+        )
         print(memory_line)
     print("\n" + format_table(rows))
     if args.out:
-        header = (f"\n### bench/data_aware.py — {time.strftime('%Y-%m-%d')}\n\n`python bench/data_aware.py "
-                  f"{' '.join(argv or sys.argv[1:])}` on {platform.node()}, CPU provider.\n\n")
+        header = (
+            f"\n### bench/data_aware.py — {time.strftime('%Y-%m-%d')}\n\n`python bench/data_aware.py "
+            f"{' '.join(argv or sys.argv[1:])}` on {platform.node()}, CPU provider.\n\n"
+        )
         with open(args.out, "a") as handle:
             handle.write(header + _markdown(rows) + ("\n\n" + memory_line if memory_line else "") + "\n")
     return 0

@@ -29,10 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "models"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from tnopt.passes import METHODS  # noqa: E402
+
 import tnopt  # noqa: E402
 from tnopt.analyze import analyze  # noqa: E402
 from tnopt.io import load_model  # noqa: E402
-from tnopt.passes import METHODS  # noqa: E402
 from tnopt.pipeline import applicable_methods  # noqa: E402
 from tnopt.report import format_table  # noqa: E402
 
@@ -76,7 +77,9 @@ def matched_plan(layers, method, factor):
 def plan_params(layers, plan):
     by_name = {layer.name: layer for layer in layers}
     dense = sum(layer.params for layer in layers if layer.candidate)
-    after = dense - sum(by_name[n].params - METHODS[m].cost(by_name[n], r).params for n, (m, r) in plan.items())
+    after = dense - sum(
+        by_name[n].params - METHODS[m].cost(by_name[n], r).params for n, (m, r) in plan.items()
+    )
     return dense / after
 
 
@@ -93,8 +96,9 @@ def auto_plan(path, layers, methods, factor, calib, metric):
             single = matched_plan([layer], method, factor)
             if not single:
                 continue
-            _, report = tnopt.compress(str(path), ranks=single, data=calib, eval_data=calib, provider="cpu",
-                                       correct=False)
+            _, report = tnopt.compress(
+                str(path), ranks=single, data=calib, eval_data=calib, provider="cpu", correct=False
+            )
             if report.rewritten:
                 score = metric_of(report, metric)
                 if best is None or score > best[0]:
@@ -119,17 +123,35 @@ def main(argv=None) -> int:
         for factor in FACTORS:
             for method in methods + ["auto"]:
                 start = time.perf_counter()
-                plan = auto_plan(path, layers, methods, factor, calib, metric) if method == "auto" \
+                plan = (
+                    auto_plan(path, layers, methods, factor, calib, metric)
+                    if method == "auto"
                     else matched_plan(layers, method, factor)
+                )
                 if not plan:
                     continue
                 _, report = run_plan(path, plan, calib, evaluation)
                 original = report.metrics.get(f"{metric}_original", 1.0)
-                label = method if method != "auto" else "auto: " + ",".join(
-                    f"{m}×{sum(1 for v in plan.values() if v[0] == m)}" for m in sorted({v[0] for v in plan.values()}))
-                rows.append((name, f"{factor}x", label, f"{plan_params(layers, plan):.2f}",
-                             f"{len(report.rewritten)}/{len(layers)}", f"{metric_of(report, metric):.4f}",
-                             f"{original:.4f}"))
+                label = (
+                    method
+                    if method != "auto"
+                    else "auto: "
+                    + ",".join(
+                        f"{m}×{sum(1 for v in plan.values() if v[0] == m)}"
+                        for m in sorted({v[0] for v in plan.values()})
+                    )
+                )
+                rows.append(
+                    (
+                        name,
+                        f"{factor}x",
+                        label,
+                        f"{plan_params(layers, plan):.2f}",
+                        f"{len(report.rewritten)}/{len(layers)}",
+                        f"{metric_of(report, metric):.4f}",
+                        f"{original:.4f}",
+                    )
+                )
                 print(format_table(rows[-1:]), f"({time.perf_counter() - start:.0f}s)", flush=True)
         storage_layers = _storage_layers(name, layers)
         for factor in STORAGE_FACTORS if storage_layers else ():
@@ -140,17 +162,28 @@ def main(argv=None) -> int:
                     plan[layer.name] = ("mpo-storage", rank)
             _, report = run_plan(path, plan, calib, evaluation)
             original = report.metrics.get(f"{metric}_original", 1.0)
-            storage_rows.append((name, _describe(storage_layers), f"{factor}x",
-                                 f"{report.before.file_bytes / report.after.file_bytes:.2f}",
-                                 f"{plan_params(storage_layers, plan):.1f}",
-                                 f"{metric_of(report, metric):.4f}", f"{original:.4f}"))
+            storage_rows.append(
+                (
+                    name,
+                    _describe(storage_layers),
+                    f"{factor}x",
+                    f"{report.before.file_bytes / report.after.file_bytes:.2f}",
+                    f"{plan_params(storage_layers, plan):.1f}",
+                    f"{metric_of(report, metric):.4f}",
+                    f"{original:.4f}",
+                )
+            )
             print(format_table(storage_rows[-1:]), flush=True)
     print("\n" + format_table(rows) + "\n\n" + format_table(storage_rows))
     if args.out:
-        header = (f"\n### bench/methods.py — {time.strftime('%Y-%m-%d')}\n\n`python bench/methods.py "
-                  f"{' '.join(argv or sys.argv[1:])}` on {platform.node()}, CPU provider.\n\n")
+        header = (
+            f"\n### bench/methods.py — {time.strftime('%Y-%m-%d')}\n\n`python bench/methods.py "
+            f"{' '.join(argv or sys.argv[1:])}` on {platform.node()}, CPU provider.\n\n"
+        )
         with open(args.out, "a") as handle:
-            handle.write(header + _markdown(rows) + "\n\nMPO storage mode:\n\n" + _markdown(storage_rows) + "\n")
+            handle.write(
+                header + _markdown(rows) + "\n\nMPO storage mode:\n\n" + _markdown(storage_rows) + "\n"
+            )
     return 0
 
 
@@ -163,7 +196,9 @@ def _storage_layers(name, layers):
 
 
 def _describe(layers):
-    return f"{len(layers)} × " + ", ".join(sorted({"x".join(map(str, layer.weight_shape)) for layer in layers}))
+    return f"{len(layers)} × " + ", ".join(
+        sorted({"x".join(map(str, layer.weight_shape)) for layer in layers})
+    )
 
 
 def _markdown(rows) -> str:

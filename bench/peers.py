@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+from tnopt.passes import _linalg
 
 import tnopt
 import tnopt.io
 from tnopt.analyze import analyze
-from tnopt.passes import _linalg
 
 
 def _tau(x, alpha):
@@ -27,8 +27,14 @@ def _evb_objective(sigma2, rows, cols, s, residual, x_ubar):
     x = s**2 / (cols * sigma2)
     z1, z2 = x[x > x_ubar], x[x <= x_ubar]
     tau_z1 = _tau(z1, alpha)
-    return (np.sum(z2 - np.log(z2)) + np.sum(z1 - tau_z1) + np.sum(np.log((tau_z1 + 1) / z1))
-            + alpha * np.sum(np.log(tau_z1 / alpha + 1)) + residual / (cols * sigma2) + (rows - h) * np.log(sigma2))
+    return (
+        np.sum(z2 - np.log(z2))
+        + np.sum(z1 - tau_z1)
+        + np.sum(np.log((tau_z1 + 1) / z1))
+        + alpha * np.sum(np.log(tau_z1 / alpha + 1))
+        + residual / (cols * sigma2)
+        + (rows - h) * np.log(sigma2)
+    )
 
 
 def evbmf_rank(matrix: np.ndarray) -> int:
@@ -43,12 +49,16 @@ def evbmf_rank(matrix: np.ndarray) -> int:
     x_ubar = (1 + tau_ubar) * (1 + alpha / tau_ubar)
     eh_ub = int(min(np.ceil(rows / (1 + alpha)) - 1, rows)) - 1
     upper = np.sum(s**2) / (rows * cols)
-    lower = max(s[eh_ub + 1] ** 2 / (cols * x_ubar), np.mean(s[eh_ub + 1:] ** 2) / cols) if eh_ub + 1 < len(s) \
+    lower = (
+        max(s[eh_ub + 1] ** 2 / (cols * x_ubar), np.mean(s[eh_ub + 1 :] ** 2) / cols)
+        if eh_ub + 1 < len(s)
         else s[-1] ** 2 / (cols * x_ubar)
+    )
     if not lower < upper:
         return len(s)
-    sigma2 = minimize_scalar(_evb_objective, args=(rows, cols, s, 0.0, x_ubar), bounds=[lower, upper],
-                             method="bounded").x
+    sigma2 = minimize_scalar(
+        _evb_objective, args=(rows, cols, s, 0.0, x_ubar), bounds=[lower, upper], method="bounded"
+    ).x
     threshold = np.sqrt(cols * sigma2 * (1 + tau_ubar) * (1 + alpha / tau_ubar))
     return max(1, int(np.sum(s > threshold)))
 
@@ -60,8 +70,10 @@ def vbmf_ranks(model_path) -> dict:
         if not layer.candidate:
             continue
         if layer.op == "Conv":
-            ranks[layer.name] = (evbmf_rank(_linalg.unfold(layer.weight, 0)),
-                                 evbmf_rank(_linalg.unfold(layer.weight, 1)))
+            ranks[layer.name] = (
+                evbmf_rank(_linalg.unfold(layer.weight, 0)),
+                evbmf_rank(_linalg.unfold(layer.weight, 1)),
+            )
         else:
             ranks[layer.name] = evbmf_rank(layer.weight)
     return ranks

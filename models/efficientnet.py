@@ -83,7 +83,7 @@ def _view(img: np.ndarray, frac: float, cx: float, cy: float, flip: bool) -> np.
     h, w = img.shape[:2]
     c = round(min(h, w) * frac)
     y, x = round((h - c) * cy), round((w - c) * cx)
-    crop = Image.fromarray(img[y:y + c, x:x + c]).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+    crop = Image.fromarray(img[y : y + c, x : x + c]).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
     a = np.asarray(crop, np.float32)
     return a[:, ::-1] if flip else a
 
@@ -180,8 +180,9 @@ def _fold_pads(m) -> int:
         users = consumers[pad.output[0]]
         if mode != b"constant" or len(users) != 1 or users[0].op_type != "Conv":
             continue
-        if pad.input[1] not in consts or (len(pad.input) > 2 and pad.input[2]
-                                          and (pad.input[2] not in consts or consts[pad.input[2]].any())):
+        if pad.input[1] not in consts or (
+            len(pad.input) > 2 and pad.input[2] and (pad.input[2] not in consts or consts[pad.input[2]].any())
+        ):
             continue
         if len(pad.input) > 3 and pad.input[3]:
             continue  # axes input: keep it simple
@@ -224,10 +225,17 @@ def export_efficientnet_lite0(path: str | Path, opset: int = OPSET) -> Path:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # legacy exporter is asked for on purpose
         torch.onnx.export(
-            model, (dummy,), str(path), input_names=["input"], output_names=["logits"],
+            model,
+            (dummy,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=opset, do_constant_folding=True, dynamo=False,
-            training=torch.onnx.TrainingMode.EVAL)
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+            training=torch.onnx.TrainingMode.EVAL,
+        )
     m = onnx.load(str(path))
     _fold_constants(m)
     _fold_pads(m)
@@ -267,8 +275,10 @@ def main(argv=None) -> int:
     ops = collections.Counter(n.op_type for n in m.graph.node)
     inits = {i.name: i for i in m.graph.initializer}
     params = sum(int(np.prod(i.dims)) for i in m.graph.initializer)
-    print(f"exported {path} in {dt:.1f} s: {os.path.getsize(path) / 1e6:.1f} MB, {params:,} params, "
-          f"ir_version {m.ir_version}, opset {m.opset_import[0].version}")
+    print(
+        f"exported {path} in {dt:.1f} s: {os.path.getsize(path) / 1e6:.1f} MB, {params:,} params, "
+        f"ir_version {m.ir_version}, opset {m.opset_import[0].version}"
+    )
     print("ops: " + ", ".join(f"{k} {v}" for k, v in ops.most_common()))
     convs = [n for n in m.graph.node if n.op_type == "Conv"]
     group = {n.name: next((a.i for a in n.attribute if a.name == "group"), 1) for n in convs}
@@ -277,19 +287,23 @@ def main(argv=None) -> int:
     print(f"Conv: {len(convs)} = {dw} depthwise + {pw} pointwise 1x1 + {len(convs) - dw - pw} other (stem)")
     for n in m.graph.node:
         if n.op_type == "Gemm":
-            print(f"Gemm {n.name}: weight {list(inits[n.input[1]].dims)}, "
-                  + ", ".join(f"{a.name}={onnx.helper.get_attribute_value(a)}" for a in n.attribute))
+            print(
+                f"Gemm {n.name}: weight {list(inits[n.input[1]].dims)}, "
+                + ", ".join(f"{a.name}={onnx.helper.get_attribute_value(a)}" for a in n.attribute)
+            )
 
     model = load_model()
     sess = _ort(path)
     x = photos()
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-    got = np.concatenate([sess.run(["logits"], {"input": x[i:i + 8]})[0] for i in range(0, len(x), 8)])
+    got = np.concatenate([sess.run(["logits"], {"input": x[i : i + 8]})[0] for i in range(0, len(x), 8)])
     one = sess.run(["logits"], {"input": x[:1]})[0]
-    print(f"ORT vs torch on {len(x)} photos: max|diff| {np.abs(got - ref).max():.2e}, "
-          f"top-1 agreement {(got.argmax(1) == ref.argmax(1)).mean():.3f}; batch-1 max|diff| "
-          f"{np.abs(one - ref[:1]).max():.2e}")
+    print(
+        f"ORT vs torch on {len(x)} photos: max|diff| {np.abs(got - ref).max():.2e}, "
+        f"top-1 agreement {(got.argmax(1) == ref.argmax(1)).mean():.3f}; batch-1 max|diff| "
+        f"{np.abs(one - ref[:1]).max():.2e}"
+    )
     assert np.allclose(got, ref, atol=1e-3, rtol=1e-3)
     p = torch.from_numpy(got).softmax(-1).numpy()
     for i, name in enumerate(PHOTO_NAMES):

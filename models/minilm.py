@@ -56,8 +56,10 @@ MAX_LENGTH = 256  # sentence_bert_config.json max_seq_length
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
-    ("Although the forecast had promised clear skies, a sudden thunderstorm rolled in over the hills just as "
-     "the wedding guests were sitting down to dinner in the garden, and everyone had to run for the barn."),
+    (
+        "Although the forecast had promised clear skies, a sudden thunderstorm rolled in over the hills just as "
+        "the wedding guests were sitting down to dinner in the garden, and everyone had to run for the barn."
+    ),
     "A man is playing a guitar on the street corner.",
     "The stock market fell sharply after the central bank raised interest rates.",
     "She spent the whole afternoon reading a novel in the park.",
@@ -118,10 +120,14 @@ SENTENCES = [
     "The chef garnished the soup with fresh basil leaves.",
     "Climate change is causing glaciers to retreat around the world.",
     "A musician is tuning his violin before the concert.",
-    ("The package was delivered to the wrong address, so I had to call customer service twice and wait "
-     "almost forty minutes on hold before anyone could tell me where it actually ended up."),
-    ("In 1969, Neil Armstrong and Buzz Aldrin became the first people to walk on the Moon, while Michael "
-     "Collins remained in lunar orbit aboard the command module Columbia."),
+    (
+        "The package was delivered to the wrong address, so I had to call customer service twice and wait "
+        "almost forty minutes on hold before anyone could tell me where it actually ended up."
+    ),
+    (
+        "In 1969, Neil Armstrong and Buzz Aldrin became the first people to walk on the Moon, while Michael "
+        "Collins remained in lunar orbit aboard the command module Columbia."
+    ),
 ]
 
 
@@ -172,7 +178,8 @@ class MiniLM(nn.Module):
         self.ln = nn.LayerNorm(d, eps=eps)
         self.layers = nn.ModuleList(
             _Layer(d, cfg["num_attention_heads"], cfg["intermediate_size"], eps)
-            for _ in range(cfg["num_hidden_layers"]))
+            for _ in range(cfg["num_hidden_layers"])
+        )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         s = input_ids.shape[1]
@@ -203,9 +210,16 @@ def load_model(hidden: bool = False) -> MiniLM:
         "ln.weight": sd["embeddings.LayerNorm.weight"],
         "ln.bias": sd["embeddings.LayerNorm.bias"],
     }
-    names = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
-             "o": "attention.output.dense", "ln1": "attention.output.LayerNorm",
-             "fc1": "intermediate.dense", "fc2": "output.dense", "ln2": "output.LayerNorm"}
+    names = {
+        "q": "attention.self.query",
+        "k": "attention.self.key",
+        "v": "attention.self.value",
+        "o": "attention.output.dense",
+        "ln1": "attention.output.LayerNorm",
+        "fc1": "intermediate.dense",
+        "fc2": "output.dense",
+        "ln2": "output.LayerNorm",
+    }
     for i in range(cfg["num_hidden_layers"]):
         for ours, theirs in names.items():
             for p in ("weight", "bias"):
@@ -237,11 +251,20 @@ class _WordPiece:
         out, word = [], []
         for ch in text:
             cat = unicodedata.category(ch)
-            if cat == "Mn" or ord(ch) == 0 or ord(ch) == 0xFFFD or (cat.startswith("C") and ch not in "\t\n\r"):
+            if (
+                cat == "Mn"
+                or ord(ch) == 0
+                or ord(ch) == 0xFFFD
+                or (cat.startswith("C") and ch not in "\t\n\r")
+            ):
                 continue
             cp = ord(ch)
-            cjk = (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2FA1F
-                   or 0xF900 <= cp <= 0xFAFF)
+            cjk = (
+                0x4E00 <= cp <= 0x9FFF
+                or 0x3400 <= cp <= 0x4DBF
+                or 0x20000 <= cp <= 0x2FA1F
+                or 0xF900 <= cp <= 0xFAFF
+            )
             if ch.isspace() or self._is_punct(ch) or cjk:
                 if word:
                     out.append("".join(word))
@@ -273,7 +296,7 @@ class _WordPiece:
 
     def encode(self, text: str, max_length: int) -> list[int]:
         ids = [i for w in self._basic(text) for i in self._wordpiece(w)]
-        return [self.cls] + ids[:max_length - 2] + [self.sep]
+        return [self.cls] + ids[: max_length - 2] + [self.sep]
 
 
 _TOKENIZER = None
@@ -309,14 +332,14 @@ def tokenize(sentences, max_length: int = MAX_LENGTH) -> dict[str, np.ndarray]:
         for enc in tok.encode_batch(list(sentences)):
             ids = enc.ids
             if len(ids) > max_length:
-                ids = ids[:max_length - 1] + [ids[-1]]
+                ids = ids[: max_length - 1] + [ids[-1]]
             seqs.append(ids)
     s = max(len(x) for x in seqs)
     ids = np.zeros((len(seqs), s), np.int64)
     mask = np.zeros((len(seqs), s), np.int64)
     for i, x in enumerate(seqs):
-        ids[i, :len(x)] = x
-        mask[i, :len(x)] = 1
+        ids[i, : len(x)] = x
+        mask[i, : len(x)] = 1
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -348,17 +371,26 @@ def export_minilm(path: str | Path, opset: int = OPSET, hidden: bool = False) ->
     model = load_model(hidden=hidden)
     dummy = tokenize(SENTENCES[:2])
     outputs = ["sentence_embedding"] + (["last_hidden_state"] if hidden else [])
-    axes = {"input_ids": {0: "batch", 1: "sequence"},
-            "attention_mask": {0: "batch", 1: "sequence"},
-            "sentence_embedding": {0: "batch"}}
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "sequence"},
+        "sentence_embedding": {0: "batch"},
+    }
     if hidden:
         axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # legacy exporter is asked for on purpose
         torch.onnx.export(
-            model, (torch.from_numpy(dummy["input_ids"]), torch.from_numpy(dummy["attention_mask"])),
-            str(path), input_names=["input_ids", "attention_mask"], output_names=outputs,
-            dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
+            model,
+            (torch.from_numpy(dummy["input_ids"]), torch.from_numpy(dummy["attention_mask"])),
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     m = onnx.load(str(path))
     _name_weights(m)
     m.ir_version = min(m.ir_version, 10)
@@ -425,12 +457,16 @@ def main(argv=None) -> int:
     m = onnx.load(str(path))
     ops = collections.Counter(n.op_type for n in m.graph.node)
     params = sum(int(np.prod(i.dims)) for i in m.graph.initializer)
-    print(f"exported {path} in {dt:.1f} s: {os.path.getsize(path) / 1e6:.1f} MB, {params:,} params, "
-          f"ir_version {m.ir_version}, opset {m.opset_import[0].version}")
+    print(
+        f"exported {path} in {dt:.1f} s: {os.path.getsize(path) / 1e6:.1f} MB, {params:,} params, "
+        f"ir_version {m.ir_version}, opset {m.opset_import[0].version}"
+    )
     print("ops: " + ", ".join(f"{k} {v}" for k, v in ops.most_common()))
     w, a, other = matmul_inventory(m)
-    print(f"MatMul: {ops['MatMul']} total, {w} with constant weight, {a} activation x activation"
-          + (f", other: {other}" if other else ""))
+    print(
+        f"MatMul: {ops['MatMul']} total, {w} with constant weight, {a} activation x activation"
+        + (f", other: {other}" if other else "")
+    )
     assert (w, a, other) == (36, 12, []), (w, a, other)
 
     model = load_model()
@@ -440,8 +476,10 @@ def main(argv=None) -> int:
         ref = model(*(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask"))).numpy()
     got = sess.run(["sentence_embedding"], feeds)[0]
     cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
-    print(f"ORT vs torch on {len(SENTENCES)} sentences (seq {feeds['input_ids'].shape[1]}): "
-          f"min cosine {cos.min():.7f}, max|diff| {np.abs(got - ref).max():.2e}")
+    print(
+        f"ORT vs torch on {len(SENTENCES)} sentences (seq {feeds['input_ids'].shape[1]}): "
+        f"min cosine {cos.min():.7f}, max|diff| {np.abs(got - ref).max():.2e}"
+    )
     assert cos.min() > 0.9999
 
     # padding invariance: one sentence alone == the same sentence inside a padded batch
@@ -455,13 +493,15 @@ def main(argv=None) -> int:
             ids = rng.integers(1000, 30000, (b, s)).astype(np.int64)
             ids[:, 0], ids[:, -1] = 101, 102
             mask = np.ones((b, s), np.int64)
-            mask[0, s // 2:] = 0
+            mask[0, s // 2 :] = 0
             out = sess.run(None, {"input_ids": ids, "attention_mask": mask})
             with torch.no_grad():
                 r = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
             assert out[0].shape == (b, 384), out[0].shape
-            print(f"batch {b} seq {s}: shapes {[o.shape for o in out]}, "
-                  f"max|diff| vs torch {np.abs(out[0] - r).max():.2e}")
+            print(
+                f"batch {b} seq {s}: shapes {[o.shape for o in out]}, "
+                f"max|diff| vs torch {np.abs(out[0] - r).max():.2e}"
+            )
             assert np.allclose(out[0], r, atol=1e-4)
 
     # optional: agreement with the reference sentence-transformers pipeline

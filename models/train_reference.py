@@ -54,13 +54,13 @@ EVAL_RANGE = (1024, 3072)
 DESCRIPTIONS = {
     "fc2": "FC-2 MLP: Flatten, Linear(784,300), ReLU, Linear(300,10)",
     "lenet5": "LeNet-5: Conv(1>6,5x5,p2) ReLU MaxPool, Conv(6>16,5x5) ReLU MaxPool, "
-              "Linear 400>120>84>10 (ReLU between)",
+    "Linear 400>120>84>10 (ReLU between)",
     "cnn4": "Vanilla 4-layer CNN: Conv3x3 32,32, MaxPool, Conv3x3 64,64, MaxPool, "
-            "Linear(3136,10) (ReLU after each conv)",
+    "Linear(3136,10) (ReLU after each conv)",
     "vgg": "VGG-style: [32,32,M,64,64,M,128,128,M] Conv3x3+BN(folded)+ReLU, "
-           "Linear(1152,256) ReLU Dropout Linear(256,256) ReLU Linear(256,10)",
+    "Linear(1152,256) ReLU Dropout Linear(256,256) ReLU Linear(256,10)",
     "resnet": "ResNet-style: stem Conv3x3>32 BN ReLU, 3 stages x 2 BasicBlocks (32,64,128; "
-              "stride 2 + 1x1 projection at stages 2,3; BN folded), GlobalAvgPool, Linear(128,10)",
+    "stride 2 + 1x1 projection at stages 2,3; BN folded), GlobalAvgPool, Linear(128,10)",
 }
 
 # Per-model training budget, sized for ~25 min total on 2 CPU cores.
@@ -104,9 +104,16 @@ class ConvBN(nn.Module):
 
     def fused(self) -> nn.Conv2d:
         conv, bn = self.conv, self.bn
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
-                          stride=conv.stride, padding=conv.padding,
-                          dilation=conv.dilation, groups=conv.groups, bias=True)
+        fused = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=True,
+        )
         with torch.no_grad():
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
@@ -170,20 +177,34 @@ def build_model(name: str) -> nn.Module:
         return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 10))
     if name == "lenet5":
         return nn.Sequential(
-            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 6, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(400, 120), nn.ReLU(),
-            nn.Linear(120, 84), nn.ReLU(),
-            nn.Linear(84, 10))
+            nn.Linear(400, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, 10),
+        )
     if name == "cnn4":
         return nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(64 * 7 * 7, 10))
+            nn.Linear(64 * 7 * 7, 10),
+        )
     if name == "vgg":
         cfg = [32, 32, "M", 64, 64, "M", 128, 128, "M"]
         layers, cin = [], 1
@@ -194,10 +215,15 @@ def build_model(name: str) -> nn.Module:
                 layers += [ConvBN(cin, v, 3, padding=1), nn.ReLU()]
                 cin = v
         return nn.Sequential(
-            *layers, nn.Flatten(),
-            nn.Linear(cin * 3 * 3, 256), nn.ReLU(), nn.Dropout(0.3),
-            nn.Linear(256, 256), nn.ReLU(),
-            nn.Linear(256, 10))
+            *layers,
+            nn.Flatten(),
+            nn.Linear(cin * 3 * 3, 256),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Linear(256, 256),
+            nn.ReLU(),
+            nn.Linear(256, 10),
+        )
     if name == "resnet":
         return ResNet()
     raise ValueError(f"unknown model {name!r}; choose from {REFERENCE_MODELS}")
@@ -210,8 +236,9 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def train(name: str, model: nn.Module, xtr: np.ndarray, ytr: np.ndarray,
-          epochs: int, n_train: int, lr: float) -> float:
+def train(
+    name: str, model: nn.Module, xtr: np.ndarray, ytr: np.ndarray, epochs: int, n_train: int, lr: float
+) -> float:
     seed_everything(SEED)
     gen = torch.Generator().manual_seed(SEED)
     subset = torch.randperm(len(xtr), generator=gen)[:n_train]
@@ -219,8 +246,7 @@ def train(name: str, model: nn.Module, xtr: np.ndarray, ytr: np.ndarray,
     y = torch.from_numpy(ytr)[subset]
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * ((n_train + BATCH - 1) // BATCH)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
-                                                pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     t0 = time.time()
     for ep in range(epochs):
         model.train()
@@ -228,7 +254,7 @@ def train(name: str, model: nn.Module, xtr: np.ndarray, ytr: np.ndarray,
         tot_loss, correct = 0.0, 0
         te = time.time()
         for i in range(0, n_train, BATCH):
-            idx = perm[i:i + BATCH]
+            idx = perm[i : i + BATCH]
             xb, yb = x[idx], y[idx]
             out = model(xb)
             loss = F.cross_entropy(out, yb)
@@ -239,10 +265,14 @@ def train(name: str, model: nn.Module, xtr: np.ndarray, ytr: np.ndarray,
             tot_loss += loss.item() * len(idx)
             correct += (out.argmax(1) == yb).sum().item()
             if (i // BATCH + 1) % 100 == 0:
-                print(f"[{name}]   epoch {ep + 1} batch {i // BATCH + 1}  "
-                      f"{time.time() - te:.0f}s", flush=True)
-        print(f"[{name}] epoch {ep + 1}/{epochs}  loss {tot_loss / n_train:.4f}  "
-              f"train-acc {correct / n_train:.4f}  {time.time() - te:.1f}s", flush=True)
+                print(
+                    f"[{name}]   epoch {ep + 1} batch {i // BATCH + 1}  {time.time() - te:.0f}s", flush=True
+                )
+        print(
+            f"[{name}] epoch {ep + 1}/{epochs}  loss {tot_loss / n_train:.4f}  "
+            f"train-acc {correct / n_train:.4f}  {time.time() - te:.1f}s",
+            flush=True,
+        )
     model.eval()
     return time.time() - t0
 
@@ -258,10 +288,16 @@ def export(name: str, model: nn.Module) -> str:
     with warnings.catch_warnings():  # dynamo=False is deprecated but intentionally used
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            model, (dummy,), tmp,
-            input_names=["input"], output_names=["logits"],
+            model,
+            (dummy,),
+            tmp,
+            input_names=["input"],
+            output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=OPSET, do_constant_folding=True, dynamo=False)
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     m = onnx.load(tmp)
     onnx.checker.check_model(m, full_check=True)
     ops = [n.op_type for n in m.graph.node]
@@ -285,8 +321,7 @@ def ort_session(path: str):
 
 
 def ort_logits(sess, x: np.ndarray, bs: int = 1000) -> np.ndarray:
-    return np.concatenate([sess.run(["logits"], {"input": x[i:i + bs]})[0]
-                           for i in range(0, len(x), bs)])
+    return np.concatenate([sess.run(["logits"], {"input": x[i : i + bs]})[0] for i in range(0, len(x), bs)])
 
 
 def verify_against_torch(name: str, model: nn.Module, path: str, x: np.ndarray):
@@ -297,9 +332,11 @@ def verify_against_torch(name: str, model: nn.Module, path: str, x: np.ndarray):
         ref = fold_batchnorm(model)(torch.from_numpy(xs)).numpy()
     got = ort_logits(sess, xs)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-    print(f"[{name}] ORT vs torch(folded): max|diff| {np.abs(got - ref).max():.2e}; "
-          f"folded vs unfused torch: max|diff| {np.abs(ref - ref_unfused).max():.2e}",
-          flush=True)
+    print(
+        f"[{name}] ORT vs torch(folded): max|diff| {np.abs(got - ref).max():.2e}; "
+        f"folded vs unfused torch: max|diff| {np.abs(ref - ref_unfused).max():.2e}",
+        flush=True,
+    )
 
 
 def onnx_stats(path: str) -> dict:
@@ -307,8 +344,7 @@ def onnx_stats(path: str) -> dict:
 
     m = onnx.load(path)
     counts = collections.Counter(n.op_type for n in m.graph.node)
-    params = sum(int(np.prod(i.dims)) for i in m.graph.initializer
-                 if i.data_type == onnx.TensorProto.FLOAT)
+    params = sum(int(np.prod(i.dims)) for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
     return dict(ops=counts, params=params, size=os.path.getsize(path))
 
 
@@ -327,8 +363,9 @@ def write_splits(xte: np.ndarray, yte: np.ndarray):
     for fname, (a, b) in (("calib.npz", CALIB_RANGE), ("eval.npz", EVAL_RANGE)):
         path = os.path.join(HERE, fname)
         with open(path + ".tmp", "wb") as f:
-            np.savez_compressed(f, input=np.ascontiguousarray(xte[a:b], dtype=np.float32),
-                                labels=yte[a:b].astype(np.int64))
+            np.savez_compressed(
+                f, input=np.ascontiguousarray(xte[a:b], dtype=np.float32), labels=yte[a:b].astype(np.int64)
+            )
         os.replace(path + ".tmp", path)
 
 
@@ -343,14 +380,19 @@ def write_readme(xte: np.ndarray, yte: np.ndarray, train_times: dict[str, float]
         sess = ort_session(path)
         acc_test = accuracy(sess, xte, yte)
         acc_eval = accuracy(sess, ev["input"], ev["labels"])
-        print(f"[{name}] ORT test-acc {acc_test:.4f}  eval.npz-acc {acc_eval:.4f}  "
-              f"params {st['params']}  {st['size'] / 1e6:.2f} MB  ops: {fmt_ops(st['ops'])}",
-              flush=True)
-        rows.append(f"| `{name}.onnx` | {DESCRIPTIONS[name]} | {st['params']:,} | "
-                    f"{st['size'] / 1e6:.2f} MB | {100 * acc_test:.2f}% | {100 * acc_eval:.2f}% | "
-                    f"{fmt_ops(st['ops'])} |")
+        print(
+            f"[{name}] ORT test-acc {acc_test:.4f}  eval.npz-acc {acc_eval:.4f}  "
+            f"params {st['params']}  {st['size'] / 1e6:.2f} MB  ops: {fmt_ops(st['ops'])}",
+            flush=True,
+        )
+        rows.append(
+            f"| `{name}.onnx` | {DESCRIPTIONS[name]} | {st['params']:,} | "
+            f"{st['size'] / 1e6:.2f} MB | {100 * acc_test:.2f}% | {100 * acc_eval:.2f}% | "
+            f"{fmt_ops(st['ops'])} |"
+        )
     cfg_lines = "\n".join(
-        f"| {n} | {c['epochs']} | {c['n_train']:,} | {c['lr']:g} |" for n, c in TRAIN_CFG.items())
+        f"| {n} | {c['epochs']} | {c['n_train']:,} | {c['lr']:g} |" for n, c in TRAIN_CFG.items()
+    )
     text = f"""# Reference models
 
 Five small Fashion-MNIST classifiers used as tnopt's reference / test inputs.
@@ -397,9 +439,11 @@ The README is regenerated on each run from the `.onnx` files present (accuracies
 onnxruntime's CPU provider).
 """
     if train_times:
-        text += "\nTraining wall time of the last run: " + ", ".join(
-            f"{k} {v:.0f}s" for k, v in train_times.items()) + \
-            f" (total {sum(train_times.values()):.0f}s).\n"
+        text += (
+            "\nTraining wall time of the last run: "
+            + ", ".join(f"{k} {v:.0f}s" for k, v in train_times.items())
+            + f" (total {sum(train_times.values()):.0f}s).\n"
+        )
     with open(os.path.join(HERE, "README.md"), "w") as f:
         f.write(text)
 
@@ -431,8 +475,7 @@ def main(argv=None):
         path = export(name, model)
         verify_against_torch(name, model, path, xte)
         print(f"[{name}] exported {path}  (train {times[name]:.0f}s)", flush=True)
-    print(f"total training time {sum(times.values()):.0f}s, wall {time.time() - t_all:.0f}s",
-          flush=True)
+    print(f"total training time {sum(times.values()):.0f}s, wall {time.time() - t_all:.0f}s", flush=True)
     write_readme(xte, yte, times if not args.only else {})
     return 0
 

@@ -9,13 +9,15 @@ from ._method import Cost, Factors, Method, RefitSpec
 
 METHODS: dict[str, Method] = {
     "tucker2": tucker2.METHOD,
+    "tucker2-transpose": tucker2.TRANSPOSED,
     "svd": svd.METHOD,
     "cp": cp.METHOD,
     "cut-o": cut.CUT_O,
     "cut-i": cut.CUT_I,
     "cut-spatial": cut.CUT_SPATIAL,
     "tucker2-grouped": tucker2_grouped.METHOD,
-    "mpo": mpo.METHOD, "mpo-storage": mpo.STORAGE,
+    "mpo": mpo.METHOD,
+    "mpo-storage": mpo.STORAGE,
 }
 
 __all__ = ["METHODS", "Cost", "Factors", "Method", "RefitSpec"]

@@ -17,7 +17,11 @@ def mixed_positions(layer, out_axes) -> int:
     """batch · Π spatial extents, taking the output extent on `out_axes` and the input extent on the
     other spatial axes (symbolic dims count as 1, like analyze's FLOPs)."""
     n = len(layer.weight_shape) - 2
-    if not (layer.input_shape and layer.output_shape and len(layer.input_shape) == len(layer.output_shape) == n + 2):
+    if not (
+        layer.input_shape
+        and layer.output_shape
+        and len(layer.input_shape) == len(layer.output_shape) == n + 2
+    ):
         # Shapes unknown: the geometric mean of input and output positions is the least-biased guess.
         return round(math.sqrt(layer.in_positions * layer.out_positions))
     total = _static(layer.input_shape[0])

@@ -209,8 +209,10 @@ def cp_diagnose(factors: list[np.ndarray], norm: float) -> str | None:
     weights = np.prod(norms, axis=0)
     ratio = float(np.sqrt(np.sum(weights**2)) / norm) if norm > 0 else 0.0
     if ratio > CP_MAX_NORM_RATIO:
-        return (f"degenerate CP fit: components {ratio:.1f}x larger than the kernel cancel each other "
-                "(rank above the kernel's border rank; use a lower rank or another method)")
+        return (
+            f"degenerate CP fit: components {ratio:.1f}x larger than the kernel cancel each other "
+            "(rank above the kernel's border rank; use a lower rank or another method)"
+        )
     unit = [f / np.where(n > 0, n, 1.0) for f, n in zip(factors, norms)]
     congruence = np.ones((weights.size, weights.size))
     for u in unit:
@@ -218,7 +220,8 @@ def cp_diagnose(factors: list[np.ndarray], norm: float) -> str | None:
     np.fill_diagonal(congruence, 1.0)
     worst = float(congruence.min()) if congruence.size else 1.0
     if worst < CP_MIN_CONGRUENCE and ratio > 2.0:
-        return f"degenerate CP fit: two components nearly cancel (congruence {worst:.3f}, norm ratio {ratio:.1f})"
+        return (f"degenerate CP fit: two components nearly cancel (congruence {worst:.3f}, "
+                f"norm ratio {ratio:.1f})")
     return None
 
 
@@ -226,8 +229,15 @@ def cp_diagnose(factors: list[np.ndarray], norm: float) -> str | None:
 CP_FLOP_BUDGET = 3e8
 
 
-def cp_als(tensor: np.ndarray, rank: int, n_iter: int | None = None, tol: float = 1e-6, *,
-           damping: float = 1e-4, n_refine: int = 10) -> tuple[list[np.ndarray], float, dict]:
+def cp_als(
+    tensor: np.ndarray,
+    rank: int,
+    n_iter: int | None = None,
+    tol: float = 1e-6,
+    *,
+    damping: float = 1e-4,
+    n_refine: int = 10,
+) -> tuple[list[np.ndarray], float, dict]:
     """Rank-`rank` CP of an N-way tensor: T ≈ Σ_r a¹_r ⊗ … ⊗ aᴺ_r.
 
     Deterministic: every mode larger than `rank` is first compressed onto its leading `rank` HOSVD
@@ -235,7 +245,8 @@ def cp_als(tensor: np.ndarray, rank: int, n_iter: int | None = None, tol: float 
     ALS runs on that core from the HOSVD start (missing columns of small modes come from a fixed
     seed), the factors are lifted back and refined by a few ALS sweeps on the full tensor.
 
-    Stops after `n_iter` sweeps (None: 500, fewer for large cores so a fit costs ≈ CP_FLOP_BUDGET) or when a sweep improves the relative error by less than `tol` of itself.
+    Stops after `n_iter` sweeps (None: 500, fewer for large cores so a fit costs ≈ CP_FLOP_BUDGET)
+    or when a sweep improves the relative error by less than `tol` of itself.
     Returns (factors with the component norms shared equally between modes and sorted by weight,
     relative error, notes); notes["refused"] is set with a reason when the fit is degenerate or
     does not fit at all, so the caller can refuse the rewrite instead of emitting a bad one.
@@ -321,7 +332,7 @@ def _most_balanced(n: int, d: int, low: int) -> tuple[int, ...]:
     best: tuple[int, ...] = ()
     factor = low
     # The smallest factor of a non-decreasing tuple is at most the d-th root of the product.
-    while factor ** d <= n:
+    while factor**d <= n:
         if n % factor == 0:
             rest = _most_balanced(n // factor, d - 1, factor)
             candidate = (factor, *rest)
@@ -363,7 +374,7 @@ def tt_chain_flops(in_modes, out_modes, bonds, rows: int) -> int:
     core k multiplies (rows·∏_{j>k} i_j·∏_{j<k} o_j, r_{k-1}·i_k) by (r_{k-1}·i_k, o_k·r_k)."""
     total = 0
     for k, (i, o) in enumerate(zip(in_modes, out_modes)):
-        batch = int(np.prod(in_modes[k + 1:], dtype=np.int64)) * int(np.prod(out_modes[:k], dtype=np.int64))
+        batch = int(np.prod(in_modes[k + 1 :], dtype=np.int64)) * int(np.prod(out_modes[:k], dtype=np.int64))
         total += 2 * rows * batch * bonds[k] * i * o * bonds[k + 1]
     return int(total)
 
@@ -415,7 +426,7 @@ def tt_unfolding_spectra(weight: np.ndarray, in_modes, out_modes) -> list[np.nda
     the rank of unfolding k, and TT-SVD's squared error is at most Σ_k of the squared tails dropped."""
     tensor = _tt_tensor(weight, in_modes, out_modes)
     pairs = tensor.shape
-    return [singular_values(tensor.reshape(int(np.prod(pairs[:k + 1])), -1)) for k in range(len(pairs) - 1)]
+    return [singular_values(tensor.reshape(int(np.prod(pairs[: k + 1])), -1)) for k in range(len(pairs) - 1)]
 
 
 # --- data-aware (whitened) factorizations ---------------------------------------------------------
@@ -477,8 +488,9 @@ def whitened_svd(matrix: np.ndarray, moment: np.ndarray, rank: int, damping: flo
     return a, b, relative_error(w, a @ b), output_error
 
 
-def whitened_partial_tucker(weight: np.ndarray, ranks: tuple[int, int], input_moment: np.ndarray,
-                            damping: float = DEFAULT_DAMPING):
+def whitened_partial_tucker(
+    weight: np.ndarray, ranks: tuple[int, int], input_moment: np.ndarray, damping: float = DEFAULT_DAMPING
+):
     """Tucker-2 in the input-covariance-weighted norm: factorize W̃ = W ×_I Sᵀ, then map the
     input factor back, U_in = S⁻ᵀŨ_in, so the in-1x1 conv projects onto the directions that carry
     output energy on real inputs rather than weight energy."""

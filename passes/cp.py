@@ -47,13 +47,18 @@ class CP(Method):
         # CP has no spectrum of its own; a rank-r CP has O- and I-mode ranks ≤ r, so the larger of the
         # two unfoldings' energy ranks is the smallest CP rank that can keep that energy.
         out_spectrum, in_spectrum = _linalg.tucker2_mode_spectra(layer.weight)
-        return max(_linalg.rank_for_energy(out_spectrum, energy), _linalg.rank_for_energy(in_spectrum, energy))
+        return max(
+            _linalg.rank_for_energy(out_spectrum, energy), _linalg.rank_for_energy(in_spectrum, energy)
+        )
 
     def cost(self, layer, rank: int) -> Cost:
         o, i, kh, kw = layer.weight_shape
         params = rank * (i + kh + kw + o)
-        flops = 2 * rank * (layer.in_positions * i + mixed_positions(layer, (0,)) * kh
-                            + layer.out_positions * (kw + o))
+        flops = (
+            2
+            * rank
+            * (layer.in_positions * i + mixed_positions(layer, (0,)) * kh + layer.out_positions * (kw + o))
+        )
         return Cost(params, flops)
 
     def decompose(self, weight, rank: int, stats=None) -> Factors:
@@ -74,16 +79,33 @@ class CP(Method):
         a = factors.arrays
         r = a["A_out"].shape[1]
         kh, kw = a["A_h"].shape[0], a["A_w"].shape[0]
-        hidden = emit.op("Conv", "in_1x1", [emit.data_input, emit.const("in_1x1/W", a["A_in"].T[:, :, None, None])],
-                         {"kernel_shape": [1, 1]})
-        hidden = emit.op("Conv", "depth_h", [hidden, emit.const("depth_h/W", a["A_h"].T[:, None, :, None])],
-                         spatial_conv_attrs(layer, (kh, 1), group=r, axes=(0,)))
-        hidden = emit.op("Conv", "depth_w", [hidden, emit.const("depth_w/W", a["A_w"].T[:, None, None, :])],
-                         spatial_conv_attrs(layer, (1, kw), group=r, axes=(1,)))
+        hidden = emit.op(
+            "Conv",
+            "in_1x1",
+            [emit.data_input, emit.const("in_1x1/W", a["A_in"].T[:, :, None, None])],
+            {"kernel_shape": [1, 1]},
+        )
+        hidden = emit.op(
+            "Conv",
+            "depth_h",
+            [hidden, emit.const("depth_h/W", a["A_h"].T[:, None, :, None])],
+            spatial_conv_attrs(layer, (kh, 1), group=r, axes=(0,)),
+        )
+        hidden = emit.op(
+            "Conv",
+            "depth_w",
+            [hidden, emit.const("depth_w/W", a["A_w"].T[:, None, None, :])],
+            spatial_conv_attrs(layer, (1, kw), group=r, axes=(1,)),
+        )
         bias = self.bias_input(emit, factors)
         inputs = [hidden, emit.const("out_1x1/W", a["A_out"][:, :, None, None])]
-        emit.op("Conv", "out_1x1", inputs + ([bias] if bias is not None else []),
-                {"kernel_shape": [1, 1]}, final=True)
+        emit.op(
+            "Conv",
+            "out_1x1",
+            inputs + ([bias] if bias is not None else []),
+            {"kernel_shape": [1, 1]},
+            final=True,
+        )
 
     def refit_spec(self, layer) -> RefitSpec:
         # The output 1x1 is a per-pixel linear map of the depthwise chain's output: refittable.

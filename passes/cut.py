@@ -130,11 +130,14 @@ class Cut(Method):
             notes = {"data_aware": True, "output_error": output_err}
         else:
             # Columns hold the input side (I·k patch or I·kw row segment): whiten the transpose.
-            at, bt, err, output_err = _linalg.whitened_svd(matrix.T, input_side_moment(weight.shape, self.cut, stats),
-                                                           rank)
+            at, bt, err, output_err = _linalg.whitened_svd(
+                matrix.T, input_side_moment(weight.shape, self.cut, stats), rank
+            )
             a, b = bt.T, at.T
             notes = {"data_aware": True, "output_error": output_err}
-        return Factors({"A": a.astype(weight.dtype), "B": b.astype(weight.dtype)}, int(a.shape[1]), err, notes)
+        return Factors(
+            {"A": a.astype(weight.dtype), "B": b.astype(weight.dtype)}, int(a.shape[1]), err, notes
+        )
 
     def build(self, emit, layer, factors: Factors) -> None:
         a, b = factors.arrays["A"], factors.arrays["B"]
@@ -145,24 +148,51 @@ class Cut(Method):
         bias_input = self.bias_input(emit, factors)
         bias = [bias_input] if bias_input is not None else []
         if self.cut == "o":
-            hidden = emit.op("Conv", "spatial", [emit.data_input, emit.const("spatial/W", b.reshape(r, i, *kernel))],
-                             spatial_conv_attrs(layer, kernel))
-            emit.op("Conv", "out_1x1", [hidden, emit.const("out_1x1/W", a.reshape(o, r, *point))] + bias,
-                    {"kernel_shape": list(point)}, final=True)
+            hidden = emit.op(
+                "Conv",
+                "spatial",
+                [emit.data_input, emit.const("spatial/W", b.reshape(r, i, *kernel))],
+                spatial_conv_attrs(layer, kernel),
+            )
+            emit.op(
+                "Conv",
+                "out_1x1",
+                [hidden, emit.const("out_1x1/W", a.reshape(o, r, *point))] + bias,
+                {"kernel_shape": list(point)},
+                final=True,
+            )
         elif self.cut == "i":
-            hidden = emit.op("Conv", "in_1x1", [emit.data_input, emit.const("in_1x1/W", a.T.reshape(r, i, *point))],
-                             {"kernel_shape": list(point)})
+            hidden = emit.op(
+                "Conv",
+                "in_1x1",
+                [emit.data_input, emit.const("in_1x1/W", a.T.reshape(r, i, *point))],
+                {"kernel_shape": list(point)},
+            )
             w_out = np.swapaxes(b.reshape(r, o, *kernel), 0, 1)
-            emit.op("Conv", "spatial", [hidden, emit.const("spatial/W", w_out)] + bias,
-                    spatial_conv_attrs(layer, kernel), final=True)
+            emit.op(
+                "Conv",
+                "spatial",
+                [hidden, emit.const("spatial/W", w_out)] + bias,
+                spatial_conv_attrs(layer, kernel),
+                final=True,
+            )
         else:
             kh, kw = kernel
             w_first = b.reshape(r, i, 1, kw)
             w_last = a.reshape(o, kh, r).transpose(0, 2, 1)[..., None]
-            hidden = emit.op("Conv", "row", [emit.data_input, emit.const("row/W", w_first)],
-                             spatial_conv_attrs(layer, (1, kw), axes=(1,)))
-            emit.op("Conv", "column", [hidden, emit.const("column/W", w_last)] + bias,
-                    spatial_conv_attrs(layer, (kh, 1), axes=(0,)), final=True)
+            hidden = emit.op(
+                "Conv",
+                "row",
+                [emit.data_input, emit.const("row/W", w_first)],
+                spatial_conv_attrs(layer, (1, kw), axes=(1,)),
+            )
+            emit.op(
+                "Conv",
+                "column",
+                [hidden, emit.const("column/W", w_last)] + bias,
+                spatial_conv_attrs(layer, (kh, 1), axes=(0,)),
+                final=True,
+            )
 
     def refit_spec(self, layer) -> RefitSpec | None:
         # Only cut-o ends in a 1x1 conv (a per-pixel linear map); the others end in a spatial conv.

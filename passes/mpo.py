@@ -86,16 +86,22 @@ class MPO(Method):
         bonds = tuple(c.shape[3] for c in cores[:-1])
         realized = max(bonds) if np.isscalar(rank) else bonds
         arrays = {f"G{k + 1}": np.ascontiguousarray(c.astype(weight.dtype)) for k, c in enumerate(cores)}
-        return Factors(arrays, realized, err, {"mode": self.mode, "bonds": bonds,
-                                               "in_modes": in_modes, "out_modes": out_modes})
+        return Factors(
+            arrays,
+            realized,
+            err,
+            {"mode": self.mode, "bonds": bonds, "in_modes": in_modes, "out_modes": out_modes},
+        )
 
     def build(self, emit, layer, factors: Factors) -> None:
         cores = [factors.arrays[f"G{k + 1}"] for k in range(len(factors.arrays))]
         (_build_storage if self.mode == "storage" else _build_compute)(emit, layer, cores)
 
     def _natural_modes(self, shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return (_linalg.balanced_factorization(shape[0], self.cores),
-                _linalg.balanced_factorization(shape[1], self.cores))
+        return (
+            _linalg.balanced_factorization(shape[0], self.cores),
+            _linalg.balanced_factorization(shape[1], self.cores),
+        )
 
     def _modes(self, layer) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(input modes, output modes) in the direction the activations flow."""
@@ -140,8 +146,10 @@ def _shape(emit, x, role: str, parts, static):
             inputs.append(emit.const(f"{role}/dims{index}", np.array(constants, np.int64)))
             constants = []
         if piece is not None:
-            bounds = [emit.const(f"{role}/slice{index}/{name}", np.array([v], np.int64))
-                      for name, v in (("start", piece[0]), ("end", piece[1]), ("axis", 0))]
+            bounds = [
+                emit.const(f"{role}/slice{index}/{name}", np.array([v], np.int64))
+                for name, v in (("start", piece[0]), ("end", piece[1]), ("axis", 0))
+            ]
             inputs.append(emit.op("Slice", f"{role}/slice{index}", [whole, *bounds], dtype=np.int64))
     if len(inputs) == 1:
         return inputs[0]
@@ -177,7 +185,7 @@ def _build_compute(emit, layer, cores) -> None:
         h = emit.op("MatMul", "core1", [h, emit.const("G1", cores[0].reshape(in_modes[0], -1))])
         first = 1
     for k in range(first, len(cores)):
-        i, r, batch = in_modes[k], bonds[k], prod(in_modes[k + 1:]) * prod(out_modes[:k])
+        i, r, batch = in_modes[k], bonds[k], prod(in_modes[k + 1 :]) * prod(out_modes[:k])
         tag = f"core{k + 1}"
         if i == 1:  # nothing to move: the bond already sits last
             h = _reshape(emit, h, f"{tag}/reshape", [-1, batch, r])

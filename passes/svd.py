@@ -59,7 +59,6 @@ class SVD(Method):
             hidden = emit.op("MatMul", "factor_a", [emit.data_input, a])
             emit.op("MatMul", "factor_b", [hidden, b], final=True)
 
-
     def refit_spec(self, layer) -> RefitSpec | None:
         if layer.attr("weight_side") == "left":
             return None  # A·(B·x): the last factor multiplies from the left; not refitted

@@ -56,8 +56,15 @@ class Tucker2(Method):
             u_out, core, u_in, err = _linalg.whitened_partial_tucker(weight, rank, stats.input_moment)
         else:
             u_out, core, u_in, err = _linalg.partial_tucker(weight, rank)
-        return Factors({"U_out": u_out.astype(weight.dtype), "core": core.astype(weight.dtype),
-                        "U_in": u_in.astype(weight.dtype)}, (u_out.shape[1], u_in.shape[1]), err)
+        return Factors(
+            {
+                "U_out": u_out.astype(weight.dtype),
+                "core": core.astype(weight.dtype),
+                "U_in": u_in.astype(weight.dtype),
+            },
+            (u_out.shape[1], u_in.shape[1]),
+            err,
+        )
 
     def build(self, emit, layer, factors: Factors) -> None:
         u_out, core, u_in = factors.arrays["U_out"], factors.arrays["core"], factors.arrays["U_in"]
@@ -65,10 +72,15 @@ class Tucker2(Method):
         point = (1,) * n_spatial
         w_in = u_in.T.reshape(u_in.shape[1], u_in.shape[0], *point)
         w_out = u_out.reshape(u_out.shape[0], u_out.shape[1], *point)
-        hidden = emit.op("Conv", "in_1x1", [emit.data_input, emit.const("in_1x1/W", w_in)],
-                         {"kernel_shape": list(point)})
-        hidden = emit.op("Conv", "core", [hidden, emit.const("core/W", np.ascontiguousarray(core))],
-                         spatial_conv_attrs(layer, core.shape[2:]))
+        hidden = emit.op(
+            "Conv", "in_1x1", [emit.data_input, emit.const("in_1x1/W", w_in)], {"kernel_shape": list(point)}
+        )
+        hidden = emit.op(
+            "Conv",
+            "core",
+            [hidden, emit.const("core/W", np.ascontiguousarray(core))],
+            spatial_conv_attrs(layer, core.shape[2:]),
+        )
         bias = self.bias_input(emit, factors)
         inputs = [hidden, emit.const("out_1x1/W", w_out)] + ([bias] if bias is not None else [])
         emit.op("Conv", "out_1x1", inputs, {"kernel_shape": list(point)}, final=True)
@@ -101,4 +113,60 @@ def spatial_conv_attrs(layer, kernel_shape, *, group: int = 1, keep_pads=True, a
     return attrs
 
 
+class Tucker2Transposed(Tucker2):
+    """Tucker-2 of a ConvTranspose kernel W (I, O, *k) ≈ core ×_I U_in ×_O U_out, core (r_i, r_o, *k):
+
+        ConvTranspose(I→O, k)  ⇒  Conv 1x1(I→r_i) → ConvTranspose k(r_i→r_o, all geometry)
+                                  → Conv 1x1(r_o→O, +bias)
+
+    Ranks are (r_i, r_o), in the order of the kernel's modes. Channel mixing commutes with the
+    transposed convolution's scatter exactly as with a convolution's gather, so the split is exact
+    at full rank. Weight-only: the input moment is on mode 0 here, not the mode Tucker2 whitens."""
+
+    name = "tucker2-transpose"
+    op_types = ("ConvTranspose",)
+
+    def check(self, layer) -> str | None:
+        return Method.check(self, layer)
+
+    def rank_from_energy(self, layer, energy: float) -> tuple[int, int]:
+        spectrum_in, spectrum_out = _linalg.tucker2_mode_spectra(layer.weight)
+        return (_linalg.rank_for_energy(spectrum_in, energy), _linalg.rank_for_energy(spectrum_out, energy))
+
+    def cost(self, layer, rank: tuple[int, int]) -> Cost:
+        i, o = layer.weight_shape[:2]
+        k = prod(layer.weight_shape[2:])
+        r_in, r_out = rank
+        first, core, last = i * r_in, r_in * r_out * k, r_out * o
+        # The core scatters from every input position; the output 1x1 runs at the output resolution.
+        flops = 2 * (layer.in_positions * (first + core) + layer.out_positions * last)
+        return Cost(first + core + last, flops)
+
+    def decompose(self, weight, rank: tuple[int, int], stats=None) -> Factors:
+        u_in, core, u_out, err = _linalg.partial_tucker(weight, rank)
+        arrays = {"U_in": u_in.astype(weight.dtype), "core": core.astype(weight.dtype),
+                  "U_out": u_out.astype(weight.dtype)}
+        return Factors(arrays, (u_in.shape[1], u_out.shape[1]), err)
+
+    def build(self, emit, layer, factors: Factors) -> None:
+        u_in, core, u_out = factors.arrays["U_in"], factors.arrays["core"], factors.arrays["U_out"]
+        point = (1,) * (core.ndim - 2)
+        w_in = u_in.T.reshape(u_in.shape[1], u_in.shape[0], *point)
+        hidden = emit.op("Conv", "in_1x1", [emit.data_input, emit.const("in_1x1/W", w_in)],
+                         {"kernel_shape": list(point)})
+        attrs = spatial_conv_attrs(layer, core.shape[2:])
+        for key in ("output_padding", "output_shape"):
+            if layer.attr(key) is not None:
+                attrs[key] = list(layer.attr(key))
+        hidden = emit.op("ConvTranspose", "core", [hidden, emit.const("core/W", np.ascontiguousarray(core))], attrs)
+        w_out = u_out.reshape(u_out.shape[0], u_out.shape[1], *point)
+        bias = self.bias_input(emit, factors)
+        inputs = [hidden, emit.const("out_1x1/W", w_out)] + ([bias] if bias is not None else [])
+        emit.op("Conv", "out_1x1", inputs, {"kernel_shape": list(point)}, final=True)
+
+    def refit_spec(self, layer) -> RefitSpec:
+        return RefitSpec("core", "U_out", 1, True, intercept=True)
+
+
 METHOD = Tucker2()
+TRANSPOSED = Tucker2Transposed()

@@ -90,7 +90,7 @@ class GroupedTucker2(Method):
         u_outs, cores, u_ins, approx = [], [], [], []
         for j, block in enumerate(np.split(np.asarray(weight, dtype=np.float64), g, axis=0)):
             if stats is not None:
-                moment = stats.input_moment[j * i:(j + 1) * i, j * i:(j + 1) * i]
+                moment = stats.input_moment[j * i : (j + 1) * i, j * i : (j + 1) * i]
                 u_out, core, u_in, _ = _linalg.whitened_partial_tucker(block, (r_out, r_in), moment)
             else:
                 u_out, core, u_in, _ = _linalg.partial_tucker(block, (r_out, r_in))
@@ -101,8 +101,12 @@ class GroupedTucker2(Method):
         err = _linalg.relative_error(weight, np.concatenate(approx, axis=0))
         arrays = {"U_out": np.stack(u_outs), "core": np.stack(cores), "U_in": np.stack(u_ins)}
         notes = {"data_aware": True} if stats is not None else {}
-        return Factors({key: v.astype(weight.dtype) for key, v in arrays.items()},
-                       GroupedRank(g, r_out, r_in), err, notes)
+        return Factors(
+            {key: v.astype(weight.dtype) for key, v in arrays.items()},
+            GroupedRank(g, r_out, r_in),
+            err,
+            notes,
+        )
 
     def build(self, emit, layer, factors: Factors) -> None:
         u_out, core, u_in = factors.arrays["U_out"], factors.arrays["core"], factors.arrays["U_in"]
@@ -114,13 +118,23 @@ class GroupedTucker2(Method):
         w_in = u_in.transpose(0, 2, 1).reshape(g * r_in, i_g, *point)
         w_core = core.reshape(g * r_out, r_in, *kernel)
         w_out = u_out.reshape(g * o_g, r_out, *point)
-        hidden = emit.op("Conv", "in_1x1", [emit.data_input, emit.const("in_1x1/W", w_in)],
-                         {"kernel_shape": list(point), "group": g})
-        hidden = emit.op("Conv", "core", [hidden, emit.const("core/W", w_core)],
-                         spatial_conv_attrs(layer, kernel, group=g))
+        hidden = emit.op(
+            "Conv",
+            "in_1x1",
+            [emit.data_input, emit.const("in_1x1/W", w_in)],
+            {"kernel_shape": list(point), "group": g},
+        )
+        hidden = emit.op(
+            "Conv", "core", [hidden, emit.const("core/W", w_core)], spatial_conv_attrs(layer, kernel, group=g)
+        )
         bias = self.bias_input(emit, factors)
-        emit.op("Conv", "out_1x1", [hidden, emit.const("out_1x1/W", w_out)] + ([bias] if bias is not None else []),
-                {"kernel_shape": list(point), "group": g}, final=True)
+        emit.op(
+            "Conv",
+            "out_1x1",
+            [hidden, emit.const("out_1x1/W", w_out)] + ([bias] if bias is not None else []),
+            {"kernel_shape": list(point), "group": g},
+            final=True,
+        )
 
 
 METHOD = GroupedTucker2()

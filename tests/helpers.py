@@ -35,7 +35,9 @@ def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 
 
 def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(np.asarray(a, np.float64)), 1e-30))
+    return float(
+        np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(np.asarray(a, np.float64)), 1e-30)
+    )
 
 
 def assert_equivalent(original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict, rtol: float = 1e-5):

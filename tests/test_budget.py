@@ -4,9 +4,9 @@ import itertools
 
 import numpy as np
 import pytest
+from tnopt.passes._method import scaled_rank
 
 from tnopt.budget import Option, allocate, tau_grid, total_saving
-from tnopt.passes._method import scaled_rank
 
 
 def random_options(seed, layers=4, per_layer=5):
@@ -16,7 +16,9 @@ def random_options(seed, layers=4, per_layer=5):
         # Typical shape: more saving costs disproportionately more proxy loss.
         savings = np.sort(rng.uniform(1, 100, per_layer))
         proxies = np.sort(rng.uniform(0, 1, per_layer)) ** 2
-        options += [Option(f"L{layer}", f"r{i}", float(s), float(p)) for i, (s, p) in enumerate(zip(savings, proxies))]
+        options += [
+            Option(f"L{layer}", f"r{i}", float(s), float(p)) for i, (s, p) in enumerate(zip(savings, proxies))
+        ]
     return options
 
 
@@ -47,15 +49,29 @@ def test_zero_tau_takes_only_free_options():
 
 
 def test_dominated_option_is_never_chosen():
-    options = [Option("a", "cheap", 10.0, 0.1), Option("a", "dominated", 8.0, 0.2), Option("a", "big", 20.0, 0.3)]
+    options = [
+        Option("a", "cheap", 10.0, 0.1),
+        Option("a", "dominated", 8.0, 0.2),
+        Option("a", "big", 20.0, 0.3),
+    ]
     for tau in (0.1, 0.2, 0.25, 0.3, 1.0):
         chosen = allocate(options, tau).get("a")
         assert chosen is None or chosen.key != "dominated"
 
 
-@pytest.mark.parametrize("full,fraction,expected", [
-    (120, 1.0, 120), (84, 1.0, 84), (84, 0.5, 40), (384, 0.5, 192), (64, 0.3, 24), (10, 0.5, 5), (3, 0.1, 1),
-    (100, 0.99, 96), (100, 1.0, 100),
-])
+@pytest.mark.parametrize(
+    "full,fraction,expected",
+    [
+        (120, 1.0, 120),
+        (84, 1.0, 84),
+        (84, 0.5, 40),
+        (384, 0.5, 192),
+        (64, 0.3, 24),
+        (10, 0.5, 5),
+        (3, 0.1, 1),
+        (100, 0.99, 96),
+        (100, 1.0, 100),
+    ],
+)
 def test_scaled_rank(full, fraction, expected):
     assert scaled_rank(full, fraction) == expected

@@ -11,8 +11,9 @@ from onnx import helper
 
 
 def tnopt(*args, cwd=None):
-    result = subprocess.run([sys.executable, "-m", "tnopt", *map(str, args)], capture_output=True, text=True,
-                            cwd=cwd, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "tnopt", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
     return result
 
 
@@ -20,10 +21,16 @@ def tnopt(*args, cwd=None):
 def small_model(tmp_path):
     w1 = planted_matrix(32, 48, 8, seed=1)
     w2 = planted_matrix(48, 10, 10, seed=2)
-    model = make_model([helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1"),
-                        helper.make_node("Relu", ["h"], ["r"]),
-                        helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2")],
-                       [tensor("x", ["N", 32])], [tensor("y", ["N", 10])], [init("w1", w1), init("w2", w2)])
+    model = make_model(
+        [
+            helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2"),
+        ],
+        [tensor("x", ["N", 32])],
+        [tensor("y", ["N", 10])],
+        [init("w1", w1), init("w2", w2)],
+    )
     path = tmp_path / "small.onnx"
     path.write_bytes(model.SerializeToString())
     return path
@@ -111,7 +118,9 @@ def test_missing_output_directory(small_model, tmp_path):
 
 
 def test_no_candidate_layers_exit_2_nothing_written(tmp_path):
-    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor("x", ["N", 4])], [tensor("y", ["N", 4])])
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])], [tensor("x", ["N", 4])], [tensor("y", ["N", 4])]
+    )
     path = tmp_path / "relu.onnx"
     path.write_bytes(model.SerializeToString())
     assert_one_line_error(tnopt(path, "-o", tmp_path / "o.onnx"), "no Conv, Gemm or constant-weight MatMul")
@@ -119,8 +128,11 @@ def test_no_candidate_layers_exit_2_nothing_written(tmp_path):
 
 
 def test_attention_only_matmuls_are_no_candidates(tmp_path):
-    model = make_model([helper.make_node("MatMul", ["q", "k"], ["y"])],
-                       [tensor("q", ["N", 4, 8]), tensor("k", ["N", 8, 4])], [tensor("y", 3)])
+    model = make_model(
+        [helper.make_node("MatMul", ["q", "k"], ["y"])],
+        [tensor("q", ["N", 4, 8]), tensor("k", ["N", 8, 4])],
+        [tensor("y", 3)],
+    )
     path = tmp_path / "attn.onnx"
     path.write_bytes(model.SerializeToString())
     assert_one_line_error(tnopt(path, "-o", tmp_path / "o.onnx"), "no Conv, Gemm")
@@ -129,7 +141,9 @@ def test_attention_only_matmuls_are_no_candidates(tmp_path):
 def test_bad_data_file(small_model, tmp_path):
     data = tmp_path / "d.npz"
     np.savez(data, wrong=np.zeros((4, 7), np.float32), other=np.zeros((4, 7), np.float32))
-    assert_one_line_error(tnopt(small_model, "-o", tmp_path / "o.onnx", "--data", data), "no array for model input")
+    assert_one_line_error(
+        tnopt(small_model, "-o", tmp_path / "o.onnx", "--data", data), "no array for model input"
+    )
     assert not (tmp_path / "o.onnx").exists()
 
 
@@ -138,7 +152,9 @@ def test_provider_cuda_without_cuda(small_model, tmp_path):
 
     if cuda_works()[0]:
         pytest.skip("this machine has a working CUDA provider")
-    assert_one_line_error(tnopt(small_model, "-o", tmp_path / "o.onnx", "--provider", "cuda"), "--provider cuda")
+    assert_one_line_error(
+        tnopt(small_model, "-o", tmp_path / "o.onnx", "--provider", "cuda"), "--provider cuda"
+    )
     assert not (tmp_path / "o.onnx").exists()
 
 

@@ -3,9 +3,9 @@
 import numpy as np
 from helpers import init, make_model, tensor
 from onnx import helper
+from tnopt.passes import _linalg
 
 import tnopt
-from tnopt.passes import _linalg
 
 
 def anisotropic_inputs(rows=4000, features=64, seed=0):
@@ -57,19 +57,27 @@ def test_whitened_tucker2_beats_weight_only_on_correlated_channels():
 def _two_layer_model(seed=4):
     rng = np.random.default_rng(seed)
     w1, w2 = rng.standard_normal((64, 64)) / 8, rng.standard_normal((64, 10)) / 8
-    return make_model([helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
-                       helper.make_node("Relu", ["h"], ["r"]),
-                       helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2")],
-                      [tensor("x", ["N", 64])], [tensor("y", ["N", 10])],
-                      [init("w1", w1), init("b1", rng.standard_normal(64)), init("w2", w2)])
+    return make_model(
+        [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2"),
+        ],
+        [tensor("x", ["N", 64])],
+        [tensor("y", ["N", 10])],
+        [init("w1", w1), init("b1", rng.standard_normal(64)), init("w2", w2)],
+    )
 
 
 def test_pipeline_data_aware_and_correction_reduce_output_error():
     model = _two_layer_model()
     data = {"x": anisotropic_inputs(rows=1024, features=64, seed=5).astype(np.float32)}
     errors = {}
-    for label, flags in {"weight": dict(data_aware=False, correct=False), "white": dict(correct=False),
-                         "white+corr": dict()}.items():
+    for label, flags in {
+        "weight": dict(data_aware=False, correct=False),
+        "white": dict(correct=False),
+        "white+corr": dict(),
+    }.items():
         _, report = tnopt.compress(model, rank_ratio=0.125, methods="svd", data=data, provider="cpu", **flags)
         errors[label] = report.metrics["rel-l2"]
         assert report.factors["data_aware"] == (label != "weight")

@@ -54,8 +54,11 @@ def planted_cut(shape, cut, rank, seed=0):
     rng = np.random.default_rng(seed)
     o, i, *k = shape
     if cut == "o":
-        return (rng.standard_normal((o, rank)) @ rng.standard_normal((rank, i * np.prod(k, dtype=int)))).reshape(
-            shape).astype(np.float32)
+        return (
+            (rng.standard_normal((o, rank)) @ rng.standard_normal((rank, i * np.prod(k, dtype=int))))
+            .reshape(shape)
+            .astype(np.float32)
+        )
     if cut == "i":
         m = rng.standard_normal((i, rank)) @ rng.standard_normal((rank, o * np.prod(k, dtype=int)))
         return np.swapaxes(m.reshape(i, o, *k), 0, 1).astype(np.float32).copy()
@@ -68,12 +71,18 @@ def conv_model(weight, attrs, spatial, bias=True, batch="N"):
     o, i = weight.shape[0], weight.shape[1] * attrs.get("group", 1)
     inputs = ["x", "w"] + (["b"] if bias else [])
     inits = [init("w", weight)] + ([init("b", RNG.standard_normal(o))] if bias else [])
-    return make_model([helper.make_node("Conv", inputs, ["y"], name="conv", **attrs)],
-                      [tensor("x", [batch, i, *spatial])], [tensor("y", 2 + len(spatial))], inits)
+    return make_model(
+        [helper.make_node("Conv", inputs, ["y"], name="conv", **attrs)],
+        [tensor("x", [batch, i, *spatial])],
+        [tensor("y", 2 + len(spatial))],
+        inits,
+    )
 
 
 def compress_at(model, method, rank):
-    out, report = tnopt.compress(model, ranks={"conv": rank}, methods=[method], provider="cpu", allow_growth=True)
+    out, report = tnopt.compress(
+        model, ranks={"conv": rank}, methods=[method], provider="cpu", allow_growth=True
+    )
     entry = report.layers[0]
     assert entry.decision == "rewritten", entry.reason
     return out, entry
@@ -102,12 +111,24 @@ def test_cp_places_each_axis_geometry_on_its_own_depthwise_conv():
     attrs = {"strides": [2, 3], "pads": [1, 2, 0, 1], "dilations": [2, 1]}
     model = conv_model(weight, attrs, (11, 16), bias=False)
     out, _ = compress_at(model, "cp", 3)
-    nodes = {n.name.split("/")[-1]: {a.name: helper.get_attribute_value(a) for a in n.attribute}
-             for n in out.graph.node}
-    assert nodes["depth_h"] == {"kernel_shape": [3, 1], "strides": [2, 1], "dilations": [2, 1],
-                                "pads": [1, 0, 0, 0], "group": 3}
-    assert nodes["depth_w"] == {"kernel_shape": [1, 5], "strides": [1, 3], "dilations": [1, 1],
-                                "pads": [0, 2, 0, 1], "group": 3}
+    nodes = {
+        n.name.split("/")[-1]: {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        for n in out.graph.node
+    }
+    assert nodes["depth_h"] == {
+        "kernel_shape": [3, 1],
+        "strides": [2, 1],
+        "dilations": [2, 1],
+        "pads": [1, 0, 0, 0],
+        "group": 3,
+    }
+    assert nodes["depth_w"] == {
+        "kernel_shape": [1, 5],
+        "strides": [1, 3],
+        "dilations": [1, 1],
+        "pads": [0, 2, 0, 1],
+        "group": 3,
+    }
     assert "strides" not in nodes["in_1x1"] and "strides" not in nodes["out_1x1"]
     check_batches(model, out, (11, 16), 4)
 
@@ -194,8 +215,10 @@ def test_cut_spatial_places_axis_geometry():
     weight = planted_cut((6, 4, 3, 5), "spatial", 2, seed=8)
     model = conv_model(weight, {"strides": [2, 3], "pads": [1, 2, 0, 1], "dilations": [2, 1]}, (11, 16))
     out, _ = compress_at(model, "cut-spatial", 2)
-    nodes = {n.name.split("/")[-1]: {a.name: helper.get_attribute_value(a) for a in n.attribute}
-             for n in out.graph.node}
+    nodes = {
+        n.name.split("/")[-1]: {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        for n in out.graph.node
+    }
     assert nodes["row"]["kernel_shape"] == [1, 5] and nodes["row"]["strides"] == [1, 3]
     assert nodes["row"]["pads"] == [0, 2, 0, 1]
     assert nodes["column"]["kernel_shape"] == [3, 1] and nodes["column"]["strides"] == [2, 1]
@@ -232,8 +255,14 @@ def test_cut_matrix_rank_matches_planting():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "tnopt", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "tnopt", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_inspect_cuts_table_and_json():
@@ -333,8 +362,11 @@ def correlated_moment(n, seed=0):
 
 @pytest.mark.parametrize("name", ["cut-o", "cut-i", "cut-spatial", "cp"])
 def test_data_aware_planted_rank_stays_exact(name):
-    weight = (planted_cp((8, 6, 3, 3), 3, seed=13) if name == "cp"
-              else planted_cut((8, 6, 3, 3), name.split("-")[1], 3, seed=13))
+    weight = (
+        planted_cp((8, 6, 3, 3), 3, seed=13)
+        if name == "cp"
+        else planted_cut((8, 6, 3, 3), name.split("-")[1], 3, seed=13)
+    )
     stats = SimpleNamespace(input_moment=correlated_moment(6), patch_moment=None)
     factors = METHODS[name].decompose(weight, 3, stats)
     assert factors.notes["data_aware"] and factors.rel_error < 1e-5
@@ -348,8 +380,9 @@ def test_data_aware_cut_lowers_the_output_error(cut):
     moment = correlated_moment(6, seed=14)
     model = conv_model(weight, {"pads": [1, 1, 1, 1]}, (10, 10), bias=False)
     layer = analyze(model)[0]
-    x = np.einsum("ij,njhw->nihw", np.linalg.cholesky(moment + 1e-9 * np.eye(6)),
-                  RNG.standard_normal((4, 6, 10, 10))).astype(np.float32)
+    x = np.einsum(
+        "ij,njhw->nihw", np.linalg.cholesky(moment + 1e-9 * np.eye(6)), RNG.standard_normal((4, 6, 10, 10))
+    ).astype(np.float32)
     errors = {}
     for mode, stats in (("plain", None), ("white", SimpleNamespace(input_moment=moment, patch_moment=None))):
         factors = METHODS[f"cut-{cut}"].decompose(layer.weight, 3, stats)
@@ -364,10 +397,24 @@ def test_sequential_correction_runs_for_cp_and_cut_o():
     model = conv_model(weight, {"pads": [1, 1, 1, 1], "strides": [2, 1]}, (10, 10))
     data = {"x": RNG.standard_normal((16, 6, 10, 10)).astype(np.float32)}
     for name in ("cp", "cut-o"):
-        _, plain = tnopt.compress(model, ranks={"conv": 3}, methods=[name], provider="cpu", data=data,
-                                  data_aware=False, correct=False)
-        _, fixed = tnopt.compress(model, ranks={"conv": 3}, methods=[name], provider="cpu", data=data,
-                                  data_aware=False, correct=True)
+        _, plain = tnopt.compress(
+            model,
+            ranks={"conv": 3},
+            methods=[name],
+            provider="cpu",
+            data=data,
+            data_aware=False,
+            correct=False,
+        )
+        _, fixed = tnopt.compress(
+            model,
+            ranks={"conv": 3},
+            methods=[name],
+            provider="cpu",
+            data=data,
+            data_aware=False,
+            correct=True,
+        )
         assert fixed.metrics["rel-l2"] < plain.metrics["rel-l2"], name
 
 

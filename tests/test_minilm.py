@@ -32,8 +32,9 @@ def test_svd_half_rank_rewrites_exactly_the_weight_matmuls(minilm_path):
     assert sum(layer.op == "MatMul" and layer.candidate for layer in layers) == 36
     assert len(_matmuls(original)) == 48
     data = minilm.tokenize(minilm.SENTENCES[:16])
-    compressed, report = tnopt.compress(str(minilm_path), methods="svd", rank_ratio=0.5, data=data, provider="cpu",
-                                        correct=False)
+    compressed, report = tnopt.compress(
+        str(minilm_path), methods="svd", rank_ratio=0.5, data=data, provider="cpu", correct=False
+    )
     rewritten = [entry for entry in report.layers if entry.decision == "rewritten"]
     assert len(rewritten) == 36 and all(entry.method == "svd" for entry in rewritten)
     # Each weight MatMul became two; the 12 attention MatMuls are still there, untouched.
@@ -52,8 +53,10 @@ def test_svd_half_rank_rewrites_exactly_the_weight_matmuls(minilm_path):
     assert [d for d in session.get_inputs()[0].shape] == [d for d in reference.get_inputs()[0].shape]
     for batch, length in ((1, 7), (3, 31)):
         rng = np.random.default_rng(batch)
-        feed = {"input_ids": rng.integers(1000, 2000, (batch, length)).astype(np.int64),
-                "attention_mask": np.ones((batch, length), np.int64)}
+        feed = {
+            "input_ids": rng.integers(1000, 2000, (batch, length)).astype(np.int64),
+            "attention_mask": np.ones((batch, length), np.int64),
+        }
         feed = {k: v for k, v in feed.items() if k in names}
         out = session.run(None, feed)[0]
         assert out.shape == reference.run(None, feed)[0].shape == (batch, 384)
@@ -61,7 +64,15 @@ def test_svd_half_rank_rewrites_exactly_the_weight_matmuls(minilm_path):
 
 def test_full_rank_svd_reproduces_minilm(minilm_path):
     data = minilm.tokenize(minilm.SENTENCES[:8])
-    _, report = tnopt.compress(str(minilm_path), methods="svd", rank_ratio=1.0, data=data, provider="cpu",
-                               allow_growth=True, data_aware=False, correct=False)
+    _, report = tnopt.compress(
+        str(minilm_path),
+        methods="svd",
+        rank_ratio=1.0,
+        data=data,
+        provider="cpu",
+        allow_growth=True,
+        data_aware=False,
+        correct=False,
+    )
     assert len(report.rewritten) == 36
     assert report.metrics["rel-l2"] < 1e-4

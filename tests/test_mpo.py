@@ -56,8 +56,12 @@ def test_gemm_planted_tt_rank(method, attrs, c_shape):
     b = w.T if attrs["transB"] else w
     inputs = ["a", "b"] + (["c"] if c_shape else [])
     inits = [init("b", b)] + ([init("c", RNG.standard_normal(c_shape))] if c_shape else [])
-    model = make_model([helper.make_node("Gemm", inputs, ["y"], name="gemm", **attrs)],
-                       [tensor("a", [k, "M"] if attrs["transA"] else ["M", k])], [tensor("y", 2)], inits)
+    model = make_model(
+        [helper.make_node("Gemm", inputs, ["y"], name="gemm", **attrs)],
+        [tensor("a", [k, "M"] if attrs["transA"] else ["M", k])],
+        [tensor("y", 2)],
+        inits,
+    )
     out, report = compress_at(model, {"gemm": bond}, method)
     assert report.layers[0].weight_error < 1e-6
     assert op_count(out, "Gemm") == (1 if method == "mpo-storage" else 0)
@@ -67,8 +71,12 @@ def test_gemm_planted_tt_rank(method, attrs, c_shape):
 @pytest.mark.parametrize("method", MODES)
 def test_matmul_3d_activations_dynamic_batch_and_sequence(method):
     k, n, bond = 48, 36, 4
-    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-                       [tensor("x", ["batch", "seq", k])], [tensor("y", 3)], [init("w", planted_tt(k, n, bond, seed=2))])
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [tensor("x", ["batch", "seq", k])],
+        [tensor("y", 3)],
+        [init("w", planted_tt(k, n, bond, seed=2))],
+    )
     out, _ = compress_at(model, {"mm": bond}, method)
     assert op_count(out, "MatMul") == mpo.DEFAULT_CORES  # compute: one per core; storage: rebuild + dense
     for shape in [(1, 7, k), (3, 5, k)]:
@@ -80,8 +88,12 @@ def test_matmul_3d_activations_dynamic_batch_and_sequence(method):
 def test_matmul_weight_on_the_left(method):
     m, k, bond = 30, 20, 3
     w = planted_tt(m, k, bond, seed=3)  # y = W·x with W (M, K)
-    model = make_model([helper.make_node("MatMul", ["w", "x"], ["y"], name="mm")],
-                       [tensor("x", ["batch", k, "cols"])], [tensor("y", 3)], [init("w", w)])
+    model = make_model(
+        [helper.make_node("MatMul", ["w", "x"], ["y"], name="mm")],
+        [tensor("x", ["batch", k, "cols"])],
+        [tensor("y", 3)],
+        [init("w", w)],
+    )
     out, _ = compress_at(model, {"mm": bond}, method)
     for shape in [(1, k, 7), (2, k, 3)]:
         assert_equivalent(model, out, {"x": rand(*shape)})
@@ -90,9 +102,16 @@ def test_matmul_weight_on_the_left(method):
 @pytest.mark.parametrize("method", MODES)
 def test_matmul_input_of_unknown_rank(method):
     k, n, bond = 48, 36, 4
-    nodes = [helper.make_node("Reshape", ["x", "s"], ["x2"]), helper.make_node("MatMul", ["x2", "w"], ["y"], name="mm")]
-    model = make_model(nodes, [tensor("x", ["N", k]), tensor("s", ["L"], TensorProto.INT64)], [tensor("y", 2)],
-                       [init("w", planted_tt(k, n, bond, seed=8))])
+    nodes = [
+        helper.make_node("Reshape", ["x", "s"], ["x2"]),
+        helper.make_node("MatMul", ["x2", "w"], ["y"], name="mm"),
+    ]
+    model = make_model(
+        nodes,
+        [tensor("x", ["N", k]), tensor("s", ["L"], TensorProto.INT64)],
+        [tensor("y", 2)],
+        [init("w", planted_tt(k, n, bond, seed=8))],
+    )
     assert tnopt_layer(model).input_shape is None
     data = {"x": rand(4, k), "s": np.array([2, 2, k])}
     out, _ = tnopt.compress(model, ranks={"mm": bond}, methods=[method], provider="cpu", data=data)
@@ -105,8 +124,12 @@ def test_matmul_input_of_unknown_rank(method):
 def test_pointwise_conv_planted_tt_rank(method, x_shape):
     o, c, bond = 40, 24, 3
     kernel = planted_tt(c, o, bond, seed=4).T.reshape(o, c, 1, 1).copy()  # the TT is of the (I, O) matrix
-    model = make_model([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[1, 1])],
-                       [tensor("x", x_shape)], [tensor("y", 4)], [init("w", kernel), init("b", rand(o))])
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[1, 1])],
+        [tensor("x", x_shape)],
+        [tensor("y", 4)],
+        [init("w", kernel), init("b", rand(o))],
+    )
     out, report = compress_at(model, {"conv": bond}, method)
     assert report.layers[0].weight_error < 1e-6
     assert op_count(out, "Conv") == (1 if method == "mpo-storage" else 0)
@@ -115,14 +138,21 @@ def test_pointwise_conv_planted_tt_rank(method, x_shape):
         assert_equivalent(model, out, {"x": rand(1, c, 3, 9)})
 
 
-@pytest.mark.parametrize("attrs, reason", [
-    ({"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, "1x1"),
-    ({"kernel_shape": [1, 1], "strides": [2, 2]}, "stride 1"),
-])
+@pytest.mark.parametrize(
+    "attrs, reason",
+    [
+        ({"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, "1x1"),
+        ({"kernel_shape": [1, 1], "strides": [2, 2]}, "stride 1"),
+    ],
+)
 def test_conv_that_is_not_a_plain_pointwise_gets_a_reason(attrs, reason):
     kh = attrs["kernel_shape"][0]
-    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", **attrs)],
-                       [tensor("x", [1, 8, 6, 6])], [tensor("y", 4)], [init("w", rand(8, 8, kh, kh))])
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", **attrs)],
+        [tensor("x", [1, 8, 6, 6])],
+        [tensor("y", 4)],
+        [init("w", rand(8, 8, kh, kh))],
+    )
     for method in MODES:
         assert reason in passes.METHODS[method].check(tnopt_layer(model))
 
@@ -130,8 +160,12 @@ def test_conv_that_is_not_a_plain_pointwise_gets_a_reason(attrs, reason):
 @pytest.mark.parametrize("method", MODES)
 def test_bond_below_the_planted_rank_is_not_exact(method):
     k, n, bond = 48, 36, 4
-    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-                       [tensor("x", ["N", k])], [tensor("y", 2)], [init("w", planted_tt(k, n, bond, seed=5))])
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [tensor("x", ["N", k])],
+        [tensor("y", 2)],
+        [init("w", planted_tt(k, n, bond, seed=5))],
+    )
     out, report = compress_at(model, {"mm": bond - 1}, method)
     assert report.layers[0].weight_error > 1e-3
     with pytest.raises(AssertionError):
@@ -141,8 +175,12 @@ def test_bond_below_the_planted_rank_is_not_exact(method):
 def test_storage_mode_shrinks_the_file_by_the_tt_ratio():
     k = n = 512
     bond = 4
-    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-                       [tensor("x", ["N", k])], [tensor("y", 2)], [init("w", planted_tt(k, n, bond, seed=6))])
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [tensor("x", ["N", k])],
+        [tensor("y", 2)],
+        [init("w", planted_tt(k, n, bond, seed=6))],
+    )
     out, report = compress_at(model, {"mm": bond}, "mpo-storage")
     tt_params = passes.METHODS["mpo-storage"].cost(tnopt_layer(model), bond).params
     assert report.layers[0].params_after == tt_params == sum(c.size for c in _cores(out))
@@ -158,8 +196,12 @@ def test_compute_mode_emits_one_matmul_per_core(monkeypatch):
     for cores in (2, 4):
         monkeypatch.setitem(passes.METHODS, "mpo", mpo.MPO(cores=cores))
         w = planted_tt(k, n, bond, cores=cores, seed=7)
-        model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-                           [tensor("x", ["N", k])], [tensor("y", 2)], [init("w", w)])
+        model = make_model(
+            [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+            [tensor("x", ["N", k])],
+            [tensor("y", 2)],
+            [init("w", w)],
+        )
         out, _ = compress_at(model, {"mm": bond}, "mpo")
         assert op_count(out, "MatMul") == cores
         assert_equivalent(model, out, {"x": rand(4, k)})
@@ -171,7 +213,7 @@ def test_balanced_factorization():
     assert _linalg.balanced_factorization(1536, 3) == (16, 8, 12)
     assert _linalg.balanced_factorization(768, 2) == (32, 24)
     assert _linalg.balanced_factorization(17, 3) == (17, 1, 1)  # a prime cannot be balanced
-    for n, d in [(1000, 3), (30522, 3), (2 ** 12, 4), (1, 3)]:
+    for n, d in [(1000, 3), (30522, 3), (2**12, 4), (1, 3)]:
         assert np.prod(_linalg.balanced_factorization(n, d)) == n
 
 
@@ -190,8 +232,14 @@ def test_tt_svd_is_exact_at_full_rank_and_deterministic():
 
 
 def test_rank_rules_and_costs():
-    layer = tnopt_layer(make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-                                   [tensor("x", [8, 512])], [tensor("y", 2)], [init("w", rand(512, 512))]))
+    layer = tnopt_layer(
+        make_model(
+            [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+            [tensor("x", [8, 512])],
+            [tensor("y", 2)],
+            [init("w", rand(512, 512))],
+        )
+    )
     method = passes.METHODS["mpo"]
     assert method.full_rank(layer) == 64
     ranks = method.candidate_ranks(layer)
@@ -208,4 +256,6 @@ def tnopt_layer(model):
 
 
 def _cores(model):
-    return [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.split("/")[-1].startswith("G")]
+    return [
+        numpy_helper.to_array(t) for t in model.graph.initializer if t.name.split("/")[-1].startswith("G")
+    ]

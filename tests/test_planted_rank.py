@@ -16,19 +16,26 @@ def compress_at(model, ranks, **kwargs):
     return out, report
 
 
-@pytest.mark.parametrize("attrs", [
-    {},
-    {"strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2]},
-    {"strides": [2, 2], "auto_pad": "SAME_UPPER"},
-    {"strides": [3, 2], "pads": [0, 2, 1, 0], "dilations": [2, 1]},
-])
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {},
+        {"strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2]},
+        {"strides": [2, 2], "auto_pad": "SAME_UPPER"},
+        {"strides": [3, 2], "pads": [0, 2, 1, 0], "dilations": [2, 1]},
+    ],
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_tucker2_conv_planted_rank(attrs, bias):
     weight = planted_tucker(16, 12, (3, 3), (5, 4), seed=3)
     inputs = ["x", "w"] + (["b"] if bias else [])
     inits = [init("w", weight)] + ([init("b", RNG.standard_normal(16))] if bias else [])
-    model = make_model([helper.make_node("Conv", inputs, ["y"], name="conv", **attrs)],
-                       [tensor("x", ["N", 12, 13, 11])], [tensor("y", 4)], inits)
+    model = make_model(
+        [helper.make_node("Conv", inputs, ["y"], name="conv", **attrs)],
+        [tensor("x", ["N", 12, 13, 11])],
+        [tensor("y", 4)],
+        inits,
+    )
     out, report = compress_at(model, {"conv": (5, 4)})
     assert op_count(out, "Conv") == 3
     x = RNG.standard_normal((3, 12, 13, 11)).astype(np.float32)
@@ -38,8 +45,12 @@ def test_tucker2_conv_planted_rank(attrs, bias):
 
 def test_tucker2_stride_sits_on_core_conv():
     weight = planted_tucker(8, 8, (3, 3), (2, 2))
-    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", strides=[2, 2])],
-                       [tensor("x", [1, 8, 9, 9])], [tensor("y", 4)], [init("w", weight)])
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", strides=[2, 2])],
+        [tensor("x", [1, 8, 9, 9])],
+        [tensor("y", 4)],
+        [init("w", weight)],
+    )
     out, _ = compress_at(model, {"conv": (2, 2)})
     strides = {n.name: [list(a.ints) for a in n.attribute if a.name == "strides"] for n in out.graph.node}
     assert strides["conv/tucker2/core"] == [[2, 2]]
@@ -64,8 +75,12 @@ def test_svd_gemm_planted_rank(attrs, with_c):
     a_shape = [k, "M"] if attrs["transA"] else ["M", k]
     inputs = ["a", "b"] + (["c"] if with_c else [])
     inits = [init("b", b)] + ([init("c", RNG.standard_normal(n))] if with_c else [])
-    model = make_model([helper.make_node("Gemm", inputs, ["y"], name="gemm", **attrs)],
-                       [tensor("a", a_shape)], [tensor("y", 2)], inits)
+    model = make_model(
+        [helper.make_node("Gemm", inputs, ["y"], name="gemm", **attrs)],
+        [tensor("a", a_shape)],
+        [tensor("y", 2)],
+        inits,
+    )
     out, _ = compress_at(model, {"gemm": r})
     assert op_count(out, "Gemm") == 2
     a = RNG.standard_normal((k, m) if attrs["transA"] else (m, k)).astype(np.float32)
@@ -74,8 +89,12 @@ def test_svd_gemm_planted_rank(attrs, with_c):
 
 def test_svd_matmul_3d_activations_dynamic_dims():
     w = planted_matrix(24, 40, 5, seed=5)
-    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-                       [tensor("x", ["batch", "seq", 24])], [tensor("y", 3)], [init("w", w)])
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [tensor("x", ["batch", "seq", 24])],
+        [tensor("y", 3)],
+        [init("w", w)],
+    )
     out, _ = compress_at(model, {"mm": 5})
     assert op_count(out, "MatMul") == 2
     for shape in [(1, 7, 24), (4, 3, 24)]:
@@ -85,8 +104,12 @@ def test_svd_matmul_3d_activations_dynamic_dims():
 
 def test_svd_matmul_weight_on_the_left():
     w = planted_matrix(10, 16, 3, seed=6)
-    model = make_model([helper.make_node("MatMul", ["w", "x"], ["y"], name="mm")],
-                       [tensor("x", ["batch", 16, 5])], [tensor("y", 3)], [init("w", w)])
+    model = make_model(
+        [helper.make_node("MatMul", ["w", "x"], ["y"], name="mm")],
+        [tensor("x", ["batch", 16, 5])],
+        [tensor("y", 3)],
+        [init("w", w)],
+    )
     out, _ = compress_at(model, {"mm": 3})
     assert_equivalent(model, out, {"x": RNG.standard_normal((2, 16, 5)).astype(np.float32)})
 
@@ -115,13 +138,21 @@ def test_conv_weight_through_identity_of_constant():
 
 def test_conv1d_and_conv3d_share_the_tucker2_code():
     w1 = planted_tucker(12, 8, (5,), (3, 2), seed=9)
-    m1 = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="c1", strides=[2], pads=[2, 1])],
-                    [tensor("x", ["N", 8, 30])], [tensor("y", 3)], [init("w", w1)])
+    m1 = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="c1", strides=[2], pads=[2, 1])],
+        [tensor("x", ["N", 8, 30])],
+        [tensor("y", 3)],
+        [init("w", w1)],
+    )
     o1, _ = compress_at(m1, {"c1": (3, 2)})
     assert_equivalent(m1, o1, {"x": RNG.standard_normal((2, 8, 30)).astype(np.float32)})
     w3 = planted_tucker(8, 6, (3, 3, 3), (2, 3), seed=10)
-    m3 = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="c3", pads=[1, 0, 1, 0, 1, 1])],
-                    [tensor("x", ["N", 6, 7, 6, 5])], [tensor("y", 5)], [init("w", w3)])
+    m3 = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="c3", pads=[1, 0, 1, 0, 1, 1])],
+        [tensor("x", ["N", 6, 7, 6, 5])],
+        [tensor("y", 5)],
+        [init("w", w3)],
+    )
     o3, _ = compress_at(m3, {"c3": (2, 3)})
     assert_equivalent(m3, o3, {"x": RNG.standard_normal((2, 6, 7, 6, 5)).astype(np.float32)})
 
@@ -129,8 +160,29 @@ def test_conv1d_and_conv3d_share_the_tucker2_code():
 def test_truncation_below_planted_rank_is_not_exact():
     """The exactness tests could not pass by accident: one rank less must show an error."""
     w = planted_matrix(20, 14, 4, seed=11)
-    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-                       [tensor("x", ["N", 20])], [tensor("y", 2)], [init("w", w)])
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [tensor("x", ["N", 20])],
+        [tensor("y", 2)],
+        [init("w", w)],
+    )
     out, _ = compress_at(model, {"mm": 3})
     with pytest.raises(AssertionError):
         assert_equivalent(model, out, {"x": RNG.standard_normal((5, 20)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("attrs", [
+    {},
+    {"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 0]},
+    {"strides": [2, 1], "dilations": [1, 2], "pads": [0, 1, 1, 0]},
+])
+def test_tucker2_convtranspose_planted_rank(attrs):
+    # ConvTranspose weights are (I, O, k): plant the ranks on (I, O) = (12, 10).
+    weight = planted_tucker(12, 10, (3, 3), (4, 3), seed=12)
+    model = make_model([helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], name="deconv", **attrs)],
+                       [tensor("x", ["N", 12, 7, 6])], [tensor("y", 4)],
+                       [init("w", weight), init("b", RNG.standard_normal(10))])
+    out, _ = compress_at(model, {"deconv": (4, 3)}, methods="tucker2-transpose")
+    assert op_count(out, "ConvTranspose") == 1 and op_count(out, "Conv") == 2
+    for batch in (1, 3):
+        assert_equivalent(model, out, {"x": RNG.standard_normal((batch, 12, 7, 6)).astype(np.float32)})

@@ -10,7 +10,11 @@ import tnopt
 from tnopt.analyze import analyze
 
 EXPECTED_LAYERS = {  # (Conv, Gemm) per model, as described in models/README.md
-    "fc2": (0, 2), "lenet5": (2, 3), "cnn4": (4, 1), "vgg": (6, 3), "resnet": (15, 1),
+    "fc2": (0, 2),
+    "lenet5": (2, 3),
+    "cnn4": (4, 1),
+    "vgg": (6, 3),
+    "resnet": (15, 1),
 }
 
 
@@ -34,13 +38,16 @@ def test_structure(name):
 @pytest.mark.parametrize("name", REFERENCE_MODELS)
 def test_full_rank_reproduces_outputs(name, calib):
     path = MODELS / f"{name}.onnx"
-    compressed, report = tnopt.compress(str(path), rank_ratio=1.0, data=calib, provider="cpu", allow_growth=True)
+    compressed, report = tnopt.compress(
+        str(path), rank_ratio=1.0, data=calib, provider="cpu", allow_growth=True
+    )
     assert len(report.rewritten) == sum(EXPECTED_LAYERS[name])
     original = onnx.load(str(path))
     assert compressed.ir_version == original.ir_version
-    assert [(o.domain, o.version) for o in compressed.opset_import] == \
-        [(o.domain, o.version) for o in original.opset_import]
-    expected, = run(original, {"input": calib["input"]})
-    got, = run(compressed, {"input": calib["input"]})
+    assert [(o.domain, o.version) for o in compressed.opset_import] == [
+        (o.domain, o.version) for o in original.opset_import
+    ]
+    (expected,) = run(original, {"input": calib["input"]})
+    (got,) = run(compressed, {"input": calib["input"]})
     assert relative_difference(expected, got) < 1e-4
     assert report.metrics["agreement"] == 1.0

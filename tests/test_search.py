@@ -13,8 +13,15 @@ MODEL = MODELS / "lenet5.onnx"
 
 def search(budget, splits, cache, **kwargs):
     calib, evaluation = splits
-    return tnopt.compress(str(MODEL), budget=budget, data=str(calib), eval_data=str(evaluation),
-                          cache_dir=None if cache is None else str(cache), provider="cpu", **kwargs)
+    return tnopt.compress(
+        str(MODEL),
+        budget=budget,
+        data=str(calib),
+        eval_data=str(evaluation),
+        cache_dir=None if cache is None else str(cache),
+        provider="cpu",
+        **kwargs,
+    )
 
 
 def test_zero_budget_keeps_the_evaluation_metric(small_splits, tmp_path):
@@ -41,8 +48,11 @@ def test_second_run_with_another_budget_reuses_the_sweep(small_splits, tmp_path)
     assert first.search["sweep_cache_hits"] == 0
     assert first.search["sweep_measurements"] > 0
     _, second = search(0.02, small_splits, cache)
-    assert second.search["sweep_cache_hits"] == second.search["sweep_measurements"] == \
-        first.search["sweep_measurements"]
+    assert (
+        second.search["sweep_cache_hits"]
+        == second.search["sweep_measurements"]
+        == first.search["sweep_measurements"]
+    )
 
 
 def test_no_cache_measures_again(small_splits, tmp_path):
@@ -53,9 +63,28 @@ def test_no_cache_measures_again(small_splits, tmp_path):
 def test_unmeetable_budget_saves_best_model_and_exits_3(small_splits, tmp_path):
     calib, evaluation = small_splits
     out = tmp_path / "out.onnx"
-    result = subprocess.run([sys.executable, "-m", "tnopt", str(MODEL), "-o", str(out), "--max-drop", "-0.05",
-                             "--data", str(calib), "--eval-data", str(evaluation), "--cache", str(tmp_path / "c"),
-                             "-q"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tnopt",
+            str(MODEL),
+            "-o",
+            str(out),
+            "--max-drop",
+            "-0.05",
+            "--data",
+            str(calib),
+            "--eval-data",
+            str(evaluation),
+            "--cache",
+            str(tmp_path / "c"),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 3, result.stderr
     assert out.exists()
     assert "budget not met" in result.stderr and "saved the best model" in result.stderr
@@ -63,19 +92,48 @@ def test_unmeetable_budget_saves_best_model_and_exits_3(small_splits, tmp_path):
 
 def test_cli_budget_prints_cache_use_and_writes_plot(small_splits, tmp_path):
     calib, evaluation = small_splits
-    common = [sys.executable, "-m", "tnopt", str(MODEL), "--data", str(calib), "--eval-data", str(evaluation),
-              "--cache", str(tmp_path / "c")]
-    first = subprocess.run(common + ["-o", str(tmp_path / "a.onnx"), "--budget", "1%"], capture_output=True,
-                           text=True, timeout=600)
+    common = [
+        sys.executable,
+        "-m",
+        "tnopt",
+        str(MODEL),
+        "--data",
+        str(calib),
+        "--eval-data",
+        str(evaluation),
+        "--cache",
+        str(tmp_path / "c"),
+    ]
+    first = subprocess.run(
+        common + ["-o", str(tmp_path / "a.onnx"), "--budget", "1%"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert first.returncode in (0, 3), first.stderr
-    second = subprocess.run(common + ["-o", str(tmp_path / "b.onnx"), "--budget", "2%", "--plot",
-                                      str(tmp_path / "s.png"), "--report", str(tmp_path / "r.json")],
-                            capture_output=True, text=True, timeout=600)
+    second = subprocess.run(
+        common
+        + [
+            "-o",
+            str(tmp_path / "b.onnx"),
+            "--budget",
+            "2%",
+            "--plot",
+            str(tmp_path / "s.png"),
+            "--report",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert second.returncode in (0, 3), second.stderr
     assert "from cache" in second.stderr
     import re
 
-    measured, cached = map(int, re.search(r"sensitivity: (\d+) measurements, (\d+) from cache", second.stderr).groups())
+    measured, cached = map(
+        int, re.search(r"sensitivity: (\d+) measurements, (\d+) from cache", second.stderr).groups()
+    )
     assert measured == cached > 0
     assert (tmp_path / "s.png").stat().st_size > 1000
 
@@ -86,8 +144,14 @@ def test_metric_needs_labels(tmp_path):
     with np.load(MODELS / "calib.npz") as archive:
         np.savez(tmp_path / "nolabels.npz", input=archive["input"][:32])
     with pytest.raises(tnopt.errors.DataError, match="needs labels"):
-        tnopt.compress(str(MODEL), budget=0.01, data=str(tmp_path / "nolabels.npz"), metric="top1",
-                       provider="cpu", cache_dir=None)
+        tnopt.compress(
+            str(MODEL),
+            budget=0.01,
+            data=str(tmp_path / "nolabels.npz"),
+            metric="top1",
+            provider="cpu",
+            cache_dir=None,
+        )
 
 
 def test_default_metric_without_labels_agreement_for_classifier_cosine_for_embedding():
@@ -97,12 +161,40 @@ def test_default_metric_without_labels_agreement_for_classifier_cosine_for_embed
 
     rng = np.random.default_rng(0)
     data = {"x": rng.standard_normal((64, 32)).astype(np.float32)}
-    classifier = make_model([helper.make_node("Gemm", ["x", "w"], ["y"], name="fc")], [tensor("x", ["N", 32])],
-                            [tensor("y", ["N", 10])], [init("w", planted_matrix(32, 10, 10))])
-    embedding = make_model([helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
-                            helper.make_node("Div", ["h", "scale"], ["y"])], [tensor("x", ["N", 32])],
-                           [tensor("y", ["N", 24])], [init("w", planted_matrix(32, 24, 24)), init("scale", [2.0])])
+    classifier = make_model(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], name="fc")],
+        [tensor("x", ["N", 32])],
+        [tensor("y", ["N", 10])],
+        [init("w", planted_matrix(32, 10, 10))],
+    )
+    embedding = make_model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+            helper.make_node("Div", ["h", "scale"], ["y"]),
+        ],
+        [tensor("x", ["N", 32])],
+        [tensor("y", ["N", 24])],
+        [init("w", planted_matrix(32, 24, 24)), init("scale", [2.0])],
+    )
     for model, expected in ((classifier, "agreement"), (embedding, "cosine")):
-        _, report = tnopt.compress(model, budget=0.05, data=data, provider="cpu", cache_dir=None,
-                                   latency_guard=False)
+        _, report = tnopt.compress(
+            model, budget=0.05, data=data, provider="cpu", cache_dir=None, latency_guard=False
+        )
         assert report.budget["metric"] == expected
+
+
+def test_search_times_and_rewrites_a_convtranspose():
+    import numpy as np
+    from helpers import init, make_model, planted_tucker, tensor
+    from onnx import helper
+
+    weight = planted_tucker(32, 32, (3, 3), (8, 8), seed=3)
+    model = make_model([helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], name="up", strides=[2, 2])],
+                       [tensor("x", ["N", 32, 8, 8])], [tensor("y", 4)],
+                       [init("w", weight), init("b", np.zeros(32))])
+    data = {"x": np.random.default_rng(0).standard_normal((64, 32, 8, 8)).astype(np.float32)}
+    _, report = tnopt.compress(model, budget=0.001, data=data, provider="cpu", cache_dir=None)
+    assert report.budget["metric"] == "cosine"
+    (entry,) = report.layers
+    assert entry.latency_before_ms is not None and entry.latency_before_ms > 0
+    assert entry.decision in ("rewritten", "kept") and entry.reason

@@ -20,8 +20,9 @@ from tnopt import graph as G
 @dataclass(frozen=True)
 class Layer:
     name: str
-    op: str  # Conv | Gemm | MatMul
-    weight_shape: tuple[int, ...]  # Conv: (O, I/group, *k); Gemm/MatMul: the effective (K, N) of y = x·W
+    op: str  # Conv | ConvTranspose | Gemm | MatMul
+    # Conv: (O, I/group, *k); ConvTranspose: (I, O/group, *k); Gemm/MatMul: the effective (K, N) of y = x·W
+    weight_shape: tuple[int, ...]
     params: int
     flops: int
     input_shape: tuple | None
@@ -53,11 +54,16 @@ class Layer:
 
     def to_dict(self) -> dict:
         return {
-            "name": self.name, "op": self.op, "weight_shape": list(self.weight_shape),
-            "params": self.params, "flops": self.flops,
+            "name": self.name,
+            "op": self.op,
+            "weight_shape": list(self.weight_shape),
+            "params": self.params,
+            "flops": self.flops,
             "input_shape": list(self.input_shape) if self.input_shape else None,
             "output_shape": list(self.output_shape) if self.output_shape else None,
-            "weight_source": self.weight_source, "candidate": self.candidate, "skip_reason": self.skip_reason,
+            "weight_source": self.weight_source,
+            "candidate": self.candidate,
+            "skip_reason": self.skip_reason,
         }
 
 
@@ -69,7 +75,7 @@ def analyze(model: onnx.ModelProto) -> list[Layer]:
 def analyze_graph(graph) -> list[Layer]:
     layers = []
     for node in graph.nodes:
-        if node.op == "Conv":
+        if node.op in ("Conv", "ConvTranspose"):
             layers.append(_conv_layer(node))
         elif node.op == "Gemm":
             layers.append(_gemm_layer(node))
@@ -113,19 +119,45 @@ def _conv_layer(node) -> Layer:
         "pads": tuple(node.attrs.get("pads", (0,) * (2 * spatial_dims))),
         "auto_pad": node.attrs.get("auto_pad", "NOTSET"),
     }
+    transposed = node.op == "ConvTranspose"
+    if transposed:
+        for key in ("output_padding", "output_shape"):
+            if key in node.attrs:
+                attrs[key] = tuple(node.attrs[key])
     if reason is None and len(w_shape) < 3:
         reason = "malformed Conv weight"
+    if reason is None and transposed and group > 1:
+        reason = f"grouped ConvTranspose (group={group}): not factorized"
     if reason is None and group > 1 and w_shape[1] == 1:
         # Other grouped convs are candidates (per-group Tucker-2); methods needing group=1 refuse them.
         reason = "depthwise Conv (one input channel per group): nothing to factorize across channels"
     params = int(prod(w_shape)) if w_shape else 0
     out_positions = _dims(out_shape[:1] + out_shape[2:]) if out_shape else 1
     in_positions = _dims(in_shape[:1] + in_shape[2:]) if in_shape else 1
-    flops = 2 * out_positions * params  # each output position multiplies the whole (O, I/g, k) kernel
+    # Conv: each output position multiplies the whole (O, I/g, k) kernel; ConvTranspose: each input
+    # position scatters the whole (I, O/g, k) kernel.
+    flops = 2 * (in_positions if transposed else out_positions) * params
     has_bias = len(node.inputs) > 2 and G.is_present(node.inputs[2])
-    return Layer(node.name, "Conv", w_shape, params, flops, in_shape, out_shape, tuple(sorted(attrs.items())),
-                 0, has_bias, weight.source if weight else "", in_positions, out_positions, reason, x.name,
-                 y.name, True, weight.values if weight is not None and reason is None else None)
+    return Layer(
+        node.name,
+        node.op,
+        w_shape,
+        params,
+        flops,
+        in_shape,
+        out_shape,
+        tuple(sorted(attrs.items())),
+        0,
+        has_bias,
+        weight.source if weight else "",
+        in_positions,
+        out_positions,
+        reason,
+        x.name,
+        y.name,
+        True,
+        weight.values if weight is not None and reason is None else None,
+    )
 
 
 def _gemm_layer(node) -> Layer:
@@ -150,9 +182,26 @@ def _gemm_layer(node) -> Layer:
     # C broadcasts to (M, N); it is a per-channel bias when at most its last axis is longer than 1.
     c_shape = G.shape_of(node.inputs[2]) if has_bias else ()
     per_channel = c_shape is not None and all(d == 1 for d in c_shape[:-1])
-    return Layer(node.name, "Gemm", w_shape, params, 2 * rows * params, in_shape, G.shape_of(y),
-                 tuple(sorted(attrs.items())), 0, has_bias, weight.source if weight else "", rows, rows,
-                 reason, a.name, y.name, per_channel, effective)
+    return Layer(
+        node.name,
+        "Gemm",
+        w_shape,
+        params,
+        2 * rows * params,
+        in_shape,
+        G.shape_of(y),
+        tuple(sorted(attrs.items())),
+        0,
+        has_bias,
+        weight.source if weight else "",
+        rows,
+        rows,
+        reason,
+        a.name,
+        y.name,
+        per_channel,
+        effective,
+    )
 
 
 def _matmul_layer(node) -> Layer | None:
@@ -175,6 +224,23 @@ def _matmul_layer(node) -> Layer | None:
         rows = _dims(in_shape[:-1]) if side == "right" else _dims(in_shape[:-2] + in_shape[-1:])
     else:
         rows = 1
-    return Layer(node.name, "MatMul", w_shape, params, 2 * rows * params, in_shape, G.shape_of(node.outputs[0]),
-                 (("weight_side", side),), data_index, False, weight.source, rows, rows, reason, x.name,
-                 node.outputs[0].name, False, weight.values if reason is None else None)
+    return Layer(
+        node.name,
+        "MatMul",
+        w_shape,
+        params,
+        2 * rows * params,
+        in_shape,
+        G.shape_of(node.outputs[0]),
+        (("weight_side", side),),
+        data_index,
+        False,
+        weight.source,
+        rows,
+        rows,
+        reason,
+        x.name,
+        node.outputs[0].name,
+        False,
+        weight.values if reason is None else None,
+    )

@@ -30,7 +30,7 @@ def _hull(options: list[Option]) -> list[Option]:
     """
     useful = sorted((o for o in options if o.saving > 0), key=lambda o: (o.proxy, -o.saving))
     hull: list[Option] = []
-    last_saving, last_proxy = 0.0, 0.0
+    last_saving = 0.0
     for option in useful:
         if option.saving <= last_saving:
             continue  # costs more proxy for no more saving
@@ -39,13 +39,14 @@ def _hull(options: list[Option]) -> list[Option]:
             prev_proxy = hull[-2].proxy if len(hull) > 1 else 0.0
             top = hull[-1]
             # Drop `top` if it lies on or below the segment prev → option (non-convex step).
-            if (top.saving - prev_saving) * (option.proxy - prev_proxy) <= \
-                    (option.saving - prev_saving) * (top.proxy - prev_proxy):
+            if (top.saving - prev_saving) * (option.proxy - prev_proxy) <= (option.saving - prev_saving) * (
+                top.proxy - prev_proxy
+            ):
                 hull.pop()
             else:
                 break
         hull.append(option)
-        last_saving, last_proxy = option.saving, option.proxy
+        last_saving = option.saving
     return hull
 
 
@@ -79,7 +80,7 @@ def _knapsack(options: list[Option], tau: float) -> dict[str, Option]:
             if weight > BINS:
                 continue
             candidate = np.full(BINS + 1, -np.inf)
-            candidate[weight:] = best[:BINS + 1 - weight] + option.saving
+            candidate[weight:] = best[: BINS + 1 - weight] + option.saving
             better = candidate > new
             new[better], pick[better] = candidate[better], index
         picks.append((mine, weights, pick))

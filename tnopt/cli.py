@@ -33,12 +33,20 @@ class _Parser(argparse.ArgumentParser):
 def compress_parser():
     from tnopt.passes import METHODS
 
-    p = _Parser(prog="tnopt", description="Compress an ONNX model by factorizing its Conv/Gemm/MatMul weights.",
-                epilog="Other commands: `tnopt inspect MODEL`, `tnopt compare A B`.")
+    p = _Parser(
+        prog="tnopt",
+        description="Compress an ONNX model by factorizing its Conv/Gemm/MatMul weights.",
+        epilog="Other commands: `tnopt inspect MODEL`, `tnopt compare A B`.",
+    )
     p.add_argument("model", help="input .onnx (never modified)")
     p.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
-    p.add_argument("--method", "--methods", dest="methods", default="auto",
-                   help=f"auto or a comma list of: {', '.join(METHODS)}")
+    p.add_argument(
+        "--method",
+        "--methods",
+        dest="methods",
+        default="auto",
+        help=f"auto or a comma list of: {', '.join(METHODS)}",
+    )
     p.add_argument("--list-methods", action="store_true", help=argparse.SUPPRESS)
     rule = p.add_mutually_exclusive_group()
     rule.add_argument("--rank-ratio", type=float, help="keep this fraction of each layer's full rank")
@@ -46,19 +54,33 @@ def compress_parser():
     rule.add_argument("--budget", type=_percent, help="allowed metric drop, e.g. 1%% (budgeted search)")
     rule.add_argument("--max-drop", type=_percent, dest="budget", help="same as --budget")
     p.add_argument("--drop-type", choices=("absolute", "relative"), default="absolute")
-    p.add_argument("--metric", choices=("top1", "agreement", "cosine", "rel-l2"),
-                   help="default: top1 with labels, else agreement for classifiers, else cosine")
+    p.add_argument(
+        "--metric",
+        choices=("top1", "agreement", "cosine", "rel-l2"),
+        help="default: top1 with labels, else agreement for classifiers, else cosine",
+    )
     p.add_argument("--objective", choices=("params", "flops", "latency"), default="flops")
-    p.add_argument("--no-latency-guard", action="store_true",
-                   help="apply rewrites even where the runtime does not run them faster")
-    p.add_argument("--no-data-aware", action="store_true",
-                   help="weight-only factors (default with --data: whitened by the calibration moments)")
-    p.add_argument("--no-correct", action="store_true",
-                   help="skip the sequential least-squares refit of each layer's last factor")
+    p.add_argument(
+        "--no-latency-guard",
+        action="store_true",
+        help="apply rewrites even where the runtime does not run them faster",
+    )
+    p.add_argument(
+        "--no-data-aware",
+        action="store_true",
+        help="weight-only factors (default with --data: whitened by the calibration moments)",
+    )
+    p.add_argument(
+        "--no-correct",
+        action="store_true",
+        help="skip the sequential least-squares refit of each layer's last factor",
+    )
     p.add_argument("--data", help=".npz with arrays keyed by input name (+ optional 'labels')")
     p.add_argument("--eval-data", help="disjoint .npz for the final metric (default: a split of --data)")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--cache", default=None, help="directory for cached sensitivities (default ~/.cache/tnopt)")
+    p.add_argument(
+        "--cache", default=None, help="directory for cached sensitivities (default ~/.cache/tnopt)"
+    )
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", help="write the JSON report here")
@@ -106,12 +128,26 @@ def _compress(argv) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the pipeline's warnings reach the user through `say` and the report
         model, report = compress(
-            args.model, methods=args.methods, rank_ratio=args.rank_ratio, energy=args.energy, budget=args.budget
-            if args.budget is None else {"max_drop": args.budget, "drop_type": args.drop_type},
-            data=args.data, eval_data=args.eval_data, metric=args.metric, provider=args.provider,
-            objective=args.objective, cache_dir=cache, seed=args.seed, progress=not args.quiet,
-            latency_guard=not args.no_latency_guard, data_aware=False if args.no_data_aware else None,
-            correct=False if args.no_correct else None, log=say)
+            args.model,
+            methods=args.methods,
+            rank_ratio=args.rank_ratio,
+            energy=args.energy,
+            budget=args.budget
+            if args.budget is None
+            else {"max_drop": args.budget, "drop_type": args.drop_type},
+            data=args.data,
+            eval_data=args.eval_data,
+            metric=args.metric,
+            provider=args.provider,
+            objective=args.objective,
+            cache_dir=cache,
+            seed=args.seed,
+            progress=not args.quiet,
+            latency_guard=not args.no_latency_guard,
+            data_aware=False if args.no_data_aware else None,
+            correct=False if args.no_correct else None,
+            log=say,
+        )
     runtime = Runtime(args.provider)
     report.after.file_bytes = io.save_model_atomic(model, args.output, verify_session=runtime.verify_loads)
     if args.report:
@@ -126,8 +162,11 @@ def _compress(argv) -> int:
         print(report.summary_table())
         print(f"\nwrote {args.output} ({len(report.rewritten)} of {len(report.layers)} layers rewritten)")
     if report.budget_met is False:
-        print(f"tnopt: budget not met: saved the best model found to {args.output} "
-              f"({report.search.get('miss_reason', '')})", file=sys.stderr)
+        print(
+            f"tnopt: budget not met: saved the best model found to {args.output} "
+            f"({report.search.get('miss_reason', '')})",
+            file=sys.stderr,
+        )
         return EXIT_BUDGET_MISSED
     return EXIT_OK
 
@@ -159,8 +198,16 @@ def _inspect(argv) -> int:
         return EXIT_OK
     rows = [("name", "op", "weight", "params", "FLOPs", "status")]
     for layer in layers:
-        rows.append((layer.name, layer.op, "x".join(map(str, layer.weight_shape)), f"{layer.params:,}",
-                     f"{layer.flops:,}", "candidate" if layer.candidate else f"skip: {layer.skip_reason}"))
+        rows.append(
+            (
+                layer.name,
+                layer.op,
+                "x".join(map(str, layer.weight_shape)),
+                f"{layer.params:,}",
+                f"{layer.flops:,}",
+                "candidate" if layer.candidate else f"skip: {layer.skip_reason}",
+            )
+        )
     print(format_table(rows))
     n = sum(layer.candidate for layer in layers)
     print(f"\n{n} candidate layer(s) of {len(layers)}; FLOPs at inferred shapes with symbolic dims = 1")
@@ -186,8 +233,12 @@ def _compare(argv) -> int:
     runtime = Runtime(args.provider)
     values = fidelity_report(runtime.run(a, data.inputs), runtime.run(b, data.inputs), data.labels)
     sa, sb = summarize(a), summarize(b)
-    rows = [("", "reference", "candidate"), ("params", f"{sa.params:,}", f"{sb.params:,}"),
-            ("FLOPs", f"{sa.flops:,}", f"{sb.flops:,}"), ("file bytes", f"{sa.file_bytes:,}", f"{sb.file_bytes:,}")]
+    rows = [
+        ("", "reference", "candidate"),
+        ("params", f"{sa.params:,}", f"{sb.params:,}"),
+        ("FLOPs", f"{sa.flops:,}", f"{sb.flops:,}"),
+        ("file bytes", f"{sa.file_bytes:,}", f"{sb.file_bytes:,}"),
+    ]
     rows += [(k, "", f"{v:.4f}") for k, v in values.items()]
     print(format_table(rows))
     return EXIT_OK

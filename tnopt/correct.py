@@ -34,8 +34,13 @@ class Corrector:
     def __init__(self, original, layers, inputs: dict[str, np.ndarray], runtime):
         self.original, self.inputs, self.runtime = original, inputs, runtime
         self.order = {layer.name: i for i, layer in enumerate(layers)}
-        self.refittable = [layer for layer in layers if any(METHODS[m].refit_spec(layer) is not None
-                                                            for m in METHODS if layer.op in METHODS[m].op_types)]
+        self.refittable = [
+            layer
+            for layer in layers
+            if any(
+                METHODS[m].refit_spec(layer) is not None for m in METHODS if layer.op in METHODS[m].op_types
+            )
+        ]
         self._targets: dict[str, np.ndarray] | None = None
 
     def targets(self) -> dict[str, np.ndarray]:
@@ -73,7 +78,9 @@ class Corrector:
         if spec.intercept:
             arrays["bias"] = solution[-1].astype(last.dtype)
         notes = dict(choice.factors.notes, corrected=True)
-        return Choice(layer, choice.method, Factors(arrays, choice.factors.rank, choice.factors.rel_error, notes))
+        return Choice(
+            layer, choice.method, Factors(arrays, choice.factors.rank, choice.factors.rel_error, notes)
+        )
 
 
 def _count_rows(values: np.ndarray, channel_axis: int) -> int:

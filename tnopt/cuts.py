@@ -32,11 +32,16 @@ def cut_records(layers) -> tuple[list[dict], list[str]]:
             if cut == "spatial" and layer.weight.ndim != 4:
                 continue
             profile = cut_profile(layer.weight, cut, FACTORS)
-            records.append({
-                "layer": layer.name, "kernel": list(layer.weight_shape), "cut": CUT_LABELS[cut],
-                "method": f"cut-{cut}", "matrix": list(cut_shape(layer.weight_shape, cut)),
-                "kept": {str(f): {"rank": r, "norm_fraction": kept} for f, (r, kept) in profile.items()},
-            })
+            records.append(
+                {
+                    "layer": layer.name,
+                    "kernel": list(layer.weight_shape),
+                    "cut": CUT_LABELS[cut],
+                    "method": f"cut-{cut}",
+                    "matrix": list(cut_shape(layer.weight_shape, cut)),
+                    "kept": {str(f): {"rank": r, "norm_fraction": kept} for f, (r, kept) in profile.items()},
+                }
+            )
     return records, left_out
 
 
@@ -51,8 +56,15 @@ def cut_table(layers, as_json: bool = False) -> int:
         for f in FACTORS:
             kept = record["kept"][str(f)]
             cells.append("-" if kept["rank"] is None else f"{kept['norm_fraction']:.3f} (r={kept['rank']})")
-        rows.append((record["layer"], "x".join(map(str, record["kernel"])), record["cut"],
-                     "x".join(map(str, record["matrix"])), *cells))
+        rows.append(
+            (
+                record["layer"],
+                "x".join(map(str, record["kernel"])),
+                record["cut"],
+                "x".join(map(str, record["matrix"])),
+                *cells,
+            )
+        )
     if records:
         print(format_table(rows))
         print("\nnorm kept = ‖W_r‖/‖W‖ at the largest rank r with r·(m+n) ≤ m·n/f; '-': not even rank 1 fits")

@@ -30,7 +30,9 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         if value.name in initializers:
             continue
         tensor = value.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim)
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim
+        )
         specs.append(InputSpec(value.name, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type), shape))
     return specs
 
@@ -46,15 +48,20 @@ class Dataset:
         return len(next(iter(self.inputs.values())))
 
     def subset(self, indices, source: str | None = None) -> Dataset:
-        return Dataset({k: v[indices] for k, v in self.inputs.items()},
-                       None if self.labels is None else self.labels[indices],
-                       source or self.source, self.synthetic)
+        return Dataset(
+            {k: v[indices] for k, v in self.inputs.items()},
+            None if self.labels is None else self.labels[indices],
+            source or self.source,
+            self.synthetic,
+        )
 
     def split(self, fraction: float = 0.5) -> tuple[Dataset, Dataset]:
         """First part for calibration, the rest for evaluation (disjoint, order kept)."""
         cut = max(1, min(len(self) - 1, int(round(len(self) * fraction))))
-        return (self.subset(slice(0, cut), f"{self.source}[:{cut}]"),
-                self.subset(slice(cut, None), f"{self.source}[{cut}:]"))
+        return (
+            self.subset(slice(0, cut), f"{self.source}[:{cut}]"),
+            self.subset(slice(cut, None), f"{self.source}[{cut}:]"),
+        )
 
     def head(self, n: int) -> Dataset:
         return self if n >= len(self) else self.subset(slice(0, n), f"{self.source}[:{n}]")
@@ -87,15 +94,21 @@ def load_npz(path: str | Path, specs: list[InputSpec]) -> Dataset:
         arrays = {names[0]: next(iter(arrays.values()))}
     missing = [n for n in names if n not in arrays]
     if missing:
-        raise DataError(f"{path}: no array for model input(s) {', '.join(missing)} (found: {', '.join(arrays)})")
+        raise DataError(
+            f"{path}: no array for model input(s) {', '.join(missing)} (found: {', '.join(arrays)})"
+        )
     inputs = {}
     for spec in specs:
         array = arrays[spec.name]
         if array.ndim != len(spec.shape):
-            raise DataError(f"{path}: array {spec.name!r} has {array.ndim} dims, the model input has {len(spec.shape)}")
+            raise DataError(
+                f"{path}: array {spec.name!r} has {array.ndim} dims, the model input has {len(spec.shape)}"
+            )
         for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
             if axis > 0 and isinstance(want, int) and want > 0 and got != want:
-                raise DataError(f"{path}: array {spec.name!r} has shape {array.shape}, the model expects {spec.shape}")
+                raise DataError(
+                    f"{path}: array {spec.name!r} has shape {array.shape}, the model expects {spec.shape}"
+                )
         inputs[spec.name] = array.astype(spec.dtype, copy=False)
     counts = {len(a) for a in inputs.values()}
     if len(counts) != 1:
@@ -103,7 +116,11 @@ def load_npz(path: str | Path, specs: list[InputSpec]) -> Dataset:
     if labels is not None and len(labels) != counts.pop():
         raise DataError(f"{path}: 'labels' has {len(labels)} entries, the inputs have a different count")
     if labels is not None:
-        labels = labels.astype(np.int64).reshape(len(labels), -1)[:, 0] if labels.ndim > 1 else labels.astype(np.int64)
+        labels = (
+            labels.astype(np.int64).reshape(len(labels), -1)[:, 0]
+            if labels.ndim > 1
+            else labels.astype(np.int64)
+        )
     return Dataset(inputs, labels, str(path))
 
 

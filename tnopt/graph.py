@@ -79,8 +79,14 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
 def parameter_count(model: onnx.ModelProto) -> int:
     """Elements of all floating-point initializers and Constant-node tensors (the model's weights)."""
     total = 0
-    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                   onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    float_types = {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.BFLOAT16,
+        onnx.TensorProto.INT8,
+        onnx.TensorProto.UINT8,
+    }
     tensors = list(model.graph.initializer)
     for node in model.graph.node:
         if node.op_type == "Constant":
@@ -100,8 +106,9 @@ def shape_of(tensor) -> tuple | None:
     """Static ints stay ints, symbolic dims become their name (or '?'); None when unknown."""
     if tensor is None or tensor.shape is None:
         return None
-    return tuple(d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) and d else "?")
-                 for d in tensor.shape)
+    return tuple(
+        d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) and d else "?") for d in tensor.shape
+    )
 
 
 @dataclass
@@ -194,8 +201,11 @@ class Emitter:
     def __post_init__(self):
         self.prefix = f"{self.node.name}/{self.method}"
         self.data_input = self.node.inputs[self.data_index]
-        bias = self.node.inputs[self.bias_index] if (
-            self.bias_index is not None and len(self.node.inputs) > self.bias_index) else None
+        bias = (
+            self.node.inputs[self.bias_index]
+            if (self.bias_index is not None and len(self.node.inputs) > self.bias_index)
+            else None
+        )
         # The original bias tensor is reused as is: it already has the right values and shape.
         self.bias = bias if is_present(bias) else None
         self._spliced = False
@@ -203,8 +213,16 @@ class Emitter:
     def const(self, role: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(f"{self.prefix}/{role}", np.ascontiguousarray(values))
 
-    def op(self, op_type: str, role: str, inputs: list, attrs: dict | None = None, *, final: bool = False,
-           dtype=None):
+    def op(
+        self,
+        op_type: str,
+        role: str,
+        inputs: list,
+        attrs: dict | None = None,
+        *,
+        final: bool = False,
+        dtype=None,
+    ):
         """`dtype` overrides the layer's dtype for the output (int64 for Shape/Slice/Concat of shapes):
         the declared type is exported as value_info, and a wrong one makes onnxruntime refuse the model."""
         name = f"{self.prefix}/{role}"
@@ -212,12 +230,19 @@ class Emitter:
             outputs = list(self.node.outputs)
             self._detach_original()
         else:
-            outputs = [gs.Variable(emitted_tensor(self.node.name, self.method, role),
-                                   dtype=self.dtype if dtype is None else dtype)]
+            outputs = [
+                gs.Variable(
+                    emitted_tensor(self.node.name, self.method, role),
+                    dtype=self.dtype if dtype is None else dtype,
+                )
+            ]
         new = gs.Node(op=op_type, name=name, attrs=dict(attrs or {}), inputs=list(inputs), outputs=outputs)
         self.graph.nodes.append(new)
-        self.provenance[name] = {"tnopt.method": self.method, "tnopt.source_node": self.node.name,
-                                 "tnopt.rank": self.rank}
+        self.provenance[name] = {
+            "tnopt.method": self.method,
+            "tnopt.source_node": self.node.name,
+            "tnopt.rank": self.rank,
+        }
         return outputs[0]
 
     def _detach_original(self) -> None:
@@ -237,14 +262,16 @@ def isolate_layer(layer, like: onnx.ModelProto, input_shape: tuple[int, ...], dt
     y = gs.Variable("y", dtype=dtype)
     weight = gs.Constant("W", np.ascontiguousarray(layer.weight))
     attrs: dict = {}
-    if layer.op == "Conv":
+    if layer.op in ("Conv", "ConvTranspose"):
         attrs = {k: list(v) if isinstance(v, tuple) else v for k, v in layer.attrs if k != "auto_pad"}
         if layer.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
             attrs["auto_pad"] = layer.attr("auto_pad")
             attrs.pop("pads", None)
         inputs = [x, weight]
         if layer.has_bias:
-            inputs.append(gs.Constant("B", np.zeros(layer.weight_shape[0], layer.weight.dtype)))
+            # ConvTranspose weights are (I, O/group, k): its output channels are the second axis.
+            out_channels = layer.weight_shape[1] * layer.group if layer.op == "ConvTranspose" else layer.weight_shape[0]
+            inputs.append(gs.Constant("B", np.zeros(out_channels, layer.weight.dtype)))
     elif layer.op == "Gemm":
         # The analyzed weight already folds transB and alpha.
         attrs = {"transA": layer.attr("transA"), "beta": layer.attr("beta")}
@@ -273,8 +300,12 @@ def truncate(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     model costs a full run unless the graph is cut first."""
     graph = gs.import_onnx(model)
     tensors = graph.tensors()
-    graph.outputs = [tensors[name].to_variable(dtype=tensors[name].dtype) if isinstance(tensors[name], gs.Constant)
-                     else tensors[name] for name in outputs]
+    graph.outputs = [
+        tensors[name].to_variable(dtype=tensors[name].dtype)
+        if isinstance(tensors[name], gs.Constant)
+        else tensors[name]
+        for name in outputs
+    ]
     for tensor in graph.outputs:
         if tensor.dtype is None:
             tensor.dtype = np.float32

@@ -116,7 +116,9 @@ def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike, *, veri
         try:
             verify_session(payload)
         except Exception as exc:
-            raise ValidationError(f"compressed model fails to load in onnxruntime ({_first_line(exc)})") from None
+            raise ValidationError(
+                f"compressed model fails to load in onnxruntime ({_first_line(exc)})"
+            ) from None
     parent = out.resolve().parent
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)

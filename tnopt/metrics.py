@@ -19,8 +19,11 @@ def _logits(outputs: list[np.ndarray]) -> np.ndarray:
 
 
 def _per_sample(outputs: list[np.ndarray]) -> np.ndarray:
-    floats = [np.asarray(o, dtype=np.float64).reshape(len(o), -1) for o in outputs
-              if np.issubdtype(np.asarray(o).dtype, np.floating)]
+    floats = [
+        np.asarray(o, dtype=np.float64).reshape(len(o), -1)
+        for o in outputs
+        if np.issubdtype(np.asarray(o).dtype, np.floating)
+    ]
     return np.concatenate(floats, axis=1)
 
 
@@ -93,8 +96,11 @@ def paired_standard_error(name: str, reference, outputs, labels=None) -> float:
 
 def fidelity_report(reference, outputs, labels=None) -> dict[str, float]:
     """All applicable metrics at once, for the before/after validation table."""
-    values = {"agreement": agreement(reference, outputs), "cosine": cosine(reference, outputs),
-              "rel-l2": rel_l2(reference, outputs)}
+    values = {
+        "agreement": agreement(reference, outputs),
+        "cosine": cosine(reference, outputs),
+        "rel-l2": rel_l2(reference, outputs),
+    }
     if labels is not None:
         values["top1"] = top1(reference, outputs, labels)
         values["top1_original"] = top1(reference, reference, labels)

@@ -137,15 +137,19 @@ def compress(
     evaluation = load_data(eval_data, original, seed=seed, role="evaluation data")
     if calib is None and evaluation is None:
         calib = random_inputs(input_specs(original), DEFAULT_RANDOM_SAMPLES, seed)
-        message = (f"no --data given: validating on {len(calib)} seeded random inputs; only fidelity "
-                   "metrics (agreement, cosine, rel-l2) mean anything on them")
+        message = (
+            f"no --data given: validating on {len(calib)} seeded random inputs; only fidelity "
+            "metrics (agreement, cosine, rel-l2) mean anything on them"
+        )
         report.warnings.append(message)
         warnings.warn(message, stacklevel=2)
         say(f"warning: {message}")
     if evaluation is None:
         if budget is not None and calib is not None and len(calib) >= 4 and not calib.synthetic:
             calib, evaluation = calib.split(0.5)
-            report.warnings.append(f"no --eval-data: searched on {calib.source}, evaluated on {evaluation.source}")
+            report.warnings.append(
+                f"no --eval-data: searched on {calib.source}, evaluated on {evaluation.source}"
+            )
         else:
             evaluation = calib
     if calib is None:
@@ -160,8 +164,9 @@ def compress(
         else:
             report.layers.append(_layer_entry(layer, "skipped", reason))
     if not candidates:
-        raise UnsupportedModelError(f"{source}: none of the {len(layers)} layers can be factorized "
-                                    f"({report.layers[0].reason})")
+        raise UnsupportedModelError(
+            f"{source}: none of the {len(layers)} layers can be factorized ({report.layers[0].reason})"
+        )
     by_name = {layer.name: layer for layer in layers}
 
     real_data = not calib.synthetic
@@ -170,8 +175,13 @@ def compress(
     stats = {}
     if data_aware:
         stats_start = time.perf_counter()
-        stats = collect_stats(original, [by_name[n] for n in candidates], calib.head(MAX_STATS_SAMPLES).inputs,
-                              runtime, want_patches=any(m in method_names for m in PATCH_METHODS))
+        stats = collect_stats(
+            original,
+            [by_name[n] for n in candidates],
+            calib.head(MAX_STATS_SAMPLES).inputs,
+            runtime,
+            want_patches=any(m in method_names for m in PATCH_METHODS),
+        )
         report.timings["stats_s"] = time.perf_counter() - stats_start
         say(f"calibration statistics: {len(stats)} layers from {min(len(calib), MAX_STATS_SAMPLES)} samples")
     report.factors = {"data_aware": bool(stats), "correct": bool(correct)}
@@ -179,8 +189,11 @@ def compress(
     def factor_fn(layer, method, rank):
         return factorize(layer, method, rank, stats.get(layer.name))
 
-    corrector = Corrector(original, [by_name[n] for n in candidates], calib.head(MAX_REFIT_SAMPLES).inputs,
-                          runtime) if correct else None
+    corrector = (
+        Corrector(original, [by_name[n] for n in candidates], calib.head(MAX_REFIT_SAMPLES).inputs, runtime)
+        if correct
+        else None
+    )
 
     def correct_fn(choices):
         return corrector(choices) if corrector is not None and choices else choices
@@ -189,14 +202,30 @@ def compress(
         from tnopt.search import run_search
 
         choices, decisions = run_search(
-            original, [by_name[n] for n in candidates], candidates, calib=calib, evaluation=evaluation,
-            budget=budget, metric=metric, objective=objective, runtime=runtime, cache_dir=cache_dir,
-            seed=seed, progress=progress, latency_guard=True if latency_guard is None else latency_guard,
-            report=report, say=say, factorize=factor_fn, correct=correct_fn,
-            factor_mode=("white" if stats else "weight") + ("+corr" if correct else ""))
+            original,
+            [by_name[n] for n in candidates],
+            candidates,
+            calib=calib,
+            evaluation=evaluation,
+            budget=budget,
+            metric=metric,
+            objective=objective,
+            runtime=runtime,
+            cache_dir=cache_dir,
+            seed=seed,
+            progress=progress,
+            latency_guard=True if latency_guard is None else latency_guard,
+            report=report,
+            say=say,
+            factorize=factor_fn,
+            correct=correct_fn,
+            # The sweep measures uncorrected layers, so corrected and uncorrected runs share its cache.
+            factor_mode="white" if stats else "weight",
+        )
     else:
-        choices, decisions = _fixed_rank_plan([by_name[n] for n in candidates], candidates, rank_ratio,
-                                              energy, ranks, allow_growth, factor_fn)
+        choices, decisions = _fixed_rank_plan(
+            [by_name[n] for n in candidates], candidates, rank_ratio, energy, ranks, allow_growth, factor_fn
+        )
         choices = correct_fn(choices)
     report.timings["plan_s"] = time.perf_counter() - started
 
@@ -221,7 +250,9 @@ def compress(
             entry.method, entry.rank = choice.method, choice.rank_label
             entry.params_after, entry.flops_after = cost.params, cost.flops
             entry.weight_error = choice.factors.rel_error
-            entry.factor_notes = {k: v for k, v in choice.factors.notes.items() if isinstance(v, (bool, int, float, str))}
+            entry.factor_notes = {
+                k: v for k, v in choice.factors.notes.items() if isinstance(v, (bool, int, float, str))
+            }
         report.layers.append(entry)
     order = {layer.name: i for i, layer in enumerate(layers)}
     report.layers.sort(key=lambda entry: order[entry.name])
@@ -231,8 +262,15 @@ def compress(
 
 
 def _layer_entry(layer: Layer, decision: str, reason: str | None) -> LayerReport:
-    return LayerReport(layer.name, layer.op, list(layer.weight_shape), decision, reason or "",
-                       params_before=layer.params, flops_before=layer.flops)
+    return LayerReport(
+        layer.name,
+        layer.op,
+        list(layer.weight_shape),
+        decision,
+        reason or "",
+        params_before=layer.params,
+        flops_before=layer.flops,
+    )
 
 
 def _fixed_rank_plan(layers, candidates, rank_ratio, energy, ranks, allow_growth, factor_fn):
@@ -264,8 +302,10 @@ def _fixed_rank_plan(layers, candidates, rank_ratio, energy, ranks, allow_growth
             rank = method.rank_from_ratio(layer, rank_ratio)
         cost = method.cost(layer, rank)
         if cost.params > layer.params and not allow_growth:
-            decisions[layer.name] = {"reason": f"{method_name} at rank {method.rank_label(rank)} has "
-                                               f"{cost.params:,} params > dense {layer.params:,}; kept dense"}
+            decisions[layer.name] = {
+                "reason": f"{method_name} at rank {method.rank_label(rank)} has "
+                f"{cost.params:,} params > dense {layer.params:,}; kept dense"
+            }
             continue
         factors = factor_fn(layer, method_name, rank)
         if factors.notes.get("refused"):

@@ -19,16 +19,24 @@ def plot_search(report: Report, path: str | Path) -> None:
     objective_total = report.search.get("objective_total") or 1.0
     for passed, marker, label in ((True, "o", "within budget"), (False, "x", "over budget")):
         points = [p for p in curve if p["passed"] == passed]
-        left.scatter([p["saving"] / objective_total * 100 for p in points], [p["drop"] * 100 for p in points],
-                     marker=marker, label=label)
+        left.scatter(
+            [p["saving"] / objective_total * 100 for p in points],
+            [p["drop"] * 100 for p in points],
+            marker=marker,
+            label=label,
+        )
     left.axhline(report.budget["max_drop"] * 100, color="gray", linestyle="--", label="budget")
     left.set_xlabel(f"{report.budget.get('objective', 'flops')} saved in candidate layers (%)")
     left.set_ylabel(f"{report.budget['metric']} drop on calibration data (%)")
     left.set_title("search: verified plans")
     left.legend()
     names = [layer.name for layer in report.layers]
-    kept = [layer.params_after / layer.params_before if layer.decision == "rewritten" and layer.params_before else 1.0
-            for layer in report.layers]
+    kept = [
+        layer.params_after / layer.params_before
+        if layer.decision == "rewritten" and layer.params_before
+        else 1.0
+        for layer in report.layers
+    ]
     right.barh(range(len(names)), kept)
     right.set_yticks(range(len(names)), names, fontsize=7)
     right.invert_yaxis()

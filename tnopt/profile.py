@@ -15,7 +15,6 @@ import numpy as np
 
 from tnopt.analyze import Layer
 
-
 # The patch moment stops accumulating past this many im2col rows: (I·k·k)² entries converge long
 # before, and each batch of 28x28 feature maps adds ~50k rows.
 MAX_PATCH_ROWS = 200_000
@@ -34,8 +33,13 @@ class LayerStats:
 class _Accumulator:
     def __init__(self, layer: Layer, want_patches: bool):
         self.layer = layer
-        self.want_patches = want_patches and layer.op == "Conv" and len(layer.weight_shape) == 4 \
-            and layer.group == 1 and layer.attr("auto_pad", "NOTSET") in ("NOTSET", "")
+        self.want_patches = (
+            want_patches
+            and layer.op == "Conv"
+            and len(layer.weight_shape) == 4
+            and layer.group == 1
+            and layer.attr("auto_pad", "NOTSET") in ("NOTSET", "")
+        )
         self.rows = 0
         self.moment = None
         self.patch_moment = None
@@ -61,7 +65,7 @@ class _Accumulator:
 def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
     """The layer's input as a (rows, features) float64 matrix, features = the contracted axis."""
     x = np.asarray(x, dtype=np.float64)
-    if layer.op == "Conv":
+    if layer.op in ("Conv", "ConvTranspose"):
         return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
     if layer.op == "Gemm":
         return x.T if layer.attr("transA") else x.reshape(-1, x.shape[-1])
@@ -74,14 +78,18 @@ def _patches(layer: Layer, x: np.ndarray) -> np.ndarray:
 
     pads = layer.attr("pads")
     padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    unfolded = torch.nn.functional.unfold(torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32)),
-                                          kernel_size=tuple(layer.attr("kernel_shape")),
-                                          dilation=tuple(layer.attr("dilations")), stride=tuple(layer.attr("strides")))
+    unfolded = torch.nn.functional.unfold(
+        torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32)),
+        kernel_size=tuple(layer.attr("kernel_shape")),
+        dilation=tuple(layer.attr("dilations")),
+        stride=tuple(layer.attr("strides")),
+    )
     return unfolded.transpose(1, 2).reshape(-1, unfolded.shape[1]).numpy()
 
 
-def collect_stats(model, layers: list[Layer], inputs: dict[str, np.ndarray], runtime,
-                  want_patches: bool = False) -> dict[str, LayerStats]:
+def collect_stats(
+    model, layers: list[Layer], inputs: dict[str, np.ndarray], runtime, want_patches: bool = False
+) -> dict[str, LayerStats]:
     """Input moments of every layer whose weight sits on the right of its product (all but
     left-weight MatMuls), from one pass of the original model over `inputs`."""
     eligible = [layer for layer in layers if layer.attr("weight_side", "right") == "right"]

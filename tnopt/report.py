@@ -65,10 +65,25 @@ class Report:
     def summary_table(self) -> str:
         after = self.after or self.before
         rows = [("", "before", "after", "ratio")]
-        rows.append(("params", f"{self.before.params:,}", f"{after.params:,}", _ratio(self.before.params, after.params)))
-        rows.append(("FLOPs", f"{self.before.flops:,}", f"{after.flops:,}", _ratio(self.before.flops, after.flops)))
-        rows.append(("file bytes", f"{self.before.file_bytes:,}", f"{after.file_bytes:,}",
-                     _ratio(self.before.file_bytes, after.file_bytes)))
+        rows.append(
+            (
+                "params",
+                f"{self.before.params:,}",
+                f"{after.params:,}",
+                _ratio(self.before.params, after.params),
+            )
+        )
+        rows.append(
+            ("FLOPs", f"{self.before.flops:,}", f"{after.flops:,}", _ratio(self.before.flops, after.flops))
+        )
+        rows.append(
+            (
+                "file bytes",
+                f"{self.before.file_bytes:,}",
+                f"{after.file_bytes:,}",
+                _ratio(self.before.file_bytes, after.file_bytes),
+            )
+        )
         for op in sorted(set(self.before.op_counts) | set(after.op_counts)):
             b, a = self.before.op_counts.get(op, 0), after.op_counts.get(op, 0)
             rows.append((f"  {op}", str(b), str(a), "" if a == b else f"{a - b:+d}"))
@@ -86,11 +101,20 @@ class Report:
     def layer_table(self) -> str:
         rows = [("layer", "op", "weight", "decision", "method", "rank", "params", "FLOPs", "err", "reason")]
         for layer in self.layers:
-            rows.append((layer.name, layer.op, "x".join(map(str, layer.weight_shape)), layer.decision,
-                         layer.method or "", layer.rank or "",
-                         _ratio(layer.params_before, layer.params_after) if layer.params_after else "",
-                         _ratio(layer.flops_before, layer.flops_after) if layer.flops_after else "",
-                         "" if layer.weight_error is None else f"{layer.weight_error:.3f}", layer.reason))
+            rows.append(
+                (
+                    layer.name,
+                    layer.op,
+                    "x".join(map(str, layer.weight_shape)),
+                    layer.decision,
+                    layer.method or "",
+                    layer.rank or "",
+                    _ratio(layer.params_before, layer.params_after) if layer.params_after else "",
+                    _ratio(layer.flops_before, layer.flops_after) if layer.flops_after else "",
+                    "" if layer.weight_error is None else f"{layer.weight_error:.3f}",
+                    layer.reason,
+                )
+            )
         return format_table(rows)
 
 

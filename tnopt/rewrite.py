@@ -39,8 +39,15 @@ def apply_plan(model: onnx.ModelProto, choices: list[Choice]) -> tuple[onnx.Mode
     for choice in choices:
         layer, method = choice.layer, METHODS[choice.method]
         node = G.find_node(graph, layer.name)
-        emit = G.Emitter(graph, node, method.name, choice.rank_label, choice.factors.arrays[
-            next(iter(choice.factors.arrays))].dtype, provenance, data_index=layer.data_index,
-            bias_index=2 if layer.op in ("Conv", "Gemm") else None)
+        emit = G.Emitter(
+            graph,
+            node,
+            method.name,
+            choice.rank_label,
+            choice.factors.arrays[next(iter(choice.factors.arrays))].dtype,
+            provenance,
+            data_index=layer.data_index,
+            bias_index=2 if layer.op in ("Conv", "ConvTranspose", "Gemm") else None,
+        )
         method.build(emit, layer, choice.factors)
     return G.export_model(graph, model, provenance), True

@@ -47,10 +47,15 @@ def cuda_works() -> tuple[bool, str]:
     from onnx import TensorProto, helper
 
     probe = helper.make_model(
-        helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]),
-        opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        ),
+        opset_imports=[helper.make_opsetid("", 13)],
+        ir_version=8,
+    )
     ort.set_default_logger_severity(4)  # a missing CUDA library is logged as an error; we say it ourselves
     try:
         session = ort.InferenceSession(probe.SerializeToString(), _quiet_options(), providers=[CUDA, CPU])
@@ -92,7 +97,9 @@ class Runtime:
         try:
             return ort.InferenceSession(payload, _quiet_options(), providers=self.providers)
         except Exception as exc:
-            raise TnoptError(f"onnxruntime cannot load the model ({str(exc).splitlines()[0][:200]})") from None
+            raise TnoptError(
+                f"onnxruntime cannot load the model ({str(exc).splitlines()[0][:200]})"
+            ) from None
 
     def verify_loads(self, payload: bytes) -> None:
         self.session(payload)
@@ -105,21 +112,28 @@ class Runtime:
     def iter_batches(self, model_or_session, feeds: dict[str, np.ndarray], output_names=None):
         """Yield (batch slice, outputs) per batch: statistics accumulate without holding every
         sample's activations at once."""
-        session = model_or_session if isinstance(model_or_session, ort.InferenceSession) \
+        session = (
+            model_or_session
+            if isinstance(model_or_session, ort.InferenceSession)
             else self.session(model_or_session)
+        )
         n = len(next(iter(feeds.values())))
         fixed = fixed_batch(session)
         step = fixed or self.batch_size
         for start in range(0, n, step):
-            batch = {k: v[start:start + step] for k, v in feeds.items()}
+            batch = {k: v[start : start + step] for k, v in feeds.items()}
             short = len(next(iter(batch.values())))
             if short < step and fixed:
                 # A model with a fixed batch dim gets the last chunk padded, then trimmed.
-                batch = {k: np.concatenate([v, np.repeat(v[-1:], step - short, axis=0)]) for k, v in batch.items()}
+                batch = {
+                    k: np.concatenate([v, np.repeat(v[-1:], step - short, axis=0)]) for k, v in batch.items()
+                }
             try:
                 outputs = session.run(output_names, batch)
             except Exception as exc:
-                raise TnoptError(f"onnxruntime failed to run the model ({str(exc).splitlines()[0][:200]})") from None
+                raise TnoptError(
+                    f"onnxruntime failed to run the model ({str(exc).splitlines()[0][:200]})"
+                ) from None
             yield slice(start, start + short), [o[:short] for o in outputs]
 
     def with_outputs(self, model: onnx.ModelProto, tensor_names: list[str]) -> ort.InferenceSession:
@@ -137,8 +151,9 @@ class Runtime:
         values = self.run(self.with_outputs(model, tensor_names), feeds, output_names=list(tensor_names))
         return dict(zip(tensor_names, values))
 
-    def latency(self, model: onnx.ModelProto | bytes, feed: dict[str, np.ndarray], repeats: int = 20,
-                warmup: int = 3) -> float:
+    def latency(
+        self, model: onnx.ModelProto | bytes, feed: dict[str, np.ndarray], repeats: int = 20, warmup: int = 3
+    ) -> float:
         """Median wall time of one run in seconds (after warm-up)."""
         session = self.session(model)
         for _ in range(warmup):

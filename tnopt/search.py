@@ -123,9 +123,27 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
-def run_search(original, layers, candidates, *, calib: Dataset, evaluation: Dataset, budget, metric, objective,
-               runtime, cache_dir, seed, progress, latency_guard, report, say, factorize=None,
-               correct=None, factor_mode: str = "weight"):
+def run_search(
+    original,
+    layers,
+    candidates,
+    *,
+    calib: Dataset,
+    evaluation: Dataset,
+    budget,
+    metric,
+    objective,
+    runtime,
+    cache_dir,
+    seed,
+    progress,
+    latency_guard,
+    report,
+    say,
+    factorize=None,
+    correct=None,
+    factor_mode: str = "weight",
+):
     """Returns (choices, decisions) and fills report.budget / report.search / report.budget_met."""
     from tnopt.pipeline import factorize as default_factorize
 
@@ -134,15 +152,23 @@ def run_search(original, layers, candidates, *, calib: Dataset, evaluation: Data
     max_drop, drop_type = parse_budget(budget)
     sweep_data = calib.head(MAX_SWEEP_SAMPLES)
     reference = runtime.run(original, calib.inputs)
-    sweep_reference = [r[:len(sweep_data)] for r in reference]
+    sweep_reference = [r[: len(sweep_data)] for r in reference]
     metric = choose_metric(metric, calib, reference, original)
     baseline = metric(reference, reference, calib.labels)
     sweep_baseline = metric(sweep_reference, sweep_reference, sweep_data.labels)
     model_hash = hashlib.sha256(original.SerializeToString()).hexdigest()[:16]
-    cache = SensitivityCache(cache_dir, f"{model_hash}-{calib.fingerprint()}-{metric.name}-{factor_mode}-s{seed}")
-    report.budget = {"max_drop": max_drop, "drop_type": drop_type, "metric": metric.name, "objective": objective,
-                     "baseline_calibration": baseline, "calibration_samples": len(calib),
-                     "sweep_samples": len(sweep_data)}
+    cache = SensitivityCache(
+        cache_dir, f"{model_hash}-{calib.fingerprint()}-{metric.name}-{factor_mode}-s{seed}"
+    )
+    report.budget = {
+        "max_drop": max_drop,
+        "drop_type": drop_type,
+        "metric": metric.name,
+        "objective": objective,
+        "baseline_calibration": baseline,
+        "calibration_samples": len(calib),
+        "sweep_samples": len(sweep_data),
+    }
     lossless_only = max_drop == 0
     factors_memo: dict = {}
 
@@ -156,24 +182,38 @@ def run_search(original, layers, candidates, *, calib: Dataset, evaluation: Data
         return metric.drop(value, base, drop_type)
 
     # 1. sensitivity sweep --------------------------------------------------------------------------
-    candidates = {layer.name: screen_methods(layer, candidates[layer.name], factors_for) for layer in layers}
-    plans = {layer.name: [(m, r) for m in candidates[layer.name] for r in METHODS[m].candidate_ranks(layer)]
-             for layer in layers}
+    screened = {}
+    for layer in layers:
+        key = f"screen|{layer.name}|{','.join(candidates[layer.name])}"
+        # The pre-screen fits every method; a rerun takes its verdict from the cache instead.
+        screened[layer.name] = cache.entries.get(key) or screen_methods(layer, candidates[layer.name], factors_for)
+        cache.put(key, screened[layer.name])
+    candidates = screened
+    plans = {
+        layer.name: [(m, r) for m in candidates[layer.name] for r in METHODS[m].candidate_ranks(layer)]
+        for layer in layers
+    }
     decisions: dict[str, dict] = {layer.name: {"sensitivity": {}} for layer in layers}
     measured: dict[tuple, dict] = {}
     bar = _progress(sum(len(p) for p in plans.values()), "sensitivity", progress)
     for layer in layers:
         for method in candidates[layer.name]:
             # High rank first: once a rank is far over budget, lower ranks of this method are skipped.
-            for rank in sorted(METHODS[method].candidate_ranks(layer), key=lambda r: -METHODS[method].cost(layer, r).params):
+            for rank in sorted(
+                METHODS[method].candidate_ranks(layer), key=lambda r: -METHODS[method].cost(layer, r).params
+            ):
                 label = METHODS[method].rank_label(rank)
                 key = f"{layer.name}|{method}|{label}"
                 entry = cache.get(key)
                 if entry is None:
                     factors = factors_for(layer, method, rank)
                     if factors.notes.get("refused"):  # e.g. a degenerate CP fit: never emitted
-                        entry = {"drop": float("inf"), "proxy": float("inf"), "weight_error": factors.rel_error,
-                                 "refused": factors.notes["refused"]}
+                        entry = {
+                            "drop": float("inf"),
+                            "proxy": float("inf"),
+                            "weight_error": factors.rel_error,
+                            "refused": factors.notes["refused"],
+                        }
                         cache.put(key, entry)
                         measured[(layer.name, method, rank)] = entry
                         bar.update(1)
@@ -181,8 +221,11 @@ def run_search(original, layers, candidates, *, calib: Dataset, evaluation: Data
                     model, _ = apply_plan(original, [Choice(layer, method, factors)])
                     outputs = runtime.run(model, sweep_data.inputs)
                     value = metric(sweep_reference, outputs, sweep_data.labels)
-                    entry = {"drop": drop_of(value, sweep_baseline), "proxy": rel_l2(sweep_reference, outputs) ** 2,
-                             "weight_error": factors.rel_error}
+                    entry = {
+                        "drop": drop_of(value, sweep_baseline),
+                        "proxy": rel_l2(sweep_reference, outputs) ** 2,
+                        "weight_error": factors.rel_error,
+                    }
                     cache.put(key, entry)
                 measured[(layer.name, method, rank)] = entry
                 decisions[layer.name]["sensitivity"][f"{method}:{label}"] = entry["drop"]
@@ -192,14 +235,17 @@ def run_search(original, layers, candidates, *, calib: Dataset, evaluation: Data
     bar.close()
     cache.save()
     sweep_hits = cache.hits
-    say(f"sensitivity: {len(measured)} measurements, {sweep_hits} from cache"
-        + (f" ({cache.path})" if cache.path else ""))
+    say(
+        f"sensitivity: {len(measured)} measurements, {sweep_hits} from cache"
+        + (f" ({cache.path})" if cache.path else "")
+    )
 
     # 2. latency: guard and objective ---------------------------------------------------------------
     latency = {}
     if latency_guard or objective == "latency":
-        latency = _measure_latency(original, layers, measured, runtime, cache, factors_for, progress, decisions,
-                                   sweep_data.inputs)
+        latency = _measure_latency(
+            original, layers, measured, runtime, cache, factors_for, progress, decisions, sweep_data.inputs
+        )
         cache.save()
 
     # 3. options for the allocation (independent of the budget, so a larger budget can only gain) ----
@@ -214,8 +260,11 @@ def run_search(original, layers, candidates, *, calib: Dataset, evaluation: Data
         if latency:
             dense_s, rewritten_s = latency.get((name, None, None)), latency.get((name, method, rank))
             folded = getattr(METHODS[method], "folded_at_load", False)  # runs the dense weight: same speed
-            if latency_guard and not folded and (dense_s is None or rewritten_s is None
-                                                 or rewritten_s > LATENCY_MARGIN * dense_s):
+            if (
+                latency_guard
+                and not folded
+                and (dense_s is None or rewritten_s is None or rewritten_s > LATENCY_MARGIN * dense_s)
+            ):
                 continue
         cost = METHODS[method].cost(layer, rank)
         if objective == "params":
@@ -224,10 +273,16 @@ def run_search(original, layers, candidates, *, calib: Dataset, evaluation: Data
             saving = latency[(name, None, None)] - latency[(name, method, rank)]
         else:
             saving = layer.flops - cost.flops
-        options.append(B.Option(name, f"{method}|{METHODS[method].rank_label(rank)}", float(saving),
-                                max(float(entry["proxy"]), 0.0)))
+        options.append(
+            B.Option(
+                name,
+                f"{method}|{METHODS[method].rank_label(rank)}",
+                float(saving),
+                max(float(entry["proxy"]), 0.0),
+            )
+        )
     option_choice = {}
-    for (name, method, rank) in measured:
+    for name, method, rank in measured:
         option_choice[(name, f"{method}|{METHODS[method].rank_label(rank)}")] = (method, rank)
 
     # 4. τ search against the whole model's hard metric ---------------------------------------------
@@ -250,8 +305,15 @@ def run_search(original, layers, candidates, *, calib: Dataset, evaluation: Data
         if drop_type == "relative" and baseline:
             margin /= abs(baseline)
         drop = drop_of(value, baseline)
-        result = {"plan": plan, "choices": choices, "value": value, "drop": drop, "margin": margin,
-                  "saving": B.total_saving(plan), "passed": drop + margin <= max_drop}
+        result = {
+            "plan": plan,
+            "choices": choices,
+            "value": value,
+            "drop": drop,
+            "margin": margin,
+            "saving": B.total_saving(plan),
+            "passed": drop + margin <= max_drop,
+        }
         evaluated[signature] = result
         return result
 
@@ -300,28 +362,51 @@ def run_search(original, layers, candidates, *, calib: Dataset, evaluation: Data
     eval_model, _ = apply_plan(original, final["choices"])
     eval_reference = runtime.run(original, evaluation.inputs)
     eval_outputs = runtime.run(eval_model, evaluation.inputs)
-    eval_baseline = metric(eval_reference, eval_reference, evaluation.labels) if metric.name != "top1" or \
-        evaluation.labels is not None else None
+    eval_baseline = (
+        metric(eval_reference, eval_reference, evaluation.labels)
+        if metric.name != "top1" or evaluation.labels is not None
+        else None
+    )
     eval_drop = None
     if eval_baseline is not None:
         eval_value = metric(eval_reference, eval_outputs, evaluation.labels)
         eval_drop = drop_of(eval_value, eval_baseline)
-    report.budget.update({"drop_calibration": final["drop"], "margin_calibration": final["margin"],
-                          "drop_evaluation": eval_drop, "baseline_evaluation": eval_baseline})
+    report.budget.update(
+        {
+            "drop_calibration": final["drop"],
+            "margin_calibration": final["margin"],
+            "drop_evaluation": eval_drop,
+            "baseline_evaluation": eval_baseline,
+        }
+    )
     miss = None
     if best_pass is None:
-        miss = (f"no plan meets a {metric.name} drop ≤ {max_drop:g} on the calibration data "
-                f"(smallest drop found {final['drop']:.4f})")
+        miss = (
+            f"no plan meets a {metric.name} drop ≤ {max_drop:g} on the calibration data "
+            f"(smallest drop found {final['drop']:.4f})"
+        )
     elif eval_drop is not None and eval_drop > max_drop + 1e-12:
-        miss = (f"{metric.name} drop on the evaluation data {eval_drop:.4f} exceeds the budget {max_drop:g} "
-                f"(calibration drop {final['drop']:.4f} ± {final['margin']:.4f})")
+        miss = (
+            f"{metric.name} drop on the evaluation data {eval_drop:.4f} exceeds the budget {max_drop:g} "
+            f"(calibration drop {final['drop']:.4f} ± {final['margin']:.4f})"
+        )
     report.budget_met = miss is None
-    dense_total = {"params": sum(l.params for l in layers), "flops": sum(l.flops for l in layers),
-                   "latency": sum(latency.get((l.name, None, None), 0.0) for l in layers)}[objective]
-    report.search = {"curve": curve, "objective_total": dense_total, "sweep_measurements": len(measured), "sweep_cache_hits": sweep_hits,
-                     "cache_file": str(cache.path) if cache.path else None, "options": len(options),
-                     "verifications": len(evaluated), "search_s": time.perf_counter() - started,
-                     "miss_reason": miss or ""}
+    dense_total = {
+        "params": sum(layer.params for layer in layers),
+        "flops": sum(layer.flops for layer in layers),
+        "latency": sum(latency.get((layer.name, None, None), 0.0) for layer in layers),
+    }[objective]
+    report.search = {
+        "curve": curve,
+        "objective_total": dense_total,
+        "sweep_measurements": len(measured),
+        "sweep_cache_hits": sweep_hits,
+        "cache_file": str(cache.path) if cache.path else None,
+        "options": len(options),
+        "verifications": len(evaluated),
+        "search_s": time.perf_counter() - started,
+        "miss_reason": miss or "",
+    }
     if miss:
         say(f"budget not met: {miss}")
     return final["choices"], decisions
@@ -339,8 +424,11 @@ def screen_methods(layer, methods: list[str], factors_for) -> list[str]:
         target = fraction * layer.params
         errors = {}
         for method in methods:
-            affordable = [r for r in METHODS[method].candidate_ranks(layer)
-                          if METHODS[method].cost(layer, r).params <= target]
+            affordable = [
+                r
+                for r in METHODS[method].candidate_ranks(layer)
+                if METHODS[method].cost(layer, r).params <= target
+            ]
             if affordable:
                 rank = max(affordable, key=lambda r: METHODS[method].cost(layer, r).params)
                 factors = factors_for(layer, method, rank)
@@ -353,8 +441,14 @@ def screen_methods(layer, methods: list[str], factors_for) -> list[str]:
 
 
 def _curve_point(tau, result) -> dict:
-    return {"tau": tau, "saving": result["saving"], "drop": result["drop"], "margin": result["margin"],
-            "passed": result["passed"], "layers": len(result["plan"])}
+    return {
+        "tau": tau,
+        "saving": result["saving"],
+        "drop": result["drop"],
+        "margin": result["margin"],
+        "passed": result["passed"],
+        "layers": len(result["plan"]),
+    }
 
 
 def _why_no_option(layer, measured, latency, latency_guard, max_drop) -> str:
@@ -369,16 +463,25 @@ def _why_no_option(layer, measured, latency, latency_guard, max_drop) -> str:
     return "no admissible option"
 
 
-def _measure_latency(original, layers, measured, runtime, cache, factors_for, progress, decisions,
-                     sample_inputs) -> dict:
+def _measure_latency(
+    original, layers, measured, runtime, cache, factors_for, progress, decisions, sample_inputs
+) -> dict:
     """Seconds per run of each layer alone, dense and factorized, at the shape it really sees
     (captured from one batch of TIMING_BATCH real samples)."""
     first = {k: v[:TIMING_BATCH] for k, v in sample_inputs.items()}
-    shapes = {name: value.shape for name, value in runtime.capture(
-        original, sorted({layer.input_name for layer in layers}), first).items()}
+    shapes = {
+        name: value.shape
+        for name, value in runtime.capture(
+            original, sorted({layer.input_name for layer in layers}), first
+        ).items()
+    }
     result = {}
-    todo = [(layer, k) for layer in layers for k in measured
-            if k[0] == layer.name and measured[k]["drop"] <= SWEEP_STOP_DROP]
+    todo = [
+        (layer, k)
+        for layer in layers
+        for k in measured
+        if k[0] == layer.name and measured[k]["drop"] <= SWEEP_STOP_DROP
+    ]
     bar = _progress(len(todo) + len(layers), "latency", progress)
     for layer in layers:
         shape = shapes[layer.input_name]
@@ -404,4 +507,3 @@ def _measure_latency(original, layers, measured, runtime, cache, factors_for, pr
             bar.update(1)
     bar.close()
     return result
-

@@ -1,0 +1,64 @@
+"""The single-op models shipped in the onnx wheel (pytorch-converted): each is rewritten at full
+rank and still matches its shipped reference output, or refused with a reason. None crashes.
+
+They are opset 6, below tnopt's minimum (11): tnopt refuses the originals with a one-line reason,
+and the test runs the machinery on their opset-11 conversions (onnx.version_converter)."""
+
+import glob
+import os
+
+import numpy as np
+import onnx
+import pytest
+from helpers import relative_difference, run
+from onnx import numpy_helper, version_converter
+
+import tnopt
+from tnopt.errors import TnoptError, UnsupportedModelError
+
+ROOT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "pytorch-converted")
+CASES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "test_Conv*")) +
+               glob.glob(os.path.join(ROOT, "test_Linear*")))
+
+
+def load_case(name):
+    folder = os.path.join(ROOT, name)
+    model = onnx.load(os.path.join(folder, "model.onnx"))
+    data = os.path.join(folder, "test_data_set_0")
+    inputs = [numpy_helper.to_array(onnx.load_tensor(p)) for p in sorted(glob.glob(f"{data}/input_*.pb"))]
+    outputs = [numpy_helper.to_array(onnx.load_tensor(p)) for p in sorted(glob.glob(f"{data}/output_*.pb"))]
+    return model, inputs, outputs
+
+
+def test_cases_cover_the_families():
+    assert len(CASES) >= 25
+    for family in ("Conv1d", "Conv2d_groups", "Conv2d_depthwise", "Conv2d_dilated", "Conv3d", "ConvTranspose2d",
+                   "Linear"):
+        assert any(family in case for case in CASES), family
+
+
+def test_original_opset6_model_is_refused_with_a_reason():
+    model, _, _ = load_case("test_Conv2d")
+    with pytest.raises(UnsupportedModelError, match="opset 6 is below the supported minimum 11"):
+        tnopt.compress(model, provider="cpu")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_full_rank_rewrite_matches_shipped_output_or_gives_a_reason(name):
+    model, inputs, outputs = load_case(name)
+    converted = version_converter.convert_version(model, 11)
+    converted.ir_version = model.ir_version if model.ir_version >= 6 else 6  # opset 11 needs IR ≥ 6
+    feed = {converted.graph.input[0].name: inputs[0]}
+    try:
+        compressed, report = tnopt.compress(converted, rank_ratio=1.0, allow_growth=True, data=feed,
+                                            provider="cpu")
+    except TnoptError as exc:
+        reason = str(exc)
+        assert "can be factorized" in reason or "no Conv" in reason, reason
+        assert len(reason.splitlines()) == 1
+        return
+    skipped = [entry for entry in report.layers if entry.decision == "skipped"]
+    assert all(entry.reason for entry in skipped)
+    if report.rewritten:
+        got = run(compressed, feed)[0]
+        assert relative_difference(outputs[0], got) < 1e-4, name
