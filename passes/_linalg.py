@@ -220,8 +220,10 @@ def cp_diagnose(factors: list[np.ndarray], norm: float) -> str | None:
     np.fill_diagonal(congruence, 1.0)
     worst = float(congruence.min()) if congruence.size else 1.0
     if worst < CP_MIN_CONGRUENCE and ratio > 2.0:
-        return (f"degenerate CP fit: two components nearly cancel (congruence {worst:.3f}, "
-                f"norm ratio {ratio:.1f})")
+        return (
+            f"degenerate CP fit: two components nearly cancel (congruence {worst:.3f}, "
+            f"norm ratio {ratio:.1f})"
+        )
     return None
 
 

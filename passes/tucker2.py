@@ -144,21 +144,27 @@ class Tucker2Transposed(Tucker2):
 
     def decompose(self, weight, rank: tuple[int, int], stats=None) -> Factors:
         u_in, core, u_out, err = _linalg.partial_tucker(weight, rank)
-        arrays = {"U_in": u_in.astype(weight.dtype), "core": core.astype(weight.dtype),
-                  "U_out": u_out.astype(weight.dtype)}
+        arrays = {
+            "U_in": u_in.astype(weight.dtype),
+            "core": core.astype(weight.dtype),
+            "U_out": u_out.astype(weight.dtype),
+        }
         return Factors(arrays, (u_in.shape[1], u_out.shape[1]), err)
 
     def build(self, emit, layer, factors: Factors) -> None:
         u_in, core, u_out = factors.arrays["U_in"], factors.arrays["core"], factors.arrays["U_out"]
         point = (1,) * (core.ndim - 2)
         w_in = u_in.T.reshape(u_in.shape[1], u_in.shape[0], *point)
-        hidden = emit.op("Conv", "in_1x1", [emit.data_input, emit.const("in_1x1/W", w_in)],
-                         {"kernel_shape": list(point)})
+        hidden = emit.op(
+            "Conv", "in_1x1", [emit.data_input, emit.const("in_1x1/W", w_in)], {"kernel_shape": list(point)}
+        )
         attrs = spatial_conv_attrs(layer, core.shape[2:])
         for key in ("output_padding", "output_shape"):
             if layer.attr(key) is not None:
                 attrs[key] = list(layer.attr(key))
-        hidden = emit.op("ConvTranspose", "core", [hidden, emit.const("core/W", np.ascontiguousarray(core))], attrs)
+        hidden = emit.op(
+            "ConvTranspose", "core", [hidden, emit.const("core/W", np.ascontiguousarray(core))], attrs
+        )
         w_out = u_out.reshape(u_out.shape[0], u_out.shape[1], *point)
         bias = self.bias_input(emit, factors)
         inputs = [hidden, emit.const("out_1x1/W", w_out)] + ([bias] if bias is not None else [])

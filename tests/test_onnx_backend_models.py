@@ -7,7 +7,6 @@ and the test runs the machinery on their opset-11 conversions (onnx.version_conv
 import glob
 import os
 
-import numpy as np
 import onnx
 import pytest
 from helpers import relative_difference, run
@@ -17,8 +16,10 @@ import tnopt
 from tnopt.errors import TnoptError, UnsupportedModelError
 
 ROOT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "pytorch-converted")
-CASES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "test_Conv*")) +
-               glob.glob(os.path.join(ROOT, "test_Linear*")))
+CASES = sorted(
+    os.path.basename(p)
+    for p in glob.glob(os.path.join(ROOT, "test_Conv*")) + glob.glob(os.path.join(ROOT, "test_Linear*"))
+)
 
 
 def load_case(name):
@@ -32,8 +33,15 @@ def load_case(name):
 
 def test_cases_cover_the_families():
     assert len(CASES) >= 25
-    for family in ("Conv1d", "Conv2d_groups", "Conv2d_depthwise", "Conv2d_dilated", "Conv3d", "ConvTranspose2d",
-                   "Linear"):
+    for family in (
+        "Conv1d",
+        "Conv2d_groups",
+        "Conv2d_depthwise",
+        "Conv2d_dilated",
+        "Conv3d",
+        "ConvTranspose2d",
+        "Linear",
+    ):
         assert any(family in case for case in CASES), family
 
 
@@ -50,8 +58,9 @@ def test_full_rank_rewrite_matches_shipped_output_or_gives_a_reason(name):
     converted.ir_version = model.ir_version if model.ir_version >= 6 else 6  # opset 11 needs IR ≥ 6
     feed = {converted.graph.input[0].name: inputs[0]}
     try:
-        compressed, report = tnopt.compress(converted, rank_ratio=1.0, allow_growth=True, data=feed,
-                                            provider="cpu")
+        compressed, report = tnopt.compress(
+            converted, rank_ratio=1.0, allow_growth=True, data=feed, provider="cpu"
+        )
     except TnoptError as exc:
         reason = str(exc)
         assert "can be factorized" in reason or "no Conv" in reason, reason

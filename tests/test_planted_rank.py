@@ -171,17 +171,23 @@ def test_truncation_below_planted_rank_is_not_exact():
         assert_equivalent(model, out, {"x": RNG.standard_normal((5, 20)).astype(np.float32)})
 
 
-@pytest.mark.parametrize("attrs", [
-    {},
-    {"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 0]},
-    {"strides": [2, 1], "dilations": [1, 2], "pads": [0, 1, 1, 0]},
-])
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {},
+        {"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 0]},
+        {"strides": [2, 1], "dilations": [1, 2], "pads": [0, 1, 1, 0]},
+    ],
+)
 def test_tucker2_convtranspose_planted_rank(attrs):
     # ConvTranspose weights are (I, O, k): plant the ranks on (I, O) = (12, 10).
     weight = planted_tucker(12, 10, (3, 3), (4, 3), seed=12)
-    model = make_model([helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], name="deconv", **attrs)],
-                       [tensor("x", ["N", 12, 7, 6])], [tensor("y", 4)],
-                       [init("w", weight), init("b", RNG.standard_normal(10))])
+    model = make_model(
+        [helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], name="deconv", **attrs)],
+        [tensor("x", ["N", 12, 7, 6])],
+        [tensor("y", 4)],
+        [init("w", weight), init("b", RNG.standard_normal(10))],
+    )
     out, _ = compress_at(model, {"deconv": (4, 3)}, methods="tucker2-transpose")
     assert op_count(out, "ConvTranspose") == 1 and op_count(out, "Conv") == 2
     for batch in (1, 3):

@@ -189,9 +189,12 @@ def test_search_times_and_rewrites_a_convtranspose():
     from onnx import helper
 
     weight = planted_tucker(32, 32, (3, 3), (8, 8), seed=3)
-    model = make_model([helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], name="up", strides=[2, 2])],
-                       [tensor("x", ["N", 32, 8, 8])], [tensor("y", 4)],
-                       [init("w", weight), init("b", np.zeros(32))])
+    model = make_model(
+        [helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], name="up", strides=[2, 2])],
+        [tensor("x", ["N", 32, 8, 8])],
+        [tensor("y", 4)],
+        [init("w", weight), init("b", np.zeros(32))],
+    )
     data = {"x": np.random.default_rng(0).standard_normal((64, 32, 8, 8)).astype(np.float32)}
     _, report = tnopt.compress(model, budget=0.001, data=data, provider="cpu", cache_dir=None)
     assert report.budget["metric"] == "cosine"

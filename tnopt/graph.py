@@ -270,7 +270,9 @@ def isolate_layer(layer, like: onnx.ModelProto, input_shape: tuple[int, ...], dt
         inputs = [x, weight]
         if layer.has_bias:
             # ConvTranspose weights are (I, O/group, k): its output channels are the second axis.
-            out_channels = layer.weight_shape[1] * layer.group if layer.op == "ConvTranspose" else layer.weight_shape[0]
+            out_channels = (
+                layer.weight_shape[1] * layer.group if layer.op == "ConvTranspose" else layer.weight_shape[0]
+            )
             inputs.append(gs.Constant("B", np.zeros(out_channels, layer.weight.dtype)))
     elif layer.op == "Gemm":
         # The analyzed weight already folds transB and alpha.

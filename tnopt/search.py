@@ -186,7 +186,9 @@ def run_search(
     for layer in layers:
         key = f"screen|{layer.name}|{','.join(candidates[layer.name])}"
         # The pre-screen fits every method; a rerun takes its verdict from the cache instead.
-        screened[layer.name] = cache.entries.get(key) or screen_methods(layer, candidates[layer.name], factors_for)
+        screened[layer.name] = cache.entries.get(key) or screen_methods(
+            layer, candidates[layer.name], factors_for
+        )
         cache.put(key, screened[layer.name])
     candidates = screened
     plans = {
