@@ -75,6 +75,9 @@ def compress_parser():
         action="store_true",
         help="skip the sequential least-squares refit of each layer's last factor",
     )
+    p.add_argument("--mpo-cores", type=int, help="tensor-train cores of the mpo methods (default 3)")
+    p.add_argument("--min-layer-params", type=int, default=0, help="leave layers with fewer parameters dense")
+    p.add_argument("--exclude", help="leave layers whose node name matches this regular expression dense")
     p.add_argument("--data", help=".npz with arrays keyed by input name (+ optional 'labels')")
     p.add_argument("--eval-data", help="disjoint .npz for the final metric (default: a split of --data)")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
@@ -146,6 +149,9 @@ def _compress(argv) -> int:
             latency_guard=not args.no_latency_guard,
             data_aware=False if args.no_data_aware else None,
             correct=False if args.no_correct else None,
+            mpo_cores=args.mpo_cores,
+            min_layer_params=args.min_layer_params,
+            exclude=args.exclude,
             log=say,
         )
     runtime = Runtime(args.provider)

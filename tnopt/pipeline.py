@@ -7,6 +7,8 @@ Saving is the caller's (CLI) last step, through io.save_model_atomic.
 
 from __future__ import annotations
 
+import functools
+import re
 import time
 import warnings
 from typing import Callable
@@ -90,6 +92,29 @@ def factorize(layer: Layer, method: str, rank, stats=None):
         return METHODS[method].decompose(layer.weight, rank, stats)
 
 
+MPO_METHODS = ("mpo", "mpo-storage")
+
+
+def _with_mpo_cores(compress_fn):
+    """Give the MPO methods `mpo_cores` cores for one call (the registry holds one instance each)."""
+
+    @functools.wraps(compress_fn)
+    def wrapper(model, *, mpo_cores: int | None = None, **options):
+        if mpo_cores is None:
+            return compress_fn(model, mpo_cores=None, **options)
+        saved = {name: METHODS[name].cores for name in MPO_METHODS}
+        try:
+            for name in MPO_METHODS:
+                METHODS[name].cores = int(mpo_cores)
+            return compress_fn(model, mpo_cores=mpo_cores, **options)
+        finally:
+            for name, cores in saved.items():
+                METHODS[name].cores = cores
+
+    return wrapper
+
+
+@_with_mpo_cores
 def compress(
     model: str | onnx.ModelProto,
     *,
@@ -110,6 +135,9 @@ def compress(
     data_aware: bool | None = None,
     correct: bool | None = None,
     allow_growth: bool = False,
+    mpo_cores: int | None = None,
+    min_layer_params: int = 0,
+    exclude: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Compress `model`; returns (compressed ModelProto, Report). Nothing is written to disk.
@@ -121,7 +149,13 @@ def compress(
     more parameters than the dense layer (used to test exactness at full rank).
     `data_aware` (whitened factors from calibration moments) and `correct` (sequential least-squares
     refit of each layer's last factor) default to on when real data is given, off on random inputs.
+    `mpo_cores` sets the MPO methods' number of cores for this run; `min_layer_params` and
+    `exclude` (a regular expression on node names) leave layers dense, with that reason reported.
     """
+    try:
+        excluded = re.compile(exclude) if exclude else None
+    except re.error as exc:
+        raise TnoptError(f"--exclude {exclude!r} is not a regular expression ({exc})") from None
     say = log or (lambda message: None)
     started = time.perf_counter()
     source = model if isinstance(model, str) else getattr(model.graph, "name", "model")
@@ -133,6 +167,22 @@ def compress(
         raise UnsupportedModelError(f"{source}: no Conv, Gemm or constant-weight MatMul layers to compress")
 
     report = Report(model=str(source), provider=runtime.provider_name, before=summarize(original))
+
+    candidates: dict[str, list[str]] = {}
+    for layer in layers:
+        accepted, reason = applicable_methods(layer, method_names)
+        if accepted and layer.params < min_layer_params:
+            accepted, reason = [], f"{layer.params:,} params < --min-layer-params {min_layer_params:,}"
+        if accepted and excluded is not None and excluded.search(layer.name):
+            accepted, reason = [], f"excluded by --exclude {exclude!r}"
+        if accepted:
+            candidates[layer.name] = accepted
+        else:
+            report.layers.append(_layer_entry(layer, "skipped", reason))
+    if not candidates:
+        raise UnsupportedModelError(
+            f"{source}: none of the {len(layers)} layers can be factorized ({report.layers[0].reason})"
+        )
     calib = load_data(data, original, seed=seed, role="calibration data")
     evaluation = load_data(eval_data, original, seed=seed, role="evaluation data")
     if calib is None and evaluation is None:
@@ -155,18 +205,6 @@ def compress(
     if calib is None:
         calib = evaluation
     report.data, report.eval_data = calib.source, evaluation.source
-
-    candidates: dict[str, list[str]] = {}
-    for layer in layers:
-        accepted, reason = applicable_methods(layer, method_names)
-        if accepted:
-            candidates[layer.name] = accepted
-        else:
-            report.layers.append(_layer_entry(layer, "skipped", reason))
-    if not candidates:
-        raise UnsupportedModelError(
-            f"{source}: none of the {len(layers)} layers can be factorized ({report.layers[0].reason})"
-        )
     by_name = {layer.name: layer for layer in layers}
 
     real_data = not calib.synthetic
@@ -220,7 +258,7 @@ def compress(
             factorize=factor_fn,
             correct=correct_fn,
             # The sweep measures uncorrected layers, so corrected and uncorrected runs share its cache.
-            factor_mode="white" if stats else "weight",
+            factor_mode=("white" if stats else "weight") + (f"-mpo{mpo_cores}" if mpo_cores else ""),
         )
     else:
         choices, decisions = _fixed_rank_plan(
