@@ -165,20 +165,36 @@ def test_list_methods():
 
 
 def test_bad_exclude_regex_is_one_line(small_model, tmp_path):
-    assert_one_line_error(tnopt(small_model, "-o", tmp_path / "o.onnx", "--exclude", "fc(1"), "not a regular expression")
+    assert_one_line_error(
+        tnopt(small_model, "-o", tmp_path / "o.onnx", "--exclude", "fc(1"), "not a regular expression"
+    )
 
 
 def test_exclude_and_min_layer_params_leave_layers_dense(small_model, tmp_path):
     import json
 
     report = tmp_path / "r.json"
-    result = tnopt(small_model, "-o", tmp_path / "o.onnx", "--rank-ratio", "0.25", "--exclude", "^fc2$",
-                   "--report", report, "-q")
+    result = tnopt(
+        small_model,
+        "-o",
+        tmp_path / "o.onnx",
+        "--rank-ratio",
+        "0.25",
+        "--exclude",
+        "^fc2$",
+        "--report",
+        report,
+        "-q",
+    )
     assert result.returncode == 0, result.stderr
     layers = {layer["name"]: layer for layer in json.loads(report.read_text())["layers"]}
     assert layers["fc1"]["decision"] == "rewritten"
     assert layers["fc2"]["decision"] == "skipped" and "--exclude" in layers["fc2"]["reason"]
-    result = tnopt(small_model, "-o", tmp_path / "o.onnx", "--rank-ratio", "0.25", "--min-layer-params", "10**9")
+    result = tnopt(
+        small_model, "-o", tmp_path / "o.onnx", "--rank-ratio", "0.25", "--min-layer-params", "10**9"
+    )
     assert result.returncode == 2  # not an integer: argparse's one-line error
-    result = tnopt(small_model, "-o", tmp_path / "o.onnx", "--rank-ratio", "0.25", "--min-layer-params", "1000000")
+    result = tnopt(
+        small_model, "-o", tmp_path / "o.onnx", "--rank-ratio", "0.25", "--min-layer-params", "1000000"
+    )
     assert_one_line_error(result, "none of the 2 layers can be factorized")
