@@ -42,6 +42,15 @@ STORAGE_FACTORS = (10, 100, 1000)
 
 
 def dataset(name):
+    if name == "efficientnet":
+        import efficientnet
+
+        path = Path(tempfile.mkdtemp()) / "efficientnet-lite0.onnx"
+        efficientnet.export_efficientnet_lite0(path)
+        images = efficientnet.photos()
+        # Crops of the same 7 photos: the first 10 views of each calibrate, the other 35 evaluate.
+        calib_n = 10 * len(efficientnet.PHOTO_NAMES)
+        return path, {"input": images[:calib_n]}, {"input": images[calib_n:]}, "agreement"
     if name == "minilm":
         import minilm
 

@@ -61,6 +61,14 @@ VIEWS = [
     (0.7, 0.2, 0.3, True),
     (0.7, 0.8, 0.7, False),
 ]
+# More views for calibration-sized sets: a fixed grid of crop sizes, positions and flips.
+VIEWS += [
+    (frac, cx, cy, flip)
+    for frac in (0.95, 0.8, 0.65, 0.5)
+    for cx, cy in ((0.5, 0.5), (0.15, 0.15), (0.85, 0.15), (0.15, 0.85), (0.85, 0.85))
+    for flip in (False, True)
+    if (frac, cx, cy, flip) not in VIEWS
+]
 
 
 def _load_photo(name: str) -> np.ndarray:
@@ -99,7 +107,7 @@ def photos(n: int | None = None) -> np.ndarray:
 
     The first len(PHOTO_NAMES) (=7) rows are the standard center crops of
     PHOTO_NAMES in that order; further rows are deterministic other crops / flips.
-    n=None returns all len(PHOTO_NAMES) * len(VIEWS) (=35) images.
+    n=None returns all len(PHOTO_NAMES) * len(VIEWS) (=315) images.
     """
     total = len(PHOTO_NAMES) * len(VIEWS)
     n = total if n is None else n

@@ -19,10 +19,13 @@ def plot_search(report: Report, path: str | Path) -> None:
     objective_total = report.search.get("objective_total") or 1.0
     for passed, marker, label in ((True, "o", "within budget"), (False, "x", "over budget")):
         points = [p for p in curve if p["passed"] == passed]
-        left.scatter(
+        # The error bar is the drop's standard error: a plan passes when drop + error ≤ budget.
+        left.errorbar(
             [p["saving"] / objective_total * 100 for p in points],
             [p["drop"] * 100 for p in points],
-            marker=marker,
+            yerr=[p["margin"] * 100 for p in points],
+            fmt=marker,
+            capsize=3,
             label=label,
         )
     left.axhline(report.budget["max_drop"] * 100, color="gray", linestyle="--", label="budget")
