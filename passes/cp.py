@@ -10,7 +10,7 @@ The H axis's stride/pads/dilation go on the kh×1 depthwise conv and the W axis'
 each axis's SAME padding depends only on that axis's size, kernel, stride and dilation, and the
 other conv is 1-wide with stride 1 there, so it pads nothing on that axis.
 
-Fits are by damped CP-ALS (`_linalg.cp_als`); with calibration statistics the input mode is fitted
+Fits are by damped CP-ALS (`_cp_als.cp_als`); with calibration statistics the input mode is fitted
 in the channel-covariance-weighted norm (CP of W ×_I Sᵀ, C = SSᵀ). A degenerate fit (huge
 components cancelling each other, non-finite factors, or no fit at all) is still returned, with
 the reason in `factors.notes["refused"]` (and `notes["degenerate"]` for degeneracy): callers must
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _linalg
+from . import _cp_als, _linalg
 from ._conv import mixed_positions, plain_conv_reason
 from ._method import Cost, Factors, Method, RefitSpec, scaled_rank
 from .tucker2 import spatial_conv_attrs
@@ -63,14 +63,14 @@ class CP(Method):
 
     def decompose(self, weight, rank: int, stats=None) -> Factors:
         if stats is None:
-            (a_out, a_in, a_h, a_w), err, notes = _linalg.cp_als(weight, rank)
+            (a_out, a_in, a_h, a_w), err, notes = _cp_als.cp_als(weight, rank)
         else:
             # CP of W ×_I Sᵀ (C = SSᵀ the channel moment), then a_in = S⁻ᵀ·ã_in: the fit is weighted
             # by the input directions real data excites.
             s = _linalg.whitening(stats.input_moment)
-            (a_out, a_in, a_h, a_w), _, notes = _linalg.cp_als(_linalg.mode_product(weight, s.T, 1), rank)
+            (a_out, a_in, a_h, a_w), _, notes = _cp_als.cp_als(_linalg.mode_product(weight, s.T, 1), rank)
             a_in = _linalg.unwhiten(s, a_in)
-            err = _linalg.relative_error(weight, _linalg.cp_reconstruct([a_out, a_in, a_h, a_w]))
+            err = _linalg.relative_error(weight, _cp_als.cp_reconstruct([a_out, a_in, a_h, a_w]))
             notes["data_aware"] = True
         arrays = {"A_out": a_out, "A_in": a_in, "A_h": a_h, "A_w": a_w}
         return Factors({k: v.astype(weight.dtype) for k, v in arrays.items()}, int(rank), err, notes)

@@ -22,7 +22,7 @@ from math import prod
 
 import numpy as np
 
-from . import _linalg
+from . import _linalg, _tensor_train
 from ._method import Cost, Factors, Method, scaled_rank
 
 DEFAULT_CORES = 3
@@ -58,7 +58,7 @@ class MPO(Method):
         return None
 
     def full_rank(self, layer) -> int:
-        return max(_linalg.tt_bond_caps(*self._modes(layer)))
+        return max(_tensor_train.tt_bond_caps(*self._modes(layer)))
 
     def rank_from_ratio(self, layer, ratio: float) -> int:
         return scaled_rank(self.full_rank(layer), ratio)
@@ -67,22 +67,22 @@ class MPO(Method):
         # Each bond keeps `energy` of its unfolding's spectrum; TT-SVD's squared error is then at most
         # (d-1)·(1 - energy) of ‖W‖², and the max bond is the rank.
         matrix = _matrix(layer.weight)
-        spectra = _linalg.tt_unfolding_spectra(matrix, *self._natural_modes(matrix.shape))
+        spectra = _tensor_train.tt_unfolding_spectra(matrix, *self._natural_modes(matrix.shape))
         return max(_linalg.rank_for_energy(s, energy) for s in spectra)
 
     def cost(self, layer, rank) -> Cost:
         in_modes, out_modes = self._modes(layer)
-        bonds = _linalg.tt_bonds(in_modes, out_modes, rank)
-        params = _linalg.tt_param_count(in_modes, out_modes, bonds)
+        bonds = _tensor_train.tt_bonds(in_modes, out_modes, rank)
+        params = _tensor_train.tt_param_count(in_modes, out_modes, bonds)
         if self.mode == "storage":
             return Cost(params, layer.flops)
-        return Cost(params, _linalg.tt_chain_flops(in_modes, out_modes, bonds, layer.in_positions))
+        return Cost(params, _tensor_train.tt_chain_flops(in_modes, out_modes, bonds, layer.in_positions))
 
     def decompose(self, weight, rank, stats=None) -> Factors:
         matrix = _matrix(weight)
         in_modes, out_modes = self._natural_modes(matrix.shape)
-        cores = _linalg.tt_svd_matrix(matrix, in_modes, out_modes, rank)
-        err = _linalg.relative_error(matrix, _linalg.tt_to_matrix(cores))
+        cores = _tensor_train.tt_svd_matrix(matrix, in_modes, out_modes, rank)
+        err = _linalg.relative_error(matrix, _tensor_train.tt_to_matrix(cores))
         bonds = tuple(c.shape[3] for c in cores[:-1])
         realized = max(bonds) if np.isscalar(rank) else bonds
         arrays = {f"G{k + 1}": np.ascontiguousarray(c.astype(weight.dtype)) for k, c in enumerate(cores)}
@@ -99,8 +99,8 @@ class MPO(Method):
 
     def _natural_modes(self, shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (
-            _linalg.balanced_factorization(shape[0], self.cores),
-            _linalg.balanced_factorization(shape[1], self.cores),
+            _tensor_train.balanced_factorization(shape[0], self.cores),
+            _tensor_train.balanced_factorization(shape[1], self.cores),
         )
 
     def _modes(self, layer) -> tuple[tuple[int, ...], tuple[int, ...]]:

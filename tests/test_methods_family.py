@@ -23,7 +23,7 @@ from helpers import (
     tensor,
 )
 from onnx import helper
-from tnopt.passes import METHODS, _linalg
+from tnopt.passes import METHODS, _cp_als, _linalg
 from tnopt.passes.cut import cut_matrix
 
 import tnopt
@@ -46,7 +46,7 @@ def planted_cp(shape, rank, seed=0):
     """A kernel of exact CP rank `rank`; unit-scale Gaussian factors are well conditioned."""
     rng = np.random.default_rng(seed)
     factors = [rng.standard_normal((d, rank)) for d in shape]
-    return _linalg.cp_reconstruct(factors).astype(np.float32)
+    return _cp_als.cp_reconstruct(factors).astype(np.float32)
 
 
 def planted_cut(shape, cut, rank, seed=0):
@@ -156,11 +156,11 @@ def test_cp_diagnose_flags_cancelling_components():
     # (a + εb)^⊗4/ε − a^⊗4/ε: an exact rank-2 CP whose two terms are ~1000x the tensor they sum to.
     factors = [np.hstack([x + eps * y, x]) for x, y in zip(a, b)]
     factors[0] = factors[0] * np.array([1 / eps, -1 / eps])
-    tensor_ = _linalg.cp_reconstruct(factors)
-    reason = _linalg.cp_diagnose(factors, float(np.linalg.norm(tensor_)))
+    tensor_ = _cp_als.cp_reconstruct(factors)
+    reason = _cp_als.cp_diagnose(factors, float(np.linalg.norm(tensor_)))
     assert reason is not None and reason.startswith("degenerate")
     good = [rng.standard_normal((d, 3)) for d in (6, 5, 3, 3)]
-    assert _linalg.cp_diagnose(good, float(np.linalg.norm(_linalg.cp_reconstruct(good)))) is None
+    assert _cp_als.cp_diagnose(good, float(np.linalg.norm(_cp_als.cp_reconstruct(good)))) is None
 
 
 def test_cp_degenerate_fit_is_refused_in_notes(monkeypatch):
@@ -173,7 +173,7 @@ def test_cp_degenerate_fit_is_refused_in_notes(monkeypatch):
     weight = weight.astype(np.float32)
     clean = METHODS["cp"].decompose(weight, 2)
     assert "refused" not in clean.notes and clean.notes["norm_ratio"] > 1.5  # cancelling, below the limit
-    monkeypatch.setattr(_linalg, "CP_MAX_NORM_RATIO", 1.5)
+    monkeypatch.setattr(_cp_als, "CP_MAX_NORM_RATIO", 1.5)
     factors = METHODS["cp"].decompose(weight, 2)
     assert factors.notes["refused"].startswith("degenerate") and factors.notes["degenerate"]
     assert set(factors.arrays) == {"A_out", "A_in", "A_h", "A_w"}  # still well formed
@@ -424,5 +424,5 @@ def test_mttkrp_matches_the_khatri_rao_definition():
         factors = [RNG.standard_normal((d, 4)) for d in shape]
         for mode in range(len(shape)):
             others = [factors[m] for m in range(len(shape)) if m != mode]
-            expected = _linalg.unfold(x, mode) @ _linalg.khatri_rao(others)
-            np.testing.assert_allclose(_linalg._mttkrp(x, factors, mode), expected, rtol=1e-10, atol=1e-10)
+            expected = _linalg.unfold(x, mode) @ _cp_als.khatri_rao(others)
+            np.testing.assert_allclose(_cp_als._mttkrp(x, factors, mode), expected, rtol=1e-10, atol=1e-10)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from helpers import assert_equivalent, init, make_model, op_count, tensor
 from onnx import TensorProto, helper, numpy_helper
-from tnopt.passes import _linalg, mpo
+from tnopt.passes import _linalg, _tensor_train, mpo
 
 import tnopt
 from tnopt import passes
@@ -18,8 +18,8 @@ def planted_tt(k, n, bond, cores=mpo.DEFAULT_CORES, seed=0):
     """A (k, n) matrix of exact TT-rank ≤ `bond` on the modes the pass will pick, contracted here
     with einsum (independently of the code under test)."""
     rng = np.random.default_rng(seed)
-    ins, outs = _linalg.balanced_factorization(k, cores), _linalg.balanced_factorization(n, cores)
-    bonds = _linalg.tt_bonds(ins, outs, bond)
+    ins, outs = _tensor_train.balanced_factorization(k, cores), _tensor_train.balanced_factorization(n, cores)
+    bonds = _tensor_train.tt_bonds(ins, outs, bond)
     gs = [rng.standard_normal((bonds[j], ins[j], outs[j], bonds[j + 1])) for j in range(cores)]
     bond_l, in_l, out_l = "abcdefgh", "pqrstvwx", "ijklmnoy"
     terms = [f"{bond_l[j]}{in_l[j]}{out_l[j]}{bond_l[j + 1]}" for j in range(cores)]
@@ -208,27 +208,27 @@ def test_compute_mode_emits_one_matmul_per_core(monkeypatch):
 
 
 def test_balanced_factorization():
-    assert _linalg.balanced_factorization(384, 3) == (8, 6, 8)
-    assert _linalg.balanced_factorization(4096, 3) == (16, 16, 16)
-    assert _linalg.balanced_factorization(1536, 3) == (16, 8, 12)
-    assert _linalg.balanced_factorization(768, 2) == (32, 24)
-    assert _linalg.balanced_factorization(17, 3) == (17, 1, 1)  # a prime cannot be balanced
+    assert _tensor_train.balanced_factorization(384, 3) == (8, 6, 8)
+    assert _tensor_train.balanced_factorization(4096, 3) == (16, 16, 16)
+    assert _tensor_train.balanced_factorization(1536, 3) == (16, 8, 12)
+    assert _tensor_train.balanced_factorization(768, 2) == (32, 24)
+    assert _tensor_train.balanced_factorization(17, 3) == (17, 1, 1)  # a prime cannot be balanced
     for n, d in [(1000, 3), (30522, 3), (2**12, 4), (1, 3)]:
-        assert np.prod(_linalg.balanced_factorization(n, d)) == n
+        assert np.prod(_tensor_train.balanced_factorization(n, d)) == n
 
 
 def test_tt_svd_is_exact_at_full_rank_and_deterministic():
     w = RNG.standard_normal((24, 40))
     ins, outs = (2, 3, 4), (5, 2, 4)
-    full = max(_linalg.tt_bond_caps(ins, outs))
-    cores = _linalg.tt_svd_matrix(w, ins, outs, full)
-    assert _linalg.relative_error(w, _linalg.tt_to_matrix(cores)) < 1e-12
-    again = _linalg.tt_svd_matrix(w, ins, outs, 3)
-    once = _linalg.tt_svd_matrix(w, ins, outs, 3)
+    full = max(_tensor_train.tt_bond_caps(ins, outs))
+    cores = _tensor_train.tt_svd_matrix(w, ins, outs, full)
+    assert _linalg.relative_error(w, _tensor_train.tt_to_matrix(cores)) < 1e-12
+    again = _tensor_train.tt_svd_matrix(w, ins, outs, 3)
+    once = _tensor_train.tt_svd_matrix(w, ins, outs, 3)
     assert all(np.array_equal(a, b) for a, b in zip(again, once))
-    bonds = _linalg.tt_bonds(ins, outs, 3)
+    bonds = _tensor_train.tt_bonds(ins, outs, 3)
     assert [c.shape for c in once] == [(1, 2, 5, 3), (3, 3, 2, 3), (3, 4, 4, 1)]
-    assert _linalg.tt_param_count(ins, outs, bonds) == sum(c.size for c in once)
+    assert _tensor_train.tt_param_count(ins, outs, bonds) == sum(c.size for c in once)
 
 
 def test_rank_rules_and_costs():

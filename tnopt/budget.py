@@ -170,3 +170,13 @@ def tau_grid(options: list[Option], points: int = 10) -> list[float]:
         return [0.0, high]
     ratio = (high / low) ** (1 / max(points - 1, 1))
     return [0.0] + [low * ratio**i for i in range(points)]
+
+
+def parse_budget(budget) -> tuple[float, str]:
+    """(max_drop, drop_type) from 0.01, '1%', or {'max_drop': 0.01, 'drop_type': 'relative'}."""
+    if isinstance(budget, dict):
+        return float(budget["max_drop"]), budget.get("drop_type", "absolute")
+    if isinstance(budget, str):
+        text = budget.strip()
+        return (float(text[:-1]) / 100 if text.endswith("%") else float(text)), "absolute"
+    return float(budget), "absolute"

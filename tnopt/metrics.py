@@ -105,3 +105,32 @@ def fidelity_report(reference, outputs, labels=None) -> dict[str, float]:
         values["top1"] = top1(reference, outputs, labels)
         values["top1_original"] = top1(reference, reference, labels)
     return values
+
+
+# Ops that end a classifier head: logits or probabilities, where top-1 agreement means something.
+CLASSIFIER_HEADS = ("Gemm", "MatMul", "Add", "Softmax", "LogSoftmax", "Sigmoid")
+
+
+def choose_metric(metric, labels, synthetic: bool, reference_outputs, head_op: str | None) -> Metric:
+    """The metric the budget is charged in: the user's (name or callable), else top1 with labels,
+    agreement for a classifier head, cosine otherwise (an embedding's argmax means nothing)."""
+    from tnopt.errors import DataError, TnoptError
+
+    if isinstance(metric, Metric):
+        return metric
+    if callable(metric):
+        return user_metric(metric)
+    if metric is None:
+        if labels is not None:
+            return METRICS["top1"]
+        first = reference_outputs[0]
+        classifier = first.ndim == 2 and first.shape[1] >= 2 and head_op in CLASSIFIER_HEADS
+        return METRICS["agreement" if classifier else "cosine"]
+    if metric not in METRICS:
+        raise TnoptError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    chosen = METRICS[metric]
+    if chosen.needs_labels and labels is None:
+        raise DataError(f"--metric {metric} needs labels: add a 'labels' array to the data file")
+    if synthetic and chosen.name == "top1":
+        raise DataError("top1 cannot be measured on random inputs; pass --data with labels")
+    return chosen
