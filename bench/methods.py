@@ -38,6 +38,8 @@ from tnopt.pipeline import applicable_methods  # noqa: E402
 from tnopt.report import format_table  # noqa: E402
 
 FACTORS = (2, 4, 8)
+# The data-aware bench's calibration size; the data-aware bench imports `dataset` with it.
+CALIB_SAMPLES = 512
 STORAGE_FACTORS = (10, 100, 1000)
 
 
@@ -61,7 +63,7 @@ def dataset(name):
         evaluation = {k: v[32:] for k, v in tokens.items()}
         return path, calib, evaluation, "cosine"
     with np.load(ROOT / "models" / "calib.npz") as a:
-        calib = {"input": a["input"][:512], "labels": a["labels"][:512]}
+        calib = {"input": a["input"][:CALIB_SAMPLES], "labels": a["labels"][:CALIB_SAMPLES]}
     with np.load(ROOT / "models" / "eval.npz") as a:
         evaluation = {"input": a["input"], "labels": a["labels"]}
     return ROOT / "models" / f"{name}.onnx", calib, evaluation, "top1"

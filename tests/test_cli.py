@@ -198,3 +198,12 @@ def test_exclude_and_min_layer_params_leave_layers_dense(small_model, tmp_path):
         small_model, "-o", tmp_path / "o.onnx", "--rank-ratio", "0.25", "--min-layer-params", "1000000"
     )
     assert_one_line_error(result, "none of the 2 layers can be factorized")
+
+
+def test_output_file_gets_the_umask_mode(small_model, tmp_path):
+    out = tmp_path / "out.onnx"
+    result = tnopt(small_model, "-o", out, "--rank-ratio", "0.5", "-q")
+    assert result.returncode == 0, result.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o666 & ~umask

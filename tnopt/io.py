@@ -129,6 +129,10 @@ def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike, *, veri
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp makes the file private (0600); a saved model gets the usual umask-based mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)
         os.replace(tmp_name, out)
     except OSError as exc:
         raise OutputError(f"{out}: cannot write ({exc.strerror})") from None
