@@ -192,3 +192,33 @@ def test_tucker2_convtranspose_planted_rank(attrs):
     assert op_count(out, "ConvTranspose") == 1 and op_count(out, "Conv") == 2
     for batch in (1, 3):
         assert_equivalent(model, out, {"x": RNG.standard_normal((batch, 12, 7, 6)).astype(np.float32)})
+
+
+def test_ir_version_opsets_metadata_and_io_are_kept():
+    w = planted_matrix(16, 12, 4, seed=13)
+    model = make_model(
+        [helper.make_node("MatMul", ["tokens", "w"], ["features"], name="mm")],
+        [tensor("tokens", ["batch", "seq", 16])],
+        [tensor("features", ["batch", "seq", 12])],
+        [init("w", w)],
+        opset=13,
+    )
+    model.ir_version = 7
+    model.doc_string = "a model with history"
+    model.producer_name = "someone"
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "license", "MIT"
+    out, _ = compress_at(model, {"mm": 4})
+    assert out.ir_version == 7 and [(o.domain, o.version) for o in out.opset_import] == [("", 13)]
+    assert out.doc_string == "a model with history" and out.producer_name == "someone"
+    assert [(p.key, p.value) for p in out.metadata_props] == [("license", "MIT")]
+    assert [i.name for i in out.graph.input] == ["tokens"] and [o.name for o in out.graph.output] == [
+        "features"
+    ]
+    dims = [
+        [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in (out.graph.input[0], out.graph.output[0])
+    ]
+    assert dims == [["batch", "seq", 16], ["batch", "seq", 12]]
+    tags = {n.name: {p.key: p.value for p in n.metadata_props} for n in out.graph.node}
+    assert tags["mm/svd/factor_a"] == {"tnopt.method": "svd", "tnopt.source_node": "mm", "tnopt.rank": "4"}
