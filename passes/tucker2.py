@@ -119,7 +119,8 @@ class Tucker2Transposed(Tucker2):
         ConvTranspose(I→O, k)  ⇒  Conv 1x1(I→r_i) → ConvTranspose k(r_i→r_o, all geometry)
                                   → Conv 1x1(r_o→O, +bias)
 
-    Ranks are (r_i, r_o), in the order of the kernel's modes. Channel mixing commutes with the
+    Ranks are (r_i, r_o), in the order of the kernel's modes, so full_rank, rank_from_ratio and
+    rank_from_energy carry over from Tucker2 unchanged. Channel mixing commutes with the
     transposed convolution's scatter exactly as with a convolution's gather, so the split is exact
     at full rank. Weight-only: the input moment is on mode 0 here, not the mode Tucker2 whitens."""
 
@@ -128,10 +129,6 @@ class Tucker2Transposed(Tucker2):
 
     def check(self, layer) -> str | None:
         return Method.check(self, layer)
-
-    def rank_from_energy(self, layer, energy: float) -> tuple[int, int]:
-        spectrum_in, spectrum_out = _linalg.tucker2_mode_spectra(layer.weight)
-        return (_linalg.rank_for_energy(spectrum_in, energy), _linalg.rank_for_energy(spectrum_out, energy))
 
     def cost(self, layer, rank: tuple[int, int]) -> Cost:
         i, o = layer.weight_shape[:2]
