@@ -156,12 +156,19 @@ def _compress(argv) -> int:
         )
     runtime = Runtime(args.provider)
     report.after.file_bytes = io.save_model_atomic(model, args.output, verify_session=runtime.verify_loads)
-    if args.report:
-        report.write_json(args.report)
-    if args.plot and report.search:
-        from tnopt.plot import plot_search
+    try:
+        if args.report:
+            report.write_json(args.report)
+        if args.plot and report.search:
+            from tnopt.plot import plot_search
 
-        plot_search(report, args.plot)
+            plot_search(report, args.plot)
+        elif args.plot:
+            say("note: --plot draws the budgeted search; without --budget there is nothing to plot")
+    except OSError as exc:
+        raise TnoptError(
+            f"model saved to {args.output}, but the report/plot could not be written ({exc})"
+        ) from None
     if not args.quiet:
         print(report.layer_table())
         print()
