@@ -210,15 +210,27 @@ def compress(
     real_data = not calib.synthetic
     data_aware = real_data if data_aware is None else data_aware
     correct = real_data if correct is None else correct
+    # With explicit ranks only the named layers are factorized: the others need no statistics.
+    targets = [by_name[n] for n in candidates if budget is not None or ranks is None or n in ranks]
+    if budget is not None:
+        planned_methods = {m for n in candidates for m in candidates[n]}
+    elif ranks is not None:
+        planned_methods = {
+            r[0] if isinstance(r, tuple) and r and isinstance(r[0], str) else candidates[n][0]
+            for n, r in ranks.items()
+            if n in candidates
+        }
+    else:
+        planned_methods = {candidates[n][0] for n in candidates}
     stats = {}
-    if data_aware:
+    if data_aware and targets:
         stats_start = time.perf_counter()
         stats = collect_stats(
             original,
-            [by_name[n] for n in candidates],
+            targets,
             calib.head(MAX_STATS_SAMPLES).inputs,
             runtime,
-            want_patches=any(m in method_names for m in PATCH_METHODS),
+            want_patches=any(m in planned_methods for m in PATCH_METHODS),
         )
         report.timings["stats_s"] = time.perf_counter() - stats_start
         say(f"calibration statistics: {len(stats)} layers from {min(len(calib), MAX_STATS_SAMPLES)} samples")
@@ -228,9 +240,7 @@ def compress(
         return factorize(layer, method, rank, stats.get(layer.name))
 
     corrector = (
-        Corrector(original, [by_name[n] for n in candidates], calib.head(MAX_REFIT_SAMPLES).inputs, runtime)
-        if correct
-        else None
+        Corrector(original, targets, calib.head(MAX_REFIT_SAMPLES).inputs, runtime) if correct else None
     )
 
     def correct_fn(choices):
