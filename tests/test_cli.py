@@ -207,3 +207,12 @@ def test_output_file_gets_the_umask_mode(small_model, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (out.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_one_hot_labels_are_class_indices(tmp_path):
+    from tnopt.data import InputSpec, load_npz
+
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((3, 4), np.float32), labels=np.eye(3)[[2, 0, 1]])
+    data = load_npz(path, [InputSpec("x", np.dtype(np.float32), ("N", 4))])
+    assert data.labels.tolist() == [2, 0, 1]

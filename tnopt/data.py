@@ -116,12 +116,18 @@ def load_npz(path: str | Path, specs: list[InputSpec]) -> Dataset:
     if labels is not None and len(labels) != counts.pop():
         raise DataError(f"{path}: 'labels' has {len(labels)} entries, the inputs have a different count")
     if labels is not None:
-        labels = (
-            labels.astype(np.int64).reshape(len(labels), -1)[:, 0]
-            if labels.ndim > 1
-            else labels.astype(np.int64)
-        )
+        labels = class_indices(labels, path)
     return Dataset(inputs, labels, str(path))
+
+
+def class_indices(labels: np.ndarray, source) -> np.ndarray:
+    """Labels as int64 class indices: (N,) or (N, 1) indices, or (N, C) one-hot / scores (argmax)."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        return labels.argmax(axis=1).astype(np.int64)
+    if labels.ndim > 2:
+        raise DataError(f"{source}: 'labels' has shape {labels.shape}; expected (N,), (N, 1) or one-hot (N, C)")
+    return labels.reshape(len(labels)).astype(np.int64)
 
 
 def random_inputs(specs: list[InputSpec], n: int = 64, seed: int = 0) -> Dataset:

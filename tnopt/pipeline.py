@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 from tnopt import io
 from tnopt.analyze import Layer, analyze
 from tnopt.correct import Corrector
-from tnopt.data import Dataset, input_specs, load_npz, random_inputs
+from tnopt.data import Dataset, class_indices, input_specs, load_npz, random_inputs
 from tnopt.errors import TnoptError, UnsupportedModelError
 from tnopt.graph import op_counts, parameter_count
 from tnopt.metrics import fidelity_report
@@ -71,7 +71,8 @@ def load_data(data, model: onnx.ModelProto, *, seed: int = 0, role: str = "data"
     if isinstance(data, dict):
         labels = data.get("labels")
         inputs = {k: np.asarray(v) for k, v in data.items() if k != "labels"}
-        return Dataset(inputs, None if labels is None else np.asarray(labels), f"{role} (in memory)")
+        source = f"{role} (in memory)"
+        return Dataset(inputs, None if labels is None else class_indices(labels, source), source)
     return load_npz(data, specs)
 
 
