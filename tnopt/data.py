@@ -126,7 +126,7 @@ def class_indices(labels: np.ndarray, source) -> np.ndarray:
     if labels.ndim == 2 and labels.shape[1] > 1:
         return labels.argmax(axis=1).astype(np.int64)
     if labels.ndim > 2:
-        raise DataError(f"{source}: 'labels' has shape {labels.shape}; expected (N,), (N, 1) or one-hot (N, C)")
+        raise DataError(f"{source}: 'labels' has shape {labels.shape}; expected (N,), (N, 1) or (N, C)")
     return labels.reshape(len(labels)).astype(np.int64)
 
 
