@@ -92,3 +92,18 @@ def test_correction_refits_bias_of_gemm():
     assert all(entry.factor_notes.get("corrected") for entry in report.rewritten)
     biases = [i.name for i in compressed.graph.initializer if i.name.endswith("/bias")]
     assert sorted(biases) == ["fc1/svd/bias", "fc2/svd/bias"]
+
+
+def test_statistics_are_cached_like_the_sensitivities(tmp_path):
+    model = _two_layer_model(seed=8)
+    data = {"x": anisotropic_inputs(rows=256, features=64, seed=9).astype(np.float32)}
+    runs = [
+        tnopt.compress(
+            model, rank_ratio=0.25, methods="svd", data=data, provider="cpu", cache_dir=str(tmp_path)
+        )
+        for _ in range(2)
+    ]
+    assert runs[0][1].timings["stats_cached_layers"] == 0
+    assert runs[1][1].timings["stats_cached_layers"] == 2
+    assert runs[0][1].metrics["rel-l2"] == runs[1][1].metrics["rel-l2"]
+    assert len(list(tmp_path.glob("*-stats.npz"))) == 1

@@ -8,9 +8,11 @@ Saving is the caller's (CLI) last step, through io.save_model_atomic.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import time
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -25,7 +27,7 @@ from tnopt.errors import TnoptError, UnsupportedModelError
 from tnopt.graph import op_counts, parameter_count
 from tnopt.metrics import fidelity_report
 from tnopt.passes import METHODS
-from tnopt.profile import collect_stats
+from tnopt.profile import collect_stats, load_stats, save_stats
 from tnopt.report import LayerReport, ModelSummary, Report
 from tnopt.rewrite import Choice, apply_plan
 from tnopt.runtime import Runtime
@@ -226,15 +228,32 @@ def compress(
     stats = {}
     if data_aware and targets:
         stats_start = time.perf_counter()
-        stats = collect_stats(
-            original,
-            targets,
-            calib.head(MAX_STATS_SAMPLES).inputs,
-            runtime,
-            want_patches=any(m in planned_methods for m in PATCH_METHODS),
-        )
+        stats_data = calib.head(MAX_STATS_SAMPLES)
+        want_patches = any(m in planned_methods for m in PATCH_METHODS)
+        stats_file = None
+        if cache_dir:
+            model_hash = hashlib.sha256(original.SerializeToString()).hexdigest()[:16]
+            stats_file = Path(cache_dir) / f"{model_hash}-{stats_data.fingerprint()}-stats.npz"
+            stats = load_stats(stats_file) if stats_file.exists() else {}
+        missing = [
+            layer
+            for layer in targets
+            if layer.name not in stats
+            or (want_patches and layer.op == "Conv" and stats[layer.name].patch_moment is None)
+        ]
+        if missing:
+            stats.update(
+                collect_stats(original, missing, stats_data.inputs, runtime, want_patches=want_patches)
+            )
+            if stats_file is not None:
+                stats_file.parent.mkdir(parents=True, exist_ok=True)
+                save_stats(stats_file, stats)
+        report.timings["stats_cached_layers"] = len(targets) - len(missing)
         report.timings["stats_s"] = time.perf_counter() - stats_start
-        say(f"calibration statistics: {len(stats)} layers from {min(len(calib), MAX_STATS_SAMPLES)} samples")
+        say(
+            f"calibration statistics: {len(targets)} layers from {len(stats_data)} samples, "
+            f"{len(targets) - len(missing)} from cache"
+        )
     report.factors = {"data_aware": bool(stats), "correct": bool(correct)}
 
     def factor_fn(layer, method, rank):

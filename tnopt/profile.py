@@ -103,3 +103,40 @@ def collect_stats(
         for layer in eligible:
             accumulators[layer.name].add(values[layer.input_name])
     return {name: acc.result() for name, acc in accumulators.items()}
+
+
+def save_stats(path, stats: dict[str, LayerStats]) -> None:
+    """One .npz per (model, data): arrays under positional keys, layer names in a JSON index
+    (node names hold '/', which zip members would turn into folders)."""
+    import json
+    import os
+
+    arrays, index = {}, []
+    for i, (name, item) in enumerate(sorted(stats.items())):
+        arrays[f"m{i}"] = item.input_moment
+        if item.patch_moment is not None:
+            arrays[f"p{i}"] = item.patch_moment
+        index.append([name, item.rows])
+    arrays["index"] = np.frombuffer(json.dumps(index).encode(), dtype=np.uint8)
+    tmp = f"{path}.tmp.npz"
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only loses the speed-up
+
+
+def load_stats(path) -> dict[str, LayerStats]:
+    import json
+
+    try:
+        with np.load(path) as archive:
+            index = json.loads(archive["index"].tobytes().decode())
+            return {
+                name: LayerStats(
+                    rows, archive[f"m{i}"], archive[f"p{i}"] if f"p{i}" in archive.files else None
+                )
+                for i, (name, rows) in enumerate(index)
+            }
+    except (OSError, ValueError, KeyError):
+        return {}
