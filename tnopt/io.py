@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
 
 from tnopt.errors import OutputError, UnsupportedModelError, ValidationError
 
@@ -36,9 +35,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         try:
             # load_external_data resolves weights stored beside the file.
             model = onnx.load(str(path), load_external_data=True)
-        except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
-            raise UnsupportedModelError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
-        except Exception as exc:  # protobuf raises assorted types on truncated input
+        except Exception as exc:  # protobuf and onnx raise assorted types on truncated or foreign bytes
             raise UnsupportedModelError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
     if not model.graph.node:
         raise UnsupportedModelError(f"{where}: not an ONNX model (empty graph)")
