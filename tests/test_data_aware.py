@@ -106,4 +106,21 @@ def test_statistics_are_cached_like_the_sensitivities(tmp_path):
     assert runs[0][1].timings["stats_cached_layers"] == 0
     assert runs[1][1].timings["stats_cached_layers"] == 2
     assert runs[0][1].metrics["rel-l2"] == runs[1][1].metrics["rel-l2"]
-    assert len(list(tmp_path.glob("*-stats.npz"))) == 1
+    assert len(list(tmp_path.glob("*-stats2.npz"))) == 1
+
+
+def test_moment_from_fewer_rows_than_features_is_shrunk():
+    from tnopt.profile import shrunk
+
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((20, 50))
+    moment = x.T @ x / 20
+    assert np.linalg.matrix_rank(moment) == 20
+    fixed = shrunk(moment, 20)
+    assert np.linalg.matrix_rank(fixed) == 50
+    # Unseen directions now weigh as much as an average seen one: the smallest eigenvalue is
+    # (d/n − 1)·mean(diag), comparable to the mean eigenvalue of the seen span.
+    assert np.linalg.eigvalsh(fixed).min() >= (50 / 20 - 1) * np.mean(np.diag(moment)) * 0.999
+    x_many = rng.standard_normal((500, 50))
+    assert shrunk(x_many.T @ x_many / 500, 500) is not None
+    np.testing.assert_array_equal(shrunk(x_many.T @ x_many / 500, 500), x_many.T @ x_many / 500)

@@ -233,7 +233,7 @@ def compress(
         stats_file = None
         if cache_dir:
             model_hash = hashlib.sha256(original.SerializeToString()).hexdigest()[:16]
-            stats_file = Path(cache_dir) / f"{model_hash}-{stats_data.fingerprint()}-stats.npz"
+            stats_file = Path(cache_dir) / f"{model_hash}-{stats_data.fingerprint()}-stats2.npz"
             stats = load_stats(stats_file) if stats_file.exists() else {}
         missing = [
             layer

@@ -58,8 +58,27 @@ class _Accumulator:
             self.patch_rows += len(patches)
 
     def result(self) -> LayerStats:
-        patch = None if self.patch_moment is None else self.patch_moment / max(self.patch_rows, 1)
-        return LayerStats(self.rows, self.moment / max(self.rows, 1), patch)
+        patch = (
+            None
+            if self.patch_moment is None
+            else shrunk(self.patch_moment / max(self.patch_rows, 1), self.patch_rows)
+        )
+        return LayerStats(self.rows, shrunk(self.moment / max(self.rows, 1), self.rows), patch)
+
+
+def shrunk(moment: np.ndarray, rows: int) -> np.ndarray:
+    """The moment shrunk toward isotropic when it has fewer rows than features.
+
+    From n < d rows the moment has rank ≤ n: whitening by it would fit W to the n-dimensional
+    span of the calibration inputs and ignore every direction that unseen inputs use (measured: a
+    1000x1280 classifier calibrated on 70 images kept 100% agreement on them and lost 10.6 points
+    on other crops). Adding (d/n − 1)·mean(diag)·I gives the unseen directions the weight an
+    average seen one has, so the fit degrades toward weight-only instead of overfitting."""
+    dim = len(moment)
+    if rows >= dim or rows == 0:
+        return moment
+    scale = float(np.mean(np.diag(moment))) or 1.0
+    return moment + (dim / rows - 1.0) * scale * np.eye(dim)
 
 
 def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
