@@ -91,7 +91,10 @@ def paired_standard_error(name: str, reference, outputs, labels=None) -> float:
         diff = (_logits(reference).argmax(-1) != _logits(outputs).argmax(-1)).astype(float)
     else:
         return 0.0
-    return float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    spread = float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    # Zero flips among n samples do not prove zero loss: never claim more than one sample's resolution
+    # (measured: 0 flips on 70 calibration crops, 4% on 245 other crops of the same photos).
+    return max(spread, 1.0 / len(diff))
 
 
 def fidelity_report(reference, outputs, labels=None) -> dict[str, float]:

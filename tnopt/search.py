@@ -285,7 +285,12 @@ class Search:
         model, _ = apply_plan(self.original, choices)
         outputs = self.runtime.run(model, self.calib.inputs)
         value = self.metric(self.reference, outputs, self.calib.labels)
-        margin = paired_standard_error(self.metric.name, self.reference, outputs, self.calib.labels)
+        # The empty plan is the original model itself: exact, no uncertainty to charge.
+        margin = (
+            paired_standard_error(self.metric.name, self.reference, outputs, self.calib.labels)
+            if plan
+            else 0.0
+        )
         if self.drop_type == "relative" and self.baseline:
             margin /= abs(self.baseline)
         drop = self.drop_of(value, self.baseline)
