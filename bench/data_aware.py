@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="fc2,lenet5,cnn4,vgg,resnet,minilm")
     p.add_argument("--budgets", default="0.005,0.01,0.02")
     p.add_argument("--memory", action="store_true")
+    p.add_argument("--ratios", help="instead of budgets: fixed rank ratios, e.g. 0.5,0.25 (no search)")
     p.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out")
     args = p.parse_args(argv)
@@ -94,13 +95,19 @@ def main(argv=None) -> int:
     for name in [m for m in args.models.split(",") if m]:
         path, calib, evaluation, metric = dataset(name)
         cache = tempfile.mkdtemp(prefix=f"tnopt-da-{name}-")
-        for budget in [float(b) for b in args.budgets.split(",")]:
+        rules = (
+            [("ratio", float(r)) for r in args.ratios.split(",")]
+            if args.ratios
+            else [("budget", float(b)) for b in args.budgets.split(",")]
+        )
+        for kind, budget in rules:
             removed_weight_only = None
             for mode, flags in MODES.items():
                 start = time.perf_counter()
+                rule = {"budget": budget} if kind == "budget" else {"rank_ratio": budget, "methods": "svd"}
                 _, report = tnopt.compress(
                     str(path),
-                    budget=budget,
+                    **rule,
                     data=calib,
                     eval_data=evaluation,
                     metric=metric,
@@ -117,6 +124,22 @@ def main(argv=None) -> int:
                     if removed_weight_only
                     else ("n/a (weight-only removed 0)" if removed else "-")
                 )
+                if kind == "ratio":  # fixed ranks: the same compression, compare the metric instead
+                    value = report.metrics[metric] if metric in report.metrics else report.metrics["top1"]
+                    rows.append(
+                        (
+                            name,
+                            f"ratio {budget:g}",
+                            mode,
+                            f"{report.before.flops / report.after.flops:.2f}",
+                            f"{report.before.params / report.after.params:.2f}",
+                            "-",
+                            f"{metric} {value:.4f}",
+                            f"{time.perf_counter() - start:.0f}",
+                        )
+                    )
+                    print(format_table(rows[-1:]), flush=True)
+                    continue
                 drop = report.budget["drop_evaluation"]
                 rows.append(
                     (
