@@ -64,7 +64,7 @@ def memory_probe() -> int:
     start = time.perf_counter()
     stats = collect_stats(model, layers, inputs, runtime, want_patches=True)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"MEMORY {len(stats)} {after - before} {time.perf_counter() - start:.1f}")
+    print(f"MEMORY {len(stats)} {after - before} {time.perf_counter() - start:.1f} {before} {after}")
     return 0
 
 
@@ -160,10 +160,12 @@ def main(argv=None) -> int:
             [sys.executable, __file__, "--memory-probe"], capture_output=True, text=True, check=True
         )
         line = next(line for line in out.stdout.splitlines() if line.startswith("MEMORY"))
-        _, layers, kib, seconds = line.split()
+        _, layers, kib, seconds, before, after = line.split()
         memory_line = (
             f"Statistics for ResNet-style ({layers} layers, channel and patch moments) over 2048 "
-            f"samples: peak RSS +{int(kib) / 1024:.0f} MiB beyond the loaded model, {seconds} s."
+            f"samples: peak RSS {int(after) / 1024:.0f} MiB, against {int(before) / 1024:.0f} MiB after "
+            "loading "
+            f"the model and running it once on 256 samples (+{int(kib) / 1024:.0f} MiB), {seconds} s."
         )
         print(memory_line)
     print("\n" + format_table(rows))
