@@ -48,9 +48,7 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, provenance: dict[str, d
     """gs.Graph → ModelProto carrying `like`'s IR version, opsets, metadata and doc string."""
     graph.cleanup().toposort()
     model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = like.ir_version
-    del model.opset_import[:]
-    model.opset_import.extend(like.opset_import)
+    _keep_versions(model, like)
     for attr in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, attr, getattr(like, attr))
     del model.metadata_props[:]
@@ -63,6 +61,14 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, provenance: dict[str, d
                     entry = node.metadata_props.add()
                     entry.key, entry.value = key, str(value)
     return model
+
+
+def _keep_versions(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
+    """Every model tnopt exports keeps the input's IR version and opset imports (graphsurgeon
+    would write its own defaults, which onnxruntime may not read)."""
+    model.ir_version = like.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(like.opset_import)
 
 
 def find_node(graph: gs.Graph, name: str) -> gs.Node:
@@ -285,9 +291,7 @@ def isolate_layer(layer, like: onnx.ModelProto, input_shape: tuple[int, ...], dt
     node = gs.Node(layer.op, name=layer.name, attrs=attrs, inputs=inputs, outputs=[y])
     graph = gs.Graph(nodes=[node], inputs=[x], outputs=[y], opset=default_opset_of(like))
     model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = like.ir_version
-    del model.opset_import[:]
-    model.opset_import.extend(like.opset_import)
+    _keep_versions(model, like)
     return model
 
 
@@ -313,9 +317,7 @@ def truncate(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
             tensor.dtype = np.float32
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     cut = gs.export_onnx(graph, do_type_check=False)
-    cut.ir_version = model.ir_version
-    del cut.opset_import[:]
-    cut.opset_import.extend(model.opset_import)
+    _keep_versions(cut, model)
     return cut
 
 
