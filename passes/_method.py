@@ -69,6 +69,10 @@ def scaled_rank(full: int, fraction: float, *, round_to: int = HARDWARE_MULTIPLE
 class Method:
     name: str = ""
     op_types: tuple[str, ...] = ()
+    # True when every constant `build` emits at a lower rank equals the widest rank's constant with
+    # trailing zeros cut off, and the zeros add exact zeros to the output (plain chains of linear
+    # maps along the rank axes). The search's switchboard then feeds any rank to one session.
+    zero_paddable: bool = False
 
     def check(self, layer) -> str | None:
         if layer.op not in self.op_types:

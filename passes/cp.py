@@ -29,6 +29,7 @@ from .tucker2 import spatial_conv_attrs
 
 class CP(Method):
     name = "cp"
+    zero_paddable = True
     op_types = ("Conv",)
 
     def check(self, layer) -> str | None:

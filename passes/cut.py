@@ -84,6 +84,7 @@ def input_side_moment(weight_shape, cut: str, stats) -> np.ndarray:
 
 class Cut(Method):
     op_types = ("Conv",)
+    zero_paddable = True
 
     def __init__(self, cut: str):
         if cut not in CUTS:

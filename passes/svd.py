@@ -18,6 +18,7 @@ from ._method import Cost, Factors, Method, RefitSpec, scaled_rank
 
 class SVD(Method):
     name = "svd"
+    zero_paddable = True
     op_types = ("Gemm", "MatMul")
 
     def full_rank(self, layer) -> int:

@@ -21,6 +21,7 @@ from ._method import Cost, Factors, Method, RefitSpec, scaled_rank
 
 class Tucker2(Method):
     name = "tucker2"
+    zero_paddable = True
     op_types = ("Conv",)
 
     def check(self, layer) -> str | None:

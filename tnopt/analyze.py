@@ -40,6 +40,9 @@ class Layer:
     # Whether the bias (Conv B, Gemm C) is one value per output channel; an intercept refit needs it.
     bias_per_channel: bool = False
     weight: np.ndarray | None = field(default=None, repr=False, compare=False, hash=False)
+    # The bias as one value per output channel (Conv B, Gemm beta·C) when it is constant and per
+    # channel; None otherwise. The search's switchboard feeds it where a refit may replace it.
+    bias: np.ndarray | None = field(default=None, repr=False, compare=False, hash=False)
 
     @property
     def candidate(self) -> bool:
@@ -51,6 +54,15 @@ class Layer:
     @property
     def group(self) -> int:
         return int(self.attr("group", 1))
+
+    @property
+    def out_channels(self) -> int:
+        """Conv: O; ConvTranspose: (O/group)·group; Gemm/MatMul: N of y = x·W (K, N)."""
+        if self.op == "Conv":
+            return self.weight_shape[0]
+        if self.op == "ConvTranspose":
+            return self.weight_shape[1] * self.group
+        return self.weight_shape[-1]
 
     def to_dict(self) -> dict:
         return {
@@ -91,6 +103,16 @@ def _dims(shape) -> int:
     if shape is None:
         return 1
     return prod(d if isinstance(d, int) else 1 for d in shape)
+
+
+def _bias_vector(tensor, scale: float, channels: int) -> np.ndarray | None:
+    """A constant bias as one value per output channel (a broadcast scalar repeated), times `scale`
+    (Gemm's beta); None when it is computed at run time or does not have that shape."""
+    constant = G.resolve_constant(tensor)
+    if constant is None or constant.values.size not in (1, channels):
+        return None
+    values = np.broadcast_to(constant.values.reshape(-1), (channels,))
+    return (values * np.asarray(scale, values.dtype)).astype(constant.values.dtype)
 
 
 def _skip_for_weight(weight: G.ConstantWeight | None) -> str | None:
@@ -157,6 +179,11 @@ def _conv_layer(node) -> Layer:
         y.name,
         True,
         weight.values if weight is not None and reason is None else None,
+        (
+            _bias_vector(node.inputs[2], 1.0, w_shape[1] * group if transposed else w_shape[0])
+            if has_bias and reason is None
+            else None
+        ),
     )
 
 
@@ -201,6 +228,9 @@ def _gemm_layer(node) -> Layer:
         y.name,
         per_channel,
         effective,
+        _bias_vector(node.inputs[2], beta, w_shape[1])
+        if has_bias and per_channel and reason is None
+        else None,
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tnopt.graph import emitted_tensor, truncate
+from tnopt.graph import emitted_tensor, truncate, upstream_layers
 from tnopt.passes import METHODS, Factors
 from tnopt.passes._linalg import refit_last_factor
 from tnopt.rewrite import Choice, apply_plan
@@ -24,12 +24,29 @@ def _rows(values: np.ndarray, channel_axis: int) -> np.ndarray:
     return moved.reshape(-1, moved.shape[-1])
 
 
+class _NormalEquations:
+    """HᵀH and HᵀT of one layer's refit, accumulated batch by batch."""
+
+    def __init__(self, spec):
+        self.spec, self.gram, self.cross, self.rows = spec, None, None, 0
+
+    def add(self, hidden: np.ndarray, target: np.ndarray) -> None:
+        h, t = _rows(hidden, self.spec.channel_axis), _rows(target, self.spec.channel_axis)
+        if self.spec.intercept:
+            h = np.concatenate([h, np.ones((len(h), 1))], axis=1)
+        self.gram = h.T @ h if self.gram is None else self.gram + h.T @ h
+        self.cross = h.T @ t if self.cross is None else self.cross + h.T @ t
+        self.rows += len(h)
+
+
 class Corrector:
     """Refits plans against one fixed set of calibration inputs.
 
     The original model's layer outputs (the targets) do not depend on the plan, so they are
-    captured once, on first use, and reused by every plan the search verifies; each layer's hidden
-    activations come from the compressed model cut just after them."""
+    captured once, on first use, and reused by every plan the search verifies. Each layer's hidden
+    activations come from the search's switchboard when it is attached (`board`: one session,
+    every layer whose upstream is already corrected refitted from the same run), else from the
+    compressed model cut just after them (an export and a session per layer)."""
 
     def __init__(self, original, layers, inputs: dict[str, np.ndarray], runtime):
         self.original, self.inputs, self.runtime = original, inputs, runtime
@@ -41,7 +58,19 @@ class Corrector:
                 METHODS[m].refit_spec(layer) is not None for m in METHODS if layer.op in METHODS[m].op_types
             )
         ]
+        self.upstream = upstream_layers(original, [layer.name for layer in layers])
+        self.board = None
         self._targets: dict[str, np.ndarray] | None = None
+
+    @staticmethod
+    def hidden_tensors(choices: list[Choice]) -> list[str]:
+        """The tensors a board must expose for these (layer, method) paths to be refitted."""
+        names = []
+        for choice in choices:
+            spec = METHODS[choice.method].refit_spec(choice.layer)
+            if spec is not None:
+                names.append(emitted_tensor(choice.layer.name, choice.method, spec.hidden_role))
+        return names
 
     def targets(self) -> dict[str, np.ndarray]:
         if self._targets is None:
@@ -50,28 +79,66 @@ class Corrector:
         return self._targets
 
     def __call__(self, choices: list[Choice]) -> list[Choice]:
+        ordered = sorted(choices, key=lambda c: self.order[c.layer.name])
+        if self.board is not None:
+            corrected = self._on_board(ordered)
+            if corrected is not None:
+                return corrected
         corrected: list[Choice] = []
-        for choice in sorted(choices, key=lambda c: self.order[c.layer.name]):
+        for choice in ordered:
             spec = METHODS[choice.method].refit_spec(choice.layer)
-            corrected.append(choice if spec is None else self._refit(choice, spec, corrected))
+            corrected.append(choice if spec is None else self._refit_cut(choice, spec, corrected))
         return corrected
 
-    def _refit(self, choice: Choice, spec, upstream: list[Choice]) -> Choice:
+    def _on_board(self, ordered: list[Choice]) -> list[Choice] | None:
+        """Refit in waves: a layer is ready once no layer upstream of it awaits its refit; one run
+        of the board (plan = corrected so far + the rest as they are) gives every ready layer's H."""
+        done: dict[str, Choice] = {}
+        pending = list(ordered)
+        while pending:
+            waiting = {c.layer.name for c in pending}
+            ready = [c for c in pending if not (self.upstream[c.layer.name] & (waiting - {c.layer.name}))]
+            specs = {c.layer.name: METHODS[c.method].refit_spec(c.layer) for c in ready}
+            refits = [c for c in ready if specs[c.layer.name] is not None]
+            if refits:
+                plan = list(done.values()) + pending
+                names = self.hidden_tensors(refits)
+                batches = self.board.iter_capture(plan, names, self.inputs)
+                if batches is None:
+                    return None
+                equations = {c.layer.name: _NormalEquations(specs[c.layer.name]) for c in refits}
+                targets = self.targets()
+                for rows, captured in batches:
+                    for choice, name in zip(refits, names):
+                        spec = specs[choice.layer.name]
+                        width = spec.to_matrix(choice.factors.arrays[spec.factor_key]).shape[0]
+                        # The board runs the widest rank; the padded channels of H are zeros.
+                        hidden = np.take(captured[name], np.arange(width), axis=spec.channel_axis)
+                        equations[choice.layer.name].add(hidden, targets[choice.layer.output_name][rows])
+                for choice in refits:
+                    done[choice.layer.name] = self._solve(choice, equations[choice.layer.name])
+            for choice in ready:
+                done.setdefault(choice.layer.name, choice)
+            pending = [c for c in pending if c.layer.name not in done]
+        return [done[c.layer.name] for c in ordered]
+
+    def _refit_cut(self, choice: Choice, spec, upstream: list[Choice]) -> Choice:
         layer = choice.layer
         model, _ = apply_plan(self.original, upstream + [choice])
         hidden_name = emitted_tensor(layer.name, choice.method, spec.hidden_role)
         head = self.runtime.session(truncate(model, [hidden_name]))
         target = self.targets()[layer.output_name]
-        gram = cross = None
+        equations = _NormalEquations(spec)
         for rows, (hidden,) in self.runtime.iter_batches(head, self.inputs):
-            h, t = _rows(hidden, spec.channel_axis), _rows(target[rows], spec.channel_axis)
-            if spec.intercept:
-                h = np.concatenate([h, np.ones((len(h), 1))], axis=1)
-            gram = h.T @ h if gram is None else gram + h.T @ h
-            cross = h.T @ t if cross is None else cross + h.T @ t
-        if 2 * len(gram) > _count_rows(target, spec.channel_axis):
+            equations.add(hidden, target[rows])
+        return self._solve(choice, equations)
+
+    @staticmethod
+    def _solve(choice: Choice, equations: _NormalEquations) -> Choice:
+        spec = equations.spec
+        if 2 * len(equations.gram) > equations.rows:
             return choice  # too few rows per unknown: a refit would memorise the calibration set
-        solution = refit_last_factor(gram, cross)
+        solution = refit_last_factor(equations.gram, equations.cross)
         arrays = dict(choice.factors.arrays)
         last = arrays[spec.factor_key]
         arrays[spec.factor_key] = spec.from_matrix(solution[:-1] if spec.intercept else solution, last)
@@ -79,9 +146,5 @@ class Corrector:
             arrays["bias"] = solution[-1].astype(last.dtype)
         notes = dict(choice.factors.notes, corrected=True)
         return Choice(
-            layer, choice.method, Factors(arrays, choice.factors.rank, choice.factors.rel_error, notes)
+            choice.layer, choice.method, Factors(arrays, choice.factors.rank, choice.factors.rel_error, notes)
         )
-
-
-def _count_rows(values: np.ndarray, channel_axis: int) -> int:
-    return values.size // values.shape[channel_axis]

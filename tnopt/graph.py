@@ -328,3 +328,22 @@ def output_producer(model: onnx.ModelProto, index: int = 0) -> str | None:
         if name in node.output:
             return node.op_type
     return None
+
+
+def upstream_layers(model: onnx.ModelProto, names: list[str]) -> dict[str, set[str]]:
+    """For each named node, the named nodes its inputs depend on (its ancestors among `names`)."""
+    graph = import_graph(model)
+    wanted = set(names)
+    ancestors: dict[str, set[str]] = {}
+    producer_of = {tensor.name: node for node in graph.nodes for tensor in node.outputs}
+    graph.toposort()
+    for node in graph.nodes:
+        found: set[str] = set()
+        for tensor in node.inputs:
+            producer = producer_of.get(tensor.name)
+            if producer is not None:
+                found |= ancestors[producer.name]
+                if producer.name in wanted:
+                    found.add(producer.name)
+        ancestors[node.name] = found
+    return {name: ancestors.get(name, set()) for name in names}

@@ -31,6 +31,7 @@ from tnopt.profile import collect_stats, load_stats, save_stats
 from tnopt.report import LayerReport, ModelSummary, Report
 from tnopt.rewrite import Choice, apply_plan
 from tnopt.runtime import Runtime
+from tnopt.switchboard import Switchboard, widest_fits
 
 DEFAULT_RANDOM_SAMPLES = 64
 # Calibration moments and the least-squares refit converge long before this many samples.
@@ -263,9 +264,6 @@ def compress(
         Corrector(original, targets, calib.head(MAX_REFIT_SAMPLES).inputs, runtime) if correct else None
     )
 
-    def correct_fn(choices):
-        return corrector(choices) if corrector is not None and choices else choices
-
     if budget is not None:
         from tnopt.search import run_search
 
@@ -286,7 +284,7 @@ def compress(
             report=report,
             say=say,
             factorize=factor_fn,
-            correct=correct_fn,
+            correct=corrector,
             # The sweep measures uncorrected layers, so corrected and uncorrected runs share its cache.
             factor_mode=("white" if stats else "weight") + (f"-mpo{mpo_cores}" if mpo_cores else ""),
         )
@@ -294,7 +292,8 @@ def compress(
         choices, decisions = _fixed_rank_plan(
             [by_name[n] for n in candidates], candidates, rank_ratio, energy, ranks, allow_growth, factor_fn
         )
-        choices = correct_fn(choices)
+        if corrector is not None and choices:
+            choices = _corrected_on_board(corrector, choices, original, runtime)
     report.timings["plan_s"] = time.perf_counter() - started
 
     compressed, _ = apply_plan(original, choices)
@@ -327,6 +326,15 @@ def compress(
     report.after = summarize(compressed)
     report.timings["total_s"] = time.perf_counter() - started
     return compressed, report
+
+
+def _corrected_on_board(corrector: Corrector, choices, original, runtime):
+    """Fixed ranks: the chosen rewrites on one switchboard, so the correction refits every layer
+    from one session instead of exporting the model cut after each layer."""
+    paddable = [c for c in choices if METHODS[c.method].zero_paddable]
+    if paddable and widest_fits(original, paddable):
+        corrector.board = Switchboard(original, paddable, runtime, corrector.hidden_tensors(paddable))
+    return corrector(choices)
 
 
 def _layer_entry(layer: Layer, decision: str, reason: str | None) -> LayerReport:

@@ -104,12 +104,17 @@ class Runtime:
     def verify_loads(self, payload: bytes) -> None:
         self.session(payload)
 
-    def run(self, model_or_session, feeds: dict[str, np.ndarray], output_names=None) -> list[np.ndarray]:
-        """Run over all samples (axis 0 of every feed) in batches; outputs concatenated on axis 0."""
-        chunks = [outputs for _, outputs in self.iter_batches(model_or_session, feeds, output_names)]
+    def run(
+        self, model_or_session, feeds: dict[str, np.ndarray], output_names=None, constants=None
+    ) -> list[np.ndarray]:
+        """Run over all samples (axis 0 of every feed) in batches; outputs concatenated on axis 0.
+        `constants` are fed whole to every batch (weights given as inputs)."""
+        chunks = [
+            outputs for _, outputs in self.iter_batches(model_or_session, feeds, output_names, constants)
+        ]
         return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
 
-    def iter_batches(self, model_or_session, feeds: dict[str, np.ndarray], output_names=None):
+    def iter_batches(self, model_or_session, feeds: dict[str, np.ndarray], output_names=None, constants=None):
         """Yield (batch slice, outputs) per batch: statistics accumulate without holding every
         sample's activations at once."""
         session = (
@@ -118,7 +123,7 @@ class Runtime:
             else self.session(model_or_session)
         )
         n = len(next(iter(feeds.values())))
-        fixed = fixed_batch(session)
+        fixed = fixed_batch(session, feeds)
         step = fixed or self.batch_size
         for start in range(0, n, step):
             batch = {k: v[start : start + step] for k, v in feeds.items()}
@@ -129,7 +134,7 @@ class Runtime:
                     k: np.concatenate([v, np.repeat(v[-1:], step - short, axis=0)]) for k, v in batch.items()
                 }
             try:
-                outputs = session.run(output_names, batch)
+                outputs = session.run(output_names, {**batch, **(constants or {})})
             except Exception as exc:
                 raise TnoptError(
                     f"onnxruntime failed to run the model ({str(exc).splitlines()[0][:200]})"
@@ -166,7 +171,8 @@ class Runtime:
         return float(np.median(times))
 
 
-def fixed_batch(session: ort.InferenceSession) -> int | None:
-    dims = [i.shape[0] for i in session.get_inputs() if i.shape]
+def fixed_batch(session: ort.InferenceSession, feeds=None) -> int | None:
+    """The static batch dim of the data inputs (those in `feeds`, all inputs when None), if any."""
+    dims = [i.shape[0] for i in session.get_inputs() if i.shape and (feeds is None or i.name in feeds)]
     fixed = [d for d in dims if isinstance(d, int)]
     return fixed[0] if fixed else None

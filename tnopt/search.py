@@ -13,7 +13,9 @@
    smallest drop is returned and the budget is reported missed.
 5. The final plan is measured on the evaluation split, which the search never saw.
 
-Every measurement is cached on disk (tnopt.cache) by model, data, metric and factor mode.
+Every measurement is cached on disk (tnopt.cache) by model, data, metric and factor mode. Plans
+run on one switchboard session (tnopt.switchboard) where the methods allow it, instead of a graph
+export and a session per plan.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tnopt.latency import measure_latency
 from tnopt.metrics import choose_metric, paired_standard_error, rel_l2
 from tnopt.passes import METHODS
 from tnopt.rewrite import Choice, apply_plan
+from tnopt.switchboard import Switchboard, widest_fits
 
 MAX_SWEEP_SAMPLES = 512
 # A layer's sweep stops at lower ranks once it alone loses this much of the metric: lower ranks only
@@ -102,6 +105,7 @@ class Search:
         self.latency: dict = {}
         self.evaluated: dict[tuple, dict] = {}
         self.curve: list[dict] = []
+        self.board: Switchboard | None = None
 
     # -- helpers ----------------------------------------------------------------------------------
     def factors_for(self, layer, method, rank):
@@ -126,6 +130,7 @@ class Search:
             "sweep_samples": len(self.sweep_data),
         }
         self.screen()
+        self.build_board()
         self.sweep()
         if self.latency_guard or self.objective == "latency":
             self.measure_latency()
@@ -163,6 +168,34 @@ class Search:
                 layer, methods, self.factors_for
             )
             self.cache.put(key, self.candidates[layer.name])
+
+    def build_board(self) -> None:
+        """One session for every plan: each candidate (layer, method) at its widest rank."""
+        widest = []
+        for layer in self.layers:
+            for method in self.candidates[layer.name]:
+                ranks = METHODS[method].candidate_ranks(layer)
+                if not METHODS[method].zero_paddable or not ranks:
+                    continue
+                rank = max(ranks, key=lambda r: METHODS[method].cost(layer, r).params)
+                factors = self.factors_for(layer, method, rank)
+                if not factors.notes.get("refused"):
+                    widest.append(Choice(layer, method, factors))
+        if not widest or not widest_fits(self.original, widest):
+            return
+        hidden = self.correct.hidden_tensors(widest) if self.correct is not None else []
+        self.board = Switchboard(self.original, widest, self.runtime, hidden)
+        if self.correct is not None:
+            self.correct.board = self.board
+
+    def outputs_under(self, choices: list[Choice], inputs) -> list:
+        """The model's outputs with `choices` applied: on the board when it can express them."""
+        if self.board is not None:
+            outputs = self.board.run(choices, inputs)
+            if outputs is not None:
+                return outputs
+        model, _ = apply_plan(self.original, choices)
+        return self.runtime.run(model, inputs)
 
     def sweep(self) -> None:
         total = sum(
@@ -204,8 +237,7 @@ class Search:
                     "refused": factors.notes["refused"],
                 }
             else:
-                model, _ = apply_plan(self.original, [Choice(layer, method, factors)])
-                outputs = self.runtime.run(model, self.sweep_data.inputs)
+                outputs = self.outputs_under([Choice(layer, method, factors)], self.sweep_data.inputs)
                 value = self.metric(self.sweep_reference, outputs, self.sweep_data.labels)
                 entry = {
                     "drop": self.drop_of(value, self.sweep_baseline),
@@ -282,8 +314,7 @@ class Search:
             )
         if self.correct is not None and choices:
             choices = self.correct(choices)
-        model, _ = apply_plan(self.original, choices)
-        outputs = self.runtime.run(model, self.calib.inputs)
+        outputs = self.outputs_under(choices, self.calib.inputs)
         value = self.metric(self.reference, outputs, self.calib.labels)
         # The empty plan is the original model itself: exact, no uncertainty to charge.
         margin = (
