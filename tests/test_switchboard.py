@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from helpers import init, make_model, relative_difference, tensor
 from onnx import helper
+from tnopt.passes import METHODS
 
 from tnopt.analyze import analyze
 from tnopt.correct import Corrector
 from tnopt.io import load_model
-from tnopt.passes import METHODS
 from tnopt.pipeline import factorize
 from tnopt.rewrite import Choice, apply_plan
 from tnopt.runtime import Runtime

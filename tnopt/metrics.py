@@ -39,10 +39,14 @@ def agreement(reference, outputs, labels=None) -> float:
 
 
 def cosine(reference, outputs, labels=None) -> float:
+    return float(np.mean(_cosines(reference, outputs)))
+
+
+def _cosines(reference, outputs) -> np.ndarray:
+    """Cosine similarity of each sample's output to the reference's."""
     a, b = _per_sample(reference), _per_sample(outputs)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    sims = np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-30), 1.0)
-    return float(np.mean(sims))
+    return np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-30), 1.0)
 
 
 def rel_l2(reference, outputs, labels=None) -> float:
@@ -89,6 +93,10 @@ def paired_standard_error(name: str, reference, outputs, labels=None) -> float:
         diff = (_logits(reference).argmax(-1) == truth).astype(float) - (_logits(outputs).argmax(-1) == truth)
     elif name == "agreement":
         diff = (_logits(reference).argmax(-1) != _logits(outputs).argmax(-1)).astype(float)
+    elif name == "cosine":
+        # A continuous per-sample loss: its spread is the uncertainty, no one-sample floor.
+        diff = 1.0 - _cosines(reference, outputs)
+        return float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
     else:
         return 0.0
     spread = float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0

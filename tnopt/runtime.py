@@ -157,14 +157,20 @@ class Runtime:
         return dict(zip(tensor_names, values))
 
     def latency(
-        self, model: onnx.ModelProto | bytes, feed: dict[str, np.ndarray], repeats: int = 20, warmup: int = 3
+        self,
+        model: onnx.ModelProto | bytes,
+        feed: dict[str, np.ndarray],
+        repeats: int = 20,
+        warmup: int = 3,
+        time_limit: float = 0.25,
     ) -> float:
-        """Median wall time of one run in seconds (after warm-up)."""
+        """Median wall time of one run in seconds (after warm-up): `repeats` runs, or as many as
+        fit in `time_limit` seconds but at least 5 (big layers are stable; hundreds get timed)."""
         session = self.session(model)
         for _ in range(warmup):
             session.run(None, feed)
-        times = []
-        for _ in range(repeats):
+        times: list[float] = []
+        while len(times) < repeats and (len(times) < 5 or sum(times) < time_limit):
             start = time.perf_counter()
             session.run(None, feed)
             times.append(time.perf_counter() - start)
