@@ -75,3 +75,16 @@ def test_dominated_option_is_never_chosen():
 )
 def test_scaled_rank(full, fraction, expected):
     assert scaled_rank(full, fraction) == expected
+
+
+def test_cosine_gate_charges_the_spread_of_per_sample_losses():
+    from tnopt.metrics import cosine, paired_standard_error
+
+    rng = np.random.default_rng(0)
+    reference = [rng.standard_normal((50, 16))]
+    noisy = [reference[0] + rng.standard_normal((50, 16)) * rng.uniform(0, 0.5, (50, 1))]
+    a, b = reference[0], noisy[0]
+    losses = 1 - np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert np.isclose(cosine(reference, noisy), 1 - losses.mean())
+    assert np.isclose(paired_standard_error("cosine", reference, noisy), losses.std(ddof=1) / np.sqrt(50))
+    assert paired_standard_error("cosine", reference, reference) < 1e-12  # identical outputs: exact

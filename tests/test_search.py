@@ -60,6 +60,19 @@ def test_no_cache_measures_again(small_splits, tmp_path):
     assert report.search["sweep_cache_hits"] == 0 and report.search["cache_file"] is None
 
 
+def test_plans_run_on_the_switchboard_unless_a_method_cannot_pad(small_splits, tmp_path):
+    """Tucker-2 and SVD plans all run on the one session; MPO plans are exported one by one."""
+    _, report = search(0.02, small_splits, None, methods="tucker2,svd")
+    runs = report.search["plan_runs"]
+    # Every sensitivity and every verified plan: one run each, no export.
+    assert runs == {
+        "switchboard": report.search["sweep_measurements"] + report.search["verifications"],
+        "exported": 0,
+    }
+    _, report = search(0.02, small_splits, None, methods="mpo")
+    assert report.search["plan_runs"]["switchboard"] == 0 and report.search["plan_runs"]["exported"] > 0
+
+
 def test_unmeetable_budget_saves_best_model_and_exits_3(small_splits, tmp_path):
     calib, evaluation = small_splits
     out = tmp_path / "out.onnx"

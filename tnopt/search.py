@@ -106,6 +106,7 @@ class Search:
         self.evaluated: dict[tuple, dict] = {}
         self.curve: list[dict] = []
         self.board: Switchboard | None = None
+        self.runs = {"switchboard": 0, "exported": 0}
 
     # -- helpers ----------------------------------------------------------------------------------
     def factors_for(self, layer, method, rank):
@@ -152,6 +153,8 @@ class Search:
             "cache_file": str(self.cache.path) if self.cache.path else None,
             "options": len(options),
             "verifications": len(self.evaluated),
+            # How the plans ran: on the one switchboard session, or exported with a session each.
+            "plan_runs": dict(self.runs),
             "search_s": time.perf_counter() - started,
             "miss_reason": miss or "",
         }
@@ -193,7 +196,9 @@ class Search:
         if self.board is not None:
             outputs = self.board.run(choices, inputs)
             if outputs is not None:
+                self.runs["switchboard"] += 1
                 return outputs
+        self.runs["exported"] += 1
         model, _ = apply_plan(self.original, choices)
         return self.runtime.run(model, inputs)
 
