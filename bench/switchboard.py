@@ -1,0 +1,99 @@
+"""Seconds per measured plan: on the search's switchboard session vs exported with a session each.
+
+    python bench/switchboard.py [--models minilm32,minilm96,cnn4,vgg,resnet] [--out bench/RESULTS.md]
+
+The search times both ways once per run (tnopt.search.Search.time_plan_runs) and keeps the faster;
+this prints the same two timings side by side, for one plan (the first candidate layer at its widest
+SVD / Tucker-2 rank) on the data the sweep uses: MiniLM on 32 or 96 sentences, the reference
+conv nets on 512 images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "models"))
+
+from data_aware import minilm_dataset  # noqa: E402
+from methods import _markdown, dataset  # noqa: E402
+from tnopt.passes import METHODS  # noqa: E402
+
+from tnopt.analyze import analyze  # noqa: E402
+from tnopt.io import load_model  # noqa: E402
+from tnopt.pipeline import factorize  # noqa: E402
+from tnopt.report import format_table  # noqa: E402
+from tnopt.rewrite import Choice, apply_plan  # noqa: E402
+from tnopt.runtime import Runtime  # noqa: E402
+from tnopt.switchboard import Switchboard  # noqa: E402
+
+
+def widest(layers, method_for):
+    choices = []
+    for layer in layers:
+        method = METHODS[method_for[layer.op]]
+        ranks = method.candidate_ranks(layer) if method.check(layer) is None else []
+        if ranks:
+            rank = max(ranks, key=lambda r: method.cost(layer, r).params)
+            choices.append(Choice(layer, method.name, factorize(layer, method.name, rank)))
+    return choices
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="minilm32,minilm96,cnn4,vgg,resnet")
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+    runtime = Runtime("cpu")
+    rows = [("model", "samples", "paths on board", "board s/plan", "export s/plan", "export / board")]
+    for name in args.models.split(","):
+        if name.startswith("minilm"):
+            path, calib, _, _ = minilm_dataset()
+            if name == "minilm32":
+                calib = {k: v[:32] for k, v in calib.items()}
+        else:
+            path, calib, _, _ = dataset(name)
+            calib = {k: v for k, v in calib.items() if k != "labels"}
+        model = load_model(str(path))
+        layers = [layer for layer in analyze(model) if layer.candidate]
+        choices = widest(layers, {"Conv": "tucker2", "Gemm": "svd", "MatMul": "svd"})
+        board = Switchboard(model, choices, runtime)
+        board.run([], calib)  # opens the session once, as the search does
+        start = time.perf_counter()
+        board.run(choices[:1], calib)
+        on_board = time.perf_counter() - start
+        start = time.perf_counter()
+        runtime.run(apply_plan(model, choices[:1])[0], calib)
+        exported = time.perf_counter() - start
+        samples = len(next(iter(calib.values())))
+        rows.append(
+            (
+                name,
+                str(samples),
+                str(len(choices)),
+                f"{on_board:.2f}",
+                f"{exported:.2f}",
+                f"{exported / on_board:.2f}",
+            )
+        )
+        print(format_table(rows[-1:]), flush=True)
+    print("\n" + format_table(rows))
+    if args.out:
+        header = (
+            f"\n### bench/switchboard.py — {time.strftime('%Y-%m-%d')}\n\n`python bench/switchboard.py "
+            f"{' '.join(argv or sys.argv[1:])}` on {platform.node()}, CPU provider.\n\n"
+        )
+        with open(args.out, "a") as handle:
+            handle.write(header + _markdown(rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
