@@ -9,7 +9,8 @@ the FLOPs removed relative to weight-only, and the drop on the evaluation split.
 top-1 on models/eval.npz (calibration: first 512 of models/calib.npz). MiniLM: cosine similarity
 of the sentence embeddings to the original's: 96 calibration sentences (32 of models/minilm.py's
 SENTENCES + 64 from the Python reference manual shipped with the interpreter), 96 other ones to
-evaluate (32 + 64); 32 sentences alone certified a 1% budget that 32 others missed by 18 points.
+evaluate (32 + 64); on 32 sentences alone whitened factors certified a 1% budget that 32 others
+missed by 18 points. The manual is the running interpreter's own, so the sentences follow its version.
 EfficientNet-Lite0: top-1 agreement with the original on crops of the 7 photos shipped with
 scikit-image (70 calibration crops, 245 evaluation crops of other views; layers ≥ 100k params).
 `--memory` measures the peak RSS that collecting ResNet statistics over 2048 samples adds.
