@@ -19,7 +19,6 @@ scikit-image (70 calibration crops, 245 evaluation crops of other views; layers 
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from methods import _markdown, dataset  # noqa: E402
+from methods import _markdown, append_results, dataset  # noqa: E402
 
 import tnopt  # noqa: E402
 from tnopt.report import format_table  # noqa: E402
@@ -185,12 +184,9 @@ def main(argv=None) -> int:
         print(memory_line)
     print("\n" + format_table(rows))
     if args.out:
-        header = (
-            f"\n### bench/data_aware.py — {time.strftime('%Y-%m-%d')}\n\n`python bench/data_aware.py "
-            f"{' '.join(argv or sys.argv[1:])}` on {platform.node()}, CPU provider.\n\n"
+        append_results(
+            args.out, "data_aware.py", argv, _markdown(rows) + ("\n\n" + memory_line if memory_line else "")
         )
-        with open(args.out, "a") as handle:
-            handle.write(header + _markdown(rows) + ("\n\n" + memory_line if memory_line else "") + "\n")
     return 0
 
 

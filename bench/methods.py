@@ -190,14 +190,12 @@ def main(argv=None) -> int:
             print(format_table(storage_rows[-1:]), flush=True)
     print("\n" + format_table(rows) + "\n\n" + format_table(storage_rows))
     if args.out:
-        header = (
-            f"\n### bench/methods.py — {time.strftime('%Y-%m-%d')}\n\n`python bench/methods.py "
-            f"{' '.join(argv or sys.argv[1:])}` on {platform.node()}, CPU provider.\n\n"
+        append_results(
+            args.out,
+            "methods.py",
+            argv,
+            _markdown(rows) + "\n\nMPO storage mode:\n\n" + _markdown(storage_rows),
         )
-        with open(args.out, "a") as handle:
-            handle.write(
-                header + _markdown(rows) + "\n\nMPO storage mode:\n\n" + _markdown(storage_rows) + "\n"
-            )
     return 0
 
 
@@ -213,6 +211,16 @@ def _describe(layers):
     return f"{len(layers)} × " + ", ".join(
         sorted({"x".join(map(str, layer.weight_shape)) for layer in layers})
     )
+
+
+def append_results(path, script: str, argv, body: str) -> None:
+    """Append `body` to the results file under a dated header naming the command that made it."""
+    header = (
+        f"\n### bench/{script} — {time.strftime('%Y-%m-%d')}\n\n`python bench/{script} "
+        f"{' '.join(argv or sys.argv[1:])}` on {platform.node()}, CPU provider.\n\n"
+    )
+    with open(path, "a") as handle:
+        handle.write(header + body + "\n")
 
 
 def _markdown(rows) -> str:

@@ -2,7 +2,7 @@
 
     python bench/switchboard.py [--models minilm32,minilm96,cnn4,vgg,resnet] [--out bench/RESULTS.md]
 
-The search times both ways once per run (tnopt.search.Search.time_plan_runs) and keeps the faster;
+The search times both ways once per run (tnopt.switchboard.time_plan_runs) and keeps the faster;
 this prints the same two timings side by side, for one plan (the first candidate layer at its widest
 SVD / Tucker-2 rank) on the data the sweep uses: MiniLM on 32 or 96 sentences, the reference
 conv nets on 512 images.
@@ -11,9 +11,7 @@ conv nets on 512 images.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -22,16 +20,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "models"))
 
 from data_aware import minilm_dataset  # noqa: E402
-from methods import _markdown, dataset  # noqa: E402
+from methods import _markdown, append_results, dataset  # noqa: E402
 from tnopt.passes import METHODS  # noqa: E402
 
 from tnopt.analyze import analyze  # noqa: E402
 from tnopt.io import load_model  # noqa: E402
 from tnopt.pipeline import factorize  # noqa: E402
 from tnopt.report import format_table  # noqa: E402
-from tnopt.rewrite import Choice, apply_plan  # noqa: E402
+from tnopt.rewrite import Choice  # noqa: E402
 from tnopt.runtime import Runtime  # noqa: E402
-from tnopt.switchboard import Switchboard  # noqa: E402
+from tnopt.switchboard import Switchboard, time_plan_runs  # noqa: E402
 
 
 def widest(layers, method_for):
@@ -65,13 +63,8 @@ def main(argv=None) -> int:
         layers = [layer for layer in analyze(model) if layer.candidate]
         choices = widest(layers, {"Conv": "tucker2", "Gemm": "svd", "MatMul": "svd"})
         board = Switchboard(model, choices, runtime)
-        board.run([], calib)  # opens the session once, as the search does
-        start = time.perf_counter()
-        board.run(choices[:1], calib)
-        on_board = time.perf_counter() - start
-        start = time.perf_counter()
-        runtime.run(apply_plan(model, choices[:1])[0], calib)
-        exported = time.perf_counter() - start
+        timed = time_plan_runs(board, model, choices[0], runtime, calib)
+        on_board, exported = timed["switchboard"], timed["exported"]
         samples = len(next(iter(calib.values())))
         rows.append(
             (
@@ -86,12 +79,7 @@ def main(argv=None) -> int:
         print(format_table(rows[-1:]), flush=True)
     print("\n" + format_table(rows))
     if args.out:
-        header = (
-            f"\n### bench/switchboard.py — {time.strftime('%Y-%m-%d')}\n\n`python bench/switchboard.py "
-            f"{' '.join(argv or sys.argv[1:])}` on {platform.node()}, CPU provider.\n\n"
-        )
-        with open(args.out, "a") as handle:
-            handle.write(header + _markdown(rows) + "\n")
+        append_results(args.out, "switchboard.py", argv, _markdown(rows))
     return 0
 
 

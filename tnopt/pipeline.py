@@ -31,7 +31,7 @@ from tnopt.profile import collect_stats, load_stats, save_stats
 from tnopt.report import LayerReport, ModelSummary, Report
 from tnopt.rewrite import Choice, apply_plan
 from tnopt.runtime import Runtime
-from tnopt.switchboard import Switchboard, widest_fits
+from tnopt.switchboard import board_if_faster
 
 DEFAULT_RANDOM_SAMPLES = 64
 # Calibration moments and the least-squares refit converge long before this many samples.
@@ -329,11 +329,12 @@ def compress(
 
 
 def _corrected_on_board(corrector: Corrector, choices, original, runtime):
-    """Fixed ranks: the chosen rewrites on one switchboard, so the correction refits every layer
-    from one session instead of exporting the model cut after each layer."""
+    """Fixed ranks: the chosen rewrites on one switchboard where that is timed faster, so the
+    correction refits every layer from one session instead of exporting the model cut after each."""
     paddable = [c for c in choices if METHODS[c.method].zero_paddable]
-    if paddable and widest_fits(original, paddable):
-        corrector.board = Switchboard(original, paddable, runtime, corrector.hidden_tensors(paddable))
+    corrector.board, _ = board_if_faster(
+        original, paddable, runtime, corrector.inputs, corrector.hidden_tensors(paddable)
+    )
     return corrector(choices)
 
 

@@ -31,7 +31,7 @@ from tnopt.latency import measure_latency
 from tnopt.metrics import choose_metric, paired_standard_error, rel_l2
 from tnopt.passes import METHODS
 from tnopt.rewrite import Choice, apply_plan
-from tnopt.switchboard import Switchboard, widest_fits
+from tnopt.switchboard import Switchboard, board_if_faster
 
 MAX_SWEEP_SAMPLES = 512
 # A layer's sweep stops at lower ranks once it alone loses this much of the metric: lower ranks only
@@ -184,31 +184,15 @@ class Search:
                 factors = self.factors_for(layer, method, rank)
                 if not factors.notes.get("refused"):
                     widest.append(Choice(layer, method, factors))
-        if not widest or not widest_fits(self.original, widest):
-            return
         hidden = self.correct.hidden_tensors(widest) if self.correct is not None else []
-        board = Switchboard(self.original, widest, self.runtime, hidden)
-        timings = self.time_plan_runs(board, widest[0])
-        self.report.timings["plan_run_switchboard_s"] = timings["switchboard"]
-        self.report.timings["plan_run_exported_s"] = timings["exported"]
-        if timings["switchboard"] < timings["exported"]:
-            self.board = board
-            if self.correct is not None:
-                self.correct.board = board
-
-    def time_plan_runs(self, board: Switchboard, choice: Choice) -> dict[str, float]:
-        """Seconds per plan both ways, on the sweep data. The board computes every layer's dense
-        node and widest paths on each run, so it only pays where an export and a session cost more
-        than that extra work: big models on little data (MiniLM on 32 sentences: 0.5 s against
-        1.5 s), not a small conv net on 512 images."""
-        inputs = self.sweep_data.inputs
-        board.run([], inputs)  # opens its session once
-        start = time.perf_counter()
-        board.run([choice], inputs)
-        on_board = time.perf_counter() - start
-        start = time.perf_counter()
-        self.runtime.run(apply_plan(self.original, [choice])[0], inputs)
-        return {"switchboard": on_board, "exported": time.perf_counter() - start}
+        self.board, timings = board_if_faster(
+            self.original, widest, self.runtime, self.sweep_data.inputs, hidden
+        )
+        if timings:
+            self.report.timings["plan_run_switchboard_s"] = timings["switchboard"]
+            self.report.timings["plan_run_exported_s"] = timings["exported"]
+        if self.correct is not None:
+            self.correct.board = self.board
 
     def outputs_under(self, choices: list[Choice], inputs) -> list:
         """The model's outputs with `choices` applied: on the board when it can express them."""

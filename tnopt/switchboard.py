@@ -23,13 +23,15 @@ bias (Layer.bias) is fed until the correction replaces it.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from tnopt import graph as G
 from tnopt.passes import METHODS, Factors
-from tnopt.rewrite import Choice
+from tnopt.rewrite import Choice, apply_plan
 
 # A board bigger than this is not built (protobuf's 2 GiB limit, and memory): plans are exported.
 MAX_BOARD_BYTES = 1_500_000_000
@@ -171,10 +173,31 @@ class Switchboard:
         return ((rows, dict(zip(names, values))) for rows, values in batches)
 
 
-def widest_fits(model: onnx.ModelProto, widest: list[Choice]) -> bool:
-    """Whether a board with these paths stays under MAX_BOARD_BYTES."""
+def board_if_faster(
+    original: onnx.ModelProto, widest: list[Choice], runtime, inputs, extra_outputs=()
+) -> tuple[Switchboard | None, dict[str, float]]:
+    """A board for `widest` when a plan runs faster on it than exported, else None; and the two
+    timings (empty when no board could be built: no paths, or too big)."""
     extra = sum(a.nbytes for c in widest for a in c.factors.arrays.values())
-    return model.ByteSize() + extra <= MAX_BOARD_BYTES
+    if not widest or original.ByteSize() + extra > MAX_BOARD_BYTES:
+        return None, {}
+    board = Switchboard(original, widest, runtime, extra_outputs)
+    timings = time_plan_runs(board, original, widest[0], runtime, inputs)
+    return (board if timings["switchboard"] < timings["exported"] else None), timings
+
+
+def time_plan_runs(board: Switchboard, original, choice: Choice, runtime, inputs) -> dict[str, float]:
+    """Seconds for one plan both ways on `inputs`. The board computes every layer's dense node and
+    widest paths on each run, so it only pays where an export and a session cost more than that
+    extra work: big models on little data (MiniLM on 32 sentences: 0.71 s against 1.20 s), not a
+    small conv net on 512 images (ResNet-style: 1.72 s against 0.64 s)."""
+    board.run([], inputs)  # opens its session once
+    start = time.perf_counter()
+    board.run([choice], inputs)
+    on_board = time.perf_counter() - start
+    start = time.perf_counter()
+    runtime.run(apply_plan(original, [choice])[0], inputs)
+    return {"switchboard": on_board, "exported": time.perf_counter() - start}
 
 
 def emitted_constants(layer, method: str, factors: Factors) -> dict[str, np.ndarray]:
