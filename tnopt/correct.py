@@ -11,6 +11,8 @@ layers after them, which is why it recovers much of what truncation loses.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from tnopt.graph import emitted_tensor, truncate, upstream_layers
@@ -65,9 +67,14 @@ class Corrector:
                 METHODS[m].refit_spec(layer) is not None for m in METHODS if layer.op in METHODS[m].op_types
             )
         ]
-        self.upstream = upstream_layers(original, [layer.name for layer in layers])
+        self.layer_names = [layer.name for layer in layers]
         self.board = None
         self._targets: dict[str, np.ndarray] | None = None
+
+    @functools.cached_property
+    def upstream(self) -> dict[str, set[str]]:
+        """Each layer's upstream layers; only the board's waves need them (a graph import)."""
+        return upstream_layers(self.original, self.layer_names)
 
     @staticmethod
     def hidden_tensors(choices: list[Choice]) -> list[str]:
