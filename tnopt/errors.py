@@ -24,3 +24,21 @@ class ValidationError(TnoptError):
 
 class OutputError(TnoptError):
     """The output path cannot be written."""
+
+
+# tnopt's own failure (its emitted graph does not load, a numeric routine fails): not the user's fault.
+EXIT_INTERNAL = 4
+
+
+class InternalError(Exception):
+    """A bug or numeric failure inside tnopt; names the layer and method where known.
+
+    Deliberately not a TnoptError: the CLI reports it as "internal error" with its own exit code,
+    never as the user's bad input.
+    """
+
+    def __init__(self, message: str, layer: str | None = None, method: str | None = None):
+        where = ", ".join(part for part in (f"layer {layer}" if layer else "", method or "") if part)
+        super().__init__(f"{message} ({where})" if where else message)
+        self.layer = layer
+        self.method = method
