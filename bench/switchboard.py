@@ -2,7 +2,7 @@
 
     python bench/switchboard.py [--models minilm32,minilm96,cnn4,vgg,resnet] [--out bench/RESULTS.md]
 
-The search times both ways once per run (tnopt.switchboard.time_plan_runs) and keeps the faster;
+The search times both ways once per run (tnopt.runner.time_plan_runs) and keeps the faster;
 this prints the same two timings side by side, for one plan (the first candidate layer at its widest
 SVD / Tucker-2 rank) on the data the sweep uses: MiniLM on 32 or 96 sentences, the reference
 conv nets on 512 images.
@@ -26,10 +26,10 @@ from tnopt.passes import METHODS  # noqa: E402
 from tnopt.analyze import analyze  # noqa: E402
 from tnopt.io import load_model  # noqa: E402
 from tnopt.pipeline import factorize  # noqa: E402
+from tnopt.plan import Choice  # noqa: E402
 from tnopt.report import format_table  # noqa: E402
-from tnopt.rewrite import Choice  # noqa: E402
+from tnopt.runner import PlanRunner  # noqa: E402
 from tnopt.runtime import Runtime  # noqa: E402
-from tnopt.switchboard import Switchboard, time_plan_runs  # noqa: E402
 
 
 def widest(layers, method_for):
@@ -62,8 +62,9 @@ def main(argv=None) -> int:
         model = load_model(str(path))
         layers = [layer for layer in analyze(model) if layer.candidate]
         choices = widest(layers, {"Conv": "tucker2", "Gemm": "svd", "MatMul": "svd"})
-        board = Switchboard(model, choices, runtime)
-        timed = time_plan_runs(board, model, choices[0], runtime, calib)
+        runner = PlanRunner(model, runtime)
+        runner.prepare(choices, calib)  # builds the board and times one plan both ways
+        timed = runner.timings
         on_board, exported = timed["switchboard"], timed["exported"]
         samples = len(next(iter(calib.values())))
         rows.append(

@@ -5,7 +5,7 @@ choices and `--list-methods` derive from this dict.
 """
 
 from . import cp, cut, mpo, svd, tucker2, tucker2_grouped
-from ._method import Cost, Factors, Method, RefitSpec
+from ._method import Cost, Factors, Method, RefitSpec, Refusal
 
 METHODS: dict[str, Method] = {
     "tucker2": tucker2.METHOD,
@@ -20,4 +20,4 @@ METHODS: dict[str, Method] = {
     "mpo-storage": mpo.STORAGE,
 }
 
-__all__ = ["METHODS", "Cost", "Factors", "Method", "RefitSpec"]
+__all__ = ["METHODS", "Cost", "Factors", "Method", "RefitSpec", "Refusal"]

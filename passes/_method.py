@@ -1,9 +1,10 @@
 """What every method in passes/ provides, and the rank arithmetic they share.
 
 A method is check → decompose → build: `check(layer)` returns a skip reason or None,
-`decompose(weight, rank, stats)` is pure math returning `Factors`, `build(emit, layer, factors)`
-emits nodes through `tnopt.graph.Emitter`. `cost(layer, rank)` is the method's cost model; ranks
-come from a ratio of full rank, an energy fraction, or the search's `candidate_ranks`.
+`decompose(weight, rank, stats)` is pure math returning `Factors` (or a typed `Refusal`),
+`build(emit, layer, factors)` emits nodes through `tnopt.splice.Emitter`. `cost(layer, rank)` is the
+method's cost model; ranks come from a ratio of full rank, an energy fraction, or the search's
+`candidate_ranks`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ class Factors:
     rank: object
     rel_error: float
     notes: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """What `decompose` returns instead of `Factors` when its fit must not be applied (e.g. a
+    degenerate CP fit): the reason, reported as the option's skip reason, and the fit's weight error."""
+
+    reason: str
+    rel_error: float = float("inf")
+    notes: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -91,7 +102,7 @@ class Method:
     def cost(self, layer, rank) -> Cost:
         raise NotImplementedError
 
-    def decompose(self, weight: np.ndarray, rank, stats=None) -> Factors:
+    def decompose(self, weight: np.ndarray, rank, stats=None) -> Factors | Refusal:
         raise NotImplementedError
 
     def build(self, emit, layer, factors: Factors) -> None:

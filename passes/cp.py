@@ -13,8 +13,7 @@ other conv is 1-wide with stride 1 there, so it pads nothing on that axis.
 Fits are by damped CP-ALS (`_cp_als.cp_als`); with calibration statistics the input mode is fitted
 in the channel-covariance-weighted norm (CP of W ×_I Sᵀ, C = SSᵀ). A degenerate fit (huge
 components cancelling each other, non-finite factors, or no fit at all) is still returned, with
-the reason in `factors.notes["refused"]` (and `notes["degenerate"]` for degeneracy): callers must
-not apply it.
+a `Refusal` carrying the reason (`notes["degenerate"]` for degeneracy): it is never applied.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import numpy as np
 
 from . import _cp_als, _linalg
 from ._conv import mixed_positions, plain_conv_reason
-from ._method import Cost, Factors, Method, RefitSpec, scaled_rank
+from ._method import Cost, Factors, Method, RefitSpec, Refusal, scaled_rank
 from .tucker2 import spatial_conv_attrs
 
 
@@ -62,7 +61,7 @@ class CP(Method):
         )
         return Cost(params, flops)
 
-    def decompose(self, weight, rank: int, stats=None) -> Factors:
+    def decompose(self, weight, rank: int, stats=None) -> Factors | Refusal:
         if stats is None:
             (a_out, a_in, a_h, a_w), err, notes = _cp_als.cp_als(weight, rank)
         else:
@@ -73,6 +72,8 @@ class CP(Method):
             a_in = _linalg.unwhiten(s, a_in)
             err = _linalg.relative_error(weight, _cp_als.cp_reconstruct([a_out, a_in, a_h, a_w]))
             notes["data_aware"] = True
+        if notes.get("refused"):
+            return Refusal(notes.pop("refused"), err, notes)
         arrays = {"A_out": a_out, "A_in": a_in, "A_h": a_h, "A_w": a_w}
         return Factors({k: v.astype(weight.dtype) for k, v in arrays.items()}, int(rank), err, notes)
 

@@ -23,12 +23,13 @@ from helpers import (
     tensor,
 )
 from onnx import helper
-from tnopt.passes import METHODS, _cp_als, _linalg
+from tnopt.passes import METHODS, Factors, Refusal, _cp_als, _linalg
 from tnopt.passes.cut import cut_matrix
 
 import tnopt
 from tnopt.analyze import analyze
-from tnopt.rewrite import Choice, apply_plan
+from tnopt.plan import Choice
+from tnopt.runner import apply_plan
 
 RNG = np.random.default_rng(7)
 
@@ -163,20 +164,20 @@ def test_cp_diagnose_flags_cancelling_components():
     assert _cp_als.cp_diagnose(good, float(np.linalg.norm(_cp_als.cp_reconstruct(good)))) is None
 
 
-def test_cp_degenerate_fit_is_refused_in_notes(monkeypatch):
+def test_cp_degenerate_fit_is_refused(monkeypatch):
     """Border-rank tensor (rank 4, approximable at rank 2 only by diverging components): ALS swamps
-    with components cancelling each other; the refusal must reach `factors.notes`."""
+    with components cancelling each other; the fit comes back as a typed `Refusal`."""
     rng = np.random.default_rng(4)
     a = [rng.standard_normal(d) for d in (6, 5, 3, 3)]
     b = [rng.standard_normal(d) for d in (6, 5, 3, 3)]
     weight = sum(np.einsum("a,b,c,d->abcd", *[b[m] if m == k else a[m] for m in range(4)]) for k in range(4))
     weight = weight.astype(np.float32)
     clean = METHODS["cp"].decompose(weight, 2)
-    assert "refused" not in clean.notes and clean.notes["norm_ratio"] > 1.5  # cancelling, below the limit
+    assert isinstance(clean, Factors) and clean.notes["norm_ratio"] > 1.5  # cancelling, below the limit
     monkeypatch.setattr(_cp_als, "CP_MAX_NORM_RATIO", 1.5)
-    factors = METHODS["cp"].decompose(weight, 2)
-    assert factors.notes["refused"].startswith("degenerate") and factors.notes["degenerate"]
-    assert set(factors.arrays) == {"A_out", "A_in", "A_h", "A_w"}  # still well formed
+    refusal = METHODS["cp"].decompose(weight, 2)
+    assert isinstance(refusal, Refusal) and refusal.reason.startswith("degenerate")
+    assert refusal.notes["degenerate"] and refusal.rel_error == clean.rel_error
 
 
 def test_cp_is_deterministic():

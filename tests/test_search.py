@@ -63,14 +63,14 @@ def test_no_cache_measures_again(small_splits, tmp_path):
 def test_plans_run_on_the_switchboard_where_it_is_faster(small_splits, tmp_path, monkeypatch):
     """Where the board is timed faster, every Tucker-2/SVD plan runs on its one session; where it is
     slower (LeNet-5 here: exporting a tiny model is cheap) none does; MPO never pads."""
-    from tnopt import switchboard
+    from tnopt import runner
 
     _, report = search(0.02, small_splits, None, methods="tucker2,svd")
     timed = report.timings
     runs = report.search["plan_runs"]
     assert (runs["switchboard"] > 0) == (timed["plan_run_switchboard_s"] < timed["plan_run_exported_s"])
     board_faster = {"switchboard": 0.0, "exported": 1.0}
-    monkeypatch.setattr(switchboard, "time_plan_runs", lambda *args: board_faster)
+    monkeypatch.setattr(runner, "time_plan_runs", lambda *args: board_faster)
     _, report = search(0.02, small_splits, None, methods="tucker2,svd")
     # Every sensitivity and every verified plan: one run each, no export.
     assert report.search["plan_runs"] == {

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from helpers import init, make_model, relative_difference, tensor
 from onnx import helper
-from tnopt.passes import METHODS
+from tnopt.passes import METHODS, Refusal
 
 from tnopt.analyze import analyze
 from tnopt.correct import Corrector
 from tnopt.io import load_model
 from tnopt.pipeline import factorize
-from tnopt.rewrite import Choice, apply_plan
+from tnopt.plan import Choice
+from tnopt.runner import PlanRunner, apply_plan
 from tnopt.runtime import Runtime
 from tnopt.switchboard import Switchboard
 
@@ -32,13 +33,20 @@ def widest_choices(layers, methods):
             if layer.op not in m.op_types or m.check(layer) is not None or not m.candidate_ranks(layer):
                 continue
             rank = max(m.candidate_ranks(layer), key=lambda r: m.cost(layer, r).params)
-            widest.append(Choice(layer, method, factorize(layer, method, rank)))
+            factors = factorize(layer, method, rank)
+            if not isinstance(factors, Refusal):  # a degenerate CP fit is never emitted
+                widest.append(Choice(layer, method, factors))
     return widest
 
 
 def lower(choice, index=1):
-    rank = METHODS[choice.method].candidate_ranks(choice.layer)[index]
-    return Choice(choice.layer, choice.method, factorize(choice.layer, choice.method, rank))
+    """`choice` at its index-th candidate rank, or at the next one above where that fit is refused."""
+    ranks = METHODS[choice.method].candidate_ranks(choice.layer)
+    for rank in ranks[index:]:
+        factors = factorize(choice.layer, choice.method, rank)
+        if not isinstance(factors, Refusal):
+            return Choice(choice.layer, choice.method, factors)
+    return choice
 
 
 def assert_same_outputs(model, board, choices, feeds):
@@ -122,13 +130,15 @@ def test_correction_on_the_board_equals_the_correction_on_cut_models():
     with np.load(MODELS / "calib.npz") as data:
         inputs = {"input": data["input"][:96]}
     plan = [lower(c, 2) for c in widest_choices(layers, ["tucker2"])[:9]]
-    reference = Corrector(model, layers, inputs, RUNTIME)(plan)
-    corrector = Corrector(model, layers, inputs, RUNTIME)
-    corrector.board = Switchboard(model, plan, RUNTIME, Corrector.hidden_tensors(plan))
+    exported = PlanRunner(model, RUNTIME)
+    reference = Corrector(exported, layers, inputs)(plan)
+    assert exported.board is None and exported.runs == {"switchboard": 0, "exported": 0}
+    runner = PlanRunner(model, RUNTIME)
+    runner.board = Switchboard(model, plan, RUNTIME, Corrector.hidden_tensors(plan))
     calls = []
-    iter_capture = corrector.board.iter_capture
-    corrector.board.iter_capture = lambda *a: calls.append(a[1]) or iter_capture(*a)
-    on_board = corrector(plan)
+    iter_capture = runner.board.iter_capture
+    runner.board.iter_capture = lambda *a: calls.append(a[1]) or iter_capture(*a)
+    on_board = Corrector(runner, layers, inputs)(plan)
     assert len(calls) < len(plan)  # independent layers were refitted from a shared run
     for a, b in zip(reference, on_board):
         assert a.layer.name == b.layer.name and b.factors.notes.get("corrected")

@@ -18,7 +18,7 @@ import numpy as np
 @dataclass(frozen=True)
 class Option:
     layer: str
-    key: str  # "method:rank" — the choice it stands for
+    key: object  # what it stands for, e.g. the search's (method, rank); hashable
     saving: float
     proxy: float
 

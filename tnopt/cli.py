@@ -11,7 +11,7 @@ import json
 import sys
 import warnings
 
-from tnopt.errors import EXIT_BAD_INPUT, EXIT_BUDGET_MISSED, EXIT_OK, TnoptError
+from tnopt.errors import EXIT_BAD_INPUT, EXIT_BUDGET_MISSED, EXIT_INTERNAL, EXIT_OK, InternalError, TnoptError
 
 SUBCOMMANDS = ("inspect", "compare")
 
@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except TnoptError as exc:
         print(f"tnopt: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except InternalError as exc:  # tnopt's own failure (e.g. a graph it built does not load): not the input's
+        print(f"tnopt: internal error: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
     except KeyboardInterrupt:
         print("tnopt: interrupted; nothing written", file=sys.stderr)
         return 130

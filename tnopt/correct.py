@@ -6,7 +6,8 @@ upstream model it reproduces the original model's output of that layer:
                                        H: the layer's hidden activations in the compressed model.
 
 Closed form from the accumulated Gram matrices; no gradients. Upstream errors are absorbed by the
-layers after them, which is why it recovers much of what truncation loses.
+layers after them, which is why it recovers much of what truncation loses. A `Corrector` is a
+refiner (tnopt/refine.py): `corrector(plan) -> plan`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import functools
 
 import numpy as np
 
-from tnopt.graph import emitted_tensor, truncate, upstream_layers
+from tnopt.graph import emitted_tensor, upstream_layers
 from tnopt.passes import METHODS, Factors
 from tnopt.passes._linalg import refit_last_factor
-from tnopt.rewrite import Choice, apply_plan
+from tnopt.plan import Choice, Plan
 
 # A refit needs this many rows (positions × samples) per unknown of each output column. Least
 # squares on n rows and p unknowns fits its own rows with error (1 − p/n)σ² but new rows with
@@ -53,22 +54,20 @@ class Corrector:
 
     The original model's layer outputs (the targets) do not depend on the plan, so they are
     captured once, on first use, and reused by every plan the search verifies. Each layer's hidden
-    activations come from the search's switchboard when it is attached (`board`: one session,
-    every layer whose upstream is already corrected refitted from the same run), else from the
-    compressed model cut just after them (an export and a session per layer)."""
+    activations come from the runner: where its board runs the plan, in waves (one run, every
+    layer whose upstream is already corrected refitted from it), else from the compressed model
+    cut just after them (an export and a session per layer)."""
 
-    def __init__(self, original, layers, inputs: dict[str, np.ndarray], runtime):
-        self.original, self.inputs, self.runtime = original, inputs, runtime
+    def __init__(self, runner, layers, inputs: dict[str, np.ndarray]):
+        self.runner, self.inputs = runner, inputs
+        self.original, self.runtime, self.methods = runner.original, runner.runtime, runner.methods
         self.order = {layer.name: i for i, layer in enumerate(layers)}
         self.refittable = [
             layer
             for layer in layers
-            if any(
-                METHODS[m].refit_spec(layer) is not None for m in METHODS if layer.op in METHODS[m].op_types
-            )
+            if any(m.refit_spec(layer) is not None for m in self.methods.values() if layer.op in m.op_types)
         ]
         self.layer_names = [layer.name for layer in layers]
-        self.board = None
         self._targets: dict[str, np.ndarray] | None = None
 
     @functools.cached_property
@@ -77,11 +76,11 @@ class Corrector:
         return upstream_layers(self.original, self.layer_names)
 
     @staticmethod
-    def hidden_tensors(choices: list[Choice]) -> list[str]:
+    def hidden_tensors(choices, methods=None) -> list[str]:
         """The tensors a board must expose for these (layer, method) paths to be refitted."""
         names = []
         for choice in choices:
-            spec = METHODS[choice.method].refit_spec(choice.layer)
+            spec = (methods or METHODS)[choice.method].refit_spec(choice.layer)
             if spec is not None:
                 names.append(emitted_tensor(choice.layer.name, choice.method, spec.hidden_role))
         return names
@@ -92,17 +91,17 @@ class Corrector:
             self._targets = self.runtime.capture(self.original, names, self.inputs) if names else {}
         return self._targets
 
-    def __call__(self, choices: list[Choice]) -> list[Choice]:
-        ordered = sorted(choices, key=lambda c: self.order[c.layer.name])
-        if self.board is not None:
+    def __call__(self, plan) -> Plan:
+        ordered = sorted(plan, key=lambda c: self.order[c.layer.name])
+        if self.runner.expresses(ordered, self.hidden_tensors(ordered, self.methods)):
             corrected = self._on_board(ordered)
             if corrected is not None:
-                return corrected
+                return Plan(tuple(corrected))
         corrected: list[Choice] = []
         for choice in ordered:
-            spec = METHODS[choice.method].refit_spec(choice.layer)
+            spec = self.methods[choice.method].refit_spec(choice.layer)
             corrected.append(choice if spec is None else self._refit_cut(choice, spec, corrected))
-        return corrected
+        return Plan(tuple(corrected))
 
     def _on_board(self, ordered: list[Choice]) -> list[Choice] | None:
         """Refit in waves: a layer is ready once no layer upstream of it awaits its refit; one run
@@ -112,14 +111,14 @@ class Corrector:
         while pending:
             waiting = {c.layer.name for c in pending}
             ready = [c for c in pending if not (self.upstream[c.layer.name] & (waiting - {c.layer.name}))]
-            specs = {c.layer.name: METHODS[c.method].refit_spec(c.layer) for c in ready}
+            specs = {c.layer.name: self.methods[c.method].refit_spec(c.layer) for c in ready}
             refits = [c for c in ready if specs[c.layer.name] is not None]
             if refits:
                 plan = list(done.values()) + pending
-                names = self.hidden_tensors(refits)
-                batches = self.board.iter_capture(plan, names, self.inputs)
-                if batches is None:
+                names = self.hidden_tensors(refits, self.methods)
+                if not self.runner.expresses(plan, names):
                     return None
+                batches = self.runner.capture(plan, names, self.inputs)
                 equations = {c.layer.name: _NormalEquations(specs[c.layer.name]) for c in refits}
                 targets = self.targets()
                 for rows, captured in batches:
@@ -138,13 +137,11 @@ class Corrector:
 
     def _refit_cut(self, choice: Choice, spec, upstream: list[Choice]) -> Choice:
         layer = choice.layer
-        model, _ = apply_plan(self.original, upstream + [choice])
         hidden_name = emitted_tensor(layer.name, choice.method, spec.hidden_role)
-        head = self.runtime.session(truncate(model, [hidden_name]))
         target = self.targets()[layer.output_name]
         equations = _NormalEquations(spec)
-        for rows, (hidden,) in self.runtime.iter_batches(head, self.inputs):
-            equations.add(hidden, target[rows])
+        for rows, captured in self.runner.capture(upstream + [choice], [hidden_name], self.inputs):
+            equations.add(captured[hidden_name], target[rows])
         return self._solve(choice, equations)
 
     @staticmethod
@@ -159,6 +156,4 @@ class Corrector:
         if spec.intercept:
             arrays["bias"] = solution[-1].astype(last.dtype)
         notes = dict(choice.factors.notes, corrected=True)
-        return Choice(
-            choice.layer, choice.method, Factors(arrays, choice.factors.rank, choice.factors.rel_error, notes)
-        )
+        return choice.with_factors(Factors(arrays, choice.factors.rank, choice.factors.rel_error, notes))

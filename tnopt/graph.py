@@ -1,7 +1,7 @@
-"""The only module that names tensors or splices nodes (through onnx-graphsurgeon).
+"""With tnopt/splice.py, the only module that names tensors or builds nodes (through onnx-graphsurgeon).
 
 Everything above it speaks in layers and arrays; everything below it is ONNX protobuf. Rewrites go
-through `Emitter`, which gives each emitted node and tensor the deterministic name
+through `tnopt.splice.Emitter`, which gives each emitted node and tensor the deterministic name
 `{layer}/{method}/{role}` and records provenance that `export_model` writes into the nodes'
 `metadata_props`.
 """
@@ -9,7 +9,7 @@ through `Emitter`, which gives each emitted node and tensor the deterministic na
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -48,7 +48,7 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, provenance: dict[str, d
     """gs.Graph → ModelProto carrying `like`'s IR version, opsets, metadata and doc string."""
     graph.cleanup().toposort()
     model = gs.export_onnx(graph, do_type_check=False)
-    _keep_versions(model, like)
+    keep_versions(model, like)
     for attr in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, attr, getattr(like, attr))
     del model.metadata_props[:]
@@ -63,7 +63,7 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, provenance: dict[str, d
     return model
 
 
-def _keep_versions(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
+def keep_versions(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
     """Every model tnopt exports keeps the input's IR version and opset imports (graphsurgeon
     would write its own defaults, which onnxruntime may not read)."""
     model.ir_version = like.ir_version
@@ -186,115 +186,6 @@ def emitted_tensor(layer_name: str, method: str, role: str) -> str:
     return f"{layer_name}/{method}/{role}_out"
 
 
-@dataclass
-class Emitter:
-    """Builds the replacement of one node: deterministic names, provenance, one splice.
-
-    Passes call `const` and `op`; the op made with `final=True` takes over the original node's
-    output tensor, so consumers downstream never notice the swap.
-    """
-
-    graph: gs.Graph
-    node: gs.Node
-    method: str
-    rank: str
-    dtype: np.dtype
-    provenance: dict[str, dict[str, str]] = field(default_factory=dict)
-
-    data_index: int = 0  # which input of the node carries the activations
-    bias_index: int | None = None  # which input carries the bias (Conv: 2, Gemm: C at 2)
-
-    def __post_init__(self):
-        self.prefix = f"{self.node.name}/{self.method}"
-        self.data_input = self.node.inputs[self.data_index]
-        bias = (
-            self.node.inputs[self.bias_index]
-            if (self.bias_index is not None and len(self.node.inputs) > self.bias_index)
-            else None
-        )
-        # The original bias tensor is reused as is: it already has the right values and shape.
-        self.bias = bias if is_present(bias) else None
-        self._spliced = False
-
-    def const(self, role: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(f"{self.prefix}/{role}", np.ascontiguousarray(values))
-
-    def op(
-        self,
-        op_type: str,
-        role: str,
-        inputs: list,
-        attrs: dict | None = None,
-        *,
-        final: bool = False,
-        dtype=None,
-    ):
-        """`dtype` overrides the layer's dtype for the output (int64 for Shape/Slice/Concat of shapes):
-        the declared type is exported as value_info, and a wrong one makes onnxruntime refuse the model."""
-        name = f"{self.prefix}/{role}"
-        if final:
-            outputs = list(self.node.outputs)
-            self._detach_original()
-        else:
-            outputs = [
-                gs.Variable(
-                    emitted_tensor(self.node.name, self.method, role),
-                    dtype=self.dtype if dtype is None else dtype,
-                )
-            ]
-        new = gs.Node(op=op_type, name=name, attrs=dict(attrs or {}), inputs=list(inputs), outputs=outputs)
-        self.graph.nodes.append(new)
-        self.provenance[name] = {
-            "tnopt.method": self.method,
-            "tnopt.source_node": self.node.name,
-            "tnopt.rank": self.rank,
-        }
-        return outputs[0]
-
-    def _detach_original(self) -> None:
-        if self._spliced:
-            raise RuntimeError(f"{self.prefix}: two final nodes emitted")
-        self._spliced = True
-        self.node.outputs.clear()
-        self.node.inputs.clear()
-        self.graph.nodes.remove(self.node)
-
-
-def isolate_layer(layer, like: onnx.ModelProto, input_shape: tuple[int, ...], dtype) -> onnx.ModelProto:
-    """A one-node model computing `layer` alone (same op, attributes and weight; zero bias) on an
-    input of concrete `input_shape`, for timing the dense node against its factorized subgraph.
-    The node keeps the layer's name so the same rank plan applies to it."""
-    x = gs.Variable("x", dtype=dtype, shape=list(input_shape))
-    y = gs.Variable("y", dtype=dtype)
-    weight = gs.Constant("W", np.ascontiguousarray(layer.weight))
-    attrs: dict = {}
-    if layer.op in ("Conv", "ConvTranspose"):
-        attrs = {k: list(v) if isinstance(v, tuple) else v for k, v in layer.attrs if k != "auto_pad"}
-        if layer.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
-            attrs["auto_pad"] = layer.attr("auto_pad")
-            attrs.pop("pads", None)
-        inputs = [x, weight]
-        if layer.has_bias:
-            # ConvTranspose weights are (I, O/group, k): its output channels are the second axis.
-            out_channels = (
-                layer.weight_shape[1] * layer.group if layer.op == "ConvTranspose" else layer.weight_shape[0]
-            )
-            inputs.append(gs.Constant("B", np.zeros(out_channels, layer.weight.dtype)))
-    elif layer.op == "Gemm":
-        # The analyzed weight already folds transB and alpha.
-        attrs = {"transA": layer.attr("transA"), "beta": layer.attr("beta")}
-        inputs = [x, weight]
-        if layer.has_bias:
-            inputs.append(gs.Constant("B", np.zeros(layer.weight_shape[1], layer.weight.dtype)))
-    else:
-        inputs = [weight, x] if layer.attr("weight_side") == "left" else [x, weight]
-    node = gs.Node(layer.op, name=layer.name, attrs=attrs, inputs=inputs, outputs=[y])
-    graph = gs.Graph(nodes=[node], inputs=[x], outputs=[y], opset=default_opset_of(like))
-    model = gs.export_onnx(graph, do_type_check=False)
-    _keep_versions(model, like)
-    return model
-
-
 def default_opset_of(model: onnx.ModelProto) -> int:
     return next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
 
@@ -317,7 +208,7 @@ def truncate(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
             tensor.dtype = np.float32
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     cut = gs.export_onnx(graph, do_type_check=False)
-    _keep_versions(cut, model)
+    keep_versions(cut, model)
     return cut
 
 
@@ -347,3 +238,19 @@ def upstream_layers(model: onnx.ModelProto, names: list[str]) -> dict[str, set[s
                     found.add(producer.name)
         ancestors[node.name] = found
     return {name: ancestors.get(name, set()) for name in names}
+
+
+def probe_model() -> onnx.ModelProto:
+    """A one-Relu model: what the runtime opens to learn whether a provider really works."""
+    from onnx import TensorProto, helper
+
+    return helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        ),
+        opset_imports=[helper.make_opsetid("", 13)],
+        ir_version=8,
+    )

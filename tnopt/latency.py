@@ -6,34 +6,33 @@ from __future__ import annotations
 
 import numpy as np
 
-from tnopt.graph import isolate_layer
-from tnopt.passes import METHODS
-from tnopt.rewrite import Choice, apply_plan
+from tnopt.plan import Choice
 
 TIMING_BATCH = 32
 
 
-def measure_latency(
-    original, layers, options_by_layer, runtime, cache, factors_for, sample_inputs, bar
-) -> dict:
+def measure_latency(runner, layers, options_by_layer, cache, factors_for, sample_inputs, bar) -> dict:
     """{(layer, None, None): dense seconds, (layer, method, rank): factorized seconds}."""
+    runtime = runner.runtime
     first = {k: v[:TIMING_BATCH] for k, v in sample_inputs.items()}
     names = sorted({layer.input_name for layer in layers})
-    shapes = {name: value.shape for name, value in runtime.capture(original, names, first).items()}
+    shapes = {name: value.shape for name, value in runtime.capture(runner.original, names, first).items()}
     result = {}
     for layer in layers:
         shape = shapes[layer.input_name]
         dtype = layer.weight.dtype
-        dense = isolate_layer(layer, original, shape, dtype)
+        dense = runner.isolated(layer, shape)
         feed = {"x": np.random.default_rng(0).standard_normal(shape).astype(dtype)}
         prefix = f"lat|{runtime.provider_name}|{layer.name}"
         suffix = "x".join(map(str, shape))
         result[(layer.name, None, None)] = _timed(cache, f"{prefix}|dense|{suffix}", runtime, dense, feed)
         bar.update(1)
         for method, rank in options_by_layer.get(layer.name, []):
-            key = f"{prefix}|{method}|{METHODS[method].rank_label(rank)}|{suffix}"
+            key = f"{prefix}|{method}|{runner.methods[method].rank_label(rank)}|{suffix}"
             if cache.get(key) is None:
-                rewritten, _ = apply_plan(dense, [Choice(layer, method, factors_for(layer, method, rank))])
+                rewritten = runner.isolated(
+                    layer, shape, [Choice(layer, method, factors_for(layer, method, rank))]
+                )
                 cache.put(key, runtime.latency(rewritten, feed))
             result[(layer.name, method, rank)] = cache.entries[key]
             bar.update(1)

@@ -1,15 +1,16 @@
 """The only module that orders the stages:
 
-load → analyze → (calibration data) → factorize candidates → choose ranks (fixed rule or budgeted
-search with onnxruntime in the loop) → rewrite → validate on evaluation data → report.
-Saving is the caller's (CLI) last step, through io.save_model_atomic.
+load → analyze → (calibration data) → factorize candidates → choose ranks (fixed rule, tnopt/fixed.py,
+or budgeted search with onnxruntime in the loop, tnopt/search.py) → refine → export → validate on
+evaluation data → report. Saving is the caller's (CLI) last step, through io.save_model_atomic.
+
+`compress(model, config)` runs one `RunConfig`; `compress(model, **keywords)` builds it from the
+keywords (the Python API). One `PlanRunner` per run runs and exports every plan.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import re
 import time
 import warnings
 from pathlib import Path
@@ -21,45 +22,39 @@ from threadpoolctl import threadpool_limits
 
 from tnopt import io
 from tnopt.analyze import Layer, analyze
-from tnopt.correct import Corrector
+from tnopt.config import RunConfig, resolve_methods
 from tnopt.data import Dataset, class_indices, input_specs, load_npz, random_inputs
-from tnopt.errors import TnoptError, UnsupportedModelError
+from tnopt.errors import UnsupportedModelError
+from tnopt.fixed import fixed_rank_plan
 from tnopt.graph import op_counts, parameter_count
 from tnopt.metrics import fidelity_report
 from tnopt.passes import METHODS
+from tnopt.plan import Plan
 from tnopt.profile import collect_stats, load_stats, save_stats
+from tnopt.refine import apply_refiners, build_refiners
 from tnopt.report import LayerReport, ModelSummary, Report
-from tnopt.rewrite import Choice, apply_plan
+from tnopt.runner import PlanRunner
 from tnopt.runtime import Runtime
-from tnopt.switchboard import board_if_faster
 
 DEFAULT_RANDOM_SAMPLES = 64
-# Calibration moments and the least-squares refit converge long before this many samples.
+# Calibration moments converge long before this many samples.
 MAX_STATS_SAMPLES = 2048
-MAX_REFIT_SAMPLES = 512
 # Methods whose data-aware form needs the im2col (patch) moment of a Conv input.
 PATCH_METHODS = ("cut-o",)
 
-
-def resolve_methods(methods: str | list[str] | None) -> list[str]:
-    if methods in (None, "auto"):
-        return list(METHODS)
-    names = methods.split(",") if isinstance(methods, str) else list(methods)
-    unknown = [n for n in names if n not in METHODS]
-    if unknown:
-        raise TnoptError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)} or auto")
-    return names
+__all__ = ["compress", "resolve_methods", "applicable_methods", "factorize"]
 
 
-def applicable_methods(layer: Layer, methods: list[str]) -> tuple[list[str], str | None]:
+def applicable_methods(layer: Layer, methods: list[str], table=None) -> tuple[list[str], str | None]:
     """Methods that accept `layer`, or the first skip reason when none does."""
+    table = table or METHODS
     accepted, reasons = [], []
     for name in methods:
-        reason = METHODS[name].check(layer)
+        reason = table[name].check(layer)
         (reasons.append(reason) if reason else accepted.append(name))
     if accepted:
         return accepted, None
-    handles = [n for n in methods if layer.op in METHODS[n].op_types]
+    handles = [n for n in methods if layer.op in table[n].op_types]
     if not handles:
         return [], f"no selected method handles {layer.op} (selected: {', '.join(methods)})"
     return [], layer.skip_reason or reasons[0]
@@ -89,117 +84,59 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
     return ModelSummary(op_counts(model), parameter_count(model), flops, model.ByteSize())
 
 
-def factorize(layer: Layer, method: str, rank, stats=None):
+def factorize(layer: Layer, method: str, rank, stats=None, table=None):
     # One BLAS thread: these matrices are small, and a multi-threaded OpenBLAS fighting
     # onnxruntime's spinning worker threads for 2 cores was measured 200x slower (1.5 s per SVD).
     with threadpool_limits(1):
-        return METHODS[method].decompose(layer.weight, rank, stats)
+        return (table or METHODS)[method].decompose(layer.weight, rank, stats)
 
 
-MPO_METHODS = ("mpo", "mpo-storage")
-
-
-def _with_mpo_cores(compress_fn):
-    """Give the MPO methods `mpo_cores` cores for one call (the registry holds one instance each)."""
-
-    @functools.wraps(compress_fn)
-    def wrapper(model, *, mpo_cores: int | None = None, **options):
-        if mpo_cores is None:
-            return compress_fn(model, mpo_cores=None, **options)
-        saved = {name: METHODS[name].cores for name in MPO_METHODS}
-        try:
-            for name in MPO_METHODS:
-                METHODS[name].cores = int(mpo_cores)
-            return compress_fn(model, mpo_cores=mpo_cores, **options)
-        finally:
-            for name, cores in saved.items():
-                METHODS[name].cores = cores
-
-    return wrapper
-
-
-@_with_mpo_cores
 def compress(
     model: str | onnx.ModelProto,
+    config: RunConfig | None = None,
+    /,
     *,
-    methods: str | list[str] | None = None,
-    rank_ratio: float | None = None,
-    energy: float | None = None,
-    ranks: dict[str, object] | None = None,
-    budget=None,
-    data=None,
-    eval_data=None,
-    metric: str | Callable | None = None,
-    provider: str = "auto",
-    objective: str = "flops",
-    cache_dir: str | None = None,
-    seed: int = 0,
-    progress: bool = False,
-    latency_guard: bool | None = None,
-    data_aware: bool | None = None,
-    correct: bool | None = None,
-    allow_growth: bool = False,
-    mpo_cores: int | None = None,
-    min_layer_params: int = 0,
-    exclude: str | None = None,
     log: Callable[[str], None] | None = None,
+    **options,
 ) -> tuple[onnx.ModelProto, Report]:
-    """Compress `model`; returns (compressed ModelProto, Report). Nothing is written to disk.
+    """Compress `model` under `config` (or a RunConfig made of the keyword `options`: see its
+    docstring for each); returns (compressed ModelProto, Report). Nothing is written to disk."""
+    if config is None:
+        config = RunConfig(**options)
+    elif options:
+        raise TypeError(f"compress() takes a RunConfig or keyword options, not both ({', '.join(options)})")
+    return _run(model, config, log or (lambda message: None))
 
-    Exactly one rank rule applies: `budget` (budgeted search), `ranks` (layer name → rank, or →
-    (method, rank) to choose the method per layer),
-    `energy` (keep that fraction of singular-value energy) or `rank_ratio` (fraction of full rank;
-    0.5 when nothing is given). `allow_growth` rewrites layers even where the factorized form has
-    more parameters than the dense layer (used to test exactness at full rank).
-    `data_aware` (whitened factors from calibration moments) and `correct` (sequential least-squares
-    refit of each layer's last factor) default to on when real data is given, off on random inputs.
-    `mpo_cores` sets the MPO methods' number of cores for this run; `min_layer_params` and
-    `exclude` (a regular expression on node names) leave layers dense, with that reason reported.
-    """
-    try:
-        excluded = re.compile(exclude) if exclude else None
-    except re.error as exc:
-        raise TnoptError(f"--exclude {exclude!r} is not a regular expression ({exc})") from None
-    say = log or (lambda message: None)
-    started = time.perf_counter()
-    source = model if isinstance(model, str) else getattr(model.graph, "name", "model")
-    original = io.load_model(model)
-    runtime = Runtime(provider)
-    method_names = resolve_methods(methods)
-    layers = analyze(original)
-    if not layers:
-        raise UnsupportedModelError(f"{source}: no Conv, Gemm or constant-weight MatMul layers to compress")
 
-    report = Report(model=str(source), provider=runtime.provider_name, before=summarize(original))
-
+def _candidates(layers, config: RunConfig, report: Report) -> dict[str, list[str]]:
     candidates: dict[str, list[str]] = {}
     for layer in layers:
-        accepted, reason = applicable_methods(layer, method_names)
-        if accepted and layer.params < min_layer_params:
-            accepted, reason = [], f"{layer.params:,} params < --min-layer-params {min_layer_params:,}"
-        if accepted and excluded is not None and excluded.search(layer.name):
-            accepted, reason = [], f"excluded by --exclude {exclude!r}"
+        accepted, reason = applicable_methods(layer, list(config.method_names), config.method_table)
+        if accepted and layer.params < config.min_layer_params:
+            accepted, reason = [], f"{layer.params:,} params < --min-layer-params {config.min_layer_params:,}"
+        if accepted and config.exclude_pattern is not None and config.exclude_pattern.search(layer.name):
+            accepted, reason = [], f"excluded by --exclude {config.exclude!r}"
         if accepted:
             candidates[layer.name] = accepted
         else:
             report.layers.append(_layer_entry(layer, "skipped", reason))
-    if not candidates:
-        raise UnsupportedModelError(
-            f"{source}: none of the {len(layers)} layers can be factorized ({report.layers[0].reason})"
-        )
-    calib = load_data(data, original, seed=seed, role="calibration data")
-    evaluation = load_data(eval_data, original, seed=seed, role="evaluation data")
+    return candidates
+
+
+def _splits(original, config: RunConfig, report: Report, say):
+    calib = load_data(config.data, original, seed=config.seed, role="calibration data")
+    evaluation = load_data(config.eval_data, original, seed=config.seed, role="evaluation data")
     if calib is None and evaluation is None:
-        calib = random_inputs(input_specs(original), DEFAULT_RANDOM_SAMPLES, seed)
+        calib = random_inputs(input_specs(original), DEFAULT_RANDOM_SAMPLES, config.seed)
         message = (
             f"no --data given: validating on {len(calib)} seeded random inputs; only fidelity "
             "metrics (agreement, cosine, rel-l2) mean anything on them"
         )
         report.warnings.append(message)
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, stacklevel=4)
         say(f"warning: {message}")
     if evaluation is None:
-        if budget is not None and calib is not None and len(calib) >= 4 and not calib.synthetic:
+        if config.budget is not None and calib is not None and len(calib) >= 4 and not calib.synthetic:
             calib, evaluation = calib.split(0.5)
             report.warnings.append(
                 f"no --eval-data: searched on {calib.source}, evaluated on {evaluation.source}"
@@ -208,15 +145,38 @@ def compress(
             evaluation = calib
     if calib is None:
         calib = evaluation
+    return calib, evaluation
+
+
+def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
+    started = time.perf_counter()
+    if config.budget is None:
+        config.check_rank_rule()
+    source = model if isinstance(model, str) else getattr(model.graph, "name", "model")
+    original = io.load_model(model)
+    runtime = Runtime(config.provider)
+    table = config.method_table
+    layers = analyze(original)
+    if not layers:
+        raise UnsupportedModelError(f"{source}: no Conv, Gemm or constant-weight MatMul layers to compress")
+
+    report = Report(model=str(source), provider=runtime.provider_name, before=summarize(original))
+    candidates = _candidates(layers, config, report)
+    if not candidates:
+        raise UnsupportedModelError(
+            f"{source}: none of the {len(layers)} layers can be factorized ({report.layers[0].reason})"
+        )
+    calib, evaluation = _splits(original, config, report, say)
     report.data, report.eval_data = calib.source, evaluation.source
     by_name = {layer.name: layer for layer in layers}
 
     real_data = not calib.synthetic
-    data_aware = real_data if data_aware is None else data_aware
-    correct = real_data if correct is None else correct
+    data_aware = real_data if config.data_aware is None else config.data_aware
+    correct = real_data if config.correct is None else config.correct
     # With explicit ranks only the named layers are factorized: the others need no statistics.
-    targets = [by_name[n] for n in candidates if budget is not None or ranks is None or n in ranks]
-    if budget is not None:
+    ranks = config.ranks
+    targets = [by_name[n] for n in candidates if config.budget is not None or ranks is None or n in ranks]
+    if config.budget is not None:
         planned_methods = {m for n in candidates for m in candidates[n]}
     elif ranks is not None:
         planned_methods = {
@@ -228,82 +188,98 @@ def compress(
         planned_methods = {candidates[n][0] for n in candidates}
     stats = {}
     if data_aware and targets:
-        stats_start = time.perf_counter()
-        stats_data = calib.head(MAX_STATS_SAMPLES)
-        want_patches = any(m in planned_methods for m in PATCH_METHODS)
-        stats_file = None
-        if cache_dir:
-            model_hash = hashlib.sha256(original.SerializeToString()).hexdigest()[:16]
-            stats_file = Path(cache_dir) / f"{model_hash}-{stats_data.fingerprint()}-stats2.npz"
-            stats = load_stats(stats_file) if stats_file.exists() else {}
-        missing = [
-            layer
-            for layer in targets
-            if layer.name not in stats
-            or (want_patches and layer.op == "Conv" and stats[layer.name].patch_moment is None)
-        ]
-        if missing:
-            stats.update(
-                collect_stats(original, missing, stats_data.inputs, runtime, want_patches=want_patches)
-            )
-            if stats_file is not None:
-                stats_file.parent.mkdir(parents=True, exist_ok=True)
-                save_stats(stats_file, stats)
-        report.timings["stats_cached_layers"] = len(targets) - len(missing)
-        report.timings["stats_s"] = time.perf_counter() - stats_start
-        say(
-            f"calibration statistics: {len(targets)} layers from {len(stats_data)} samples, "
-            f"{len(targets) - len(missing)} from cache"
-        )
+        stats = _calibration_stats(original, targets, calib, runtime, config, planned_methods, report, say)
     report.factors = {"data_aware": bool(stats), "correct": bool(correct)}
 
     def factor_fn(layer, method, rank):
-        return factorize(layer, method, rank, stats.get(layer.name))
+        return factorize(layer, method, rank, stats.get(layer.name), table)
 
-    corrector = (
-        Corrector(original, targets, calib.head(MAX_REFIT_SAMPLES).inputs, runtime) if correct else None
-    )
+    runner = PlanRunner(original, runtime, table)
+    refiners = build_refiners(config, runner, targets, calib, correct=correct)
+    decisions: dict[str, dict] = {}
+    if config.budget is not None:
+        from tnopt.search import Search
 
-    if budget is not None:
-        from tnopt.search import run_search
-
-        choices, decisions = run_search(
-            original,
+        # The sweep measures unrefined layers, so refined and unrefined runs share its cache.
+        factor_mode = ("white" if stats else "weight") + config.method_options.cache_tag
+        search = Search(
+            config,
+            runner,
             [by_name[n] for n in candidates],
             candidates,
-            calib=calib,
-            evaluation=evaluation,
-            budget=budget,
-            metric=metric,
-            objective=objective,
-            runtime=runtime,
-            cache_dir=cache_dir,
-            seed=seed,
-            progress=progress,
-            latency_guard=True if latency_guard is None else latency_guard,
-            report=report,
-            say=say,
+            calib,
+            evaluation,
             factorize=factor_fn,
-            correct=corrector,
-            # The sweep measures uncorrected layers, so corrected and uncorrected runs share its cache.
-            factor_mode=("white" if stats else "weight") + (f"-mpo{mpo_cores}" if mpo_cores else ""),
+            refiners=refiners,
+            factor_mode=factor_mode,
+            say=say,
         )
+        result = search.run()
+        plan, decisions = result.plan, result.decisions
+        report.budget, report.budget_met, report.search = result.budget, result.budget_met, result.search
+        report.timings.update(result.timings)
     else:
-        choices, decisions = _fixed_rank_plan(
-            [by_name[n] for n in candidates], candidates, rank_ratio, energy, ranks, allow_growth, factor_fn
+        plan, decisions = fixed_rank_plan(
+            [by_name[n] for n in candidates], candidates, config, table, factor_fn
         )
-        if corrector is not None and choices:
-            choices = _corrected_on_board(corrector, choices, original, runtime)
+        if refiners and len(plan):
+            _prepare_for_refiners(runner, plan, refiners, table)
+            plan = apply_refiners(refiners, plan)
     report.timings["plan_s"] = time.perf_counter() - started
 
-    compressed, _ = apply_plan(original, choices)
+    compressed = runner.export(plan)
     compressed_eval_start = time.perf_counter()
     reference = runtime.run(original, evaluation.inputs)
-    outputs = runtime.run(compressed, evaluation.inputs)
+    outputs = runtime.run(runtime.session(compressed, own=True), evaluation.inputs)
     report.metrics.update(fidelity_report(reference, outputs, evaluation.labels))
     report.timings["validate_s"] = time.perf_counter() - compressed_eval_start
+    _fill_layers(report, layers, candidates, by_name, plan, decisions, table)
+    report.after = summarize(compressed)
+    report.timings["total_s"] = time.perf_counter() - started
+    return compressed, report
 
-    chosen = {c.layer.name: c for c in choices}
+
+def _calibration_stats(original, targets, calib, runtime, config, planned_methods, report, say) -> dict:
+    stats_start = time.perf_counter()
+    stats_data = calib.head(MAX_STATS_SAMPLES)
+    want_patches = any(m in planned_methods for m in PATCH_METHODS)
+    stats, stats_file = {}, None
+    if config.cache_dir:
+        model_hash = hashlib.sha256(original.SerializeToString()).hexdigest()[:16]
+        stats_file = Path(config.cache_dir) / f"{model_hash}-{stats_data.fingerprint()}-stats2.npz"
+        stats = load_stats(stats_file) if stats_file.exists() else {}
+    missing = [
+        layer
+        for layer in targets
+        if layer.name not in stats
+        or (want_patches and layer.op == "Conv" and stats[layer.name].patch_moment is None)
+    ]
+    if missing:
+        stats.update(collect_stats(original, missing, stats_data.inputs, runtime, want_patches=want_patches))
+        if stats_file is not None:
+            stats_file.parent.mkdir(parents=True, exist_ok=True)
+            save_stats(stats_file, stats)
+    report.timings["stats_cached_layers"] = len(targets) - len(missing)
+    report.timings["stats_s"] = time.perf_counter() - stats_start
+    say(
+        f"calibration statistics: {len(targets)} layers from {len(stats_data)} samples, "
+        f"{len(targets) - len(missing)} from cache"
+    )
+    return stats
+
+
+def _prepare_for_refiners(runner: PlanRunner, plan: Plan, refiners, table) -> None:
+    """Fixed ranks: the chosen rewrites on one switchboard where that is timed faster, so the
+    correction refits every layer from one session instead of exporting the model cut after each."""
+    paddable = [c for c in plan if table[c.method].zero_paddable]
+    hidden = [n for r in refiners if hasattr(r, "hidden_tensors") for n in r.hidden_tensors(paddable)]
+    inputs = next((r.inputs for r in refiners if hasattr(r, "inputs")), None)
+    if inputs is not None:
+        runner.prepare(paddable, inputs, hidden)
+
+
+def _fill_layers(report: Report, layers, candidates, by_name, plan: Plan, decisions, table) -> None:
+    chosen = {c.layer.name: c for c in plan}
     for name in candidates:
         layer = by_name[name]
         decision = decisions.get(name, {})
@@ -313,7 +289,7 @@ def compress(
         entry.latency_after_ms = decision.get("latency_after_ms")
         if name in chosen:
             choice = chosen[name]
-            cost = METHODS[choice.method].cost(layer, choice.factors.rank)
+            cost = table[choice.method].cost(layer, choice.factors.rank)
             entry.method, entry.rank = choice.method, choice.rank_label
             entry.params_after, entry.flops_after = cost.params, cost.flops
             entry.weight_error = choice.factors.rel_error
@@ -323,19 +299,6 @@ def compress(
         report.layers.append(entry)
     order = {layer.name: i for i, layer in enumerate(layers)}
     report.layers.sort(key=lambda entry: order[entry.name])
-    report.after = summarize(compressed)
-    report.timings["total_s"] = time.perf_counter() - started
-    return compressed, report
-
-
-def _corrected_on_board(corrector: Corrector, choices, original, runtime):
-    """Fixed ranks: the chosen rewrites on one switchboard where that is timed faster, so the
-    correction refits every layer from one session instead of exporting the model cut after each."""
-    paddable = [c for c in choices if METHODS[c.method].zero_paddable]
-    corrector.board, _ = board_if_faster(
-        original, paddable, runtime, corrector.inputs, corrector.hidden_tensors(paddable)
-    )
-    return corrector(choices)
 
 
 def _layer_entry(layer: Layer, decision: str, reason: str | None) -> LayerReport:
@@ -348,45 +311,3 @@ def _layer_entry(layer: Layer, decision: str, reason: str | None) -> LayerReport
         params_before=layer.params,
         flops_before=layer.flops,
     )
-
-
-def _fixed_rank_plan(layers, candidates, rank_ratio, energy, ranks, allow_growth, factor_fn):
-    """One method per layer (the first selected that accepts it) at a rank from the given rule."""
-    if sum(x is not None for x in (rank_ratio, energy, ranks)) > 1:
-        raise TnoptError("give only one of --rank-ratio, --energy, ranks")
-    if rank_ratio is None and energy is None and ranks is None:
-        rank_ratio = 0.5
-    if rank_ratio is not None and not 0 < rank_ratio <= 1:
-        raise TnoptError(f"--rank-ratio must be in (0, 1], got {rank_ratio}")
-    if energy is not None and not 0 < energy <= 1:
-        raise TnoptError(f"--energy must be in (0, 1], got {energy}")
-    choices, decisions = [], {}
-    for layer in layers:
-        method_name = candidates[layer.name][0]
-        if ranks is not None:
-            if layer.name not in ranks:
-                decisions[layer.name] = {"reason": "no rank given for this layer"}
-                continue
-            rank = ranks[layer.name]
-            if isinstance(rank, tuple) and rank and isinstance(rank[0], str):
-                method_name, rank = rank  # (method, rank): this layer's method chosen by the caller
-                if method_name not in candidates[layer.name]:
-                    raise TnoptError(f"{layer.name}: method {method_name} does not accept this layer")
-        method = METHODS[method_name]
-        if energy is not None:
-            rank = method.rank_from_energy(layer, energy)
-        elif rank_ratio is not None:
-            rank = method.rank_from_ratio(layer, rank_ratio)
-        cost = method.cost(layer, rank)
-        if cost.params > layer.params and not allow_growth:
-            decisions[layer.name] = {
-                "reason": f"{method_name} at rank {method.rank_label(rank)} has "
-                f"{cost.params:,} params > dense {layer.params:,}; kept dense"
-            }
-            continue
-        factors = factor_fn(layer, method_name, rank)
-        if factors.notes.get("refused"):
-            decisions[layer.name] = {"reason": f"{method_name}: {factors.notes['refused']}"}
-            continue
-        choices.append(Choice(layer, method_name, factors))
-    return choices, decisions

@@ -1,5 +1,9 @@
 """onnxruntime sessions: provider choice, batched runs, intermediate capture, latency timing.
 
+Failures: a session or run of the user's model is the user's problem (`TnoptError`, exit 2); one of
+a graph tnopt built itself (`own=True`: exported plans, boards, cut or isolated layers) is tnopt's
+(`InternalError`, exit 4), never reported as bad input.
+
 Provider policy: `cuda` demands the CUDA provider and fails loudly when a session does not get it
 (onnxruntime-gpu lists CUDA as "available" even on machines without a GPU, so we test a real
 session); `auto` uses CUDA when a session really gets it, else CPU; `cpu` is CPU.
@@ -16,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from tnopt.errors import TnoptError
+from tnopt.errors import InternalError, TnoptError
 
 # onnxruntime logs provider-library load failures (no CUDA here) to stderr on its own; tnopt reports
 # the provider it got itself, in one line, so only fatal runtime messages may pass.
@@ -44,18 +48,9 @@ def cuda_works() -> tuple[bool, str]:
                 ort.preload_dlls()
     except Exception:  # preloading is best effort; the session below is the real test
         pass
-    from onnx import TensorProto, helper
+    from tnopt.graph import probe_model
 
-    probe = helper.make_model(
-        helper.make_graph(
-            [helper.make_node("Relu", ["x"], ["y"])],
-            "probe",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-        ),
-        opset_imports=[helper.make_opsetid("", 13)],
-        ir_version=8,
-    )
+    probe = probe_model()
     ort.set_default_logger_severity(4)  # a missing CUDA library is logged as an error; we say it ourselves
     try:
         session = ort.InferenceSession(probe.SerializeToString(), _quiet_options(), providers=[CUDA, CPU])
@@ -92,14 +87,15 @@ class Runtime:
     def provider_name(self) -> str:
         return "cuda" if self.providers[0] == CUDA else "cpu"
 
-    def session(self, model: onnx.ModelProto | bytes) -> ort.InferenceSession:
+    def session(self, model: onnx.ModelProto | bytes, *, own: bool = False) -> ort.InferenceSession:
+        """A session on `model`; `own`: tnopt built this graph, so a failure is an InternalError."""
         payload = model if isinstance(model, bytes) else model.SerializeToString()
         try:
-            return ort.InferenceSession(payload, _quiet_options(), providers=self.providers)
+            session = ort.InferenceSession(payload, _quiet_options(), providers=self.providers)
         except Exception as exc:
-            raise TnoptError(
-                f"onnxruntime cannot load the model ({str(exc).splitlines()[0][:200]})"
-            ) from None
+            raise _failure(own, "cannot load", exc) from None
+        session.tnopt_own = own
+        return session
 
     def verify_loads(self, payload: bytes) -> None:
         self.session(payload)
@@ -114,32 +110,38 @@ class Runtime:
         ]
         return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
 
-    def iter_batches(self, model_or_session, feeds: dict[str, np.ndarray], output_names=None, constants=None):
+    def iter_batches(self, model_or_session, feeds, output_names=None, constants=None):
         """Yield (batch slice, outputs) per batch: statistics accumulate without holding every
-        sample's activations at once."""
+        sample's activations at once. `feeds`: arrays (axis 0 = samples, cut into batches here) or
+        an iterable of such dicts, one per batch (a stream; each is cut again where it is larger)."""
         session = (
             model_or_session
             if isinstance(model_or_session, ort.InferenceSession)
             else self.session(model_or_session)
         )
-        n = len(next(iter(feeds.values())))
-        fixed = fixed_batch(session, feeds)
-        step = fixed or self.batch_size
-        for start in range(0, n, step):
-            batch = {k: v[start : start + step] for k, v in feeds.items()}
-            short = len(next(iter(batch.values())))
-            if short < step and fixed:
-                # A model with a fixed batch dim gets the last chunk padded, then trimmed.
-                batch = {
-                    k: np.concatenate([v, np.repeat(v[-1:], step - short, axis=0)]) for k, v in batch.items()
-                }
-            try:
-                outputs = session.run(output_names, {**batch, **(constants or {})})
-            except Exception as exc:
-                raise TnoptError(
-                    f"onnxruntime failed to run the model ({str(exc).splitlines()[0][:200]})"
-                ) from None
-            yield slice(start, start + short), [o[:short] for o in outputs]
+        own = getattr(session, "tnopt_own", False)
+        fixed = None
+        start = 0
+        for chunk in [feeds] if isinstance(feeds, dict) else feeds:
+            if fixed is None:
+                fixed = fixed_batch(session, chunk) or 0
+            step = fixed or self.batch_size
+            n = len(next(iter(chunk.values())))
+            for offset in range(0, n, step):
+                batch = {k: v[offset : offset + step] for k, v in chunk.items()}
+                short = len(next(iter(batch.values())))
+                if short < step and fixed:
+                    # A model with a fixed batch dim gets the last chunk padded, then trimmed.
+                    batch = {
+                        k: np.concatenate([v, np.repeat(v[-1:], step - short, axis=0)])
+                        for k, v in batch.items()
+                    }
+                try:
+                    outputs = session.run(output_names, {**batch, **(constants or {})})
+                except Exception as exc:
+                    raise _failure(own, "failed to run", exc) from None
+                yield slice(start, start + short), [o[:short] for o in outputs]
+                start += short
 
     def with_outputs(self, model: onnx.ModelProto, tensor_names: list[str]) -> ort.InferenceSession:
         """A session on a copy of `model` that also returns the named intermediate tensors."""
@@ -166,7 +168,7 @@ class Runtime:
     ) -> float:
         """Median wall time of one run in seconds (after warm-up): `repeats` runs, or as many as
         fit in `time_limit` seconds but at least 5 (big layers are stable; hundreds get timed)."""
-        session = self.session(model)
+        session = self.session(model, own=True)  # isolated layers and their rewrites: tnopt's graphs
         for _ in range(warmup):
             session.run(None, feed)
         times: list[float] = []
@@ -175,6 +177,13 @@ class Runtime:
             session.run(None, feed)
             times.append(time.perf_counter() - start)
         return float(np.median(times))
+
+
+def _failure(own: bool, what: str, exc: Exception) -> Exception:
+    detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    if own:
+        return InternalError(f"onnxruntime {what} a graph tnopt built ({detail})")
+    return TnoptError(f"onnxruntime {what} the model ({detail})")
 
 
 def fixed_batch(session: ort.InferenceSession, feeds=None) -> int | None:

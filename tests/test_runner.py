@@ -1,0 +1,140 @@
+"""The plan runner: per-batch outputs and captures, board-vs-export, factor swaps without re-export,
+the run configuration (no global method state) and tnopt's own failures kept apart from the user's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import init, make_model, relative_difference, tensor
+from onnx import helper
+from tnopt.passes import METHODS, Factors
+
+import tnopt
+from tnopt import runner as runner_module
+from tnopt.analyze import analyze
+from tnopt.config import RunConfig
+from tnopt.errors import InternalError, TnoptError
+from tnopt.pipeline import factorize
+from tnopt.plan import Choice, Plan
+from tnopt.runner import PlanRunner
+from tnopt.runtime import Runtime
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+RUNTIME = Runtime("cpu", batch_size=16)
+
+
+def mlp():
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "W2", "b2"], ["y"], name="fc2", transB=1),
+    ]
+    inits = [
+        init("W1", rng.standard_normal((32, 24))),
+        init("b1", rng.standard_normal(32)),
+        init("W2", rng.standard_normal((10, 32))),
+        init("b2", rng.standard_normal(10)),
+    ]
+    model = make_model(nodes, [tensor("x", ["n", 24])], [tensor("y", ["n", 10])], inits)
+    layers = [layer for layer in analyze(model) if layer.candidate]
+    feeds = {"x": rng.standard_normal((40, 24)).astype(np.float32)}
+    return model, layers, feeds
+
+
+def svd_choice(layer, rank):
+    return Choice(layer, "svd", factorize(layer, "svd", rank))
+
+
+def test_outputs_and_capture_come_one_batch_at_a_time():
+    model, layers, feeds = mlp()
+    runner = PlanRunner(model, RUNTIME)
+    plan = Plan((svd_choice(layers[0], 4),))
+    batches = list(runner.outputs(plan, feeds))
+    assert [rows for rows, _ in batches] == [slice(0, 16), slice(16, 32), slice(32, 40)]
+    whole = RUNTIME.run(runner.export(plan), feeds)[0]
+    assert np.array_equal(np.concatenate([out[0] for _, out in batches]), whole)
+    # A stream of batches (any sizes) gives the same rows.
+    stream = [{"x": feeds["x"][:10]}, {"x": feeds["x"][10:]}]
+    assert np.array_equal(runner.run(plan, stream)[0], whole)
+    hidden = "fc1/svd/factor_a_out"
+    captured = list(runner.capture(plan, [hidden], feeds))
+    assert len(captured) == 3 and captured[0][1][hidden].shape == (16, 4)
+
+
+def test_a_lifted_plan_runs_new_factor_values_without_a_new_export(monkeypatch):
+    model, layers, feeds = mlp()
+    runner = PlanRunner(model, RUNTIME)
+    first = Plan((svd_choice(layers[0], 4), svd_choice(layers[1], 3)))
+    runner.lift(first)
+    exports = []
+    splice = runner_module.splice_plan
+    monkeypatch.setattr(runner_module, "splice_plan", lambda *a: exports.append(a) or splice(*a))
+    scaled = first.replaced(
+        first.choices[0].with_factors(
+            Factors({k: v * 0.5 for k, v in first.choices[0].factors.arrays.items()}, 4, 0.0)
+        )
+    )
+    for plan in (first, scaled):
+        got = runner.run(plan, feeds)[0]
+        assert not exports  # fed to the lifted session
+        expected = RUNTIME.run(splice(model, plan, METHODS), feeds)[0]
+        assert relative_difference(expected, got) < 1e-5
+    assert not np.allclose(runner.run(first, feeds)[0], runner.run(scaled, feeds)[0])
+    # Another structure is exported as usual.
+    runner.run([svd_choice(layers[0], 2)], feeds)
+    assert len(exports) == 1
+
+
+def test_run_configuration_is_frozen_and_keeps_the_registry_unchanged():
+    config = RunConfig(mpo_cores=2, methods="mpo,svd")
+    assert config.method_table["mpo"].cores == 2 and config.method_table["mpo-storage"].cores == 2
+    assert METHODS["mpo"].cores == 3 and METHODS["mpo-storage"].cores == 3
+    assert config.method_names == ("mpo", "svd")
+    with pytest.raises(AttributeError):
+        config.budget = 0.01
+    with pytest.raises(TnoptError, match="not a regular expression"):
+        RunConfig(exclude="(")
+    with pytest.raises(TnoptError, match="unknown method"):
+        RunConfig(methods="tucker3")
+
+
+def test_compress_takes_a_config_or_the_same_keywords():
+    model, _, feeds = mlp()
+    by_config, report_a = tnopt.compress(model, RunConfig(rank_ratio=0.25, data=feeds, provider="cpu"))
+    by_keywords, report_b = tnopt.compress(model, rank_ratio=0.25, data=feeds, provider="cpu")
+    assert by_config.SerializeToString() == by_keywords.SerializeToString()
+    assert [(lay.name, lay.method, lay.rank) for lay in report_a.rewritten] == [
+        (lay.name, lay.method, lay.rank) for lay in report_b.rewritten
+    ]
+    with pytest.raises(TypeError):
+        tnopt.compress(model, RunConfig(), rank_ratio=0.5)
+
+
+def test_mpo_cores_reach_the_factors_of_one_run_only():
+    model, _, feeds = mlp()
+
+    def cores(compressed):
+        return sum(1 for t in compressed.graph.initializer if t.name.startswith("fc1/mpo/G"))
+
+    options = dict(methods="mpo", rank_ratio=1.0, allow_growth=True, data=feeds, provider="cpu")
+    two, _ = tnopt.compress(model, mpo_cores=2, **options)
+    default, _ = tnopt.compress(model, **options)
+    assert cores(two) == 2 and cores(default) == 3 and METHODS["mpo"].cores == 3
+
+
+def test_own_graph_failures_are_internal_errors_and_user_model_failures_are_not():
+    broken = make_model(
+        [helper.make_node("Gemm", ["x", "W"], ["y"], name="g")],
+        [tensor("x", ["n", 3])],
+        [tensor("y", ["n", 2])],
+        [init("W", np.ones((5, 4)))],  # does not fit x: onnxruntime refuses to run it
+    )
+    feeds = {"x": np.ones((2, 3), np.float32)}
+    with pytest.raises(TnoptError):
+        RUNTIME.run(RUNTIME.session(broken), feeds)
+    with pytest.raises(InternalError):
+        RUNTIME.run(RUNTIME.session(broken, own=True), feeds)
+    assert not issubclass(InternalError, TnoptError)

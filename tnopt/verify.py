@@ -1,0 +1,191 @@
+"""Search stages 3 and 4: price the swept options, allocate under τ, verify plans on the whole model.
+
+    priced_options(ctx, measured, objective, latency) → [budget.Option], key = (method, rank)
+    search_tau(ctx, options, refine)                   → (best passing result | None, every result, curve)
+    check_held_out(ctx, evaluation, final, best_pass)  → (drops on the evaluation split, miss reason)
+
+A verified result is {"plan", "value", "drop", "margin", "saving", "passed"}: the whole model under
+the allocation's plan after the refiners, measured on all calibration samples.
+"""
+
+from __future__ import annotations
+
+from tnopt import budget as B
+from tnopt.metrics import paired_standard_error
+from tnopt.plan import Choice, Plan
+from tnopt.sweep import SWEEP_STOP_DROP
+
+# A rewrite must be at least this much faster than the dense node to pass the latency guard.
+LATENCY_MARGIN = 0.97
+# Relative weight error below which a rewrite counts as exact (float32 round-off of a planted rank).
+LOSSLESS_ERROR = 1e-6
+BISECTION_STEPS = 5
+
+
+def priced_options(ctx, measured, objective, latency: dict | None) -> list[B.Option]:
+    """Everything the allocation may choose; independent of the budget, so a larger budget can
+    only gain. `latency`: the guard's timings (None: no guard)."""
+    by_name = {layer.name: layer for layer in ctx.layers}
+    options = []
+    for (name, method, rank), entry in measured.items():
+        if entry["drop"] > SWEEP_STOP_DROP:
+            continue  # far too lossy alone to be part of any sensible plan
+        if ctx.max_drop == 0 and entry["weight_error"] > LOSSLESS_ERROR:
+            continue  # a zero budget admits only numerically exact rewrites (rank-deficient weights)
+        if latency is not None and not faster(ctx.methods[method], latency, name, method, rank):
+            continue
+        saving = objective.saving(by_name[name], method, rank)
+        options.append(B.Option(name, (method, rank), saving, max(float(entry["proxy"]), 0.0)))
+    return options
+
+
+def faster(impl, latency, name, method, rank) -> bool:
+    if getattr(impl, "folded_at_load", False):
+        return True  # the runtime folds it back to the dense weight: same speed, smaller file
+    dense, rewritten = latency.get((name, None, None)), latency.get((name, method, rank))
+    return dense is not None and rewritten is not None and rewritten <= LATENCY_MARGIN * dense
+
+
+class _Verifier:
+    def __init__(self, ctx, refine):
+        self.ctx, self.refine = ctx, refine
+        self.by_name = {layer.name: layer for layer in ctx.layers}
+        self.evaluated: dict[tuple, dict] = {}
+        self.curve: list[dict] = []
+
+    def evaluate(self, allocation: dict[str, B.Option]) -> dict:
+        """The whole model under `allocation` (refined), measured on the calibration data."""
+        ctx = self.ctx
+        signature = tuple(sorted((n, o.key) for n, o in allocation.items()))
+        if signature in self.evaluated:
+            return self.evaluated[signature]
+        plan = Plan(
+            tuple(
+                Choice(self.by_name[name], o.key[0], ctx.factors_for(self.by_name[name], *o.key))
+                for name, o in allocation.items()
+            )
+        )
+        if len(plan):
+            plan = self.refine(plan)
+        outputs = ctx.runner.run(plan, ctx.calib.inputs)
+        value = ctx.metric(ctx.reference, outputs, ctx.calib.labels)
+        # The empty plan is the original model itself: exact, no uncertainty to charge.
+        margin = (
+            paired_standard_error(ctx.metric.name, ctx.reference, outputs, ctx.calib.labels)
+            if allocation
+            else 0.0
+        )
+        if ctx.drop_type == "relative" and ctx.baseline:
+            margin /= abs(ctx.baseline)
+        drop = ctx.drop_of(value, ctx.baseline)
+        result = {
+            "allocation": allocation,
+            "plan": plan,
+            "value": value,
+            "drop": drop,
+            "margin": margin,
+            "saving": B.total_saving(allocation),
+            "passed": drop + margin <= ctx.max_drop,
+        }
+        self.evaluated[signature] = result
+        return result
+
+    def try_tau(self, options, tau, bar) -> dict:
+        result = self.evaluate(B.allocate(options, tau))
+        self.curve.append(
+            {
+                "tau": tau,
+                "saving": result["saving"],
+                "drop": result["drop"],
+                "margin": result["margin"],
+                "passed": result["passed"],
+                "layers": len(result["allocation"]),
+            }
+        )
+        bar.update(1)
+        return result
+
+
+def search_tau(ctx, options, refine):
+    """τ on the grid, then bisection between the best passing τ and the first failing one above it."""
+    verifier = _Verifier(ctx, refine)
+    grid = B.tau_grid(options)
+    bar = ctx.bar(len(grid) + BISECTION_STEPS, "verify")
+    best, best_tau, first_fail_tau = None, None, None
+    for tau in grid:
+        result = verifier.try_tau(options, tau, bar)
+        if result["passed"]:
+            if best is None or result["saving"] > best["saving"]:
+                best, best_tau = result, tau
+        elif tau > 0 and first_fail_tau is None and best is not None:
+            first_fail_tau = tau
+    if best is not None and first_fail_tau is not None and first_fail_tau > best_tau:
+        low, high = best_tau, first_fail_tau
+        for _ in range(BISECTION_STEPS):
+            mid = (low * high) ** 0.5 if low > 0 else high / 4
+            result = verifier.try_tau(options, mid, bar)
+            if result["passed"]:
+                low = mid
+                if result["saving"] > best["saving"]:
+                    best = result
+            else:
+                high = mid
+    bar.close()
+    return best, verifier.evaluated, verifier.curve
+
+
+def explain(ctx, final, options, measured, latency, latency_guard, decisions) -> None:
+    """Each layer's reason: chosen, or why not."""
+    chosen = {c.layer.name: c for c in final["plan"]}
+    with_options = {o.layer for o in options}
+    for layer in ctx.layers:
+        decision = decisions[layer.name]
+        if layer.name in chosen:
+            decision["reason"] = "chosen by the budgeted search"
+            after = latency.get((layer.name, chosen[layer.name].method, chosen[layer.name].factors.rank))
+            if after is not None:
+                decision["latency_after_ms"] = after * 1e3
+        elif layer.name not in with_options:
+            decision["reason"] = _why_no_option(ctx, layer, measured, latency, latency_guard)
+        else:
+            decision["reason"] = "rewriting it did not fit the budget beside more profitable layers"
+
+
+def _why_no_option(ctx, layer, measured, latency, latency_guard) -> str:
+    entries = [v for k, v in measured.items() if k[0] == layer.name]
+    if not entries:
+        return "no candidate rank is cheaper than the dense layer"
+    best = min(v["drop"] for v in entries)
+    if best > ctx.max_drop:
+        return f"every rank alone exceeds the budget (smallest drop {best:.4f})"
+    if latency_guard and latency:
+        return "no rank within budget runs faster than the dense node on this runtime"
+    return "no admissible option"
+
+
+def check_held_out(ctx, evaluation, final, best_pass) -> tuple[dict, str | None]:
+    """The final plan on the evaluation split: (drops for the report, why the budget was missed or None)."""
+    metric = ctx.metric
+    reference = ctx.runner.runtime.run(ctx.runner.original, evaluation.inputs)
+    outputs = ctx.runner.run_exported(final["plan"], evaluation.inputs)
+    measurable = metric.name != "top1" or evaluation.labels is not None
+    baseline = metric(reference, reference, evaluation.labels) if measurable else None
+    drop = ctx.drop_of(metric(reference, outputs, evaluation.labels), baseline) if measurable else None
+    held_out = {
+        "drop_calibration": final["drop"],
+        "margin_calibration": final["margin"],
+        "drop_evaluation": drop,
+        "baseline_evaluation": baseline,
+    }
+    miss = None
+    if best_pass is None:
+        miss = (
+            f"no plan meets a {metric.name} drop ≤ {ctx.max_drop:g} on the calibration data "
+            f"(smallest drop found {final['drop']:.4f})"
+        )
+    elif drop is not None and drop > ctx.max_drop + 1e-12:
+        miss = (
+            f"{metric.name} drop on the evaluation data {drop:.4f} exceeds the budget {ctx.max_drop:g} "
+            f"(calibration drop {final['drop']:.4f} ± {final['margin']:.4f})"
+        )
+    return held_out, miss
