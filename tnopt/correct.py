@@ -140,7 +140,9 @@ class Corrector:
         hidden_name = emitted_tensor(layer.name, choice.method, spec.hidden_role)
         target = self.targets()[layer.output_name]
         equations = _NormalEquations(spec)
-        for rows, captured in self.runner.capture(upstream + [choice], [hidden_name], self.inputs):
+        # The one-layer-at-a-time path: each prefix of the plan exported and cut after H.
+        batches = self.runner.capture(upstream + [choice], [hidden_name], self.inputs, board=False)
+        for rows, captured in batches:
             equations.add(captured[hidden_name], target[rows])
         return self._solve(choice, equations)
 

@@ -108,11 +108,12 @@ class PlanRunner:
         """As `run`, always on the exported graph (what the user gets saved)."""
         return _concatenated(self.runtime.iter_batches(self.session(plan), inputs, self.output_names))
 
-    def capture(self, plan, tensor_names, inputs):
+    def capture(self, plan, tensor_names, inputs, *, board: bool = True):
         """(rows, {name: value}) per batch: intermediate tensors of the model under `plan`. Off the
-        board, the exported model is cut just after them (onnxruntime runs every node otherwise)."""
+        board (or with `board=False`), the exported model is cut just after them (onnxruntime runs
+        every node otherwise)."""
         plan, names = Plan.of(plan), list(tensor_names)
-        if self.board is not None and set(names) <= set(self.board.extra_outputs):
+        if board and self.board is not None and set(names) <= set(self.board.extra_outputs):
             batches = self.board.iter_capture(plan, names, inputs)
             if batches is not None:
                 return batches
