@@ -1,7 +1,7 @@
 """What every method in passes/ provides, and the rank arithmetic they share.
 
 A method is check → decompose → build: `check(layer)` returns a skip reason or None,
-`decompose(weight, rank, stats)` is pure math returning `Factors` (or a typed `Refusal`),
+`decompose(layer, rank, stats)` is pure math returning `Factors` (or a typed `Refusal`),
 `build(emit, layer, factors)` emits nodes through `tnopt.splice.Emitter`. `cost(layer, rank)` is the
 method's cost model; ranks come from a ratio of full rank, an energy fraction, or the search's
 `candidate_ranks`.
@@ -102,7 +102,9 @@ class Method:
     def cost(self, layer, rank) -> Cost:
         raise NotImplementedError
 
-    def decompose(self, weight: np.ndarray, rank, stats=None) -> Factors | Refusal:
+    def decompose(self, layer, rank, stats=None) -> Factors | Refusal:
+        """Pure math on `layer.weight` (and its shape facts, e.g. the group count): the factors at
+        `rank`, whitened by the calibration `stats` when given, or a Refusal."""
         raise NotImplementedError
 
     def build(self, emit, layer, factors: Factors) -> None:

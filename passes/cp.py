@@ -61,7 +61,8 @@ class CP(Method):
         )
         return Cost(params, flops)
 
-    def decompose(self, weight, rank: int, stats=None) -> Factors | Refusal:
+    def decompose(self, layer, rank: int, stats=None) -> Factors | Refusal:
+        weight = layer.weight
         if stats is None:
             (a_out, a_in, a_h, a_w), err, notes = _cp_als.cp_als(weight, rank)
         else:

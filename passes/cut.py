@@ -120,7 +120,8 @@ class Cut(Method):
             flops = 2 * (mixed_positions(layer, (1,)) * first + layer.out_positions * last)
         return Cost(first + last, flops)
 
-    def decompose(self, weight, rank: int, stats=None) -> Factors:
+    def decompose(self, layer, rank: int, stats=None) -> Factors:
+        weight = layer.weight
         matrix = cut_matrix(weight, self.cut)
         if stats is None:
             a, b, err = _linalg.truncated_svd(matrix, rank)

@@ -78,7 +78,8 @@ class MPO(Method):
             return Cost(params, layer.flops)
         return Cost(params, _tensor_train.tt_chain_flops(in_modes, out_modes, bonds, layer.in_positions))
 
-    def decompose(self, weight, rank, stats=None) -> Factors:
+    def decompose(self, layer, rank, stats=None) -> Factors:
+        weight = layer.weight
         matrix = _matrix(weight)
         in_modes, out_modes = self._natural_modes(matrix.shape)
         cores = _tensor_train.tt_svd_matrix(matrix, in_modes, out_modes, rank)

@@ -35,7 +35,8 @@ class SVD(Method):
         params = rank * (k + n)
         return Cost(params, 2 * layer.in_positions * params)
 
-    def decompose(self, weight, rank: int, stats=None) -> Factors:
+    def decompose(self, layer, rank: int, stats=None) -> Factors:
+        weight = layer.weight
         if stats is not None:
             a, b, err, output_err = _linalg.whitened_svd(weight, stats.input_moment, rank)
             notes = {"data_aware": True, "output_error": output_err}

@@ -52,7 +52,8 @@ class Tucker2(Method):
         flops = 2 * (layer.in_positions * first + layer.out_positions * (core + last))
         return Cost(first + core + last, flops)
 
-    def decompose(self, weight, rank: tuple[int, int], stats=None) -> Factors:
+    def decompose(self, layer, rank: tuple[int, int], stats=None) -> Factors:
+        weight = layer.weight
         if stats is not None:
             u_out, core, u_in, err = _linalg.whitened_partial_tucker(weight, rank, stats.input_moment)
         else:
@@ -140,7 +141,8 @@ class Tucker2Transposed(Tucker2):
         flops = 2 * (layer.in_positions * (first + core) + layer.out_positions * last)
         return Cost(first + core + last, flops)
 
-    def decompose(self, weight, rank: tuple[int, int], stats=None) -> Factors:
+    def decompose(self, layer, rank: tuple[int, int], stats=None) -> Factors:
+        weight = layer.weight
         u_in, core, u_out, err = _linalg.partial_tucker(weight, rank)
         arrays = {
             "U_in": u_in.astype(weight.dtype),

@@ -9,8 +9,8 @@ Each group of a grouped conv is an independent dense conv, so the groups factori
 a common rank keeps every emitted conv a plain grouped conv. Depthwise convs (one input channel per
 group) have nothing to factorize across channels and stay out (analyze skips them).
 
-The rank is (groups, r_o, r_i): `decompose` sees only the (O, I/g, *k) weight, which does not say
-how many groups it has.
+The rank is (r_o, r_i), common to all groups; the group count is the layer's (`decompose` gets the
+layer).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from .tucker2 import spatial_conv_attrs
 
 
 class GroupedRank(NamedTuple):
-    groups: int
     r_out: int
     r_in: int
 
@@ -49,12 +48,12 @@ class GroupedTucker2(Method):
         return g, layer.weight_shape[0] // g, layer.weight_shape[1], prod(layer.weight_shape[2:])
 
     def full_rank(self, layer) -> GroupedRank:
-        g, o, i, k = self._group_dims(layer)
-        return GroupedRank(g, min(o, i * k), min(i, o * k))
+        _, o, i, k = self._group_dims(layer)
+        return GroupedRank(min(o, i * k), min(i, o * k))
 
     def rank_from_ratio(self, layer, ratio: float) -> GroupedRank:
-        g, r_out, r_in = self.full_rank(layer)
-        return GroupedRank(g, scaled_rank(r_out, ratio), scaled_rank(r_in, ratio))
+        r_out, r_in = self.full_rank(layer)
+        return GroupedRank(scaled_rank(r_out, ratio), scaled_rank(r_in, ratio))
 
     def rank_from_energy(self, layer, energy: float) -> GroupedRank:
         # One rank for all groups: the largest any group needs to keep `energy`.
@@ -64,24 +63,21 @@ class GroupedTucker2(Method):
             out_spectrum, in_spectrum = _linalg.tucker2_mode_spectra(block)
             r_out = max(r_out, _linalg.rank_for_energy(out_spectrum, energy))
             r_in = max(r_in, _linalg.rank_for_energy(in_spectrum, energy))
-        return GroupedRank(g, r_out, r_in)
-
-    def rank_label(self, rank) -> str:
-        groups, r_out, r_in = rank
-        return f"{r_out}x{r_in}/g{groups}"
+        return GroupedRank(r_out, r_in)
 
     def cost(self, layer, rank) -> Cost:
-        g, r_out, r_in = rank
+        g, (r_out, r_in) = layer.group, rank
         o, i_total = layer.weight_shape[0], layer.weight_shape[1] * g
         k = prod(layer.weight_shape[2:])
         first, core, last = i_total * r_in, g * r_out * r_in * k, o * r_out
         flops = 2 * (layer.in_positions * first + layer.out_positions * (core + last))
         return Cost(first + core + last, flops)
 
-    def decompose(self, weight, rank, stats=None) -> Factors:
-        if len(rank) != 3:
-            raise ValueError(f"tucker2-grouped rank is (groups, r_out, r_in), got {rank!r}")
-        g, r_out, r_in = (int(r) for r in rank)
+    def decompose(self, layer, rank, stats=None) -> Factors:
+        if len(rank) != 2:
+            raise ValueError(f"tucker2-grouped rank is (r_out, r_in), got {rank!r}")
+        weight, g = layer.weight, layer.group
+        r_out, r_in = (int(r) for r in rank)
         o, i = weight.shape[:2]
         if o % g:
             raise ValueError(f"{o} output channels do not split into {g} groups")
@@ -103,7 +99,7 @@ class GroupedTucker2(Method):
         notes = {"data_aware": True} if stats is not None else {}
         return Factors(
             {key: v.astype(weight.dtype) for key, v in arrays.items()},
-            GroupedRank(g, r_out, r_in),
+            GroupedRank(r_out, r_in),
             err,
             notes,
         )

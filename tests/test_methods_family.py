@@ -80,6 +80,11 @@ def conv_model(weight, attrs, spatial, bias=True, batch="N"):
     )
 
 
+def conv_layer(weight):
+    """The analyzed Layer of a one-Conv model with this (O, I, kh, kw) weight (what decompose takes)."""
+    return analyze(conv_model(np.asarray(weight, np.float32), {}, (8, 8)))[0]
+
+
 def compress_at(model, method, rank):
     out, report = tnopt.compress(
         model, ranks={"conv": rank}, methods=[method], provider="cpu", allow_growth=True
@@ -172,17 +177,18 @@ def test_cp_degenerate_fit_is_refused(monkeypatch):
     b = [rng.standard_normal(d) for d in (6, 5, 3, 3)]
     weight = sum(np.einsum("a,b,c,d->abcd", *[b[m] if m == k else a[m] for m in range(4)]) for k in range(4))
     weight = weight.astype(np.float32)
-    clean = METHODS["cp"].decompose(weight, 2)
+    clean = METHODS["cp"].decompose(conv_layer(weight), 2)
     assert isinstance(clean, Factors) and clean.notes["norm_ratio"] > 1.5  # cancelling, below the limit
     monkeypatch.setattr(_cp_als, "CP_MAX_NORM_RATIO", 1.5)
-    refusal = METHODS["cp"].decompose(weight, 2)
+    refusal = METHODS["cp"].decompose(conv_layer(weight), 2)
     assert isinstance(refusal, Refusal) and refusal.reason.startswith("degenerate")
     assert refusal.notes["degenerate"] and refusal.rel_error == clean.rel_error
 
 
 def test_cp_is_deterministic():
     weight = RNG.standard_normal((12, 10, 3, 3)).astype(np.float32)
-    first, second = METHODS["cp"].decompose(weight, 7), METHODS["cp"].decompose(weight, 7)
+    layer = conv_layer(weight)
+    first, second = METHODS["cp"].decompose(layer, 7), METHODS["cp"].decompose(layer, 7)
     assert all(np.array_equal(first.arrays[k], second.arrays[k]) for k in first.arrays)
     assert first.rel_error < 1
 
@@ -315,8 +321,8 @@ def test_tucker2_grouped_planted_rank(attrs):
     weight = planted_grouped(12, 4, (3, 3), 3, (2, 3), seed=11)  # 12 out, 12 in, 3 groups of 4 → 4
     model = conv_model(weight, dict(attrs, group=3), (13, 14))
     assert analyze(model)[0].candidate
-    out, entry = compress_at(model, "tucker2-grouped", (3, 2, 3))
-    assert op_count(out, "Conv") == 3 and entry.weight_error < 1e-6 and entry.rank == "2x3/g3"
+    out, entry = compress_at(model, "tucker2-grouped", (2, 3))
+    assert op_count(out, "Conv") == 3 and entry.weight_error < 1e-6 and entry.rank == "2x3"
     groups = [helper.get_attribute_value(a) for n in out.graph.node for a in n.attribute if a.name == "group"]
     assert groups == [3, 3, 3]
     check_batches(model, out, (13, 14), 12)
@@ -325,9 +331,9 @@ def test_tucker2_grouped_planted_rank(attrs):
 def test_tucker2_grouped_conv1d_and_below_planted_rank():
     weight = planted_grouped(8, 6, (5,), 2, (2, 2), seed=12)
     model = conv_model(weight, {"group": 2, "strides": [2], "pads": [2, 1]}, (21,))
-    out, _ = compress_at(model, "tucker2-grouped", (2, 2, 2))
+    out, _ = compress_at(model, "tucker2-grouped", (2, 2))
     check_batches(model, out, (21,), 12)
-    out, entry = compress_at(model, "tucker2-grouped", (2, 1, 2))
+    out, entry = compress_at(model, "tucker2-grouped", (1, 2))
     assert entry.weight_error > 1e-3
     with pytest.raises(AssertionError):
         check_batches(model, out, (21,), 12, batches=(2,))
@@ -345,9 +351,9 @@ def test_grouped_and_depthwise_routing():
     assert METHODS["tucker2-grouped"].check(depthwise) is not None
     layer = grouped
     rank = METHODS["tucker2-grouped"].rank_from_ratio(layer, 0.5)
-    assert rank == (2, 2, 2)
-    assert METHODS["tucker2-grouped"].rank_from_energy(layer, 0.999999) == (2, 2, 2)
-    factors = METHODS["tucker2-grouped"].decompose(layer.weight, rank)
+    assert rank == (2, 2)  # the group count is the layer's, not part of the rank
+    assert METHODS["tucker2-grouped"].rank_from_energy(layer, 0.999999) == (2, 2)
+    factors = METHODS["tucker2-grouped"].decompose(layer, rank)
     assert METHODS["tucker2-grouped"].cost(layer, rank).params == sum(a.size for a in factors.arrays.values())
 
 
@@ -369,7 +375,7 @@ def test_data_aware_planted_rank_stays_exact(name):
         else planted_cut((8, 6, 3, 3), name.split("-")[1], 3, seed=13)
     )
     stats = SimpleNamespace(input_moment=correlated_moment(6), patch_moment=None)
-    factors = METHODS[name].decompose(weight, 3, stats)
+    factors = METHODS[name].decompose(conv_layer(weight), 3, stats)
     assert factors.notes["data_aware"] and factors.rel_error < 1e-5
 
 
@@ -386,7 +392,7 @@ def test_data_aware_cut_lowers_the_output_error(cut):
     ).astype(np.float32)
     errors = {}
     for mode, stats in (("plain", None), ("white", SimpleNamespace(input_moment=moment, patch_moment=None))):
-        factors = METHODS[f"cut-{cut}"].decompose(layer.weight, 3, stats)
+        factors = METHODS[f"cut-{cut}"].decompose(layer, 3, stats)
         out, _ = apply_plan(model, [Choice(layer, f"cut-{cut}", factors)])
         expected, got = run(model, {"x": x})[0], run(out, {"x": x})[0]
         errors[mode] = relative_difference(expected, got)

@@ -247,7 +247,7 @@ def test_rank_rules_and_costs():
     assert all(method.cost(layer, r).params < layer.params for r in ranks)
     assert method.cost(layer, 4).flops < layer.flops
     assert 1 <= method.rank_from_energy(layer, 0.5) <= 64
-    factors = passes.METHODS["mpo-storage"].decompose(layer.weight, 8)
+    factors = passes.METHODS["mpo-storage"].decompose(layer, 8)
     assert factors.notes["mode"] == "storage" and factors.rank == 8
 
 

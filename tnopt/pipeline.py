@@ -88,7 +88,7 @@ def factorize(layer: Layer, method: str, rank, stats=None, table=None):
     # One BLAS thread: these matrices are small, and a multi-threaded OpenBLAS fighting
     # onnxruntime's spinning worker threads for 2 cores was measured 200x slower (1.5 s per SVD).
     with threadpool_limits(1):
-        return (table or METHODS)[method].decompose(layer.weight, rank, stats)
+        return (table or METHODS)[method].decompose(layer, rank, stats)
 
 
 def compress(
