@@ -65,3 +65,25 @@ def planted_matrix(k, n, rank, seed=0):
 
 def op_count(model: onnx.ModelProto, op: str) -> int:
     return sum(node.op_type == op for node in model.graph.node)
+
+
+class CliResult:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def cli(*args) -> CliResult:
+    """`tnopt ARGS` in this process through the CLI's own main(argv): the same exit codes and
+    output as a subprocess, without paying an interpreter start per case."""
+    import contextlib
+    import io
+
+    from tnopt.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's own usage errors and --version
+            code = exc.code if isinstance(exc.code, int) else 2
+    return CliResult(code, out.getvalue(), err.getvalue())

@@ -1,20 +1,13 @@
 """The command line: bad input gives one line and exit 2, never a traceback or a partial file."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from helpers import init, make_model, planted_matrix, tensor
+from helpers import cli, init, make_model, planted_matrix, tensor
 from onnx import helper
 
-
-def tnopt(*args, cwd=None):
-    result = subprocess.run(
-        [sys.executable, "-m", "tnopt", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
-    return result
+tnopt = cli  # in process, through main(argv): see tests/test_contract_interruption.py for real processes
 
 
 @pytest.fixture

@@ -5,13 +5,11 @@ outputs to 1e-5, with strides, asymmetric pads, dilation and a dynamic batch.
 """
 
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import MODELS, ROOT
+from conftest import MODELS
 from helpers import (
     assert_equivalent,
     init,
@@ -262,14 +260,9 @@ def test_cut_matrix_rank_matches_planting():
 
 
 def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "tnopt", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
+    from helpers import cli
+
+    return cli(*args)
 
 
 def test_inspect_cuts_table_and_json():

@@ -36,9 +36,14 @@ def test_svd_half_rank_rewrites_exactly_the_weight_matmuls(minilm_path):
         str(minilm_path), methods="svd", rank_ratio=0.5, data=data, provider="cpu", correct=False
     )
     rewritten = [entry for entry in report.layers if entry.decision == "rewritten"]
-    assert len(rewritten) == 36 and all(entry.method == "svd" for entry in rewritten)
-    # Each weight MatMul became two; the 12 attention MatMuls are still there, untouched.
-    assert len(_matmuls(compressed)) == 12 + 2 * 36
+    # Half rank of a square 384x384 weight stores as many values as the weight: no gain, kept dense.
+    # The 12 FFN weights (384x1536, 1536x384) shrink and are rewritten.
+    kept = [entry for entry in report.layers if entry.decision == "kept"]
+    assert len(rewritten) == 12 and all(entry.method == "svd" for entry in rewritten)
+    assert all(entry.weight_shape[0] != entry.weight_shape[1] for entry in rewritten)
+    assert len(kept) == 24 and all("no gain" in entry.reason for entry in kept)
+    # Each rewritten MatMul became two; the 12 attention MatMuls are still there, untouched.
+    assert len(_matmuls(compressed)) == 12 + 24 + 2 * 12
     weight_names = {layer.name for layer in layers}
     attention = [n.name for n in _matmuls(original) if n.name not in weight_names]
     assert len(attention) == 12

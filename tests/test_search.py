@@ -1,7 +1,6 @@
 """The budgeted search: budgets are honoured, monotone, cached, and a miss still saves a model."""
 
-import subprocess
-import sys
+import json
 
 import pytest
 from conftest import MODELS
@@ -81,74 +80,24 @@ def test_plans_run_on_the_switchboard_where_it_is_faster(small_splits, tmp_path,
     assert report.search["plan_runs"]["switchboard"] == 0 and report.search["plan_runs"]["exported"] > 0
 
 
-def test_unmeetable_budget_saves_best_model_and_exits_3(small_splits, tmp_path):
-    calib, evaluation = small_splits
-    out = tmp_path / "out.onnx"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tnopt",
-            str(MODEL),
-            "-o",
-            str(out),
-            "--max-drop",
-            "-0.05",
-            "--data",
-            str(calib),
-            "--eval-data",
-            str(evaluation),
-            "--cache",
-            str(tmp_path / "c"),
-            "-q",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 3, result.stderr
-    assert out.exists()
-    assert "budget not met" in result.stderr and "saved the best model" in result.stderr
-
-
 def test_cli_budget_prints_cache_use_and_writes_plot(small_splits, tmp_path):
+    # The miss path (exit 3) is tests/test_contract_interruption.py's, on a held-out set built to miss.
+    from helpers import cli
+
     calib, evaluation = small_splits
-    common = [
-        sys.executable,
-        "-m",
-        "tnopt",
-        str(MODEL),
-        "--data",
-        str(calib),
-        "--eval-data",
-        str(evaluation),
-        "--cache",
-        str(tmp_path / "c"),
-    ]
-    first = subprocess.run(
-        common + ["-o", str(tmp_path / "a.onnx"), "--budget", "1%"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert first.returncode in (0, 3), first.stderr
-    second = subprocess.run(
-        common
-        + [
-            "-o",
-            str(tmp_path / "b.onnx"),
-            "--budget",
-            "2%",
-            "--plot",
-            str(tmp_path / "s.png"),
-            "--report",
-            str(tmp_path / "r.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert second.returncode in (0, 3), second.stderr
+    common = [MODEL, "--data", calib, "--eval-data", evaluation, "--cache", tmp_path / "c"]
+    runs = []
+    for budget, name in (("1%", "a"), ("2%", "b")):
+        report = tmp_path / f"{name}.json"
+        extra = ["--plot", tmp_path / "s.png"] if name == "b" else []
+        result = cli(*common, "-o", tmp_path / f"{name}.onnx", "--budget", budget, "--report", report, *extra)
+        met = json.loads(report.read_text())["budget_met"]
+        # Exit 0 exactly when the held-out check met the budget, else 3 with the reason; a model either way.
+        assert result.returncode == (0 if met else 3), result.stderr
+        assert ("budget not met" in result.stderr) is (not met)
+        assert (tmp_path / f"{name}.onnx").exists()
+        runs.append(result)
+    second = runs[1]
     assert "from cache" in second.stderr
     import re
 

@@ -8,7 +8,7 @@ shapes, with symbolic dims (batch, sequence) counted as 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 
 import numpy as np
@@ -43,6 +43,10 @@ class Layer:
     # The bias as one value per output channel (Conv B, Gemm beta·C) when it is constant and per
     # channel; None otherwise. The search's switchboard feeds it where a refit may replace it.
     bias: np.ndarray | None = field(default=None, repr=False, compare=False, hash=False)
+    # Bytes the weight takes in the file as stored (int8 + scales for a dequantised weight), and
+    # the stored dtype: a rewrite must not grow the file.
+    weight_bytes: int = 0
+    stored_dtype: str = ""
 
     @property
     def candidate(self) -> bool:
@@ -74,6 +78,8 @@ class Layer:
             "input_shape": list(self.input_shape) if self.input_shape else None,
             "output_shape": list(self.output_shape) if self.output_shape else None,
             "weight_source": self.weight_source,
+            "weight_bytes": self.weight_bytes,
+            "stored_dtype": self.stored_dtype,
             "candidate": self.candidate,
             "skip_reason": self.skip_reason,
         }
@@ -81,20 +87,36 @@ class Layer:
 
 def analyze(model: onnx.ModelProto) -> list[Layer]:
     graph = G.import_graph(model)
-    return analyze_graph(graph)
+    return analyze_graph(graph, overridable=G.overridable_initializers(model))
 
 
-def analyze_graph(graph) -> list[Layer]:
+def analyze_graph(graph, overridable: frozenset[str] = frozenset()) -> list[Layer]:
+    """`overridable`: initializers that are also graph inputs (IR ≥ 4) — defaults a caller may
+    replace at run time, so never constants to factorize."""
     layers = []
     for node in graph.nodes:
         if node.op in ("Conv", "ConvTranspose"):
-            layers.append(_conv_layer(node))
+            layer = _conv_layer(node)
         elif node.op == "Gemm":
-            layers.append(_gemm_layer(node))
+            layer = _gemm_layer(node)
         elif node.op == "MatMul":
             layer = _matmul_layer(node)
-            if layer is not None:
-                layers.append(layer)
+        else:
+            continue
+        if layer is None:
+            continue
+        if layer.candidate and overridable:
+            inputs = {t.name for t in node.inputs}
+            overridden = sorted(inputs & overridable)
+            if overridden:
+                layer = replace(
+                    layer,
+                    skip_reason=f"weight {overridden[0]!r} is also a graph input (a default the caller "
+                    "may override at run time); left dense",
+                    weight=None,
+                    bias=None,
+                )
+        layers.append(layer)
     return layers
 
 
@@ -120,9 +142,30 @@ def _skip_for_weight(weight: G.ConstantWeight | None) -> str | None:
         return "weight is not a constant (computed at run time)"
     if weight.shared:
         return "weight is shared with another node; rewriting one user would not shrink the model"
-    if weight.values.dtype.kind != "f":
-        return f"weight dtype {weight.values.dtype} is not floating point"
+    values = weight.values
+    if values.dtype.kind != "f":
+        return f"weight dtype {values.dtype} is not floating point"
+    if values.size == 0:
+        return f"weight has a zero-size dimension (shape {tuple(values.shape)}): nothing to factorize"
+    # Checked before any SVD: LAPACK fails on NaN and may never return on ±Inf.
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int(values.size - np.count_nonzero(finite))
+        return f"weight holds {bad} NaN/Inf value{'s' if bad > 1 else ''}: left dense"
+    if not np.any(values):
+        return "weight is all zeros: nothing to factorize (the layer outputs only its bias)"
     return None
+
+
+def _stored(weight: G.ConstantWeight | None) -> dict:
+    if weight is None:
+        return {}
+    return {"weight_bytes": weight.nbytes or int(weight.values.nbytes), "stored_dtype": weight.stored_dtype}
+
+
+def _count(shape) -> int:
+    """Elements of a possibly symbolic shape (symbolic dims count as 1: a non-candidate's size)."""
+    return int(prod(d if isinstance(d, int) and d >= 0 else 1 for d in shape)) if shape else 0
 
 
 def _conv_layer(node) -> Layer:
@@ -153,7 +196,7 @@ def _conv_layer(node) -> Layer:
     if reason is None and group > 1 and w_shape[1] == 1:
         # Other grouped convs are candidates (per-group Tucker-2); methods needing group=1 refuse them.
         reason = "depthwise Conv (one input channel per group): nothing to factorize across channels"
-    params = int(prod(w_shape)) if w_shape else 0
+    params = _count(w_shape)
     out_positions = _dims(out_shape[:1] + out_shape[2:]) if out_shape else 1
     in_positions = _dims(in_shape[:1] + in_shape[2:]) if in_shape else 1
     # Conv: each output position multiplies the whole (O, I/g, k) kernel; ConvTranspose: each input
@@ -184,6 +227,7 @@ def _conv_layer(node) -> Layer:
             if has_bias and reason is None
             else None
         ),
+        **_stored(weight),
     )
 
 
@@ -193,6 +237,8 @@ def _gemm_layer(node) -> Layer:
     alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
     weight = G.resolve_constant(b)
     reason = _skip_for_weight(weight)
+    if weight is None and G.resolve_constant(a) is not None:
+        reason = "the constant is Gemm's first input (A): only a constant B is factorized"
     if reason is None and weight.values.ndim != 2:
         reason = "Gemm weight is not 2-D"
     effective = None
@@ -203,7 +249,7 @@ def _gemm_layer(node) -> Layer:
     in_shape = G.shape_of(a)
     rows = (in_shape[1] if trans_a else in_shape[0]) if in_shape else 1
     rows = rows if isinstance(rows, int) else 1
-    params = int(prod(w_shape)) if w_shape else 0
+    params = _count(w_shape)
     attrs = {"transA": trans_a, "transB": trans_b, "alpha": alpha, "beta": beta}
     has_bias = len(node.inputs) > 2 and G.is_present(node.inputs[2])
     # C broadcasts to (M, N); it is a per-channel bias when at most its last axis is longer than 1.
@@ -231,6 +277,7 @@ def _gemm_layer(node) -> Layer:
         _bias_vector(node.inputs[2], beta, w_shape[1])
         if has_bias and per_channel and reason is None
         else None,
+        **_stored(weight),
     )
 
 
@@ -273,4 +320,5 @@ def _matmul_layer(node) -> Layer | None:
         node.outputs[0].name,
         False,
         weight.values if reason is None else None,
+        **_stored(weight),
     )

@@ -10,6 +10,7 @@ hard metric measured on the whole model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,11 +173,58 @@ def tau_grid(options: list[Option], points: int = 10) -> list[float]:
     return [0.0] + [low * ratio**i for i in range(points)]
 
 
+# A bare number this large is ambiguous: 1 could mean one point (1%) or the whole scale (100%).
+AMBIGUOUS_BARE_BUDGET = 0.1
+DROP_TYPES = ("absolute", "relative")
+
+
 def parse_budget(budget) -> tuple[float, str]:
-    """(max_drop, drop_type) from 0.01, '1%', or {'max_drop': 0.01, 'drop_type': 'relative'}."""
+    """(max_drop, drop_type) from 0.01, '1%', '1pp' (all one point), or {'max_drop': …, 'drop_type': …}.
+
+    '%' and a bare fraction follow the drop type; 'pp' (percentage points) is always absolute. A bare
+    number ≥ 0.1 has no obvious unit and is refused, as are negative, non-finite and ≥ 100% budgets
+    (every model meets those). Raises TnoptError with one line naming both spellings."""
+    from tnopt.errors import TnoptError
+
+    drop_type = "absolute"
     if isinstance(budget, dict):
-        return float(budget["max_drop"]), budget.get("drop_type", "absolute")
-    if isinstance(budget, str):
-        text = budget.strip()
-        return (float(text[:-1]) / 100 if text.endswith("%") else float(text)), "absolute"
-    return float(budget), "absolute"
+        unknown = sorted(set(budget) - {"max_drop", "drop_type"})
+        if unknown or "max_drop" not in budget:
+            raise TnoptError(
+                f"budget dict needs 'max_drop' (and optionally 'drop_type'), got keys {sorted(budget)}"
+            )
+        drop_type = budget.get("drop_type") or "absolute"
+        budget = budget["max_drop"]
+    if drop_type not in DROP_TYPES:
+        raise TnoptError(f"--drop-type {drop_type!r}: choose absolute or relative")
+    text = str(budget).strip()
+    unit = ""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)) and not hasattr(budget, "item"):
+        raise TnoptError(f"--budget {text!r} is not a number: write 1% (one point), 1pp or 0.01")
+    number = text.lower()
+    for suffix in ("pp", "%"):
+        if number.endswith(suffix):
+            unit, number = suffix, number[: -len(suffix)].strip()
+            break
+    try:
+        value = float(number)
+    except ValueError:
+        raise TnoptError(f"--budget {text!r} is not a number: write 1% (one point), 1pp or 0.01") from None
+    if not math.isfinite(value):
+        raise TnoptError(f"--budget {text!r} is not a finite number: write 1% (one point), 1pp or 0.01")
+    if value < 0:
+        raise TnoptError(f"--budget {text!r} is negative: a budget is the drop allowed, ≥ 0")
+    if not unit and value >= AMBIGUOUS_BARE_BUDGET:
+        what = f"{value:g} point{'' if value == 1 else 's'}" if drop_type == "absolute" else f"{value:g}%"
+        raise TnoptError(
+            f"--budget {text} has no unit: write {value:g}% (or {value:g}pp) for a drop of {what}, "
+            f"or {value / 100:g} as a fraction"
+        )
+    if unit == "pp" and drop_type == "relative":
+        raise TnoptError(
+            f"--budget {text}: 'pp' is an absolute drop; with --drop-type relative write {number}%"
+        )
+    max_drop = value / 100 if unit else value
+    if max_drop >= 1:
+        raise TnoptError(f"--budget {text} allows a drop of 100% or more: every model meets it")
+    return max_drop, drop_type

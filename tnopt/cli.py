@@ -1,28 +1,30 @@
 """Command line: `tnopt MODEL -o OUT`, `tnopt inspect MODEL`, `tnopt compare A B`.
 
 Every error caused by the input prints one line `tnopt: error: …` and exits 2; a search that misses
-its budget saves its best model and exits 3.
+its budget saves its best model and exits 3; tnopt's own failures print one line `tnopt: internal
+error: …` and exit 4 (the traceback only with --debug).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 import warnings
 
-from tnopt.errors import EXIT_BAD_INPUT, EXIT_BUDGET_MISSED, EXIT_INTERNAL, EXIT_OK, InternalError, TnoptError
+from tnopt.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_BUDGET_MISSED,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    InternalError,
+    TnoptError,
+)
 
 SUBCOMMANDS = ("inspect", "compare")
-
-
-def _percent(text: str) -> float:
-    """'1%' → 0.01, '0.01' → 0.01."""
-    text = text.strip()
-    try:
-        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number or percentage: {text!r}") from None
+DEBUG_FLAG = "--debug"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,8 +53,10 @@ def compress_parser():
     rule = p.add_mutually_exclusive_group()
     rule.add_argument("--rank-ratio", type=float, help="keep this fraction of each layer's full rank")
     rule.add_argument("--energy", type=float, help="keep this fraction of singular-value energy")
-    rule.add_argument("--budget", type=_percent, help="allowed metric drop, e.g. 1%% (budgeted search)")
-    rule.add_argument("--max-drop", type=_percent, dest="budget", help="same as --budget")
+    rule.add_argument(
+        "--budget", help="allowed metric drop: 1%%, 1pp or 0.01 (one point); needs --data (budgeted search)"
+    )
+    rule.add_argument("--max-drop", dest="budget", help="same as --budget")
     p.add_argument("--drop-type", choices=("absolute", "relative"), default="absolute")
     p.add_argument(
         "--metric",
@@ -75,6 +79,11 @@ def compress_parser():
         action="store_true",
         help="skip the sequential least-squares refit of each layer's last factor",
     )
+    p.add_argument(
+        "--allow-growth",
+        action="store_true",
+        help="apply rewrites even where they do not shrink the layer (testing exactness at full rank)",
+    )
     p.add_argument("--mpo-cores", type=int, help="tensor-train cores of the mpo methods (default 3)")
     p.add_argument("--min-layer-params", type=int, default=0, help="leave layers with fewer parameters dense")
     p.add_argument("--exclude", help="leave layers whose node name matches this regular expression dense")
@@ -89,26 +98,63 @@ def compress_parser():
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--plot", help="write the search plot (PNG) here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or tables")
+    p.add_argument(DEBUG_FLAG, action="store_true", help="print the traceback of an internal error")
+    p.add_argument("--version", action="version", version=f"tnopt {_version()}")
     return p
+
+
+def _version() -> str:
+    from tnopt import __version__
+
+    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
     try:
+        if argv and argv[0] == "--version":
+            print(f"tnopt {_version()}")
+            return EXIT_OK
         if argv and argv[0] == "--list-methods":
             return _list_methods()
         if argv and argv[0] in SUBCOMMANDS:
-            return {"inspect": _inspect, "compare": _compare}[argv[0]](argv[1:])
+            rest = [a for a in argv[1:] if a != DEBUG_FLAG]
+            return {"inspect": _inspect, "compare": _compare}[argv[0]](rest)
         return _compress(argv)
     except TnoptError as exc:
-        print(f"tnopt: error: {exc}", file=sys.stderr)
+        print(f"tnopt: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except InternalError as exc:  # tnopt's own failure (e.g. a graph it built does not load): not the input's
-        print(f"tnopt: internal error: {exc}", file=sys.stderr)
-        return EXIT_INTERNAL
     except KeyboardInterrupt:
         print("tnopt: interrupted; nothing written", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`tnopt inspect --json | head`): what it read is all it wanted.
+        _silence_stdout()
+        return EXIT_OK
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 — anything else is tnopt's own failure
+        if debug:
+            traceback.print_exc()
+        described = exc if isinstance(exc, InternalError) else f"{type(exc).__name__}: {exc}"
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        print(f"tnopt: internal error: {_one_line(described)}{hint}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _one_line(message) -> str:
+    lines = str(message).strip().splitlines()
+    return lines[0] if lines else type(message).__name__
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _list_methods() -> int:
@@ -121,14 +167,16 @@ def _list_methods() -> int:
 
 
 def _compress(argv) -> int:
-    from tnopt import io
+    from tnopt import io, validate
     from tnopt.pipeline import compress
     from tnopt.runtime import Runtime
 
     args = compress_parser().parse_args(argv)
     if args.list_methods:
         return _list_methods()
-    io.check_output_path(args.output, args.model)
+    # Every path before any work: a report or plot that cannot be written must not cost a run,
+    # nor leave the model behind with exit 2.
+    validate.check_cli_paths(args.model, args.output, args.report, args.plot)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     cache = None if args.no_cache else (args.cache or _default_cache())
     with warnings.catch_warnings():
@@ -152,6 +200,7 @@ def _compress(argv) -> int:
             latency_guard=not args.no_latency_guard,
             data_aware=False if args.no_data_aware else None,
             correct=False if args.no_correct else None,
+            allow_growth=args.allow_growth,
             mpo_cores=args.mpo_cores,
             min_layer_params=args.min_layer_params,
             exclude=args.exclude,
@@ -159,6 +208,13 @@ def _compress(argv) -> int:
         )
     runtime = Runtime(args.provider)
     report.after.file_bytes = io.save_model_atomic(model, args.output, verify_session=runtime.verify_loads)
+    report.before.file_bytes = io.bytes_on_disk(args.model)
+    report.run = {
+        "tnopt_version": _version(),
+        "command": ["tnopt", *argv],
+        "input": {"path": args.model, "sha256": io.file_sha256(args.model)},
+        "output": {"path": args.output, "sha256": io.file_sha256(args.output)},
+    }
     try:
         if args.report:
             report.write_json(args.report)
@@ -244,8 +300,18 @@ def _compare(argv) -> int:
     p.add_argument("--data")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
     args = p.parse_args(argv)
+    from tnopt import validate
+
+    if args.data is not None:
+        validate.check_data_source(args.data)
     a, b = io.load_model(args.reference), io.load_model(args.candidate)
     data = load_data(args.data, a) if args.data else random_inputs(input_specs(a), 64)
+    if data.synthetic:
+        print(
+            f"warning: no --data: compared on {len(data)} seeded random inputs; only agreement, cosine "
+            "and rel-l2 mean anything on them",
+            file=sys.stderr,
+        )
     runtime = Runtime(args.provider)
     values = fidelity_report(runtime.run(a, data.inputs), runtime.run(b, data.inputs), data.labels)
     sa, sb = summarize(a), summarize(b)

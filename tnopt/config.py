@@ -76,6 +76,26 @@ class RunConfig:
     exclude_pattern: re.Pattern | None = field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self):
+        # Every option (and data file) checked once, before any model is read: one line, exit 2.
+        from tnopt.validate import check_run_options
+
+        check_run_options(
+            methods=self.methods,
+            rank_ratio=self.rank_ratio,
+            energy=self.energy,
+            ranks=self.ranks,
+            budget=self.budget,
+            data=self.data,
+            eval_data=self.eval_data,
+            metric=self.metric,
+            provider=self.provider,
+            objective=self.objective,
+            cache_dir=self.cache_dir,
+            seed=self.seed,
+            mpo_cores=self.mpo_cores,
+            min_layer_params=self.min_layer_params,
+            exclude=self.exclude,
+        )
         try:
             pattern = re.compile(self.exclude) if self.exclude else None
         except re.error as exc:

@@ -6,6 +6,7 @@ a rank from `ranks` (given per layer), `energy` (kept singular-value energy) or 
 from __future__ import annotations
 
 from tnopt.errors import TnoptError
+from tnopt.gain import no_gain_reason
 from tnopt.passes import Refusal
 from tnopt.plan import Choice, Plan
 
@@ -34,11 +35,12 @@ def fixed_rank_plan(layers, candidates, config, table, factor_fn) -> tuple[Plan,
         elif rank_ratio is not None:
             rank = method.rank_from_ratio(layer, rank_ratio)
         cost = method.cost(layer, rank)
-        if cost.params > layer.params and not config.allow_growth:
-            decisions[layer.name] = {
-                "reason": f"{method_name} at rank {method.rank_label(rank)} has "
-                f"{cost.params:,} params > dense {layer.params:,}; kept dense"
-            }
+        label = method.rank_label(rank)
+        no_gain = (
+            None if config.allow_growth else no_gain_reason(layer, method, label, cost, config.objective)
+        )
+        if no_gain:
+            decisions[layer.name] = {"reason": no_gain}
             continue
         factors = factor_fn(layer, method_name, rank)
         if isinstance(factors, Refusal):

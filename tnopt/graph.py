@@ -69,6 +69,54 @@ def keep_versions(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
     model.ir_version = like.ir_version
     del model.opset_import[:]
     model.opset_import.extend(like.opset_import)
+    _keep_graph_inputs(model, like)
+
+
+def overridable_initializers(model: onnx.ModelProto) -> frozenset[str]:
+    """Initializers that are also graph inputs: defaults a caller may override at run time.
+
+    Empty when *every* initializer is listed as an input — IR 3's rule, kept by older exporters
+    (PyTorch's keep_initializers_as_inputs) at any IR: there the listing is a convention, not an
+    invitation to override, and the weights are constants."""
+    initializers = {t.name for t in model.graph.initializer}
+    listed = frozenset(i.name for i in model.graph.input if i.name in initializers)
+    if model.ir_version < 4 or listed == initializers:
+        return frozenset()
+    return listed
+
+
+def _keep_graph_inputs(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
+    """graphsurgeon drops initializers from the graph inputs. Put back, in the input's order, every
+    input `like` had whose initializer survives (an overridable default stays overridable), and under
+    IR 3 — where every initializer must also be a graph input — list the new initializers too."""
+    present = {i.name: i for i in model.graph.input}
+    initializers = {t.name: t for t in model.graph.initializer}
+    restored = []
+    for value in like.graph.input:
+        if value.name in present:
+            restored.append(present[value.name])
+        elif value.name in initializers:
+            restored.append(value)
+    listed = {v.name for v in restored}
+    extra = [i for i in model.graph.input if i.name not in listed]
+    if like.ir_version < 4:
+        for name, tensor in initializers.items():
+            if name not in listed:
+                extra.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+    restored = [onnx.ValueInfoProto.FromString(v.SerializeToString()) for v in restored + extra]
+    del model.graph.input[:]
+    model.graph.input.extend(restored)
+
+
+def rewritten_layers(model: onnx.ModelProto) -> dict[str, str]:
+    """Layer name → method of every rewrite tnopt emitted into `model` (from the provenance tags);
+    empty for a model tnopt did not touch."""
+    found: dict[str, str] = {}
+    for node in model.graph.node:
+        tags = {entry.key: entry.value for entry in node.metadata_props}
+        if "tnopt.source_node" in tags:
+            found.setdefault(tags["tnopt.source_node"], tags.get("tnopt.method", "?"))
+    return found
 
 
 def find_node(graph: gs.Graph, name: str) -> gs.Node:
@@ -124,6 +172,10 @@ class ConstantWeight:
     values: np.ndarray
     source: str  # how the weight reaches the node, e.g. "Transpose(initializer)"
     shared: bool  # another node also consumes the weight (rewriting would not free it)
+    # Bytes the weight's constants take in the file (an int8 weight dequantised by Cast → Mul
+    # takes 1 byte per value plus its scales, though `values` is float32).
+    nbytes: int = 0
+    stored_dtype: str = ""
 
 
 def resolve_constant(tensor, depth: int = 0) -> ConstantWeight | None:
@@ -134,17 +186,20 @@ def resolve_constant(tensor, depth: int = 0) -> ConstantWeight | None:
         return None
     shared = len(tensor.outputs) > 1
     if isinstance(tensor, gs.Constant):
-        return ConstantWeight(np.asarray(tensor.values), "initializer", shared)
+        values = np.asarray(tensor.values)
+        return ConstantWeight(values, "initializer", shared, int(values.nbytes), str(values.dtype))
     if len(tensor.inputs) != 1:
         return None  # a graph input or an untraceable tensor
     producer = tensor.inputs[0]
     if producer.op == "Constant":
         value = producer.attrs.get("value")
         if isinstance(value, gs.Constant):
-            return ConstantWeight(np.asarray(value.values), "Constant", shared)
+            values = np.asarray(value.values)
+            return ConstantWeight(values, "Constant", shared, int(values.nbytes), str(values.dtype))
         for key in ("value_float", "value_floats"):
             if key in producer.attrs:
-                return ConstantWeight(np.asarray(producer.attrs[key], dtype=np.float32), "Constant", shared)
+                values = np.asarray(producer.attrs[key], dtype=np.float32)
+                return ConstantWeight(values, "Constant", shared, int(values.nbytes), "float32")
         return None
     if producer.op not in _PASS_THROUGH:
         return None
@@ -168,7 +223,8 @@ def resolve_constant(tensor, depth: int = 0) -> ConstantWeight | None:
             return None
         values = values.reshape(target)
     chain_shared = shared or any(op is not None and op.shared for op in operands)
-    return ConstantWeight(values, f"{producer.op}({first.source})", chain_shared)
+    stored = sum(op.nbytes for op in operands if op is not None)
+    return ConstantWeight(values, f"{producer.op}({first.source})", chain_shared, stored, first.stored_dtype)
 
 
 def _folded_shape(node, values: np.ndarray, operands) -> tuple | None:

@@ -6,13 +6,14 @@ load, and only then renames it over the target, so a failed run never leaves a p
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 
 import onnx
 
-from tnopt.errors import OutputError, UnsupportedModelError, ValidationError
+from tnopt.errors import InternalError, OutputError, UnsupportedModelError, ValidationError
 
 MIN_OPSET = 11
 # Protobuf cannot serialize a single message above 2 GiB; bigger models keep weights outside.
@@ -107,14 +108,14 @@ def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike, *, veri
     try:
         onnx.checker.check_model(model, full_check=False)
     except Exception as exc:
-        raise ValidationError(f"compressed model fails onnx.checker ({_first_line(exc)})") from None
+        raise _own_failure(model, f"compressed model fails onnx.checker ({_first_line(exc)})") from None
     payload = model.SerializeToString()
     if verify_session is not None:
         try:
             verify_session(payload)
         except Exception as exc:
-            raise ValidationError(
-                f"compressed model fails to load in onnxruntime ({_first_line(exc)})"
+            raise _own_failure(
+                model, f"compressed model fails to load in onnxruntime ({_first_line(exc)})"
             ) from None
     parent = out.resolve().parent
     try:
@@ -137,6 +138,43 @@ def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike, *, veri
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
     return len(payload)
+
+
+def _own_failure(model: onnx.ModelProto, message: str) -> Exception:
+    """The input passed the same checks at load, so a failing output is tnopt's doing when it
+    rewrote something (InternalError, exit 4); an untouched copy failing stays a ValidationError."""
+    from tnopt.graph import rewritten_layers
+
+    rewrites = rewritten_layers(model)
+    if not rewrites:
+        return ValidationError(message)
+    where = ", ".join(f"{name} ({method})" for name, method in list(rewrites.items())[:4])
+    return InternalError(f"{message}; rewrites: {where}")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bytes_on_disk(path: str | os.PathLike) -> int:
+    """Size of the model file plus every external-data file its tensors name (what a user ships)."""
+    path = Path(path)
+    total = path.stat().st_size
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return total
+    locations = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            if "location" in entries:
+                locations.add(path.parent / entries["location"])
+    return total + sum(p.stat().st_size for p in locations if p.is_file())
 
 
 def _first_line(exc: BaseException) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
-from tnopt import io
+from tnopt import gain, io, numerics, validate
 from tnopt.analyze import Layer, analyze
 from tnopt.config import RunConfig, resolve_methods
 from tnopt.data import Dataset, class_indices, input_specs, load_npz, random_inputs
@@ -88,7 +88,7 @@ def factorize(layer: Layer, method: str, rank, stats=None, table=None):
     # One BLAS thread: these matrices are small, and a multi-threaded OpenBLAS fighting
     # onnxruntime's spinning worker threads for 2 cores was measured 200x slower (1.5 s per SVD).
     with threadpool_limits(1):
-        return (table or METHODS)[method].decompose(layer, rank, stats)
+        return numerics.guarded_decompose((table or METHODS)[method], layer, rank, stats)
 
 
 def compress(
@@ -154,6 +154,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         config.check_rank_rule()
     source = model if isinstance(model, str) else getattr(model.graph, "name", "model")
     original = io.load_model(model)
+    validate.check_model_outputs(original)
     runtime = Runtime(config.provider)
     table = config.method_table
     layers = analyze(original)
@@ -228,6 +229,13 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     report.timings["plan_s"] = time.perf_counter() - started
 
     compressed = runner.export(plan)
+    kept_inputs = {value.name for value in compressed.graph.input}
+    gone = [value.name for value in original.graph.input if value.name not in kept_inputs]
+    if gone:
+        # Initializers listed as inputs by convention (every one of them was): rewritten weights go.
+        report.warnings.append(
+            f"graph input(s) {', '.join(gone[:5])} held weights of rewritten layers and are no longer inputs"
+        )
     compressed_eval_start = time.perf_counter()
     reference = runtime.run(original, evaluation.inputs)
     outputs = runtime.run(runtime.session(compressed, own=True), evaluation.inputs)
@@ -292,6 +300,11 @@ def _fill_layers(report: Report, layers, candidates, by_name, plan: Plan, decisi
             cost = table[choice.method].cost(layer, choice.factors.rank)
             entry.method, entry.rank = choice.method, choice.rank_label
             entry.params_after, entry.flops_after = cost.params, cost.flops
+            entry.bytes_after = sum(int(a.nbytes) for a in choice.factors.arrays.values())
+            growth = gain.flops_growth_note(layer.flops, cost.flops)
+            if growth:
+                entry.reason = f"{entry.reason}; {growth}" if entry.reason else growth
+                report.warnings.append(f"{name}: {growth} ({choice.method} at rank {choice.rank_label})")
             entry.weight_error = choice.factors.rel_error
             entry.factor_notes = {
                 k: v for k, v in choice.factors.notes.items() if isinstance(v, (bool, int, float, str))
@@ -309,5 +322,9 @@ def _layer_entry(layer: Layer, decision: str, reason: str | None) -> LayerReport
         decision,
         reason or "",
         params_before=layer.params,
+        params_after=layer.params,
         flops_before=layer.flops,
+        flops_after=layer.flops,
+        bytes_before=layer.weight_bytes,
+        bytes_after=layer.weight_bytes,
     )

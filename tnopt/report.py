@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,8 @@ class LayerReport:
     params_after: int = 0
     flops_before: int = 0
     flops_after: int = 0
+    bytes_before: int = 0  # the weight's constants as stored in the file
+    bytes_after: int = 0  # the factors' constants (kept layers: as before)
     weight_error: float | None = None  # ‖W − Ŵ‖ / ‖W‖
     sensitivity: dict[str, float] = field(default_factory=dict)  # "method:rank" → metric drop, layer alone
     latency_before_ms: float | None = None
@@ -51,6 +54,8 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     search: dict = field(default_factory=dict)
     factors: dict = field(default_factory=dict)  # how factors were fitted: data_aware, correct
+    # tnopt version, command line, input/output paths and SHA-256 (filled by the CLI)
+    run: dict = field(default_factory=dict)
 
     @property
     def rewritten(self) -> list[LayerReport]:
@@ -59,8 +64,13 @@ class Report:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_json(self) -> str:
+        """Strict JSON (RFC 8259): NaN and ±Infinity, which json.dumps writes by default and strict
+        parsers reject, become null."""
+        return json.dumps(_strict(self.to_dict()), indent=2, allow_nan=False) + "\n"
+
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=_jsonable) + "\n")
+        Path(path).write_text(self.to_json())
 
     def summary_table(self) -> str:
         after = self.after or self.before
@@ -99,8 +109,22 @@ class Report:
         return "\n\n".join(text)
 
     def layer_table(self) -> str:
-        rows = [("layer", "op", "weight", "decision", "method", "rank", "params", "FLOPs", "err", "reason")]
+        header = (
+            "layer",
+            "op",
+            "weight",
+            "decision",
+            "method",
+            "rank",
+            "params",
+            "bytes",
+            "FLOPs",
+            "err",
+            "reason",
+        )
+        rows = [header]
         for layer in self.layers:
+            rewritten = layer.decision == "rewritten"
             rows.append(
                 (
                     layer.name,
@@ -109,8 +133,9 @@ class Report:
                     layer.decision,
                     layer.method or "",
                     layer.rank or "",
-                    _ratio(layer.params_before, layer.params_after) if layer.params_after else "",
-                    _ratio(layer.flops_before, layer.flops_after) if layer.flops_after else "",
+                    _ratio(layer.params_before, layer.params_after) if rewritten else "",
+                    _ratio(layer.bytes_before, layer.bytes_after) if rewritten and layer.bytes_before else "",
+                    _ratio(layer.flops_before, layer.flops_after) if rewritten else "",
                     "" if layer.weight_error is None else f"{layer.weight_error:.3f}",
                     layer.reason,
                 )
@@ -125,11 +150,20 @@ def _ratio(before: int, after: int) -> str:
     return f"{before / after:.2f}x" if after else "-"
 
 
-def _jsonable(value):
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, tuple | set):
-        return list(value)
+def _strict(value):
+    """`value` with numpy scalars made Python, tuples/sets made lists and non-finite floats None."""
+    if isinstance(value, dict):
+        return {str(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_strict(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    elif hasattr(value, "tolist"):
+        return _strict(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
     return str(value)
 
 

@@ -11,6 +11,7 @@ the allocation's plan after the refiners, measured on all calibration samples.
 from __future__ import annotations
 
 from tnopt import budget as B
+from tnopt.gain import grows_file
 from tnopt.metrics import paired_standard_error
 from tnopt.plan import Choice, Plan
 from tnopt.sweep import SWEEP_STOP_DROP
@@ -34,6 +35,8 @@ def priced_options(ctx, measured, objective, latency: dict | None) -> list[B.Opt
             continue  # a zero budget admits only numerically exact rewrites (rank-deficient weights)
         if latency is not None and not faster(ctx.methods[method], latency, name, method, rank):
             continue
+        if grows_file(by_name[name], ctx.methods[method].cost(by_name[name], rank).params):
+            continue  # e.g. float factors of an int8 weight: fewer params, a bigger file
         saving = objective.saving(by_name[name], method, rank)
         options.append(B.Option(name, (method, rank), saving, max(float(entry["proxy"]), 0.0)))
     return options
