@@ -90,11 +90,12 @@ class Runtime:
     def session(self, model: onnx.ModelProto | bytes, *, own: bool = False) -> ort.InferenceSession:
         """A session on `model`; `own`: tnopt built this graph, so a failure is an InternalError."""
         payload = model if isinstance(model, bytes) else model.SerializeToString()
+        where = _rewrites(model) if own else ""
         try:
             session = ort.InferenceSession(payload, _quiet_options(), providers=self.providers)
         except Exception as exc:
-            raise _failure(own, "cannot load", exc) from None
-        session.tnopt_own = own
+            raise _failure(own, "cannot load", exc, where) from None
+        session.tnopt_own, session.tnopt_where = own, where
         return session
 
     def verify_loads(self, payload: bytes) -> None:
@@ -119,7 +120,7 @@ class Runtime:
             if isinstance(model_or_session, ort.InferenceSession)
             else self.session(model_or_session)
         )
-        own = getattr(session, "tnopt_own", False)
+        own, where = getattr(session, "tnopt_own", False), getattr(session, "tnopt_where", "")
         fixed = None
         start = 0
         for chunk in [feeds] if isinstance(feeds, dict) else feeds:
@@ -139,7 +140,7 @@ class Runtime:
                 try:
                     outputs = session.run(output_names, {**batch, **(constants or {})})
                 except Exception as exc:
-                    raise _failure(own, "failed to run", exc) from None
+                    raise _failure(own, "failed to run", exc, where) from None
                 yield slice(start, start + short), [o[:short] for o in outputs]
                 start += short
 
@@ -179,10 +180,23 @@ class Runtime:
         return float(np.median(times))
 
 
-def _failure(own: bool, what: str, exc: Exception) -> Exception:
+def _rewrites(model) -> str:
+    """'; rewrites: layer (method), …' from the provenance tags of a graph tnopt built."""
+    if not isinstance(model, onnx.ModelProto):
+        return ""
+    from tnopt.graph import rewritten_layers
+
+    found = rewritten_layers(model)
+    if not found:
+        return ""
+    listed = ", ".join(f"{name} ({method})" for name, method in list(found.items())[:4])
+    return f"; rewrites: {listed}" + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+
+
+def _failure(own: bool, what: str, exc: Exception, where: str = "") -> Exception:
     detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     if own:
-        return InternalError(f"onnxruntime {what} a graph tnopt built ({detail})")
+        return InternalError(f"onnxruntime {what} a graph tnopt built ({detail}){where}")
     return TnoptError(f"onnxruntime {what} the model ({detail})")
 
 
