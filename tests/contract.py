@@ -49,9 +49,10 @@ def mlp(
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     graph = helper.make_graph(
         [
-            helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1"),
+            # C given: before opset 11 Gemm requires it.
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-            helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2"),
+            helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2"),
         ],
         "mlp",
         [tensor("x", ["N", k], elem)],
@@ -59,6 +60,8 @@ def mlp(
         [
             onnx.numpy_helper.from_array(np.asarray(w1, dtype), "w1"),
             onnx.numpy_helper.from_array(np.asarray(w2, dtype), "w2"),
+            onnx.numpy_helper.from_array(np.full(hidden, 0.1, dtype), "b1"),
+            onnx.numpy_helper.from_array(np.full(n, -0.1, dtype), "b2"),
         ],
     )
     if ir_version < 4:

@@ -88,3 +88,28 @@ def test_own_graph_failing_in_onnxruntime_is_internal_not_bad_input(tmp_path, mo
     assert result.returncode == 4, result.stderr
     assert "internal error" in result.stderr and "fc1 (svd)" in result.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_im2col_patches_reproduce_the_convolution():
+    # The data-aware cut-o moment's im2col, in numpy: patches · W equals onnxruntime's Conv.
+    from types import SimpleNamespace
+
+    from helpers import init, make_model, run, tensor
+    from onnx import helper
+
+    from tnopt.profile import _patches
+
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((5, 3, 3, 2)).astype(np.float32)
+    attrs = {"kernel_shape": (3, 2), "strides": (2, 1), "dilations": (1, 2), "pads": (1, 0, 0, 1)}
+    conv = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["y"], **{k: list(v) for k, v in attrs.items()})],
+        [tensor("x", [2, 3, 9, 8])],
+        [tensor("y", 4)],
+        [init("w", weight)],
+    )
+    x = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
+    expected = run(conv, {"x": x})[0]
+    rows = _patches(SimpleNamespace(attr=attrs.get), x) @ weight.reshape(5, -1).T
+    got = rows.reshape(2, expected.shape[2], expected.shape[3], 5).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

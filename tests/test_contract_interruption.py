@@ -125,3 +125,13 @@ def test_budget_missed_on_held_out_data_saves_the_model_and_exits_3(tmp_path, sm
     assert out.exists()
     assert "budget not met" in result.stderr and "saved the best model" in result.stderr
     assert "evaluation data" in result.stderr
+
+
+def test_tnopt_never_imports_torch():
+    # torch is a test/bench dependency only (pyproject's dev extra); a fresh interpreter shows it.
+    code = (
+        "import sys, tnopt.cli, tnopt.pipeline, tnopt.profile, tnopt.search, tnopt.validate; "
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr

@@ -137,12 +137,27 @@ def _bias_vector(tensor, scale: float, channels: int) -> np.ndarray | None:
     return (values * np.asarray(scale, values.dtype)).astype(constant.values.dtype)
 
 
-def _skip_for_weight(weight: G.ConstantWeight | None) -> str | None:
+def _quantized(tensor) -> bool:
+    """The tensor is dequantised at run time (DequantizeLinear): a quantized model's weight."""
+    producers = getattr(tensor, "inputs", [])
+    return len(producers) == 1 and producers[0].op in ("DequantizeLinear", "DynamicQuantizeLinear")
+
+
+QUANTIZED_REASON = (
+    "weight is dequantized at run time (DequantizeLinear): quantized layers are left as they are"
+)
+
+
+def _skip_for_weight(weight: G.ConstantWeight | None, tensor=None) -> str | None:
+    if weight is None and tensor is not None and _quantized(tensor):
+        return QUANTIZED_REASON
     if weight is None:
         return "weight is not a constant (computed at run time)"
     if weight.shared:
         return "weight is shared with another node; rewriting one user would not shrink the model"
     values = weight.values
+    if values.dtype.name == "bfloat16":
+        return "bfloat16 weight: factors cannot be exported in bfloat16 yet; left dense"
     if values.dtype.kind != "f":
         return f"weight dtype {values.dtype} is not floating point"
     if values.size == 0:
@@ -163,6 +178,29 @@ def _stored(weight: G.ConstantWeight | None) -> dict:
     return {"weight_bytes": weight.nbytes or int(weight.values.nbytes), "stored_dtype": weight.stored_dtype}
 
 
+def _quantized_matmul(node, weight_index: int) -> Layer:
+    """A MatMul whose weight a DequantizeLinear produces: listed, never rewritten."""
+    weight, x = node.inputs[weight_index], node.inputs[1 - weight_index]
+    w_shape = tuple(G.shape_of(weight) or ())
+    params = _count(w_shape)
+    in_shape = G.shape_of(x)
+    rows = _dims(in_shape[:-1]) if in_shape else 1
+    return Layer(
+        node.name,
+        "MatMul",
+        w_shape,
+        params,
+        2 * rows * params,
+        in_shape,
+        G.shape_of(node.outputs[0]),
+        (("weight_side", "right" if weight_index == 1 else "left"),),
+        1 - weight_index,
+        skip_reason=QUANTIZED_REASON,
+        input_name=x.name,
+        output_name=node.outputs[0].name,
+    )
+
+
 def _count(shape) -> int:
     """Elements of a possibly symbolic shape (symbolic dims count as 1: a non-candidate's size)."""
     return int(prod(d if isinstance(d, int) and d >= 0 else 1 for d in shape)) if shape else 0
@@ -172,7 +210,7 @@ def _conv_layer(node) -> Layer:
     x, w_tensor, y = node.inputs[0], node.inputs[1], node.outputs[0]
     weight = G.resolve_constant(w_tensor)
     in_shape, out_shape = G.shape_of(x), G.shape_of(y)
-    reason = _skip_for_weight(weight)
+    reason = _skip_for_weight(weight, w_tensor)
     w_shape = tuple(weight.values.shape) if weight is not None else tuple(G.shape_of(w_tensor) or ())
     group = int(node.attrs.get("group", 1))
     spatial_dims = max(len(w_shape) - 2, 0)
@@ -236,7 +274,7 @@ def _gemm_layer(node) -> Layer:
     trans_a, trans_b = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
     alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
     weight = G.resolve_constant(b)
-    reason = _skip_for_weight(weight)
+    reason = _skip_for_weight(weight, b)
     if weight is None and G.resolve_constant(a) is not None:
         reason = "the constant is Gemm's first input (A): only a constant B is factorized"
     if reason is None and weight.values.ndim != 2:
@@ -285,6 +323,9 @@ def _matmul_layer(node) -> Layer | None:
     left, right = node.inputs[0], node.inputs[1]
     w_right, w_left = G.resolve_constant(right), G.resolve_constant(left)
     if w_right is None and w_left is None:
+        quantized = next((i for i, t in enumerate((left, right)) if _quantized(t)), None)
+        if quantized is not None:
+            return _quantized_matmul(node, quantized)
         return None  # activation × activation (attention): never a candidate, not even listed
     if w_right is not None and w_left is not None:
         return None  # constant × constant: the runtime folds it

@@ -92,18 +92,19 @@ def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
 
 
 def _patches(layer: Layer, x: np.ndarray) -> np.ndarray:
-    """im2col rows (positions, I·kh·kw) in the (I, kh, kw) order of a reshaped Conv weight."""
-    import torch
-
+    """im2col rows (positions, I·kh·kw) in the (I, kh, kw) order of a reshaped Conv weight: numpy
+    strided windows (a view; only the final rows are copied), no deep-learning framework needed."""
     pads = layer.attr("pads")
-    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    unfolded = torch.nn.functional.unfold(
-        torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32)),
-        kernel_size=tuple(layer.attr("kernel_shape")),
-        dilation=tuple(layer.attr("dilations")),
-        stride=tuple(layer.attr("strides")),
+    (kh, kw), (dh, dw), (sh, sw) = layer.attr("kernel_shape"), layer.attr("dilations"), layer.attr("strides")
+    padded = np.pad(
+        np.asarray(x, dtype=np.float32), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3]))
     )
-    return unfolded.transpose(1, 2).reshape(-1, unfolded.shape[1]).numpy()
+    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (span_h, span_w), axis=(2, 3))
+    # (N, I, H', W', span_h, span_w) → strides on the positions, dilation inside each window.
+    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]
+    n, channels, out_h, out_w = windows.shape[:4]
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * out_h * out_w, channels * kh * kw)
 
 
 def collect_stats(
