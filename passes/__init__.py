@@ -4,7 +4,7 @@ A new method is one file providing a `Method` subclass instance and one line her
 choices and `--list-methods` derive from this dict.
 """
 
-from . import cp, cut, mpo, svd, tucker2, tucker2_grouped
+from . import cp, cut, deep_tn, mpo, svd, tucker2, tucker2_grouped
 from ._method import Cost, Factors, Method, RefitSpec, Refusal
 
 METHODS: dict[str, Method] = {
@@ -18,6 +18,7 @@ METHODS: dict[str, Method] = {
     "tucker2-grouped": tucker2_grouped.METHOD,
     "mpo": mpo.METHOD,
     "mpo-storage": mpo.STORAGE,
+    "deep-tn-storage": deep_tn.STORAGE,
 }
 
 __all__ = ["METHODS", "Cost", "Factors", "Method", "RefitSpec", "Refusal"]

@@ -84,6 +84,8 @@ class Method:
     # trailing zeros cut off, and the zeros add exact zeros to the output (plain chains of linear
     # maps along the rank axes). The search's switchboard then feeds any rank to one session.
     zero_paddable: bool = False
+    # False: `--method auto` leaves this method out (it must be named), e.g. one that pays only when healed.
+    in_auto: bool = True
 
     def check(self, layer) -> str | None:
         if layer.op not in self.op_types:
@@ -109,6 +111,17 @@ class Method:
 
     def build(self, emit, layer, factors: Factors) -> None:
         raise NotImplementedError
+
+    def forward(self, layer, arrays: dict, x, bias=None):
+        """The differentiable torch form of what `build` emits, for healing: `arrays` holds torch
+        tensors keyed as `factors.arrays`, `x` the layer's input, `bias` the layer's effective bias
+        (Conv B, Gemm beta·C; a refitted `arrays["bias"]` replaces it). Must equal onnxruntime's
+        output of the built subgraph to float32 round-off."""
+        raise NotImplementedError(f"{self.name} has no torch forward")
+
+    @staticmethod
+    def effective_bias(arrays: dict, bias):
+        return arrays["bias"] if "bias" in arrays else bias
 
     def refit_spec(self, layer) -> RefitSpec | None:
         """None: this method's last factor is not a plain linear map the correction can refit."""

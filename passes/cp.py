@@ -110,6 +110,20 @@ class CP(Method):
             final=True,
         )
 
+    def forward(self, layer, arrays, x, bias=None):
+        from . import _torch
+
+        r = arrays["A_out"].shape[1]
+        kh, kw = arrays["A_h"].shape[0], arrays["A_w"].shape[0]
+        h = _torch.conv(x, arrays["A_in"].T[:, :, None, None], None, {})
+        h = _torch.conv(
+            h, arrays["A_h"].T[:, None, :, None], None, spatial_conv_attrs(layer, (kh, 1), group=r, axes=(0,))
+        )
+        h = _torch.conv(
+            h, arrays["A_w"].T[:, None, None, :], None, spatial_conv_attrs(layer, (1, kw), group=r, axes=(1,))
+        )
+        return _torch.conv(h, arrays["A_out"][:, :, None, None], self.effective_bias(arrays, bias), {})
+
     def refit_spec(self, layer) -> RefitSpec:
         # The output 1x1 is a per-pixel linear map of the depthwise chain's output: refittable.
         return RefitSpec("depth_w", "A_out", 1, True, intercept=True)

@@ -196,6 +196,28 @@ class Cut(Method):
                 final=True,
             )
 
+    def forward(self, layer, arrays, x, bias=None):
+        from . import _torch
+
+        a, b = arrays["A"], arrays["B"]
+        r = a.shape[1]
+        o, i = layer.weight_shape[:2]
+        kernel = tuple(layer.weight_shape[2:])
+        point = (1,) * len(kernel)
+        bias = self.effective_bias(arrays, bias)
+        if self.cut == "o":
+            h = _torch.conv(x, b.reshape(r, i, *kernel), None, spatial_conv_attrs(layer, kernel))
+            return _torch.conv(h, a.reshape(o, r, *point), bias, {})
+        if self.cut == "i":
+            h = _torch.conv(x, a.T.reshape(r, i, *point), None, {})
+            return _torch.conv(
+                h, b.reshape(r, o, *kernel).transpose(0, 1), bias, spatial_conv_attrs(layer, kernel)
+            )
+        kh, kw = kernel
+        h = _torch.conv(x, b.reshape(r, i, 1, kw), None, spatial_conv_attrs(layer, (1, kw), axes=(1,)))
+        w_last = a.reshape(o, kh, r).permute(0, 2, 1)[..., None]
+        return _torch.conv(h, w_last, bias, spatial_conv_attrs(layer, (kh, 1), axes=(0,)))
+
     def refit_spec(self, layer) -> RefitSpec | None:
         # Only cut-o ends in a 1x1 conv (a per-pixel linear map); the others end in a spatial conv.
         return RefitSpec("spatial", "A", 1, True, intercept=True) if self.cut == "o" else None

@@ -98,6 +98,16 @@ class MPO(Method):
         cores = [factors.arrays[f"G{k + 1}"] for k in range(len(factors.arrays))]
         (_build_storage if self.mode == "storage" else _build_compute)(emit, layer, cores)
 
+    def forward(self, layer, arrays, x, bias=None):
+        """Both modes train through the contracted weight: the same function as the compute chain
+        (a product of the same cores), so the gradients are the chain's; only the FLOPs differ."""
+        from . import _torch
+
+        cores = [arrays[f"G{k + 1}"] for k in range(sum(key.startswith("G") for key in arrays))]
+        matrix = _torch.tt_to_matrix(cores)
+        weight = matrix.T.reshape(layer.weight_shape) if layer.op == "Conv" else matrix
+        return _torch.dense_forward(layer, weight, bias, x)
+
     def _natural_modes(self, shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (
             _tensor_train.balanced_factorization(shape[0], self.cores),

@@ -61,6 +61,18 @@ class SVD(Method):
             hidden = emit.op("MatMul", "factor_a", [emit.data_input, a])
             emit.op("MatMul", "factor_b", [hidden, b], final=True)
 
+    def forward(self, layer, arrays, x, bias=None):
+        from . import _torch
+
+        a, b = arrays["A"], arrays["B"]
+        if layer.op == "Gemm":
+            if layer.attr("transA"):
+                x = x.transpose(0, 1)
+            return _torch.add_bias((x @ a) @ b, self.effective_bias(arrays, bias))
+        if layer.attr("weight_side") == "left":
+            return a @ (b @ x)
+        return (x @ a) @ b
+
     def refit_spec(self, layer) -> RefitSpec | None:
         if layer.attr("weight_side") == "left":
             return None  # A·(B·x): the last factor multiplies from the left; not refitted

@@ -87,6 +87,16 @@ class Tucker2(Method):
         inputs = [hidden, emit.const("out_1x1/W", w_out)] + ([bias] if bias is not None else [])
         emit.op("Conv", "out_1x1", inputs, {"kernel_shape": list(point)}, final=True)
 
+    def forward(self, layer, arrays, x, bias=None):
+        from . import _torch
+
+        u_out, core, u_in = arrays["U_out"], arrays["core"], arrays["U_in"]
+        point = (1,) * (core.dim() - 2)
+        h = _torch.conv(x, u_in.T.reshape(u_in.shape[1], u_in.shape[0], *point), None, {})
+        h = _torch.conv(h, core, None, spatial_conv_attrs(layer, core.shape[2:]))
+        w_out = u_out.reshape(u_out.shape[0], u_out.shape[1], *point)
+        return _torch.conv(h, w_out, self.effective_bias(arrays, bias), {})
+
     def refit_spec(self, layer) -> RefitSpec:
         return RefitSpec("core", "U_out", 1, True, intercept=True)
 
@@ -169,6 +179,20 @@ class Tucker2Transposed(Tucker2):
         bias = self.bias_input(emit, factors)
         inputs = [hidden, emit.const("out_1x1/W", w_out)] + ([bias] if bias is not None else [])
         emit.op("Conv", "out_1x1", inputs, {"kernel_shape": list(point)}, final=True)
+
+    def forward(self, layer, arrays, x, bias=None):
+        from . import _torch
+
+        u_in, core, u_out = arrays["U_in"], arrays["core"], arrays["U_out"]
+        point = (1,) * (core.dim() - 2)
+        h = _torch.conv(x, u_in.T.reshape(u_in.shape[1], u_in.shape[0], *point), None, {})
+        attrs = spatial_conv_attrs(layer, core.shape[2:])
+        for key in ("output_padding", "output_shape"):
+            if layer.attr(key) is not None:
+                attrs[key] = list(layer.attr(key))
+        h = _torch.conv_transpose(h, core, None, attrs)
+        w_out = u_out.reshape(u_out.shape[0], u_out.shape[1], *point)
+        return _torch.conv(h, w_out, self.effective_bias(arrays, bias), {})
 
     def refit_spec(self, layer) -> RefitSpec:
         return RefitSpec("core", "U_out", 1, True, intercept=True)

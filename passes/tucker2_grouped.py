@@ -132,5 +132,21 @@ class GroupedTucker2(Method):
             final=True,
         )
 
+    def forward(self, layer, arrays, x, bias=None):
+        from . import _torch
+
+        u_out, core, u_in = arrays["U_out"], arrays["core"], arrays["U_in"]
+        g, o_g, r_out = u_out.shape
+        _, i_g, r_in = u_in.shape
+        kernel = tuple(core.shape[3:])
+        point = (1,) * len(kernel)
+        w_in = u_in.permute(0, 2, 1).reshape(g * r_in, i_g, *point)
+        h = _torch.conv(x, w_in, None, {"group": g})
+        h = _torch.conv(
+            h, core.reshape(g * r_out, r_in, *kernel), None, spatial_conv_attrs(layer, kernel, group=g)
+        )
+        w_out = u_out.reshape(g * o_g, r_out, *point)
+        return _torch.conv(h, w_out, self.effective_bias(arrays, bias), {"group": g})
+
 
 METHOD = GroupedTucker2()

@@ -124,7 +124,7 @@ class RunConfig:
 
 def resolve_methods(methods: str | list[str] | tuple[str, ...] | None) -> list[str]:
     if methods in (None, "auto"):
-        return list(METHODS)
+        return [name for name, method in METHODS.items() if method.in_auto]
     names = methods.split(",") if isinstance(methods, str) else list(methods)
     unknown = [n for n in names if n not in METHODS]
     if unknown:

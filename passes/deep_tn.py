@@ -1,0 +1,138 @@
+"""Deep tensor-network storage (ADTN): the weight stored as a TT of binary sites under brick-wall gate layers.
+
+    W (rows × cols, zero-padded to 2^a × 2^b) as n = a+b binary sites, row/column bits interleaved:
+    W = unpad( (L_D ⋯ L_1) · MPS(G_1 … G_n) ),  G_k (χ_{k-1}, 2, χ_k),  L_ℓ = ⊗ two-site gates U (4×4)
+
+    Op(x, W)  ⇒  Op(x, Reshape(Slice(Reshape(Transpose(Reshape(
+                      MatMul(U_ℓk, Reshape(… MatMul(MatMul(G_1, G_2), G_3) …)) ⋯))))))     (constants only)
+
+Rank = the MPS bond χ; depth D = gate layers (`DEFAULT_DEPTH`). Stored numbers ≈ 2nχ² + 8D(n−1)
+against the weight's 2^n — exponentially fewer. Initialised by TT-SVD with identity gates (exactly
+the truncated TT), then trained by healing (`tnopt --heal`); weight-only truncation at these
+sizes loses a lot, so use it with healing. The contraction is constant-only: onnxruntime folds it at
+load, so the file shrinks and the compute stays the dense layer's (the original op and attributes
+consume the rebuilt W). Not offered by `--method auto`: it saves no FLOPs and pays only when healed.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+import numpy as np
+
+from . import _deep_tn, _linalg
+from ._method import Cost, Factors, Method, scaled_rank
+from .tucker2 import spatial_conv_attrs
+
+DEFAULT_DEPTH = 4
+
+
+class DeepTNStorage(Method):
+    name = "deep-tn-storage"
+    op_types = ("Gemm", "MatMul", "Conv")
+    folded_at_load = True
+    in_auto = False
+
+    def __init__(self, depth: int = DEFAULT_DEPTH):
+        self.depth = int(depth)
+
+    def _sites(self, layer) -> int:
+        a, b, _ = _deep_tn.site_layout(layer.weight_shape)
+        return a + b
+
+    def full_rank(self, layer) -> int:
+        return max(_deep_tn.bond_caps(self._sites(layer)))
+
+    def rank_from_ratio(self, layer, ratio: float) -> int:
+        return scaled_rank(self.full_rank(layer), ratio, round_to=0)
+
+    def rank_from_energy(self, layer, energy: float) -> int:
+        return max(_linalg.rank_for_energy(s, energy) for s in _deep_tn.unfolding_spectra(layer.weight))
+
+    def cost(self, layer, rank: int) -> Cost:
+        return Cost(_deep_tn.param_count(layer.weight_shape, rank, self.depth), layer.flops)
+
+    def decompose(self, layer, rank: int, stats=None) -> Factors:
+        weight = layer.weight
+        # Weight-only: the input statistics have no place in a TT of binary sites; healing is the
+        # data-aware step for this method.
+        cores, gates, err = _deep_tn.decompose(weight, rank, self.depth)
+        arrays = {f"G{k + 1}": c for k, c in enumerate(cores)}
+        arrays.update({f"U{k + 1}": g for k, g in enumerate(gates)})
+        bonds = tuple(c.shape[2] for c in cores[:-1])
+        return Factors(
+            {k: np.ascontiguousarray(v.astype(weight.dtype)) for k, v in arrays.items()},
+            int(max(bonds)),
+            err,
+            {"mode": "storage", "depth": self.depth, "sites": len(cores)},
+        )
+
+    @staticmethod
+    def split_arrays(arrays) -> tuple[list, list]:
+        cores = [arrays[f"G{k + 1}"] for k in range(sum(key.startswith("G") for key in arrays))]
+        gates = [arrays[f"U{k + 1}"] for k in range(sum(key.startswith("U") for key in arrays))]
+        return cores, gates
+
+    def forward(self, layer, arrays, x, bias=None):
+        from . import _torch
+
+        cores, gates = self.split_arrays(arrays)
+        weight = _deep_tn.contract(cores, gates, layer.weight_shape)
+        return _torch.dense_forward(layer, weight, bias, x)
+
+    def build(self, emit, layer, factors: Factors) -> None:
+        cores, gates = self.split_arrays(factors.arrays)
+        n = len(cores)
+        w = emit.const("G1", cores[0].reshape(-1, cores[0].shape[2]))
+        for k in range(1, n):
+            core = emit.const(f"G{k + 1}", cores[k].reshape(cores[k].shape[0], -1))
+            w = emit.op("MatMul", f"rebuild/core{k + 1}", [w, core])
+            w = emit.op(
+                "Reshape",
+                f"rebuild/core{k + 1}/reshape",
+                [w, _shape(emit, f"core{k + 1}", [-1, cores[k].shape[2]])],
+            )
+        for index, (layer_gates, sites) in enumerate(zip(gates, _deep_tn.gate_sites(n, len(gates)))):
+            tensor = emit.const(f"U{index + 1}", layer_gates)
+            for j, k in enumerate(sites):
+                tag = f"rebuild/layer{index + 1}/gate{j + 1}"
+                gate = emit.op(
+                    "Gather", f"{tag}/take", [tensor, emit.const(f"{tag}/index", np.array(j, np.int64))]
+                )
+                w = emit.op("Reshape", f"{tag}/split", [w, _shape(emit, tag, [2**k, 4, -1])])
+                w = emit.op("MatMul", tag, [gate, w])
+        a, b, order = _deep_tn.site_layout(layer.weight_shape)
+        rows, cols = _deep_tn.matrix_shape(layer.weight_shape)
+        w = emit.op("Reshape", "rebuild/sites", [w, _shape(emit, "rebuild/sites", [2] * n)])
+        w = emit.op("Transpose", "rebuild/unshuffle", [w], {"perm": [int(p) for p in np.argsort(order)]})
+        w = emit.op("Reshape", "rebuild/matrix", [w, _shape(emit, "rebuild/matrix", [2**a, 2**b])])
+        if (rows, cols) != (2**a, 2**b):
+            bounds = [
+                emit.const(f"rebuild/unpad/{role}", np.array(values, np.int64))
+                for role, values in (("starts", [0, 0]), ("ends", [rows, cols]), ("axes", [0, 1]))
+            ]
+            w = emit.op("Slice", "rebuild/unpad", [w, *bounds])
+        shape = list(layer.weight_shape)
+        w = emit.op("Reshape", "rebuild/weight", [w, _shape(emit, "rebuild/weight", shape)])
+        bias = [emit.bias] if emit.bias is not None else []
+        if layer.op == "Conv":
+            attrs = spatial_conv_attrs(layer, layer.weight_shape[2:], group=layer.group)
+            emit.op("Conv", "conv", [emit.data_input, w, *bias], attrs, final=True)
+        elif layer.op == "Gemm":
+            attrs = {"transA": layer.attr("transA"), "beta": layer.attr("beta")}
+            emit.op("Gemm", "gemm", [emit.data_input, w, *bias], attrs, final=True)
+        elif layer.attr("weight_side") == "left":
+            emit.op("MatMul", "matmul", [w, emit.data_input], final=True)
+        else:
+            emit.op("MatMul", "matmul", [emit.data_input, w], final=True)
+
+
+def _shape(emit, role: str, dims) -> object:
+    return emit.const(f"{role}/shape", np.array([int(d) for d in dims], np.int64))
+
+
+def stored_params(factors: Factors) -> int:
+    return int(sum(prod(v.shape) for v in factors.arrays.values()))
+
+
+STORAGE = DeepTNStorage()
