@@ -25,6 +25,7 @@ from tnopt.errors import (
 
 SUBCOMMANDS = ("inspect", "compare")
 DEBUG_FLAG = "--debug"
+_DEFAULT_HEAL_STEPS = 300
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,6 +96,23 @@ def compress_parser():
     )
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--heal",
+        type=int,
+        nargs="?",
+        const=_DEFAULT_HEAL_STEPS,
+        metavar="STEPS",
+        help="train the rewritten layers' factors to reproduce the original's outputs (distillation; "
+        f"default {_DEFAULT_HEAL_STEPS} steps); with --budget, plans are judged after healing",
+    )
+    p.add_argument("--augment", help="with --heal: flip,crop the calibration images while healing")
+    p.add_argument(
+        "--heal-path",
+        choices=("auto", "graph", "block"),
+        default="auto",
+        help="whole graph in torch, or layer by layer on captured activations "
+        "(auto: the whole graph when it converts)",
+    )
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--plot", help="write the search plot (PNG) here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or tables")
@@ -177,6 +195,7 @@ def _compress(argv) -> int:
     # Every path before any work: a report or plot that cannot be written must not cost a run,
     # nor leave the model behind with exit 2.
     validate.check_cli_paths(args.model, args.output, args.report, args.plot)
+    heal = _heal_config(args)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     cache = None if args.no_cache else (args.cache or _default_cache())
     with warnings.catch_warnings():
@@ -205,6 +224,7 @@ def _compress(argv) -> int:
             min_layer_params=args.min_layer_params,
             exclude=args.exclude,
             log=say,
+            heal=heal,
         )
     runtime = Runtime(args.provider)
     report.after.file_bytes = io.save_model_atomic(model, args.output, verify_session=runtime.verify_loads)
@@ -232,6 +252,9 @@ def _compress(argv) -> int:
         print(report.layer_table())
         print()
         print(report.summary_table())
+        if report.heal:
+            print()
+            print(report.heal_table())
         print(f"\nwrote {args.output} ({len(report.rewritten)} of {len(report.layers)} layers rewritten)")
     if report.budget_met is False:
         print(
@@ -241,6 +264,23 @@ def _compress(argv) -> int:
         )
         return EXIT_BUDGET_MISSED
     return EXIT_OK
+
+
+def _heal_config(args):
+    """The healing options, validated before any work (None without --heal)."""
+    from tnopt.heal import HealConfig, parse_augment
+
+    if args.heal is None:
+        if args.augment or args.heal_path != "auto":
+            raise TnoptError("--augment and --heal-path need --heal")
+        return None
+    if args.heal < 1:
+        raise TnoptError(f"--heal STEPS must be at least 1, got {args.heal}")
+    if not args.data:
+        raise TnoptError("--heal needs calibration data (--data): it distils the original on it")
+    return HealConfig(
+        steps=args.heal, seed=args.seed, augment=parse_augment(args.augment), path=args.heal_path
+    )
 
 
 def _default_cache() -> str:

@@ -56,6 +56,7 @@ class Report:
     factors: dict = field(default_factory=dict)  # how factors were fitted: data_aware, correct
     # tnopt version, command line, input/output paths and SHA-256 (filled by the CLI)
     run: dict = field(default_factory=dict)
+    heal: dict = field(default_factory=dict)  # tnopt.heal: config, per-plan drops before/after, time
 
     @property
     def rewritten(self) -> list[LayerReport]:
@@ -108,6 +109,43 @@ class Report:
             text.append(format_table(metric_rows))
         return "\n\n".join(text)
 
+    def heal_table(self) -> str:
+        """Each plan healing judged: held-out drop before and after healing, and what it cost."""
+        rows = [
+            (
+                "proxy budget",
+                "saving",
+                "drop before",
+                "drop after",
+                "± se",
+                "gate",
+                "steps",
+                "sample-steps",
+                "path",
+                "s",
+            )
+        ]
+        for plan in self.heal.get("plans", []):
+            heal = plan.get("heal") or {}
+            looseness = plan.get("looseness")
+            rows.append(
+                (
+                    "fixed ranks" if looseness is None else f"x{looseness:g}",
+                    f"{plan['saving']:,.0f}" if "saving" in plan else "",
+                    _number(plan.get("drop_before")),
+                    _number(plan.get("drop_after")),
+                    _number(plan.get("margin")),
+                    {True: "pass", False: "fail"}.get(plan.get("passed"), ""),
+                    str(heal.get("steps", "")),
+                    str(heal.get("sample_steps", "")),
+                    heal.get("path", ""),
+                    f"{plan.get('seconds', 0):.0f}",
+                )
+            )
+        return f"healing ({self.heal.get('metric', '')} on {self.heal.get('holdout', '')}):\n" + format_table(
+            rows
+        )
+
     def layer_table(self) -> str:
         header = (
             "layer",
@@ -144,6 +182,10 @@ class Report:
 
 
 _REFERENCE = {"agreement": 1.0, "cosine": 1.0, "rel-l2": 0.0}
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 def _ratio(before: int, after: int) -> str:
