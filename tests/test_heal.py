@@ -230,3 +230,53 @@ def test_cli_heal_writes_a_healed_model_and_reports_it(tmp_path, small_splits):
     assert data["heal"]["plans"][0]["heal"]["steps"] >= 1
     assert data["heal"]["config"]["augment"] == ["flip", "crop"]
     onnx.checker.check_model(onnx.load(out))
+
+
+def test_budgeted_heal_loosens_while_healed_plans_pass_then_bisects():
+    """Plans searched under budget × f lose f/100 before healing and half of it after: with a 2%
+    budget, f ≤ 4 passes after healing; the loop tries 1, 4, 16, then √(4·16) = 8, and keeps f = 4."""
+    from tnopt.heal import budgeted_heal
+    from tnopt.plan import Plan
+
+    plans = {}
+
+    def search_at(factor):
+        plans[factor] = Plan()
+        return plans[factor]
+
+    state = {}
+
+    def heal_plan(plan):
+        return plan, None
+
+    def gate(plan):
+        factor = [f for f, p in plans.items() if p is plan][-1]
+        healed = state.get(factor, False)
+        state[factor] = True
+        return (factor / 100 if not healed else factor / 200), 0.0
+
+    best, trials = budgeted_heal(search_at, heal_plan, gate, lambda p: 1.0, 0.02)
+    assert [t.looseness for t in trials] == [1.0, 4.0, 16.0, 8.0]
+    assert [t.passed for t in trials] == [True, True, False, False]
+    assert best.looseness in (1.0, 4.0) and all(t.drop_after <= t.drop_before for t in trials)
+
+
+@pytest.mark.slow
+def test_budget_is_judged_after_healing(small_splits):
+    calib, evaluation_file = small_splits
+    _, report = tnopt.compress(
+        str(MODELS / "fc2.onnx"),
+        budget="2%",
+        data=calib,
+        eval_data=evaluation_file,
+        provider="cpu",
+        methods="svd",
+        heal=HealConfig(steps=30, eval_every=10),
+    )
+    plans = report.heal["plans"]
+    assert [p["looseness"] for p in plans][:2] == [1.0, 4.0]
+    assert all(p["heal"]["steps"] >= 1 for p in plans if p["heal"])
+    assert report.budget["max_drop"] == 0.02
+    assert report.budget["proxy_max_drop"] == 0.02 * report.heal["chosen_looseness"]
+    chosen = [p for p in plans if p["looseness"] == report.heal["chosen_looseness"]][0]
+    assert chosen["passed"] == report.budget_met or report.budget["drop_evaluation"] > 0.02

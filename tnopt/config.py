@@ -48,7 +48,8 @@ class RunConfig:
     `correct` (sequential least-squares refit of each layer's last factor) default to on when real
     data is given, off on random inputs. `mpo_cores` sets the MPO methods' number of cores for this
     run; `min_layer_params` and `exclude` (a regular expression on node names) leave layers dense,
-    with that reason reported."""
+    with that reason reported. `heal` (steps, True or a `tnopt.heal.HealConfig`) trains the
+    rewritten layers' factors by distillation; with a budget, plans are judged after healing."""
 
     methods: str | list[str] | tuple[str, ...] | None = None
     rank_ratio: float | None = None
@@ -70,10 +71,13 @@ class RunConfig:
     mpo_cores: int | None = None
     min_layer_params: int = 0
     exclude: str | None = None
+    # Healing (tnopt.heal): None, True, a step count, or a HealConfig.
+    heal: object = field(default=None, hash=False, compare=False)
     # Derived, filled by __post_init__: the selected method names and the run's method table.
     method_names: tuple[str, ...] = field(init=False, default=(), compare=False)
     method_table: dict = field(init=False, default=None, repr=False, hash=False, compare=False)
     exclude_pattern: re.Pattern | None = field(init=False, default=None, repr=False, compare=False)
+    heal_config: object = field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self):
         # Every option (and data file) checked once, before any model is read: one line, exit 2.
@@ -107,6 +111,9 @@ class RunConfig:
         object.__setattr__(self, "exclude_pattern", pattern)
         object.__setattr__(self, "method_names", tuple(resolve_methods(self.methods)))
         object.__setattr__(self, "method_table", self.method_options.table())
+        from tnopt.heal import config_from
+
+        object.__setattr__(self, "heal_config", config_from(self.heal, self.seed))
 
     @property
     def method_options(self) -> MethodOptions:

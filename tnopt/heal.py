@@ -28,8 +28,8 @@ import numpy as np
 import onnx
 
 from tnopt.errors import TnoptError
-from tnopt.passes import METHODS, Factors
-from tnopt.rewrite import Choice, apply_plan
+from tnopt.passes import Factors
+from tnopt.plan import Plan
 
 AUGMENTATIONS = ("flip", "crop")
 # Block-local captures of one layer (inputs and targets) are capped at this many bytes.
@@ -177,151 +177,149 @@ class _EarlyStop:
         return False, self.bad >= self.patience
 
 
-def heal(
-    original: onnx.ModelProto,
-    choices: list[Choice],
-    train,
-    holdout,
-    runtime,
-    config: HealConfig,
-    say=lambda m: None,
-) -> tuple[list[Choice], HealResult]:
-    """Healed copies of `choices` (same layers, methods, ranks) and what healing did."""
+def heal(runner, plan, train, holdout, config: HealConfig, say=lambda m: None) -> tuple[Plan, HealResult]:
+    """`plan` with healed factors (same layers, methods, ranks) and what healing did. `runner`: the
+    run's PlanRunner (the original model, its runtime and method table)."""
     import torch
 
     started = time.perf_counter()
+    plan = Plan.of(plan)
     torch.manual_seed(config.seed)
-    check_augment(original, config.augment)
+    check_augment(runner.original, config.augment)
     result, reason = None, "--heal-path block"
     if config.path in ("auto", "graph"):
         from tnopt.torch_graph import NotConvertible, TorchGraph
 
         try:
-            graph = TorchGraph(original, {c.layer.name: None for c in choices})
+            graph = TorchGraph(runner.original, {c.layer.name: None for c in plan})
         except NotConvertible as exc:
             if config.path == "graph":
                 raise TnoptError(f"--heal: the whole-graph path cannot run this model ({exc})") from None
             reason = str(exc)
             say(f"heal: whole graph not convertible ({reason}); healing layer by layer")
         else:
-            healed, result = _heal_graph(original, graph, choices, train, holdout, runtime, config, say)
+            healed, result = _heal_graph(runner, graph, plan, train, holdout, config, say)
     if result is None:
-        healed, result = _heal_blocks(original, choices, train, holdout, runtime, config, say)
+        healed, result = _heal_blocks(runner, plan, train, holdout, config, say)
         result.reason = reason
     result.seconds = time.perf_counter() - started
     return healed, result
 
 
-def _writeback(choices: list[Choice], trained: dict[str, dict[str, np.ndarray]]) -> list[Choice]:
-    out = []
-    for choice in choices:
+def _writeback(plan: Plan, trained: dict[str, dict[str, np.ndarray]]) -> Plan:
+    choices = []
+    for choice in plan:
         arrays = trained.get(choice.layer.name)
         if arrays is None:
-            out.append(choice)
+            choices.append(choice)
             continue
         like = choice.factors.arrays
         new = {k: np.ascontiguousarray(arrays[k].astype(like[k].dtype)) for k in like}
         notes = dict(choice.factors.notes, healed=True)
-        out.append(
-            Choice(
-                choice.layer,
-                choice.method,
-                Factors(new, choice.factors.rank, choice.factors.rel_error, notes),
-            )
+        choices.append(
+            choice.with_factors(Factors(new, choice.factors.rank, choice.factors.rel_error, notes))
         )
-    return out
+    return Plan(tuple(choices))
 
 
-def _heal_graph(original, graph, choices, train, holdout, runtime, config, say):
+class _Stream:
+    """Batches handed to the runner one at a time: the teacher runs on exactly the (augmented) batch
+    the student trains on, through one session, without holding more than that batch."""
+
+    def __init__(self):
+        self.batch = None
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
+def _effective_bias(layer, args):
+    """The layer's bias as its node has it at run time (Conv B, Gemm beta·C; MatMul none)."""
+    if layer.op == "MatMul" or len(args) < 3 or args[2] is None:
+        return None
+    return args[2] * float(layer.attr("beta", 1.0)) if layer.op == "Gemm" else args[2]
+
+
+def _heal_graph(runner, graph, plan, train, holdout, config, say):
     import torch
 
-    by_layer = {c.layer.name: c for c in choices}
-    trainers = {}
-    names = []
-    flat = {}
-    for choice in choices:
-        names.append(choice.layer.output_name)
-        for key, value in choice.factors.arrays.items():
-            flat[(choice.layer.name, key)] = value
-    trainer = _Trainer({f"{n}\x00{k}": v for (n, k), v in flat.items()}, config, config.steps)
-    for choice in choices:
-        prefix = f"{choice.layer.name}\x00"
-        trainers[choice.layer.name] = {
-            k[len(prefix) :]: v for k, v in trainer.params.items() if k.startswith(prefix)
-        }
-    captured: dict[str, torch.Tensor] = {}
+    methods = runner.methods
+    trainer = _Trainer(
+        {f"{c.layer.name}\x00{k}": v for c in plan for k, v in c.factors.arrays.items()}, config, config.steps
+    )
+    by_layer: dict[str, dict] = {}
+    for key, tensor in trainer.params.items():
+        layer_name, array_name = key.split("\x00")
+        by_layer.setdefault(layer_name, {})[array_name] = tensor
+    captured: dict = {}
 
     def replacement(choice):
-        layer, method = choice.layer, METHODS[choice.method]
+        layer, method = choice.layer, methods[choice.method]
 
         def run(args):
-            x = args[layer.data_index]
-            bias = args[2] if len(args) > 2 and layer.op != "MatMul" else None
-            if bias is not None and layer.op == "Gemm":
-                bias = bias * float(layer.attr("beta", 1.0))
-            y = method.forward(layer, trainers[layer.name], x, bias)
+            y = method.forward(
+                layer, by_layer[layer.name], args[layer.data_index], _effective_bias(layer, args)
+            )
             captured[layer.output_name] = y
             return y
 
         return run
 
-    graph.replacements = {name: replacement(c) for name, c in by_layer.items()}
-    teacher = runtime.with_outputs(original, names)
-    out_names = [o.name for o in teacher.get_outputs()]
-    graph_outputs = graph.outputs
-    float_out = [out_names.index(n) for n in graph_outputs if n in out_names]
-    float_out = [i for i in float_out if "float" in teacher.get_outputs()[i].type]
-    feature_idx = [out_names.index(n) for n in names]
+    graph.replacements = {c.layer.name: replacement(c) for c in plan}
+    outputs = list(graph.outputs)
+    features = [c.layer.output_name for c in plan if c.layer.output_name not in outputs]
+    stream = _Stream()
+    # The teacher: the original model in onnxruntime, its outputs and the rewritten layers' outputs.
+    teacher = iter(runner.capture(Plan(), outputs + features, stream, board=False))
+    held_reference = runner.run(Plan(), holdout.inputs)
+    float_outputs = [i for i, r in enumerate(held_reference) if r.dtype.kind == "f"]
     rng = np.random.default_rng(config.seed)
     labels = train.labels
 
-    def losses(feeds_np, with_features):
-        targets = teacher.run(None, feeds_np)
-        captured.clear()
-        student = graph.run({k: torch.from_numpy(v) for k, v in feeds_np.items()}, graph_outputs)
-        out_loss = sum(
-            _nmse(student[out_names[i]], torch.from_numpy(np.asarray(targets[i]))) for i in float_out
+    def output_loss(student, targets):
+        return sum(
+            _nmse(student[outputs[i]], torch.from_numpy(np.asarray(targets[i]))) for i in float_outputs
         )
-        feat = 0.0
-        if with_features and config.feature_weight and feature_idx:
-            feat = sum(
-                _nmse(captured[out_names[i]], torch.from_numpy(targets[i])) for i in feature_idx
-            ) / len(feature_idx)
-        return out_loss, feat, student
 
     def holdout_loss() -> float:
-        total, count = 0.0, 0
+        total = 0.0
         with torch.no_grad():
             for start in range(0, len(holdout), 256):
-                feeds = {k: v[start : start + 256] for k, v in holdout.inputs.items()}
-                loss, _, _ = losses(feeds, False)
+                feeds = {k: torch.from_numpy(v[start : start + 256]) for k, v in holdout.inputs.items()}
+                student = graph.run(feeds, outputs)
+                targets = [r[start : start + 256] for r in held_reference]
                 n = len(next(iter(feeds.values())))
-                total, count = total + float(loss) * n, count + n
-        return total / max(count, 1)
+                total += float(output_loss(student, targets)) * n
+        return total / max(len(holdout), 1)
 
     result = HealResult(
-        "graph",
-        layers=[c.layer.name for c in choices],
-        train_samples=len(train),
-        holdout_samples=len(holdout),
+        "graph", layers=[c.layer.name for c in plan], train_samples=len(train), holdout_samples=len(holdout)
     )
     result.holdout_loss_before = holdout_loss()
     stopper = _EarlyStop(config.patience)
     stopper.update(result.holdout_loss_before, 0)
-    order = rng.permutation(len(train))
-    cursor = 0
     n = len(train)
-    batch = min(config.batch_size, n)
+    batch = min(config.batch_size, n, runner.runtime.batch_size)
+    order, cursor = rng.permutation(n), 0
     for step in range(1, config.steps + 1):
         if cursor + batch > n:
             order, cursor = rng.permutation(n), 0
         index = np.sort(order[cursor : cursor + batch])
         cursor += batch
-        feeds = augment_images({k: v[index] for k, v in train.inputs.items()}, config.augment, rng)
-        out_loss, feat, student = losses(feeds, True)
-        loss = out_loss + config.feature_weight * feat
-        if labels is not None and config.label_weight and float_out:
-            logits = student[out_names[float_out[0]]]
+        stream.batch = augment_images({k: v[index] for k, v in train.inputs.items()}, config.augment, rng)
+        _, target = next(teacher)
+        captured.clear()
+        student = graph.run({k: torch.from_numpy(v) for k, v in stream.batch.items()}, outputs)
+        loss = output_loss(student, [target[name] for name in outputs])
+        if config.feature_weight and plan.choices:
+            feature = sum(
+                _nmse(captured[c.layer.output_name], torch.from_numpy(target[c.layer.output_name]))
+                for c in plan
+            ) / len(plan)
+            loss = loss + config.feature_weight * feature
+        if labels is not None and config.label_weight and float_outputs:
+            logits = student[outputs[float_outputs[0]]]
             if logits.dim() == 2 and logits.shape[1] > int(labels.max()):
                 loss = loss + config.label_weight * torch.nn.functional.cross_entropy(
                     logits, torch.from_numpy(labels[index]).long()
@@ -339,25 +337,28 @@ def _heal_graph(original, graph, choices, train, holdout, runtime, config, say):
     result.best_step, result.holdout_loss_after = stopper.best_step, stopper.best
     trained: dict[str, dict[str, np.ndarray]] = {}
     for key, value in trainer.best.items():
-        layer, name = key.split("\x00")
-        trained.setdefault(layer, {})[name] = value
-    return _writeback(choices, trained), result
+        layer_name, array_name = key.split("\x00")
+        trained.setdefault(layer_name, {})[array_name] = value
+    return _writeback(plan, trained), result
 
 
-def _capture_rows(runtime, model, names, inputs, limit_bytes) -> int:
-    """How many samples of `inputs` fit the capture budget for these tensors."""
-    probe = runtime.capture(model, names, {k: v[:2] for k, v in inputs.items()})
-    per_sample = max(1, sum(v.nbytes for v in probe.values()) // 2)
-    return int(max(16, limit_bytes // per_sample))
+def _gather(batches, name) -> np.ndarray:
+    return np.concatenate([values[name] for _, values in batches])
 
 
-def _heal_blocks(original, choices, train, holdout, runtime, config, say):
-    """Layer by layer in graph order on captured activations (no graph conversion needed)."""
+def _capture_rows(runner, names, inputs, limit_bytes) -> int:
+    """How many samples of `inputs` fit the capture budget for these tensors (original model)."""
+    probe = {k: v[:2] for k, v in inputs.items()}
+    sizes = [_gather(runner.capture(Plan(), [name], probe, board=False), name).nbytes for name in names]
+    return int(max(16, limit_bytes // max(1, sum(sizes) // 2)))
+
+
+def _heal_blocks(runner, plan, train, holdout, config, say):
+    """Layer by layer in graph order on captured activations (no graph conversion needed): each
+    layer's inputs come from the compressed model with its upstream layers already healed."""
     import torch
 
-    from tnopt.graph import truncate
-
-    order = {c.layer.name: i for i, c in enumerate(choices)}
+    methods = runner.methods
     rng = np.random.default_rng(config.seed)
     train_inputs = dict(train.inputs)
     if config.augment:
@@ -366,26 +367,26 @@ def _heal_blocks(original, choices, train, holdout, runtime, config, say):
     result = HealResult(
         "block", train_samples=len(next(iter(train_inputs.values()))), holdout_samples=len(holdout)
     )
-    healed = list(choices)
+    healed = plan
     before, after = [], []
-    for choice in sorted(choices, key=lambda c: order[c.layer.name]):
-        layer, method = choice.layer, METHODS[choice.method]
+    for choice in plan:  # plans list their layers in graph order
+        layer, method = choice.layer, methods[choice.method]
         if layer.has_bias and layer.bias is None:
             result.skipped[layer.name] = "bias is not a constant per-channel vector"
             continue
-        current, _ = apply_plan(original, healed)
-        head = truncate(current, [layer.input_name])
-        target_head = truncate(original, [layer.output_name])
-        rows = _capture_rows(
-            runtime, original, [layer.input_name, layer.output_name], train_inputs, MAX_CAPTURE_BYTES
-        )
+        names = [layer.input_name, layer.output_name]
+        rows = _capture_rows(runner, names, train_inputs, MAX_CAPTURE_BYTES)
         feeds = {k: v[:rows] for k, v in train_inputs.items()}
-        x_train = runtime.run(head, feeds)[0]
-        t_train = runtime.run(target_head, feeds)[0]
-        hold_rows = min(len(holdout), rows)
-        hold_feeds = {k: v[:hold_rows] for k, v in holdout.inputs.items()}
-        x_hold = torch.from_numpy(runtime.run(head, hold_feeds)[0])
-        t_hold = torch.from_numpy(runtime.run(target_head, hold_feeds)[0])
+        hold_feeds = {k: v[: min(len(holdout), rows)] for k, v in holdout.inputs.items()}
+        x_train = _gather(runner.capture(healed, [layer.input_name], feeds, board=False), layer.input_name)
+        t_train = _gather(runner.capture(Plan(), [layer.output_name], feeds, board=False), layer.output_name)
+        x_hold = _gather(
+            runner.capture(healed, [layer.input_name], hold_feeds, board=False), layer.input_name
+        )
+        t_hold = _gather(
+            runner.capture(Plan(), [layer.output_name], hold_feeds, board=False), layer.output_name
+        )
+        x_hold, t_hold = torch.from_numpy(x_hold), torch.from_numpy(t_hold)
         bias = None if layer.bias is None else torch.from_numpy(np.asarray(layer.bias, np.float32))
         trainer = _Trainer(choice.factors.arrays, config, config.steps)
 
@@ -397,11 +398,11 @@ def _heal_blocks(original, choices, train, holdout, runtime, config, say):
         start_loss = hold_loss()
         stopper.update(start_loss, 0)
         n, batch = len(x_train), min(config.batch_size, len(x_train))
-        perm, cursor = rng.permutation(n), 0
+        order, cursor = rng.permutation(n), 0
         for step in range(1, config.steps + 1):
             if cursor + batch > n:
-                perm, cursor = rng.permutation(n), 0
-            index = np.sort(perm[cursor : cursor + batch])
+                order, cursor = rng.permutation(n), 0
+            index = np.sort(order[cursor : cursor + batch])
             cursor += batch
             x = torch.from_numpy(x_train[index])
             loss = _nmse(method.forward(layer, trainer.params, x, bias), torch.from_numpy(t_train[index]))
@@ -419,7 +420,7 @@ def _heal_blocks(original, choices, train, holdout, runtime, config, say):
         say(f"heal: {layer.name} held-out layer loss {start_loss:.5f} -> {stopper.best:.5f}")
         healed = _writeback(healed, {layer.name: trainer.best})
         result.layers.append(layer.name)
-    # Block-local losses are per layer: report their mean.
+    # Block-local losses are per layer: the report gets their mean.
     result.holdout_loss_before = float(np.mean(before)) if before else 0.0
     result.holdout_loss_after = float(np.mean(after)) if after else 0.0
     return healed, result
@@ -443,10 +444,10 @@ class Trial:
     passed: bool
     heal: dict
     seconds: float
-    choices: list = field(default_factory=list, repr=False)
+    plan: Plan = field(default_factory=Plan, repr=False)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "choices"}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "plan"}
 
 
 def budgeted_heal(
@@ -472,9 +473,9 @@ def budgeted_heal(
 
     def run(factor: float) -> Trial:
         started = time.perf_counter()
-        choices = search_at(factor)
-        drop_before, _ = gate(choices)
-        healed, result = heal_plan(choices) if choices else (choices, None)
+        plan = search_at(factor)
+        drop_before, _ = gate(plan)
+        healed, result = heal_plan(plan) if len(plan) else (plan, None)
         drop_after, margin = gate(healed)
         trial = Trial(
             factor,
@@ -549,23 +550,24 @@ def config_from(heal, seed: int = 0) -> HealConfig | None:
     return HealConfig(steps=steps, seed=seed)
 
 
-def _gate(original, data, runtime, metric_choice, drop_type: str):
-    """A function choices → (metric drop, its standard error) on `data`, and the metric used."""
+def _gate(runner, data, metric_choice, drop_type: str):
+    """A function plan → (metric drop, its standard error) on `data`, and the metric used."""
     from tnopt.graph import output_producer
     from tnopt.metrics import choose_metric, paired_standard_error
 
-    reference = runtime.run(original, data.inputs)
-    metric = choose_metric(metric_choice, data.labels, data.synthetic, reference, output_producer(original))
+    reference = runner.run(Plan(), data.inputs)
+    metric = choose_metric(
+        metric_choice, data.labels, data.synthetic, reference, output_producer(runner.original)
+    )
     measurable = metric.name != "top1" or data.labels is not None
     baseline = metric(reference, reference, data.labels) if measurable else None
 
-    def gate(choices) -> tuple[float | None, float]:
+    def gate(plan) -> tuple[float | None, float]:
         if not measurable:
             return None, 0.0
-        model, _ = apply_plan(original, choices)
-        outputs = runtime.run(model, data.inputs)
+        outputs = runner.run(plan, data.inputs)
         value = metric(reference, outputs, data.labels)
-        margin = paired_standard_error(metric.name, reference, outputs, data.labels) if choices else 0.0
+        margin = paired_standard_error(metric.name, reference, outputs, data.labels) if len(plan) else 0.0
         if drop_type == "relative" and baseline:
             margin /= abs(baseline)
         return metric.drop(value, baseline, drop_type), margin
@@ -573,12 +575,13 @@ def _gate(original, data, runtime, metric_choice, drop_type: str):
     return gate, metric
 
 
-def heal_fixed_plan(original, choices, train, holdout, runtime, config, metric, report, say):
+def heal_fixed_plan(runner, run_config, plan, train, holdout, report, say):
     """Fixed ranks: heal the plan; the report gets the held-out drop before and after."""
-    gate, used = _gate(original, holdout, runtime, metric, "absolute")
+    config = run_config.heal_config
+    gate, used = _gate(runner, holdout, run_config.metric, "absolute")
     started = time.perf_counter()
-    before, _ = gate(choices)
-    healed, result = heal(original, choices, train, holdout, runtime, config, say)
+    before, _ = gate(plan)
+    healed, result = heal(runner, plan, train, holdout, config, say)
     after, margin = gate(healed)
     report.heal = {
         "config": asdict(config),
@@ -596,52 +599,46 @@ def heal_fixed_plan(original, choices, train, holdout, runtime, config, metric, 
         ],
         "seconds": time.perf_counter() - started,
     }
-    say(f"heal: held-out {used.name} drop {before:.4f} -> {after:.4f} in {result.seconds:.1f} s")
+    if before is not None:
+        say(f"heal: held-out {used.name} drop {before:.4f} -> {after:.4f} in {result.seconds:.1f} s")
     return healed
 
 
-def heal_budgeted_plan(original, layers, candidates, *, budget, search_options, holdout, config, report):
-    """Budgeted search that judges plans after healing (see `budgeted_heal`); fills report.budget,
-    report.search (of the chosen plan's search) and report.heal (every plan tried)."""
+def heal_budgeted_plan(runner, run_config, search_at, train, holdout, evaluation, report, say):
+    """Budgeted search that judges plans after healing (see `budgeted_heal`): `search_at(budget)`
+    runs the search under another budget and returns its SearchResult. Fills report.budget,
+    report.search (the chosen plan's search) and report.heal (every plan tried)."""
     from tnopt import budget as B
-    from tnopt.report import Report
-    from tnopt.search import run_search
 
+    config = run_config.heal_config
     started = time.perf_counter()
-    max_drop, drop_type = B.parse_budget(budget)
-    runtime, say = search_options["runtime"], search_options["say"]
-    gate, used = _gate(original, holdout, runtime, search_options["metric"], drop_type)
-    searched: dict[float, tuple] = {}
+    max_drop, drop_type = B.parse_budget(run_config.budget)
+    gate, used = _gate(runner, holdout, run_config.metric, drop_type)
+    searched: dict[float, object] = {}
 
-    def search_at(factor: float):
-        scratch = Report(model=report.model, provider=report.provider, before=report.before)
-        loose = {"max_drop": max_drop * factor, "drop_type": drop_type}
-        choices, decisions = run_search(
-            original, layers, candidates, budget=loose, report=scratch, **search_options
-        )
-        searched[factor] = (scratch, decisions)
-        return choices
+    def search_plan(factor: float) -> Plan:
+        searched[factor] = search_at({"max_drop": max_drop * factor, "drop_type": drop_type})
+        return searched[factor].plan
 
-    def heal_plan(choices):
-        return heal(original, choices, search_options["calib"], holdout, runtime, config, say)
+    def heal_plan(plan):
+        return heal(runner, plan, train, holdout, config, say)
 
-    flops = search_options["objective"] != "params"
+    by_params = run_config.objective == "params"
 
-    def saving(choices) -> float:
+    def saving(plan) -> float:
         total = 0
-        for c in choices:
-            cost = METHODS[c.method].cost(c.layer, c.factors.rank)
-            total += (c.layer.flops - cost.flops) if flops else (c.layer.params - cost.params)
+        for c in plan:
+            cost = runner.methods[c.method].cost(c.layer, c.factors.rank)
+            total += (c.layer.params - cost.params) if by_params else (c.layer.flops - cost.flops)
         return float(total)
 
-    best, trials = budgeted_heal(search_at, heal_plan, gate, saving, max_drop, say)
-    scratch, decisions = searched[best.looseness]
-    report.search = dict(scratch.search)
-    report.warnings.extend(w for w in scratch.warnings if w not in report.warnings)
-    evaluation = search_options["evaluation"]
-    eval_gate, _ = _gate(original, evaluation, runtime, used.name if used.name != "user" else used, drop_type)
-    eval_drop, eval_margin = eval_gate(best.choices)
-    report.budget = dict(scratch.budget or {})
+    best, trials = budgeted_heal(search_plan, heal_plan, gate, saving, max_drop, say)
+    result = searched[best.looseness]
+    report.search = dict(result.search)
+    report.timings.update(result.timings)
+    eval_gate, _ = _gate(runner, evaluation, used.name, drop_type)
+    eval_drop, _ = eval_gate(best.plan)
+    report.budget = dict(result.budget)
     report.budget.update(
         {
             "max_drop": max_drop,
@@ -671,4 +668,4 @@ def heal_budgeted_plan(original, layers, candidates, *, budget, search_options, 
         "plans": [t.to_dict() for t in trials],
         "seconds": time.perf_counter() - started,
     }
-    return best.choices, decisions
+    return best.plan, result.decisions

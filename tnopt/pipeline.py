@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,10 +22,11 @@ import onnx
 from threadpoolctl import threadpool_limits
 
 from tnopt import gain, io, numerics, validate
+from tnopt import heal as healing
 from tnopt.analyze import Layer, analyze
 from tnopt.config import RunConfig, resolve_methods
 from tnopt.data import Dataset, class_indices, input_specs, load_npz, random_inputs
-from tnopt.errors import UnsupportedModelError
+from tnopt.errors import TnoptError, UnsupportedModelError
 from tnopt.fixed import fixed_rank_plan
 from tnopt.graph import op_counts, parameter_count
 from tnopt.metrics import fidelity_report
@@ -168,6 +170,13 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
             f"{source}: none of the {len(layers)} layers can be factorized ({report.layers[0].reason})"
         )
     calib, evaluation = _splits(original, config, report, say)
+    heal_config, heal_holdout = config.heal_config, None
+    if heal_config is not None:
+        if calib.synthetic:
+            raise TnoptError("--heal needs real calibration data (--data): it distils the original on it")
+        # Healing keeps part of the calibration data away from everything that fits (statistics,
+        # refits, healing) for its early stopping and the budget gate.
+        calib, heal_holdout = healing.split_for_healing(calib, heal_config)
     report.data, report.eval_data = calib.source, evaluation.source
     by_name = {layer.name: layer for layer in layers}
 
@@ -198,7 +207,30 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     runner = PlanRunner(original, runtime, table)
     refiners = build_refiners(config, runner, targets, calib, correct=correct)
     decisions: dict[str, dict] = {}
-    if config.budget is not None:
+    if config.budget is not None and heal_config is not None:
+        from tnopt.search import Search
+
+        factor_mode = ("white" if stats else "weight") + config.method_options.cache_tag
+
+        def search_at(budget):
+            searched = Search(
+                replace(config, budget=budget),
+                runner,
+                [by_name[n] for n in candidates],
+                candidates,
+                calib,
+                evaluation,
+                factorize=factor_fn,
+                refiners=refiners,
+                factor_mode=factor_mode,
+                say=say,
+            )
+            return searched.run()
+
+        plan, decisions = healing.heal_budgeted_plan(
+            runner, config, search_at, calib, heal_holdout, evaluation, report, say
+        )
+    elif config.budget is not None:
         from tnopt.search import Search
 
         # The sweep measures unrefined layers, so refined and unrefined runs share its cache.
@@ -226,6 +258,8 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         if refiners and len(plan):
             _prepare_for_refiners(runner, plan, refiners, table)
             plan = apply_refiners(refiners, plan)
+        if heal_config is not None and len(plan):
+            plan = healing.heal_fixed_plan(runner, config, plan, calib, heal_holdout, report, say)
     report.timings["plan_s"] = time.perf_counter() - started
 
     compressed = runner.export(plan)
