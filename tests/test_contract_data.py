@@ -39,6 +39,7 @@ def _with(value, at=(0, 0)):
         ({"x": _with(np.inf, (5, 3))}, "(first in sample 5)"),
         ({"x": _with(-np.inf)}, "NaN/Inf"),
         ({"x": np.zeros((0, 32), np.float32)}, "has 0 samples"),
+        ({"x": good_x(), "t": np.array(2.0, np.float32)}, "'t' is a single value (0-d)"),
         ({"x": np.array([["a"] * 32] * 4)}, "has dtype <U1"),
         ({"x": good_x(), "labels": np.array(["cat"] * 16)}, "'labels' has dtype <U3"),
         ({"x": good_x(), "labels": np.array(3)}, "'labels' is a single value"),

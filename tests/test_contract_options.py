@@ -3,6 +3,7 @@
 import time
 
 import numpy as np
+import onnx
 import pytest
 from contract import mlp, run_case, save
 from helpers import cli
@@ -173,3 +174,28 @@ def test_top1_without_labels_is_refused_before_work(tmp_path, model_path):
 def test_version():
     result = cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"tnopt {tnopt.__version__}"
+
+
+def test_cache_named_after_none_is_refused():
+    with pytest.raises(TnoptError, match="pass None for no cache"):
+        tnopt.compress(mlp(), cache_dir=str(None))
+
+
+def test_without_quiet_an_error_is_still_the_only_stderr_line(tmp_path, model_path):
+    # No progress bar, no warning (e.g. "no --data given") may come before a fatal error.
+    cases = [
+        ["--budget", "1", "--data", tmp_path / "missing.npz"],
+        ["--rank-ratio", "2"],
+        ["--report", tmp_path / "nodir" / "r.json"],
+    ]
+    for args in cases:
+        result = cli(model_path, "-o", tmp_path / "o.onnx", "--no-cache", *args)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    custom = mlp()
+    custom.graph.node.append(onnx.helper.make_node("Frobnicate", ["y"], ["z"], domain="x.y", name="c"))
+    custom.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info("z", 1, ["N", 10]))
+    custom.opset_import.append(onnx.helper.make_opsetid("x.y", 1))
+    path = save(custom, tmp_path, "custom.onnx")
+    result = cli(path, "-o", tmp_path / "o.onnx", "--no-cache")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "onnxruntime cannot load the model" in result.stderr

@@ -158,6 +158,8 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     original = io.load_model(model)
     validate.check_model_outputs(original)
     runtime = Runtime(config.provider)
+    # The user's model must load in onnxruntime before any warning is printed or work is spent.
+    runtime.session(original)
     table = config.method_table
     layers = analyze(original)
     if not layers:

@@ -96,9 +96,7 @@ def _patches(layer: Layer, x: np.ndarray) -> np.ndarray:
     strided windows (a view; only the final rows are copied), no deep-learning framework needed."""
     pads = layer.attr("pads")
     (kh, kw), (dh, dw), (sh, sw) = layer.attr("kernel_shape"), layer.attr("dilations"), layer.attr("strides")
-    padded = np.pad(
-        np.asarray(x, dtype=np.float32), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3]))
-    )
+    padded = np.pad(np.asarray(x, dtype=np.float32), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
     windows = np.lib.stride_tricks.sliding_window_view(padded, (span_h, span_w), axis=(2, 3))
     # (N, I, H', W', span_h, span_w) → strides on the positions, dilation inside each window.

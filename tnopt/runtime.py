@@ -32,7 +32,9 @@ CUDA = "CUDAExecutionProvider"
 
 def _quiet_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: provider fallbacks are reported by us, once
+    # Fatal only: a failed load or run raises, and tnopt reports it in one line of its own; the
+    # executor's own error log would add a second, unformatted line to stderr.
+    options.log_severity_level = 4
     return options
 
 

@@ -122,6 +122,9 @@ def check_cli_paths(model, output, report=None, plot=None) -> None:
 def check_cache_dir(cache_dir) -> None:
     if not isinstance(cache_dir, (str, os.PathLike)):
         raise TnoptError(f"--cache must be a directory path, got {type(cache_dir).__name__}")
+    if str(cache_dir) in ("None", ""):
+        # str(None) once wrote a cache directory named "None" into the source tree.
+        raise TnoptError(f"--cache {str(cache_dir)!r} is not a directory name; pass None for no cache")
     path = Path(cache_dir)
     if path.exists() and not path.is_dir():
         raise TnoptError(f"--cache {cache_dir}: is a file, not a directory")
@@ -205,6 +208,10 @@ def _npy_header(archive: zipfile.ZipFile, member: str, path) -> tuple[tuple, np.
 def _check_header(name: str, shape: tuple, dtype: np.dtype, where) -> None:
     if dtype.kind not in NUMERIC_KINDS:
         raise DataError(f"{where}: array {name!r} has dtype {dtype}; inputs must be numbers or booleans")
+    if len(shape) == 0:
+        raise DataError(
+            f"{where}: array {name!r} is a single value (0-d); every array needs the sample axis first"
+        )
     if len(shape) >= 1 and shape[0] == 0:
         raise DataError(f"{where}: array {name!r} has 0 samples (shape {shape})")
 
