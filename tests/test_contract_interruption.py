@@ -128,7 +128,7 @@ def test_budget_missed_on_held_out_data_saves_the_model_and_exits_3(tmp_path, sm
 
 
 def test_tnopt_never_imports_torch():
-    # torch is a test/bench dependency only (pyproject's dev extra); a fresh interpreter shows it.
+    # torch is for --heal only (imported inside tnopt/heal.py); a fresh interpreter shows it.
     code = (
         "import sys, tnopt.cli, tnopt.pipeline, tnopt.profile, tnopt.search, tnopt.validate; "
         "print('torch' in sys.modules)"

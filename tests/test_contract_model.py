@@ -332,3 +332,32 @@ def test_infinite_weight_never_reaches_lapack(monkeypatch):
         mlp(weights=(w1, low_rank(48, 10))), methods="mpo", rank_ratio=0.5, provider="cpu"
     )
     assert report.layers[0].decision == "skipped" and "NaN/Inf" in report.layers[0].reason
+
+
+def test_loop_subgraph_is_kept_and_the_top_level_rewritten(tmp_path):
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Neg", ["v_in"], ["v_out"]),
+        ],
+        "body",
+        [
+            tensor("i", [], TensorProto.INT64),
+            tensor("cond_in", [], TensorProto.BOOL),
+            tensor("v_in", ["N", 10]),
+        ],
+        [tensor("cond_out", [], TensorProto.BOOL), tensor("v_out", ["N", 10])],
+    )
+    model = mlp()
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(3, np.int64), "trips"),
+            numpy_helper.from_array(np.array(True), "go"),
+        ]
+    )
+    model.graph.node.append(helper.make_node("Loop", ["trips", "go", "y"], ["z"], body=body, name="loop"))
+    model.graph.output.append(tensor("z", ["N", 10]))
+    onnx.checker.check_model(model)
+    layers, _ = compress_ok(tmp_path, model)
+    assert {name for name, entry in layers.items() if entry["decision"] == "rewritten"} == {"fc1", "fc2"}
+    assert any(node.op_type == "Loop" for node in onnx.load(str(tmp_path / "out.onnx")).graph.node)
