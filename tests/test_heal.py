@@ -234,14 +234,15 @@ def test_cli_heal_writes_a_healed_model_and_reports_it(tmp_path, small_splits):
 
 def test_budgeted_heal_loosens_while_healed_plans_pass_then_bisects():
     """Plans searched under budget × f lose f/100 before healing and half of it after: with a 2%
-    budget, f ≤ 4 passes after healing; the loop tries 1, 4, 16, then √(4·16) = 8, and keeps f = 4."""
+    budget, f ≤ 4 passes after healing; the loop tries 1 (passes unhealed, so is not healed), 4, 16,
+    then √(4·16) = 8, and keeps f = 4."""
     from tnopt.heal import budgeted_heal
     from tnopt.plan import Plan
 
     plans = {}
 
     def search_at(factor):
-        plans[factor] = Plan()
+        plans[factor] = Plan((f"choice at x{factor}",))  # a stand-in: only its length and identity matter
         return plans[factor]
 
     state = {}
@@ -259,6 +260,7 @@ def test_budgeted_heal_loosens_while_healed_plans_pass_then_bisects():
     assert [t.looseness for t in trials] == [1.0, 4.0, 16.0, 8.0]
     assert [t.passed for t in trials] == [True, True, False, False]
     assert best.looseness in (1.0, 4.0) and all(t.drop_after <= t.drop_before for t in trials)
+    assert trials[0].heal == {}  # within budget unhealed: not healed
 
 
 @pytest.mark.slow

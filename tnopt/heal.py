@@ -468,15 +468,19 @@ def budgeted_heal(
     `gate(choices)` → (drop, margin) on held-out calibration data neither the search's correction
     nor healing saw; `saving(choices)` → the objective's saving. Looseness doubles (×4) from the
     starting points while healed plans pass, then bisects geometrically between the last pass and
-    the first failure. Returns (best passing trial or the smallest-drop one, all trials)."""
+    the first failure. A plan that already passes unhealed is not healed (its saving would not
+    change). Returns (best passing trial or the smallest-drop one, all trials)."""
     trials: list[Trial] = []
 
     def run(factor: float) -> Trial:
         started = time.perf_counter()
         plan = search_at(factor)
-        drop_before, _ = gate(plan)
-        healed, result = heal_plan(plan) if len(plan) else (plan, None)
-        drop_after, margin = gate(healed)
+        drop_before, margin = gate(plan)
+        if len(plan) and drop_before + margin > max_drop:
+            healed, result = heal_plan(plan)
+            drop_after, margin = gate(healed)
+        else:  # already within budget unhealed (or empty): healing would not change the saving
+            healed, result, drop_after = plan, None, drop_before
         trial = Trial(
             factor,
             saving(healed),
