@@ -1,4 +1,4 @@
-"""Deep tensor-network storage (ADTN): W = TT of binary sites under 4x4 gate layers, folded at load; --heal it.
+"""Deep tensor-network storage (ADTN): W = TT of binary sites under 4x4 gate layers, folded at load; heal it.
 
     W (rows × cols, zero-padded to 2^a × 2^b) as n = a+b binary sites, row/column bits interleaved:
     W = unpad( (L_D ⋯ L_1) · MPS(G_1 … G_n) ),  G_k (χ_{k-1}, 2, χ_k),  L_ℓ = ⊗ two-site gates U (4×4)
