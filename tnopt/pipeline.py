@@ -10,11 +10,9 @@ keywords (the Python API). One `PlanRunner` per run runs and exports every plan.
 
 from __future__ import annotations
 
-import hashlib
 import time
 import warnings
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -32,17 +30,13 @@ from tnopt.graph import op_counts, parameter_count
 from tnopt.metrics import fidelity_report
 from tnopt.passes import METHODS
 from tnopt.plan import Plan
-from tnopt.profile import collect_stats, load_stats, save_stats
+from tnopt.profile import calibration_stats
 from tnopt.refine import apply_refiners, build_refiners
 from tnopt.report import LayerReport, ModelSummary, Report
 from tnopt.runner import PlanRunner
 from tnopt.runtime import Runtime
 
 DEFAULT_RANDOM_SAMPLES = 64
-# Calibration moments converge long before this many samples.
-MAX_STATS_SAMPLES = 2048
-# Methods whose data-aware form needs the im2col (patch) moment of a Conv input.
-PATCH_METHODS = ("cut-o",)
 
 __all__ = ["compress", "resolve_methods", "applicable_methods", "factorize"]
 
@@ -200,7 +194,9 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         planned_methods = {candidates[n][0] for n in candidates}
     stats = {}
     if data_aware and targets:
-        stats = _calibration_stats(original, targets, calib, runtime, config, planned_methods, report, say)
+        stats = calibration_stats(
+            original, targets, calib, runtime, config.cache_dir, planned_methods, report, say
+        )
     report.factors = {"data_aware": bool(stats), "correct": bool(correct)}
 
     def factor_fn(layer, method, rank):
@@ -209,38 +205,17 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     runner = PlanRunner(original, runtime, table)
     refiners = build_refiners(config, runner, targets, calib, correct=correct)
     decisions: dict[str, dict] = {}
-    if config.budget is not None and heal_config is not None:
+    # The sweep measures unrefined layers, so refined and unrefined runs share its cache.
+    factor_mode = ("white" if stats else "weight") + config.method_options.cache_tag
+
+    def search_at(budget):
         from tnopt.search import Search
 
-        factor_mode = ("white" if stats else "weight") + config.method_options.cache_tag
-
-        def search_at(budget):
-            searched = Search(
-                replace(config, budget=budget),
-                runner,
-                [by_name[n] for n in candidates],
-                candidates,
-                calib,
-                evaluation,
-                factorize=factor_fn,
-                refiners=refiners,
-                factor_mode=factor_mode,
-                say=say,
-            )
-            return searched.run()
-
-        plan, decisions = healing.heal_budgeted_plan(
-            runner, config, search_at, calib, heal_holdout, evaluation, report, say
-        )
-    elif config.budget is not None:
-        from tnopt.search import Search
-
-        # The sweep measures unrefined layers, so refined and unrefined runs share its cache.
-        factor_mode = ("white" if stats else "weight") + config.method_options.cache_tag
-        search = Search(
-            config,
+        layers_searched = [by_name[n] for n in candidates]
+        searched = Search(
+            config if budget is config.budget else replace(config, budget=budget),
             runner,
-            [by_name[n] for n in candidates],
+            layers_searched,
             candidates,
             calib,
             evaluation,
@@ -249,7 +224,14 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
             factor_mode=factor_mode,
             say=say,
         )
-        result = search.run()
+        return searched.run()
+
+    if config.budget is not None and heal_config is not None:
+        plan, decisions = healing.heal_budgeted_plan(
+            runner, config, search_at, calib, heal_holdout, evaluation, report, say
+        )
+    elif config.budget is not None:
+        result = search_at(config.budget)
         plan, decisions = result.plan, result.decisions
         report.budget, report.budget_met, report.search = result.budget, result.budget_met, result.search
         report.timings.update(result.timings)
@@ -281,35 +263,6 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     report.after = summarize(compressed)
     report.timings["total_s"] = time.perf_counter() - started
     return compressed, report
-
-
-def _calibration_stats(original, targets, calib, runtime, config, planned_methods, report, say) -> dict:
-    stats_start = time.perf_counter()
-    stats_data = calib.head(MAX_STATS_SAMPLES)
-    want_patches = any(m in planned_methods for m in PATCH_METHODS)
-    stats, stats_file = {}, None
-    if config.cache_dir:
-        model_hash = hashlib.sha256(original.SerializeToString()).hexdigest()[:16]
-        stats_file = Path(config.cache_dir) / f"{model_hash}-{stats_data.fingerprint()}-stats2.npz"
-        stats = load_stats(stats_file) if stats_file.exists() else {}
-    missing = [
-        layer
-        for layer in targets
-        if layer.name not in stats
-        or (want_patches and layer.op == "Conv" and stats[layer.name].patch_moment is None)
-    ]
-    if missing:
-        stats.update(collect_stats(original, missing, stats_data.inputs, runtime, want_patches=want_patches))
-        if stats_file is not None:
-            stats_file.parent.mkdir(parents=True, exist_ok=True)
-            save_stats(stats_file, stats)
-    report.timings["stats_cached_layers"] = len(targets) - len(missing)
-    report.timings["stats_s"] = time.perf_counter() - stats_start
-    say(
-        f"calibration statistics: {len(targets)} layers from {len(stats_data)} samples, "
-        f"{len(targets) - len(missing)} from cache"
-    )
-    return stats
 
 
 def _prepare_for_refiners(runner: PlanRunner, plan: Plan, refiners, table) -> None:

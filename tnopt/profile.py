@@ -9,11 +9,19 @@ Tucker-2 / CP / the {I | O·k} cut) and, for 2-D convs, the patch (im2col) momen
 
 from __future__ import annotations
 
+import hashlib
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from tnopt.analyze import Layer
+
+# Calibration moments converge long before this many samples.
+MAX_STATS_SAMPLES = 2048
+# Methods whose data-aware form needs the im2col (patch) moment of a Conv input.
+PATCH_METHODS = ("cut-o",)
 
 # The patch moment stops accumulating past this many im2col rows: (I·k·k)² entries converge long
 # before, and each batch of 28x28 feature maps adds ~50k rows.
@@ -158,3 +166,34 @@ def load_stats(path) -> dict[str, LayerStats]:
             }
     except (OSError, ValueError, KeyError):
         return {}
+
+
+def calibration_stats(original, targets, calib, runtime, cache_dir, planned_methods, report, say) -> dict:
+    """Moments of every target layer from the first MAX_STATS_SAMPLES calibration samples, read from
+    and saved to `cache_dir` when given; times and cache use go to `report.timings`."""
+    stats_start = time.perf_counter()
+    stats_data = calib.head(MAX_STATS_SAMPLES)
+    want_patches = any(m in planned_methods for m in PATCH_METHODS)
+    stats, stats_file = {}, None
+    if cache_dir:
+        model_hash = hashlib.sha256(original.SerializeToString()).hexdigest()[:16]
+        stats_file = Path(cache_dir) / f"{model_hash}-{stats_data.fingerprint()}-stats2.npz"
+        stats = load_stats(stats_file) if stats_file.exists() else {}
+    missing = [
+        layer
+        for layer in targets
+        if layer.name not in stats
+        or (want_patches and layer.op == "Conv" and stats[layer.name].patch_moment is None)
+    ]
+    if missing:
+        stats.update(collect_stats(original, missing, stats_data.inputs, runtime, want_patches=want_patches))
+        if stats_file is not None:
+            stats_file.parent.mkdir(parents=True, exist_ok=True)
+            save_stats(stats_file, stats)
+    report.timings["stats_cached_layers"] = len(targets) - len(missing)
+    report.timings["stats_s"] = time.perf_counter() - stats_start
+    say(
+        f"calibration statistics: {len(targets)} layers from {len(stats_data)} samples, "
+        f"{len(targets) - len(missing)} from cache"
+    )
+    return stats
