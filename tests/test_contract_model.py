@@ -226,9 +226,14 @@ def test_custom_domain_op_onnxruntime_cannot_run(tmp_path):
 
 
 def test_graph_output_that_is_an_initializer(tmp_path):
+    from helpers import cli
+
     model = mlp()
     model.graph.output.append(tensor("w2", [48, 10]))
-    run_case(tmp_path, save(model, tmp_path), expect=2, fragment="graph output 'w2' is a constant")
+    path = save(model, tmp_path)
+    run_case(tmp_path, path, expect=2, fragment="graph output 'w2' is a constant")
+    result = cli("compare", path, path)
+    assert result.returncode == 2 and "graph output 'w2' is a constant" in result.stderr
 
 
 def test_very_deep_graph(tmp_path):

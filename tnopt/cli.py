@@ -345,6 +345,8 @@ def _compare(argv) -> int:
     if args.data is not None:
         validate.check_data_source(args.data)
     a, b = io.load_model(args.reference), io.load_model(args.candidate)
+    for model in (a, b):
+        validate.check_model_outputs(model)
     data = load_data(args.data, a) if args.data else random_inputs(input_specs(a), 64)
     if data.synthetic:
         print(
