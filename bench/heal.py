@@ -1,0 +1,295 @@
+"""Healing benchmark: the budgeted search without and with `--heal`, side by side, and deep-TN storage.
+
+    python bench/heal.py [--models vgg,resnet] [--budgets 0.005,0.01,0.02] [--steps 300] [--calib 1024]
+                         [--deep-tn fc2,vgg] [--deep-tn-steps 300] [--out bench/RESULTS.md]
+
+Budget rows: same model, data and seed for both columns. Calibration = the first N images of
+models/calib.npz **without labels** (label-free: the budget is charged in top-1 agreement with the
+original); evaluation = models/eval.npz (2048 disjoint images; its labels only report top-1). The
+healed run keeps 25% of the calibration images out of everything that fits (held-out gate). Columns:
+whole-model FLOP and parameter ratios (dense / compressed), the agreement drop on the evaluation
+split, compile(+heal) wall time, heal sample-steps (Σ batch size over all optimizer steps, all plans
+the heal-aware budget tried) and the calibration samples used.
+
+Deep-TN rows: every Conv/Gemm/MatMul of ≥ 50k parameters stored as `deep-tn-storage` at the largest
+bond whose cores and gates are ≤ 1/100 of the layer, then healed (labels used: this table is about
+storage, not label-free compression); top-1 on the evaluation split and the ONNX file size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from tnopt.passes import METHODS  # noqa: E402
+
+import tnopt  # noqa: E402
+from tnopt.analyze import analyze  # noqa: E402
+from tnopt.heal import HealConfig  # noqa: E402
+
+
+def load_splits(calib_n: int):
+    with np.load(ROOT / "models" / "calib.npz") as a:
+        calib = {"input": a["input"][:calib_n]}
+        labelled = {"input": a["input"][:calib_n], "labels": a["labels"][:calib_n]}
+    with np.load(ROOT / "models" / "eval.npz") as a:
+        evaluation = {"input": a["input"], "labels": a["labels"]}
+    return calib, labelled, evaluation
+
+
+def heal_sample_steps(report) -> int:
+    return int(sum((p.get("heal") or {}).get("sample_steps", 0) for p in report.heal.get("plans", [])))
+
+
+def budget_row(name, budget, report, seconds, healed: bool, calib_n: int) -> dict:
+    row = {
+        "model": name,
+        "budget": budget,
+        "heal": healed,
+        "flops_ratio": report.before.flops / report.after.flops,
+        "params_ratio": report.before.params / report.after.params,
+        "drop_eval": report.budget.get("drop_evaluation"),
+        "top1_drop_eval": report.metrics.get("top1_original", 0) - report.metrics.get("top1", 0),
+        "budget_met": report.budget_met,
+        "seconds": seconds,
+        "sample_steps": heal_sample_steps(report) if healed else 0,
+        "calib": calib_n,
+    }
+    if healed:
+        row["looseness"] = report.heal.get("chosen_looseness")
+        row["plans"] = [
+            {
+                k: p.get(k)
+                for k in ("looseness", "saving", "drop_before", "drop_after", "margin", "passed", "seconds")
+            }
+            for p in report.heal.get("plans", [])
+        ]
+        first = next((p["heal"] for p in report.heal.get("plans", []) if p.get("heal")), {})
+        row["train_samples"], row["holdout_samples"] = (
+            first.get("train_samples"),
+            first.get("holdout_samples"),
+        )
+    return row
+
+
+def deep_tn_rows(name, labelled, evaluation, steps, cache) -> list[dict]:
+    path = ROOT / "models" / f"{name}.onnx"
+    method = METHODS["deep-tn-storage"]
+    layers = [x for x in analyze(tnopt.io.load_model(str(path))) if x.candidate and x.params >= 50_000]
+    ranks = {}
+    for layer in layers:
+        chi = method.rank_for_params(layer, layer.params / 100)
+        if chi is not None:
+            ranks[layer.name] = ("deep-tn-storage", chi)
+    rows = []
+    for heal in (None, HealConfig(steps=steps, eval_every=25, patience=6)):
+        started = time.perf_counter()
+        model, report = tnopt.compress(
+            str(path),
+            ranks=ranks,
+            methods="deep-tn-storage",
+            data=labelled,
+            eval_data=evaluation,
+            provider="cpu",
+            heal=heal,
+            cache_dir=cache,
+            correct=False,
+        )
+        seconds = time.perf_counter() - started
+        stored = sum(e.params_after for e in report.layers if e.decision == "rewritten")
+        dense = sum(e.params_before for e in report.layers if e.decision == "rewritten")
+        rows.append(
+            {
+                "model": name,
+                "heal": heal is not None,
+                "layers": ", ".join(f"{n} χ={r[1]}" for n, r in ranks.items()),
+                "dense_params": dense,
+                "stored_params": stored,
+                "top1_original": report.metrics["top1_original"],
+                "top1": report.metrics["top1"],
+                "file_before": report.before.file_bytes,
+                "file_after": len(model.SerializeToString()),
+                "seconds": seconds,
+                "sample_steps": heal_sample_steps(report) if heal else 0,
+                "calib": len(labelled["input"]),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows[1:]])
+
+
+def budget_table(rows) -> str:
+    out = [
+        (
+            "model",
+            "budget",
+            "heal",
+            "FLOPs ×",
+            "params ×",
+            "agreement drop (eval)",
+            "top-1 drop (eval)",
+            "met",
+            "compile+heal s",
+            "heal sample-steps",
+            "samples (calib/heal train/held out)",
+        )
+    ]
+    for r in rows:
+        samples = f"{r['calib']}" + (f"/{r['train_samples']}/{r['holdout_samples']}" if r["heal"] else "")
+        out.append(
+            (
+                r["model"],
+                f"{r['budget']:.1%}",
+                "yes" if r["heal"] else "no",
+                f"{r['flops_ratio']:.2f}",
+                f"{r['params_ratio']:.2f}",
+                "" if r["drop_eval"] is None else f"{r['drop_eval']:.4f}",
+                f"{r['top1_drop_eval']:.4f}",
+                r["budget_met"],
+                f"{r['seconds']:.0f}",
+                r["sample_steps"],
+                samples,
+            )
+        )
+    return markdown(out)
+
+
+def deep_tn_table(rows) -> str:
+    out = [
+        (
+            "model",
+            "heal",
+            "layers (bond χ)",
+            "dense params",
+            "stored params",
+            "×",
+            "top-1 orig",
+            "top-1",
+            "file bytes before → after",
+            "s",
+            "sample-steps",
+        )
+    ]
+    for r in rows:
+        out.append(
+            (
+                r["model"],
+                "yes" if r["heal"] else "no (TT-SVD init)",
+                r["layers"],
+                f"{r['dense_params']:,}",
+                f"{r['stored_params']:,}",
+                f"{r['dense_params'] / r['stored_params']:.0f}",
+                f"{r['top1_original']:.4f}",
+                f"{r['top1']:.4f}",
+                f"{r['file_before']:,} → {r['file_after']:,}",
+                f"{r['seconds']:.0f}",
+                r["sample_steps"],
+            )
+        )
+    return markdown(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default="vgg,resnet")
+    p.add_argument("--budgets", default="0.005,0.01,0.02")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--calib", type=int, default=1024)
+    p.add_argument("--deep-tn", default="fc2,vgg")
+    p.add_argument("--deep-tn-steps", type=int, default=300)
+    p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
+    p.add_argument("--json", default=None, help="also write the rows here as they come")
+    args = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+    calib, labelled, evaluation = load_splits(args.calib)
+    cache = tempfile.mkdtemp(prefix="tnopt-heal-bench-")
+    load = os.getloadavg()
+    rows, tn_rows = [], []
+
+    def dump():
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps({"budget": rows, "deep_tn": tn_rows}, indent=1, default=str)
+            )
+
+    for name in [m for m in args.models.split(",") if m]:
+        for budget in [float(b) for b in args.budgets.split(",") if b]:
+            for heal in (None, HealConfig(steps=args.steps, eval_every=25, patience=4)):
+                started = time.perf_counter()
+                _, report = tnopt.compress(
+                    str(ROOT / "models" / f"{name}.onnx"),
+                    budget=budget,
+                    data=calib,
+                    eval_data=evaluation,
+                    provider="cpu",
+                    cache_dir=cache,
+                    seed=0,
+                    heal=heal,
+                )
+                rows.append(
+                    budget_row(
+                        name, budget, report, time.perf_counter() - started, heal is not None, args.calib
+                    )
+                )
+                print(json.dumps(rows[-1], default=str), flush=True)
+                dump()
+    for name in [m for m in args.deep_tn.split(",") if m]:
+        tn_rows += deep_tn_rows(name, labelled, evaluation, args.deep_tn_steps, cache)
+        dump()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    body = [
+        f"Commit {commit.stdout.strip()}; `uptime` load at start {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, "
+        f"at end {os.getloadavg()[0]:.1f} (2 cores shared with other jobs).",
+        "",
+    ]
+    if rows:
+        body += [
+            "Budgeted search without and with healing (label-free calibration):",
+            "",
+            budget_table(rows),
+            "",
+        ]
+        for r in rows:
+            if r["heal"]:
+                body.append(
+                    f"- {r['model']} {r['budget']:.1%}: plans tried (proxy budget ×, held-out drop "
+                    "before → after healing, gate): "
+                    + "; ".join(
+                        f"×{p['looseness']:g} {p['drop_before']:.4f}→{p['drop_after']:.4f} "
+                        f"{'pass' if p['passed'] else 'fail'} ({p['seconds']:.0f} s)"
+                        for p in r["plans"]
+                    )
+                )
+        body.append("")
+    if tn_rows:
+        body += ["Deep tensor-network storage of the ≥ 50k-parameter layers:", "", deep_tn_table(tn_rows), ""]
+    text = "\n".join(body)
+    print(text)
+    header = (
+        f"\n### bench/heal.py — {time.strftime('%Y-%m-%d')}\n\n`python bench/heal.py "
+        f"{' '.join(argv or sys.argv[1:])}`, CPU provider.\n\n"
+    )
+    with open(args.out, "a") as handle:
+        handle.write(header + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
