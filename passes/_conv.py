@@ -17,16 +17,15 @@ def mixed_positions(layer, out_axes) -> int:
     """batch · Π spatial extents, taking the output extent on `out_axes` and the input extent on the
     other spatial axes (symbolic dims count as 1, like analyze's FLOPs)."""
     n = len(layer.weight_shape) - 2
-    if not (
-        layer.input_shape
-        and layer.output_shape
-        and len(layer.input_shape) == len(layer.output_shape) == n + 2
-    ):
+    # Shapes at the calibration data's size where the data bound them (tnopt.analyze.at_data_shapes).
+    input_shape = getattr(layer, "data_input_shape", None) or layer.input_shape
+    output_shape = getattr(layer, "data_output_shape", None) or layer.output_shape
+    if not (input_shape and output_shape and len(input_shape) == len(output_shape) == n + 2):
         # Shapes unknown: the geometric mean of input and output positions is the least-biased guess.
         return round(math.sqrt(layer.in_positions * layer.out_positions))
-    total = _static(layer.input_shape[0])
+    total = _static(input_shape[0])
     for axis in range(n):
-        source = layer.output_shape if axis in out_axes else layer.input_shape
+        source = output_shape if axis in out_axes else input_shape
         total *= _static(source[2 + axis])
     return total
 

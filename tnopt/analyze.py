@@ -47,6 +47,10 @@ class Layer:
     # the stored dtype: a rewrite must not grow the file.
     weight_bytes: int = 0
     stored_dtype: str = ""
+    # The input/output shapes at the calibration data's shapes (batch 1), where the data bound the
+    # symbolic dims (at_data_shapes); costs read them, emitted subgraphs keep the symbolic ones.
+    data_input_shape: tuple | None = None
+    data_output_shape: tuple | None = None
 
     @property
     def candidate(self) -> bool:
@@ -363,3 +367,26 @@ def _matmul_layer(node) -> Layer | None:
         weight.values if reason is None else None,
         **_stored(weight),
     )
+
+
+def at_data_shapes(layers: list[Layer], bound_layers: list[Layer]) -> list[Layer]:
+    """`layers` with FLOPs and positions from the same layers analysed at the data's shapes
+    (tnopt.layout.bind_dims), and those shapes as data_input/output_shape (methods' costs read
+    spatial extents from them); the symbolic shapes stay, for emitted subgraphs that must take any batch."""
+    import dataclasses
+
+    bound = {layer.name: layer for layer in bound_layers}
+    result = []
+    for layer in layers:
+        other = bound.get(layer.name)
+        if other is None or other.op != layer.op:
+            result.append(layer)
+            continue
+        changes = {
+            "flops": other.flops,
+            "in_positions": other.in_positions,
+            "out_positions": other.out_positions,
+        }
+        changes.update(data_input_shape=other.input_shape, data_output_shape=other.output_shape)
+        result.append(dataclasses.replace(layer, **changes))
+    return result

@@ -90,7 +90,21 @@ def compress_parser():
     p.add_argument("--exclude", help="leave layers whose node name matches this regular expression dense")
     p.add_argument("--data", help=".npz with arrays keyed by input name (+ optional 'labels')")
     p.add_argument("--eval-data", help="disjoint .npz for the final metric (default: a split of --data)")
+    p.add_argument(
+        "--batch-axis",
+        action="append",
+        default=[],
+        metavar="NAME:AXIS",
+        help="the batch axis of input NAME (an integer, or 'none': fed whole to every batch); "
+        "default: read from the model's symbolic dims",
+    )
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--latency-batch",
+        type=int,
+        default=1,
+        help="time the whole model before and after at this batch (0: skip); default 1",
+    )
     p.add_argument(
         "--cache", default=None, help="directory for cached sensitivities (default ~/.cache/tnopt)"
     )
@@ -225,9 +239,15 @@ def _compress(argv) -> int:
             exclude=args.exclude,
             log=say,
             heal=heal,
+            batch_axes=args.batch_axis,
+            latency_batch=args.latency_batch,
         )
     runtime = Runtime(args.provider)
-    report.after.file_bytes = io.save_model_atomic(model, args.output, verify_session=runtime.verify_loads)
+    # An input with external data gets an output with external data (OUT.data beside OUT).
+    external = bool(io.external_data_files(args.model))
+    report.after.file_bytes = io.save_model_atomic(
+        model, args.output, verify_session=runtime.verify_loads, external_data=external
+    )
     report.before.file_bytes = io.bytes_on_disk(args.model)
     report.run = {
         "tnopt_version": _version(),

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from tnopt.data import parse_batch_axes
 from tnopt.errors import TnoptError
 from tnopt.passes import METHODS, Method
 from tnopt.passes.mpo import MPO
@@ -49,7 +50,9 @@ class RunConfig:
     data is given, off on random inputs. `mpo_cores` sets the MPO methods' number of cores for this
     run; `min_layer_params` and `exclude` (a regular expression on node names) leave layers dense,
     with that reason reported. `heal` (steps, True or a `tnopt.heal.HealConfig`) trains the
-    rewritten layers' factors by distillation; with a budget, plans are judged after healing."""
+    rewritten layers' factors by distillation; with a budget, plans are judged after healing.
+    `batch_axes` overrides the batch axes read from the model's symbolic dims; `latency_batch` times
+    the whole model before and after at that batch."""
 
     methods: str | list[str] | tuple[str, ...] | None = None
     rank_ratio: float | None = None
@@ -73,6 +76,11 @@ class RunConfig:
     exclude: str | None = None
     # Healing (tnopt.heal): None, True, a step count, or a HealConfig.
     heal: object = field(default=None, hash=False, compare=False)
+    # Input name → batch axis (None: fed whole), or ["NAME:AXIS", …] (--batch-axis); default: read
+    # from the model's symbolic dims (tnopt.data.infer_batch_axes).
+    batch_axes: object = field(default=None, hash=False)
+    # Time the whole model before and after at this batch (--latency-batch); None/0: not timed.
+    latency_batch: int | None = None
     # Derived, filled by __post_init__: the selected method names and the run's method table.
     method_names: tuple[str, ...] = field(init=False, default=(), compare=False)
     method_table: dict = field(init=False, default=None, repr=False, hash=False, compare=False)
@@ -108,6 +116,9 @@ class RunConfig:
             raise TnoptError(f"--mpo-cores must be at least 2, got {self.mpo_cores}")
         if self.objective not in OBJECTIVES:
             raise TnoptError(f"unknown objective {self.objective!r}; choose {', '.join(OBJECTIVES)}")
+        if self.latency_batch is not None and int(self.latency_batch) < 0:
+            raise TnoptError(f"--latency-batch must be 0 or more, got {self.latency_batch}")
+        object.__setattr__(self, "batch_axes", parse_batch_axes(self.batch_axes))
         object.__setattr__(self, "exclude_pattern", pattern)
         object.__setattr__(self, "method_names", tuple(resolve_methods(self.methods)))
         object.__setattr__(self, "method_table", self.method_options.table())

@@ -1,8 +1,22 @@
-"""Calibration and evaluation data: .npz files keyed by input name (+ optional `labels`), or a loud
-seeded random fallback. Axis 0 of every array is the sample axis."""
+"""Calibration and evaluation data: .npz files keyed by input name (+ optional `labels`), a .npy for a
+single-input model, or a loud seeded random fallback.
+
+Inside tnopt every batched array is sample-major: its samples lie on axis 0, moved there from the
+model input's batch axis (a recurrent state `[layers, N, H]` has its batch on axis 1). Inputs
+without a batch axis (0-d scalars such as a sample rate, constant tensors) are fed as they are to
+every batch. `Feeds` carries the arrays with each one's batch axis; the runtime moves it back.
+
+The batch axis of each input is read from the model's symbolic dims: the dim named like a batch
+(`N`, `batch`, `batch_size`, …), else the symbolic dim that most inputs share; `--batch-axis NAME:AXIS`
+(AXIS an integer or `none`) overrides it. Data keeps the model input's dtype family: float data is
+cast to a float input's precision, integer data to an integer input's width when every value fits,
+and anything else (uint8 images for a float input) is an error naming the input — never a silent cast.
+"""
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +28,7 @@ from tnopt.errors import DataError
 LABELS_KEY = "labels"
 # Symbolic dims other than the batch get this size when inputs are synthesised (e.g. sequence length).
 SYNTHETIC_DIM = 16
+_BATCH_LIKE = re.compile(r"(?i)^(n|b|bs|batch|batch_?size|.*batch.*|num_?samples)$")
 
 
 @dataclass(frozen=True)
@@ -21,6 +36,9 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple  # ints or names of symbolic dims
+
+    def describe(self) -> str:
+        return "[" + ", ".join(str(d) for d in self.shape) + "]"
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -37,19 +55,51 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+class Feeds(dict):
+    """Model inputs by name, sample-major: each batched array has its samples on axis 0, and
+    `axes[name]` is the model's batch axis it came from (None: a constant fed whole every batch)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], axes: dict[str, int | None] | None = None):
+        super().__init__(arrays)
+        self.axes = {name: (axes or {}).get(name, 0) for name in arrays}
+
+    @property
+    def batched(self) -> list[str]:
+        return [name for name, axis in self.axes.items() if axis is not None]
+
+    def samples(self) -> int:
+        batched = self.batched
+        return len(self[batched[0]]) if batched else 1
+
+    def take(self, index) -> Feeds:
+        """The samples `index` (a slice or an index array) of every batched array; constants kept."""
+        return Feeds({k: (v[index] if self.axes[k] is not None else v) for k, v in self.items()}, self.axes)
+
+    def for_model(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A sample-major batch in the model's layout: each batch axis moved back where it belongs."""
+        return {k: (np.moveaxis(v, 0, self.axes[k]) if self.axes.get(k) else v) for k, v in batch.items()}
+
+
+def as_feeds(feeds) -> Feeds:
+    return feeds if isinstance(feeds, Feeds) else Feeds(dict(feeds))
+
+
 @dataclass
 class Dataset:
-    inputs: dict[str, np.ndarray]
+    inputs: Feeds
     labels: np.ndarray | None
     source: str
     synthetic: bool = False
 
+    def __post_init__(self):
+        self.inputs = as_feeds(self.inputs)
+
     def __len__(self) -> int:
-        return len(next(iter(self.inputs.values())))
+        return self.inputs.samples()
 
     def subset(self, indices, source: str | None = None) -> Dataset:
         return Dataset(
-            {k: v[indices] for k, v in self.inputs.items()},
+            self.inputs.take(indices),
             None if self.labels is None else self.labels[indices],
             source or self.source,
             self.synthetic,
@@ -71,22 +121,93 @@ class Dataset:
 
         digest = hashlib.sha256()
         for key in sorted(self.inputs):
-            digest.update(key.encode())
+            digest.update(f"{key}:{self.inputs.axes[key]}".encode())
             digest.update(np.ascontiguousarray(self.inputs[key]).tobytes())
         if self.labels is not None:
             digest.update(np.ascontiguousarray(self.labels).tobytes())
         return digest.hexdigest()[:16]
 
 
-def load_npz(path: str | Path, specs: list[InputSpec]) -> Dataset:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such data file")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
-    except Exception as exc:
-        raise DataError(f"{path}: not a readable .npz/.npy file ({str(exc).splitlines()[0][:120]})") from None
+def parse_batch_axes(items) -> dict[str, int | None]:
+    """`--batch-axis NAME:AXIS` values (AXIS an integer, or `none` for an input without one)."""
+    result: dict[str, int | None] = {}
+    if isinstance(items, dict):
+        return dict(items)
+    for item in items or ():
+        name, sep, axis = str(item).rpartition(":")
+        if not sep or not name:
+            raise DataError(f"--batch-axis {item!r}: expected NAME:AXIS (AXIS an integer or 'none')")
+        if axis.strip().lower() == "none":
+            result[name] = None
+            continue
+        try:
+            result[name] = int(axis)
+        except ValueError:
+            raise DataError(f"--batch-axis {item!r}: axis {axis!r} is not an integer or 'none'") from None
+    return result
+
+
+def batch_dim_name(specs: list[InputSpec]) -> str | None:
+    """The symbolic dim that carries the batch: one named like a batch, else the one most inputs share."""
+    counts: Counter = Counter()
+    first_axis: dict[str, int] = {}
+    for spec in specs:
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, str) and dim != "?" and dim not in spec.shape[:axis]:
+                counts[dim] += 1
+                first_axis[dim] = min(first_axis.get(dim, axis), axis)
+    named = [d for d in counts if _BATCH_LIKE.match(d)]
+    pool = named or [d for d in counts if counts[d] > 1]
+    if not pool:
+        return None
+    return min(pool, key=lambda d: (-counts[d], first_axis[d]))
+
+
+def infer_batch_axes(specs: list[InputSpec], overrides: dict[str, int | None] | None = None) -> dict:
+    """Each input's batch axis (None: fed whole to every batch)."""
+    overrides = dict(overrides or {})
+    known = {s.name for s in specs}
+    unknown = [n for n in overrides if n not in known]
+    if unknown:
+        raise DataError(
+            f"--batch-axis names {', '.join(map(repr, unknown))}, not a model input "
+            f"(inputs: {', '.join(sorted(known))})"
+        )
+    batch = batch_dim_name(specs)
+    axes = {}
+    for spec in specs:
+        if spec.name in overrides:
+            axis = overrides[spec.name]
+            if axis is not None and not -len(spec.shape) <= axis < len(spec.shape):
+                raise DataError(
+                    f"--batch-axis {spec.name}:{axis}: input {spec.name!r} {spec.describe()} "
+                    f"has no axis {axis}"
+                )
+            axes[spec.name] = None if axis is None else axis % len(spec.shape)
+        elif not spec.shape:
+            axes[spec.name] = None  # a 0-d input (a sample rate): the same value for every batch
+        elif batch is not None and batch in spec.shape:
+            axes[spec.name] = spec.shape.index(batch)
+        elif batch is None or len(specs) == 1:
+            axes[spec.name] = 0
+        else:
+            axes[spec.name] = None  # no batch dim while other inputs have one: a constant tensor
+    if specs and all(axis is None for axis in axes.values()):
+        raise DataError(
+            "no model input has a batch axis (all are constants); name one with --batch-axis NAME:AXIS"
+        )
+    return axes
+
+
+def dataset_from_arrays(
+    arrays: dict[str, np.ndarray],
+    specs: list[InputSpec],
+    source: str,
+    batch_axes: dict[str, int | None] | None = None,
+) -> Dataset:
+    """Check `arrays` (model layout, keyed by input name, optional `labels`) against the model's
+    inputs and return them sample-major. Every error names the input and, where it applies, the axis."""
+    arrays = dict(arrays)
     labels = arrays.pop(LABELS_KEY, None)
     names = [s.name for s in specs]
     if len(specs) == 1 and names[0] not in arrays and len(arrays) == 1:
@@ -95,34 +216,105 @@ def load_npz(path: str | Path, specs: list[InputSpec]) -> Dataset:
     missing = [n for n in names if n not in arrays]
     if missing:
         raise DataError(
-            f"{path}: no array for model input(s) {', '.join(missing)} (found: {', '.join(arrays)})"
+            f"{source}: no array for model input(s) {', '.join(missing)} "
+            f"(found: {', '.join(arrays) or 'none'})"
         )
-    inputs = {}
+    axes = infer_batch_axes(specs, batch_axes)
+    inputs, counts = {}, {}
     for spec in specs:
-        array = arrays[spec.name]
+        array = np.asarray(arrays[spec.name])
+        axis = axes[spec.name]
+        if axis is None and array.ndim == len(spec.shape) + 1 and len(spec.shape) == 0:
+            raise DataError(
+                f"{source}: input {spec.name!r} is 0-d (fed whole to every batch) but its array has shape "
+                f"{array.shape}; give one value (a 0-d array)"
+            )
         if array.ndim != len(spec.shape):
             raise DataError(
-                f"{path}: array {spec.name!r} has {array.ndim} dims, the model input has {len(spec.shape)}"
+                f"{source}: array {spec.name!r} has {array.ndim} dims {array.shape}, the model input has "
+                f"{len(spec.shape)} {spec.describe()}"
             )
-        for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
-            if axis > 0 and isinstance(want, int) and want > 0 and got != want:
+        for dim_axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+            if dim_axis == axis:
+                continue
+            if isinstance(want, int) and want > 0 and got != want:
                 raise DataError(
-                    f"{path}: array {spec.name!r} has shape {array.shape}, the model expects {spec.shape}"
+                    f"{source}: input {spec.name!r} axis {dim_axis} has size {got}, the model expects "
+                    f"{want} (model shape {spec.describe()}"
+                    + (f", batch on axis {axis})" if axis is not None else ", no batch axis)")
                 )
-        inputs[spec.name] = array.astype(spec.dtype, copy=False)
-    counts = {len(a) for a in inputs.values()}
-    if len(counts) != 1:
-        raise DataError(f"{path}: input arrays disagree on the number of samples ({sorted(counts)})")
-    if labels is not None and len(labels) != counts.pop():
-        raise DataError(f"{path}: 'labels' has {len(labels)} entries, the inputs have a different count")
+        array = _keep_dtype(array, spec, source)
+        if axis is None:
+            inputs[spec.name] = array
+        else:
+            inputs[spec.name] = np.moveaxis(array, axis, 0) if axis else array
+            counts[spec.name] = (array.shape[axis], axis)
+    if len({n for n, _ in counts.values()}) > 1:
+        listed = ", ".join(f"{name!r} has {n} on axis {axis}" for name, (n, axis) in counts.items())
+        raise DataError(f"{source}: inputs disagree on the number of samples: {listed}")
+    feeds = Feeds(inputs, axes)
     if labels is not None:
-        labels = class_indices(labels, path)
-    return Dataset(inputs, labels, str(path))
+        labels = class_indices(labels, source)
+        if len(labels) != feeds.samples():
+            raise DataError(
+                f"{source}: 'labels' has {len(labels)} entries, the inputs have {feeds.samples()} samples"
+            )
+    return Dataset(feeds, labels, source)
+
+
+def _keep_dtype(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
+    want, got = np.dtype(spec.dtype), array.dtype
+    if want.kind == "f":
+        if got.kind != "f":
+            raise DataError(
+                f"{source}: input {spec.name!r} is {want} but its array is {got}; convert (and scale) it "
+                "yourself, tnopt does not cast integer data to float silently"
+            )
+        return array.astype(want, copy=False)
+    if want.kind in "iu":
+        if got.kind not in "iu":
+            raise DataError(f"{source}: input {spec.name!r} is {want} but its array is {got}")
+        if array.size and (array.min() < np.iinfo(want).min or array.max() > np.iinfo(want).max):
+            raise DataError(f"{source}: input {spec.name!r} ({want}) has values outside the {want} range")
+        return array.astype(want, copy=False)
+    if want.kind == "b":
+        if got.kind != "b" and not (got.kind in "iu" and np.isin(array, (0, 1)).all()):
+            raise DataError(f"{source}: input {spec.name!r} is bool but its array is {got}")
+        return array.astype(want, copy=False)
+    if got != want:
+        raise DataError(f"{source}: input {spec.name!r} is {want} but its array is {got}")
+    return array
+
+
+def load_npz(path: str | Path, specs: list[InputSpec], batch_axes=None) -> Dataset:
+    """A .npz keyed by input name (+ `labels`), or a .npy holding the one input of a single-input model."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such data file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a .npz or .npy file")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            arrays = {"": loaded}
+        else:
+            with loaded as archive:
+                arrays = {k: archive[k] for k in archive.files}
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable .npz/.npy file ({str(exc).splitlines()[0][:120]})") from None
+    if "" in arrays and len(specs) != 1:
+        raise DataError(
+            f"{path}: a .npy holds one array, the model has {len(specs)} inputs "
+            f"({', '.join(s.name for s in specs)}); use a .npz keyed by input name"
+        )
+    return dataset_from_arrays(arrays, specs, str(path), batch_axes)
 
 
 def class_indices(labels: np.ndarray, source) -> np.ndarray:
     """Labels as int64 class indices: (N,) or (N, 1) indices, or (N, C) one-hot / scores (argmax)."""
     labels = np.asarray(labels)
+    if labels.ndim == 0:
+        raise DataError(f"{source}: 'labels' is a single value; expected one label per sample")
     if labels.ndim == 2 and labels.shape[1] > 1:
         return labels.argmax(axis=1).astype(np.int64)
     if labels.ndim > 2:
@@ -130,12 +322,15 @@ def class_indices(labels: np.ndarray, source) -> np.ndarray:
     return labels.reshape(len(labels)).astype(np.int64)
 
 
-def random_inputs(specs: list[InputSpec], n: int = 64, seed: int = 0) -> Dataset:
+def random_inputs(specs: list[InputSpec], n: int = 64, seed: int = 0, batch_axes=None) -> Dataset:
     """Seeded synthetic inputs: good for fidelity metrics (agreement, cosine) only, never accuracy."""
     rng = np.random.default_rng(seed)
+    axes = infer_batch_axes(specs, batch_axes)
     inputs = {}
     for spec in specs:
-        shape = [n] + [d if isinstance(d, int) and d > 0 else SYNTHETIC_DIM for d in spec.shape[1:]]
+        axis = axes[spec.name]
+        dims = [d if isinstance(d, int) and d > 0 else SYNTHETIC_DIM for d in spec.shape]
+        shape = dims if axis is None else [n] + dims[:axis] + dims[axis + 1 :]
         if np.issubdtype(spec.dtype, np.floating):
             inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif np.issubdtype(spec.dtype, np.integer) and "mask" in spec.name.lower():
@@ -149,4 +344,4 @@ def random_inputs(specs: list[InputSpec], n: int = 64, seed: int = 0) -> Dataset
             inputs[spec.name] = np.ones(shape, np.bool_)
         else:
             raise DataError(f"cannot synthesise input {spec.name!r} of dtype {spec.dtype}; pass --data")
-    return Dataset(inputs, None, f"random(seed={seed}, n={n})", synthetic=True)
+    return Dataset(Feeds(inputs, axes), None, f"random(seed={seed}, n={n})", synthetic=True)

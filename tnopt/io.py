@@ -2,22 +2,33 @@
 
 Saving writes a temporary file beside the target, checks it with onnx.checker and an onnxruntime
 load, and only then renames it over the target, so a failed run never leaves a partial file.
+
+Models whose weights live in external data files (and any model above protobuf's 2 GiB limit) are
+saved the same way: the graph as OUT and the weights as OUT.data beside it. The pair is atomic:
+both are written and checked in a private temporary folder next to the target, the weights are
+renamed into place first under a name no existing file has, then the graph over OUT, so OUT
+always names a complete pair (the old one or the new one). The input's files are only ever read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import onnx
+from onnx import external_data_helper
 
 from tnopt.errors import InternalError, OutputError, UnsupportedModelError, ValidationError
 
 MIN_OPSET = 11
 # Protobuf cannot serialize a single message above 2 GiB; bigger models keep weights outside.
 _PROTO_LIMIT = 2**31 - 1
+# Tensors at least this big go to the external data file of an external-data output.
+EXTERNAL_MIN_BYTES = 1024
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -33,6 +44,11 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise UnsupportedModelError(f"{path}: no such file")
         if path.is_dir():
             raise UnsupportedModelError(f"{path}: is a directory, expected an .onnx file")
+        missing = [name for name in external_data_files(path) if not (path.parent / name).is_file()]
+        if missing:
+            raise UnsupportedModelError(
+                f"{path}: its external data file {missing[0]!r} is missing (expected beside the model)"
+            )
         try:
             # load_external_data resolves weights stored beside the file.
             model = onnx.load(str(path), load_external_data=True)
@@ -46,7 +62,9 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if opset < MIN_OPSET:
         raise UnsupportedModelError(f"{where}: opset {opset} is below the supported minimum {MIN_OPSET}")
     try:
-        onnx.checker.check_model(model, full_check=False)
+        # Above 2 GiB the checker can only read the model from its file.
+        big = model.ByteSize() > _PROTO_LIMIT
+        onnx.checker.check_model(where if big and Path(where).exists() else model, full_check=False)
     except Exception as exc:
         raise UnsupportedModelError(f"{where}: fails onnx.checker ({_first_line(exc)})") from None
     try:
@@ -96,15 +114,34 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
     return out
 
 
-def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike, *, verify_session=None) -> int:
+def external_data_files(path: str | os.PathLike) -> list[str]:
+    """The external data files a model file refers to (empty for a self-contained model)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return []
+    return sorted(
+        {
+            external_data_helper.ExternalDataInfo(t).location
+            for t in external_data_helper._get_all_tensors(model)
+            if external_data_helper.uses_external_data(t)
+        }
+    )
+
+
+def save_model_atomic(
+    model: onnx.ModelProto, output: str | os.PathLike, *, verify_session=None, external_data: bool = False
+) -> int:
     """Write `model` to `output` only after it passed onnx.checker and an onnxruntime load.
 
-    `verify_session` is a callable taking the serialized bytes and raising on a failed load (the
-    runtime module provides it; io stays free of onnxruntime). Returns the written file size.
+    `verify_session` is a callable taking the serialized bytes (or, for an external-data model, the
+    path of the checked temporary file) and raising on a failed load (the runtime module provides
+    it; io stays free of onnxruntime). `external_data`: weights go to OUT.data beside OUT (always so
+    above 2 GiB). Returns the written size in bytes (graph plus weights).
     """
     out = Path(output)
-    if model.ByteSize() > _PROTO_LIMIT:
-        raise OutputError(f"{out}: model above 2 GiB; external-data output is not supported yet")
+    if external_data or model.ByteSize() > _PROTO_LIMIT:
+        return _save_external_pair(model, out, verify_session)
     try:
         onnx.checker.check_model(model, full_check=False)
     except Exception as exc:
@@ -127,10 +164,7 @@ def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike, *, veri
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
-        # mkstemp makes the file private (0600); a saved model gets the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
+        _umask_mode(tmp_name)
         os.replace(tmp_name, out)
     except OSError as exc:
         raise OutputError(f"{out}: cannot write ({exc.strerror})") from None
@@ -175,6 +209,71 @@ def bytes_on_disk(path: str | os.PathLike) -> int:
             if "location" in entries:
                 locations.add(path.parent / entries["location"])
     return total + sum(p.stat().st_size for p in locations if p.is_file())
+
+
+def _umask_mode(path) -> None:
+    # mkstemp makes the file private (0600); a saved model gets the usual umask-based mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _save_external_pair(model: onnx.ModelProto, out: Path, verify_session) -> int:
+    parent = out.resolve().parent
+    previous = external_data_files(out) if out.exists() else []
+    data_name = f"{out.name}.data"
+    if (parent / data_name).exists():
+        # Another file has that name (the previous output's weights, someone's input): the old pair
+        # must stay whole until the graph is replaced, so these weights get a fresh name.
+        data_name = f"{out.name}.{uuid.uuid4().hex[:8]}.data"
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write ({exc.strerror})") from None
+    try:
+        staged = onnx.ModelProto()
+        staged.CopyFrom(model)  # the conversion below rewrites tensors in place: never the caller's
+        external_data_helper.convert_model_to_external_data(
+            staged, all_tensors_to_one_file=True, location=data_name, size_threshold=EXTERNAL_MIN_BYTES
+        )
+        graph_file = folder / out.name
+        try:
+            onnx.save_model(staged, str(graph_file))
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot write ({exc.strerror})") from None
+        del staged
+        try:
+            onnx.checker.check_model(str(graph_file), full_check=False)
+        except Exception as exc:
+            raise ValidationError(f"compressed model fails onnx.checker ({_first_line(exc)})") from None
+        if verify_session is not None:
+            try:
+                verify_session(str(graph_file))
+            except Exception as exc:
+                raise ValidationError(
+                    f"compressed model fails to load in onnxruntime ({_first_line(exc)})"
+                ) from None
+        data_file = folder / data_name
+        size = graph_file.stat().st_size + (data_file.stat().st_size if data_file.exists() else 0)
+        try:
+            for staged_file in (data_file, graph_file):
+                if staged_file.exists():
+                    with open(staged_file, "rb+") as handle:
+                        os.fsync(handle.fileno())
+                    _umask_mode(staged_file)
+            if data_file.exists():
+                os.replace(data_file, parent / data_name)
+            os.replace(graph_file, out)
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot write ({exc.strerror})") from None
+        # The previous output's weights file, now referenced by nothing we wrote.
+        for name in previous:
+            stale = parent / name
+            if name != data_name and stale.name.startswith(out.name) and stale.is_file():
+                stale.unlink()
+        return size
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _first_line(exc: BaseException) -> str:

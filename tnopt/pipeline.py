@@ -15,18 +15,19 @@ import warnings
 from dataclasses import replace
 from typing import Callable
 
-import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
 from tnopt import gain, io, numerics, validate
 from tnopt import heal as healing
-from tnopt.analyze import Layer, analyze
+from tnopt.analyze import Layer, analyze, at_data_shapes
 from tnopt.config import RunConfig, resolve_methods
-from tnopt.data import Dataset, class_indices, input_specs, load_npz, random_inputs
+from tnopt.data import Dataset, as_feeds, dataset_from_arrays, input_specs, load_npz, random_inputs
 from tnopt.errors import TnoptError, UnsupportedModelError
 from tnopt.fixed import fixed_rank_plan
 from tnopt.graph import op_counts, parameter_count
+from tnopt.latency import whole_model_latency
+from tnopt.layout import activation_bytes, bind_dims, restore_interface
 from tnopt.metrics import fidelity_report
 from tnopt.passes import METHODS
 from tnopt.plan import Plan
@@ -34,7 +35,8 @@ from tnopt.profile import calibration_stats
 from tnopt.refine import apply_refiners, build_refiners
 from tnopt.report import LayerReport, ModelSummary, Report
 from tnopt.runner import PlanRunner
-from tnopt.runtime import Runtime
+from tnopt.runtime import Runtime, batch_size_for, batched_working_model
+from tnopt.stages import StageClock
 
 DEFAULT_RANDOM_SAMPLES = 64
 
@@ -56,26 +58,32 @@ def applicable_methods(layer: Layer, methods: list[str], table=None) -> tuple[li
     return [], layer.skip_reason or reasons[0]
 
 
-def load_data(data, model: onnx.ModelProto, *, seed: int = 0, role: str = "data") -> Dataset | None:
+def load_data(
+    data, model: onnx.ModelProto, *, seed: int = 0, role: str = "data", batch_axes=None
+) -> Dataset | None:
+    """A Dataset from a .npz/.npy path or an in-memory dict of arrays in the model's own layout."""
     if data is None:
         return None
     if isinstance(data, Dataset):
         return data
     specs = input_specs(model)
     if isinstance(data, dict):
-        labels = data.get("labels")
-        inputs = {k: np.asarray(v) for k, v in data.items() if k != "labels"}
-        source = f"{role} (in memory)"
-        return Dataset(inputs, None if labels is None else class_indices(labels, source), source)
-    return load_npz(data, specs)
+        return dataset_from_arrays(data, specs, f"{role} (in memory)", batch_axes)
+    return load_npz(data, specs, batch_axes)
 
 
-def summarize(model: onnx.ModelProto) -> ModelSummary:
+def summarize(model: onnx.ModelProto, feeds=None) -> ModelSummary:
+    """Op counts, parameters and FLOPs per sample: with `feeds`, at the shapes the data binds the
+    symbolic dims to (a fully convolutional model's FLOPs at its real resolution), else with
+    symbolic dims counted as 1."""
     inferred = model
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:
-        pass
+    if feeds is not None:
+        inferred = bind_dims(model, as_feeds(feeds))
+    else:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception:
+            pass
     flops = sum(layer.flops for layer in analyze(inferred))
     return ModelSummary(op_counts(model), parameter_count(model), flops, model.ByteSize())
 
@@ -106,6 +114,7 @@ def compress(
 
 def _candidates(layers, config: RunConfig, report: Report) -> dict[str, list[str]]:
     candidates: dict[str, list[str]] = {}
+    report.layers = [entry for entry in report.layers if entry.decision != "skipped"]
     for layer in layers:
         accepted, reason = applicable_methods(layer, list(config.method_names), config.method_table)
         if accepted and layer.params < config.min_layer_params:
@@ -120,10 +129,13 @@ def _candidates(layers, config: RunConfig, report: Report) -> dict[str, list[str
 
 
 def _splits(original, config: RunConfig, report: Report, say):
-    calib = load_data(config.data, original, seed=config.seed, role="calibration data")
-    evaluation = load_data(config.eval_data, original, seed=config.seed, role="evaluation data")
+    axes = config.batch_axes
+    calib = load_data(config.data, original, seed=config.seed, role="calibration data", batch_axes=axes)
+    evaluation = load_data(
+        config.eval_data, original, seed=config.seed, role="evaluation data", batch_axes=axes
+    )
     if calib is None and evaluation is None:
-        calib = random_inputs(input_specs(original), DEFAULT_RANDOM_SAMPLES, config.seed)
+        calib = random_inputs(input_specs(original), DEFAULT_RANDOM_SAMPLES, config.seed, axes)
         message = (
             f"no --data given: validating on {len(calib)} seeded random inputs; only fidelity "
             "metrics (agreement, cosine, rel-l2) mean anything on them"
@@ -148,9 +160,12 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     started = time.perf_counter()
     if config.budget is None:
         config.check_rank_rule()
+    clock = StageClock()
     source = model if isinstance(model, str) else getattr(model.graph, "name", "model")
+    clock.begin("load")
     original = io.load_model(model)
     validate.check_model_outputs(original)
+    clock.end()
     runtime = Runtime(config.provider)
     # The user's model must load in onnxruntime before any warning is printed or work is spent.
     runtime.session(original)
@@ -165,6 +180,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         raise UnsupportedModelError(
             f"{source}: none of the {len(layers)} layers can be factorized ({report.layers[0].reason})"
         )
+    clock.begin("data")
     calib, evaluation = _splits(original, config, report, say)
     heal_config, heal_holdout = config.heal_config, None
     if heal_config is not None:
@@ -173,6 +189,25 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         # Healing keeps part of the calibration data away from everything that fits (statistics,
         # refits, healing) for its early stopping and the budget gate.
         calib, heal_holdout = healing.split_for_healing(calib, heal_config)
+    # The model as the search runs it: a fixed-batch model gets a dynamic-batch copy where that is
+    # proven to give the same outputs (its interface is restored on the result); FLOPs, costs and
+    # the batch size come from the shapes the data binds the symbolic dims to.
+    interface = original
+    original, batching = batched_working_model(original, calib.inputs, runtime)
+    if batching:
+        say(f"batching: {batching}")
+    bound = bind_dims(original, calib.inputs)
+    layers = at_data_shapes(analyze(original), analyze(bound) if bound is not original else [])
+    runtime.batch_size = batch_size_for(activation_bytes(bound))
+    candidates = _candidates(layers, config, report)
+    report.before = summarize(interface, calib.inputs)
+    report.batching = {
+        "batch_size": runtime.batch_size,
+        "sample_activation_bytes": activation_bytes(bound),
+        "batch_axes": dict(calib.inputs.axes),
+        "fixed_batch": batching,
+    }
+    clock.end()
     report.data, report.eval_data = calib.source, evaluation.source
     by_name = {layer.name: layer for layer in layers}
 
@@ -193,10 +228,12 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     else:
         planned_methods = {candidates[n][0] for n in candidates}
     stats = {}
+    clock.begin("statistics")
     if data_aware and targets:
         stats = calibration_stats(
             original, targets, calib, runtime, config.cache_dir, planned_methods, report, say
         )
+    clock.end()
     report.factors = {"data_aware": bool(stats), "correct": bool(correct)}
 
     def factor_fn(layer, method, rank):
@@ -205,6 +242,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     runner = PlanRunner(original, runtime, table)
     refiners = build_refiners(config, runner, targets, calib, correct=correct)
     decisions: dict[str, dict] = {}
+    clock.begin("search" if config.budget is not None else "plan")
     # The sweep measures unrefined layers, so refined and unrefined runs share its cache.
     factor_mode = ("white" if stats else "weight") + config.method_options.cache_tag
 
@@ -244,8 +282,10 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
             plan = apply_refiners(refiners, plan)
         if heal_config is not None and len(plan):
             plan = healing.heal_fixed_plan(runner, config, plan, calib, heal_holdout, report, say)
+    clock.end()
     report.timings["plan_s"] = time.perf_counter() - started
 
+    clock.begin("rewrite")
     compressed = runner.export(plan)
     kept_inputs = {value.name for value in compressed.graph.input}
     gone = [value.name for value in original.graph.input if value.name not in kept_inputs]
@@ -254,14 +294,25 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         report.warnings.append(
             f"graph input(s) {', '.join(gone[:5])} held weights of rewritten layers and are no longer inputs"
         )
+    clock.begin("validate")
     compressed_eval_start = time.perf_counter()
     reference = runtime.run(original, evaluation.inputs)
     outputs = runtime.run(runtime.session(compressed, own=True), evaluation.inputs)
     report.metrics.update(fidelity_report(reference, outputs, evaluation.labels))
+    clock.end()
     report.timings["validate_s"] = time.perf_counter() - compressed_eval_start
+    if interface is not original:
+        compressed = restore_interface(compressed, interface)
+    if config.latency_batch:
+        clock.begin("latency")
+        report.latency = whole_model_latency(
+            interface, compressed, evaluation.inputs, config.latency_batch, runtime
+        )
+        clock.end()
     _fill_layers(report, layers, candidates, by_name, plan, decisions, table)
-    report.after = summarize(compressed)
+    report.after = summarize(compressed, calib.inputs)
     report.timings["total_s"] = time.perf_counter() - started
+    report.stages = clock.stages
     return compressed, report
 
 

@@ -57,6 +57,11 @@ class Report:
     # tnopt version, command line, input/output paths and SHA-256 (filled by the CLI)
     run: dict = field(default_factory=dict)
     heal: dict = field(default_factory=dict)  # tnopt.heal: config, per-plan drops before/after, time
+    # Wall time and peak RSS per pipeline stage (tnopt.stages); how the data was batched.
+    stages: list[dict] = field(default_factory=list)
+    batching: dict = field(default_factory=dict)
+    # Whole-model latency before/after at the deployment batch (tnopt.latency.whole_model_latency).
+    latency: dict = field(default_factory=dict)
 
     @property
     def rewritten(self) -> list[LayerReport]:
@@ -107,6 +112,19 @@ class Report:
                 original = self.metrics.get(f"{key}_original", _REFERENCE.get(key))
                 metric_rows.append((key, "" if original is None else f"{original:.4f}", f"{value:.4f}"))
             text.append(format_table(metric_rows))
+        if self.latency:
+            lat = self.latency
+            text.append(
+                f"latency at batch {lat['batch']} ({self.provider}): {lat['before_ms']:.2f} ms → "
+                f"{lat['after_ms']:.2f} ms ({lat['speedup']:.2f}x; paired ratio after/before "
+                f"{lat['ratio']:.3f}, 90% interval {lat['ratio_low']:.3f}–{lat['ratio_high']:.3f}, "
+                f"{lat['rounds']} interleaved rounds)"
+            )
+        if self.stages:
+            stage_rows = [("stage", "wall s", "peak RSS MiB")]
+            for stage in self.stages:
+                stage_rows.append((stage["stage"], f"{stage['wall_s']:.2f}", f"{stage['peak_rss_mb']:.0f}"))
+            text.append(format_table(stage_rows))
         return "\n\n".join(text)
 
     def heal_table(self) -> str:

@@ -20,12 +20,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from tnopt.data import as_feeds
 from tnopt.errors import InternalError, TnoptError
 
 # onnxruntime logs provider-library load failures (no CUDA here) to stderr on its own; tnopt reports
 # the provider it got itself, in one line, so only fatal runtime messages may pass.
 ort.set_default_logger_severity(3)
 
+# Models above this many bytes get their sessions from files with external data (protobuf: 2 GiB).
+SESSION_BYTES_LIMIT = 2**31 - 1
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
@@ -89,9 +92,13 @@ class Runtime:
     def provider_name(self) -> str:
         return "cuda" if self.providers[0] == CUDA else "cpu"
 
-    def session(self, model: onnx.ModelProto | bytes, *, own: bool = False) -> ort.InferenceSession:
-        """A session on `model`; `own`: tnopt built this graph, so a failure is an InternalError."""
-        payload = model if isinstance(model, bytes) else model.SerializeToString()
+    def session(self, model: onnx.ModelProto | bytes | str, *, own: bool = False) -> ort.InferenceSession:
+        """A session on `model` (a ModelProto, its bytes, or its file); `own`: tnopt built this
+        graph, so a failure is an InternalError. Above 2 GiB a model cannot be serialized into one
+        message: it is staged as a file with external data."""
+        if isinstance(model, onnx.ModelProto) and model.ByteSize() > SESSION_BYTES_LIMIT:
+            return self._session_from_files(model, own)
+        payload = model if isinstance(model, (bytes, str)) else model.SerializeToString()
         where = _rewrites(model) if own else ""
         try:
             session = ort.InferenceSession(payload, _quiet_options(), providers=self.providers)
@@ -100,7 +107,23 @@ class Runtime:
         session.tnopt_own, session.tnopt_where = own, where
         return session
 
-    def verify_loads(self, payload: bytes) -> None:
+    def _session_from_files(self, model: onnx.ModelProto, own: bool) -> ort.InferenceSession:
+        import tempfile
+
+        from onnx import external_data_helper
+
+        with tempfile.TemporaryDirectory(prefix="tnopt-session-") as folder:
+            staged = onnx.ModelProto()
+            staged.CopyFrom(model)
+            external_data_helper.convert_model_to_external_data(
+                staged, all_tensors_to_one_file=True, location="weights.data", size_threshold=1024
+            )
+            path = f"{folder}/model.onnx"
+            onnx.save_model(staged, path)
+            del staged
+            return self.session(path, own=own)  # onnxruntime has read the weights when this returns
+
+    def verify_loads(self, payload: bytes | str) -> None:
         self.session(payload)
 
     def run(
@@ -115,23 +138,31 @@ class Runtime:
 
     def iter_batches(self, model_or_session, feeds, output_names=None, constants=None):
         """Yield (batch slice, outputs) per batch: statistics accumulate without holding every
-        sample's activations at once. `feeds`: arrays (axis 0 = samples, cut into batches here) or
-        an iterable of such dicts, one per batch (a stream; each is cut again where it is larger)."""
+        sample's activations at once. `feeds`: arrays (cut into batches here) or an iterable of such
+        dicts, one per batch (a stream; each is cut again where it is larger). Arrays are
+        sample-major (tnopt.data.Feeds: each batched input's samples on axis 0, constants fed
+        whole); each batch goes to the model in its own layout, and every output comes back with
+        its batch axis (found from the model's symbolic dims, else axis 0) moved to axis 0."""
         session = (
             model_or_session
             if isinstance(model_or_session, ort.InferenceSession)
             else self.session(model_or_session)
         )
         own, where = getattr(session, "tnopt_own", False), getattr(session, "tnopt_where", "")
-        fixed = None
+        fixed = names = axes = None
         start = 0
         for chunk in [feeds] if isinstance(feeds, dict) else feeds:
+            chunk = as_feeds(chunk)
             if fixed is None:
                 fixed = fixed_batch(session, chunk) or 0
+                names = output_names or [o.name for o in session.get_outputs()]
+                axes = output_axes(session, chunk, names)
             step = fixed or self.batch_size
-            n = len(next(iter(chunk.values())))
+            batched = chunk.batched
+            whole = {k: chunk[k] for k in chunk if k not in batched}
+            n = chunk.samples()
             for offset in range(0, n, step):
-                batch = {k: v[offset : offset + step] for k, v in chunk.items()}
+                batch = {k: chunk[k][offset : offset + step] for k in batched}
                 short = len(next(iter(batch.values())))
                 if short < step and fixed:
                     # A model with a fixed batch dim gets the last chunk padded, then trimmed.
@@ -140,26 +171,48 @@ class Runtime:
                         for k, v in batch.items()
                     }
                 try:
-                    outputs = session.run(output_names, {**batch, **(constants or {})})
+                    outputs = session.run(names, {**chunk.for_model(batch), **whole, **(constants or {})})
                 except Exception as exc:
                     raise _failure(own, "failed to run", exc, where) from None
-                yield slice(start, start + short), [o[:short] for o in outputs]
+                yield (
+                    slice(start, start + short),
+                    [(np.moveaxis(o, a, 0) if a else o)[:short] for o, a in zip(outputs, axes)],
+                )
                 start += short
 
     def with_outputs(self, model: onnx.ModelProto, tensor_names: list[str]) -> ort.InferenceSession:
-        """A session on a copy of `model` that also returns the named intermediate tensors."""
+        """A session on a copy of `model` that also returns the named intermediate tensors (typed
+        from the model's inferred shapes where known, so their batch axis can be found)."""
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
         existing = {o.name for o in probe.graph.output}
+        known = {v.name: v for v in probe.graph.value_info}
         for name in tensor_names:
             if name not in existing:
-                probe.graph.output.append(onnx.ValueInfoProto(name=name))
+                value = probe.graph.output.add()
+                if name in known:
+                    value.CopyFrom(known[name])
+                else:
+                    value.name = name
         return self.session(probe)
 
     def capture(self, model: onnx.ModelProto, tensor_names: list[str], feeds) -> dict[str, np.ndarray]:
         """Values of intermediate tensors on all of `feeds` (small inputs only: it keeps them all)."""
         values = self.run(self.with_outputs(model, tensor_names), feeds, output_names=list(tensor_names))
         return dict(zip(tensor_names, values))
+
+    def capture_shapes(self, model: onnx.ModelProto, tensor_names: list[str], feeds) -> dict[str, tuple]:
+        """Shapes of intermediate tensors in the model's own layout, from one batch of `feeds`."""
+        feeds = as_feeds(feeds)
+        session = self.with_outputs(model, tensor_names)
+        first = feeds.take(slice(0, fixed_batch(session, feeds) or min(self.batch_size, feeds.samples())))
+        try:
+            values = session.run(list(tensor_names), feeds.for_model(dict(first)))
+        except Exception as exc:
+            raise TnoptError(
+                f"onnxruntime failed to run the model ({str(exc).splitlines()[0][:200]})"
+            ) from None
+        return {name: value.shape for name, value in zip(tensor_names, values)}
 
     def latency(
         self,
@@ -203,7 +256,89 @@ def _failure(own: bool, what: str, exc: Exception, where: str = "") -> Exception
 
 
 def fixed_batch(session: ort.InferenceSession, feeds=None) -> int | None:
-    """The static batch dim of the data inputs (those in `feeds`, all inputs when None), if any."""
-    dims = [i.shape[0] for i in session.get_inputs() if i.shape and (feeds is None or i.name in feeds)]
-    fixed = [d for d in dims if isinstance(d, int)]
+    """The static batch dim of the batched data inputs (on each one's batch axis), if any."""
+    feeds = as_feeds(feeds) if feeds is not None else None
+    fixed = []
+    for value in session.get_inputs():
+        if feeds is not None and (value.name not in feeds or feeds.axes[value.name] is None):
+            continue
+        axis = feeds.axes[value.name] if feeds is not None else 0
+        if value.shape and axis < len(value.shape) and isinstance(value.shape[axis], int):
+            fixed.append(value.shape[axis])
     return fixed[0] if fixed else None
+
+
+def output_axes(session: ort.InferenceSession, feeds, names) -> list[int]:
+    """Each fetched output's batch axis: where it carries a symbolic dim that the batched inputs
+    carry on their batch axes (a state output `[layers, N, H]`: 1); axis 0 when nothing says."""
+    feeds = as_feeds(feeds)
+    batch_dims = set()
+    for value in session.get_inputs():
+        axis = feeds.axes.get(value.name)
+        if (
+            axis is not None
+            and value.shape
+            and axis < len(value.shape)
+            and isinstance(value.shape[axis], str)
+        ):
+            batch_dims.add(value.shape[axis])
+    shapes = {o.name: o.shape for o in session.get_outputs()}
+    axes = []
+    for name in names:
+        shape = shapes.get(name) or []
+        found = [i for i, d in enumerate(shape) if isinstance(d, str) and d in batch_dims]
+        axes.append(found[0] if found else 0)
+    return axes
+
+
+# One batch's activations (every tensor the model computes, per tnopt.layout.activation_bytes) stay
+# under this: memory grows with one batch, not with the data set.
+BATCH_ACTIVATION_BUDGET = 512 * 2**20
+MAX_BATCH = 256
+# A dynamic-batch copy must reproduce one-sample-at-a-time outputs to this relative L2 (float
+# round-off of batched kernels), else the fixed batch is kept.
+SAME_OUTPUTS_RTOL = 1e-5
+
+
+def batch_size_for(sample_bytes: int) -> int:
+    """Samples per onnxruntime run, from the bytes one sample's activations take."""
+    return int(max(1, min(MAX_BATCH, BATCH_ACTIVATION_BUDGET // max(int(sample_bytes), 1))))
+
+
+def batched_working_model(model: onnx.ModelProto, feeds, runtime: Runtime):
+    """(model to run, note): a model with a fixed batch dim is replaced by a dynamic-batch copy
+    when that copy gives the same outputs as the original on a few samples (one fixed batch at a
+    time); else the original, run a fixed batch at a time. The note says what was decided."""
+    from tnopt.layout import dynamic_batch_copy, fixed_batch_size
+
+    feeds = as_feeds(feeds)
+    fixed = fixed_batch_size(model, feeds)
+    if fixed is None or feeds.samples() <= fixed:
+        return model, None
+    copy = dynamic_batch_copy(model, feeds, fixed)
+    probe = feeds.take(slice(0, min(feeds.samples(), max(2 * fixed, 4))))
+    saved = runtime.batch_size
+    try:
+        expected = runtime.run(model, probe)
+        runtime.batch_size = probe.samples()
+        got = runtime.run(copy, probe)
+    except TnoptError as exc:
+        return model, f"fixed batch {fixed}; a dynamic-batch copy does not run ({exc}); run {fixed} at a time"
+    finally:
+        runtime.batch_size = saved
+    for index, (e, g) in enumerate(zip(expected, got)):
+        if e.shape != g.shape:
+            return (
+                model,
+                f"fixed batch {fixed}; a dynamic-batch copy changes output {index}'s shape; "
+                f"run {fixed} at a time",
+            )
+        e64 = np.asarray(e, np.float64)
+        scale = max(float(np.linalg.norm(e64)), 1e-30)
+        difference = float(np.linalg.norm(e64 - np.asarray(g, np.float64))) / scale
+        if difference > SAME_OUTPUTS_RTOL:
+            return model, (
+                f"fixed batch {fixed}; a dynamic-batch copy differs (relative L2 {difference:.1e}); "
+                f"run {fixed} at a time"
+            )
+    return copy, f"fixed batch {fixed}: run in batches through a dynamic-batch copy (outputs identical)"

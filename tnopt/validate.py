@@ -160,6 +160,17 @@ def check_npz_file(path, flag: str = "--data") -> None:
         raise DataError(f"{path}: no such data file")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a .npz file")
+    if _is_npy(path):
+        # One bare array (a single-input model's data): whether the model has one input is
+        # tnopt.data.load_npz's to say.
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(f"{path}: not a readable .npy array ({exc})") from None
+        _check_header(path.stem, array.shape, array.dtype, path)
+        if array.dtype.kind == "f":
+            _check_finite(path.stem, array, path)
+        return
     if not zipfile.is_zipfile(path):
         raise DataError(f"{path}: not a .npz archive (np.savez writes one)")
     try:
@@ -316,8 +327,18 @@ def _has_labels(source) -> bool:
         return source.labels is not None
     if isinstance(source, dict):
         return source.get(LABELS_KEY) is not None
+    if _is_npy(Path(source)):
+        return False
     with zipfile.ZipFile(source) as archive:
         return f"{LABELS_KEY}.npy" in archive.namelist()
+
+
+def _is_npy(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(6) == b"\x93NUMPY"
+    except OSError:
+        return False
 
 
 def _creatable(target: Path, flag: str) -> None:
