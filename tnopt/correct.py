@@ -16,6 +16,7 @@ import functools
 
 import numpy as np
 
+from tnopt.errors import InternalError
 from tnopt.graph import emitted_tensor, upstream_layers
 from tnopt.passes import METHODS, Factors
 from tnopt.passes._linalg import refit_last_factor
@@ -27,6 +28,10 @@ from tnopt.plan import Choice, Plan
 # MiniLM's refits on 32 sentences certified a 1% cosine drop that 32 other sentences saw as 33%),
 # 1.3x at 8.
 MIN_ROWS_PER_UNKNOWN = 8
+# The targets (original layer outputs on the refit's samples) are kept in memory up to this size and
+# reused by every refit; above it they are recomputed batch by batch beside each refit pass, so
+# memory stays at one batch (one more original-model pass per refit wave instead).
+MAX_HELD_TARGET_BYTES = 1 << 30
 
 
 def _rows(values: np.ndarray, channel_axis: int) -> np.ndarray:
@@ -91,6 +96,40 @@ class Corrector:
             self._targets = self.runtime.capture(self.original, names, self.inputs) if names else {}
         return self._targets
 
+    def target_batches(self):
+        """A function rows → {output name: target rows}, called once per refit batch in order: the
+        held targets sliced, or the original model run beside the refit, one batch at a time. The
+        first pass keeps what it computed while that stays under MAX_HELD_TARGET_BYTES."""
+        if self._targets is not None:
+            held = self._targets
+            return lambda rows: {name: value[rows] for name, value in held.items()}
+        names = sorted({layer.output_name for layer in self.refittable})
+        if not names:
+            return lambda rows: {}
+        stream = self.runtime.iter_batches(
+            self.runtime.with_outputs(self.original, names), self.inputs, names
+        )
+        kept: dict[str, list] | None = {name: [] for name in names}
+        size = 0
+
+        def at(rows):
+            nonlocal kept, size
+            got, values = next(stream)
+            if (got.start, got.stop) != (rows.start, rows.stop):
+                raise InternalError(f"correction: target batch {got} does not match hidden batch {rows}")
+            if kept is not None:
+                size += sum(v.nbytes for v in values)
+                if size > MAX_HELD_TARGET_BYTES:
+                    kept = None  # too big to hold: later passes recompute them too
+                else:
+                    for name, value in zip(names, values):
+                        kept[name].append(value)
+            if kept is not None and rows.stop >= _samples(self.inputs):
+                self._targets = {name: np.concatenate(parts) for name, parts in kept.items()}
+            return dict(zip(names, values))
+
+        return at
+
     def __call__(self, plan) -> Plan:
         ordered = sorted(plan, key=lambda c: self.order[c.layer.name])
         if self.runner.expresses(ordered, self.hidden_tensors(ordered, self.methods)):
@@ -120,14 +159,15 @@ class Corrector:
                     return None
                 batches = self.runner.capture(plan, names, self.inputs)
                 equations = {c.layer.name: _NormalEquations(specs[c.layer.name]) for c in refits}
-                targets = self.targets()
+                targets_at = self.target_batches()
                 for rows, captured in batches:
+                    targets = targets_at(rows)
                     for choice, name in zip(refits, names):
                         spec = specs[choice.layer.name]
                         width = spec.to_matrix(choice.factors.arrays[spec.factor_key]).shape[0]
                         # The board runs the widest rank; the padded channels of H are zeros.
                         hidden = np.take(captured[name], np.arange(width), axis=spec.channel_axis)
-                        equations[choice.layer.name].add(hidden, targets[choice.layer.output_name][rows])
+                        equations[choice.layer.name].add(hidden, targets[choice.layer.output_name])
                 for choice in refits:
                     done[choice.layer.name] = self._solve(choice, equations[choice.layer.name])
             for choice in ready:
@@ -138,12 +178,12 @@ class Corrector:
     def _refit_cut(self, choice: Choice, spec, upstream: list[Choice]) -> Choice:
         layer = choice.layer
         hidden_name = emitted_tensor(layer.name, choice.method, spec.hidden_role)
-        target = self.targets()[layer.output_name]
+        targets_at = self.target_batches()
         equations = _NormalEquations(spec)
         # The one-layer-at-a-time path: each prefix of the plan exported and cut after H.
         batches = self.runner.capture(upstream + [choice], [hidden_name], self.inputs, board=False)
         for rows, captured in batches:
-            equations.add(captured[hidden_name], target[rows])
+            equations.add(captured[hidden_name], targets_at(rows)[layer.output_name])
         return self._solve(choice, equations)
 
     @staticmethod
@@ -159,3 +199,9 @@ class Corrector:
             arrays["bias"] = solution[-1].astype(last.dtype)
         notes = dict(choice.factors.notes, corrected=True)
         return choice.with_factors(Factors(arrays, choice.factors.rank, choice.factors.rel_error, notes))
+
+
+def _samples(inputs) -> int:
+    from tnopt.data import as_feeds
+
+    return as_feeds(inputs).samples()

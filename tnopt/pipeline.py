@@ -169,6 +169,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     runtime = Runtime(config.provider)
     # The user's model must load in onnxruntime before any warning is printed or work is spent.
     runtime.session(original)
+    clock.counter = lambda: runtime.sample_forwards
     table = config.method_table
     layers = analyze(original)
     if not layers:

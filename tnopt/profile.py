@@ -26,6 +26,14 @@ PATCH_METHODS = ("cut-o",)
 # The patch moment stops accumulating past this many im2col rows: (I·k·k)² entries converge long
 # before, and each batch of 28x28 feature maps adds ~50k rows.
 MAX_PATCH_ROWS = 200_000
+# At most this many im2col rows (positions) are taken from one batch, drawn at random (seeded) from
+# its positions: a 736x736 page has 540k positions per sample, and unfolding them all would cost
+# I·k·k times the activation itself. Spread over batches, the moment sees more samples, too.
+MAX_PATCH_ROWS_PER_BATCH = 50_000
+# ... and no more than this many bytes of them (a 3x3 conv on 256 channels has 2304 features).
+MAX_PATCH_BYTES_PER_BATCH = 32 * 2**20
+# Rows go through float64 in chunks of this many, so a big activation is never copied whole.
+ROW_CHUNK = 65_536
 
 
 @dataclass
@@ -52,14 +60,17 @@ class _Accumulator:
         self.moment = None
         self.patch_moment = None
         self.patch_rows = 0
+        self.rng = np.random.default_rng(0)
 
     def add(self, activations: np.ndarray) -> None:
         rows = _rows(self.layer, activations)
-        gram = rows.T @ rows
+        gram = chunked_gram(rows)
         self.moment = gram if self.moment is None else self.moment + gram
         self.rows += len(rows)
         if self.want_patches and self.patch_rows < MAX_PATCH_ROWS:
-            patches = _patches(self.layer, activations)
+            features = activations.shape[1] * int(np.prod(self.layer.attr("kernel_shape")))
+            limit = min(MAX_PATCH_ROWS_PER_BATCH, max(1, MAX_PATCH_BYTES_PER_BATCH // (4 * features)))
+            patches = _patches(self.layer, activations, limit, self.rng)
             # float32 products, float64 sums across batches: the moment only feeds a damped whitening.
             gram = (patches.T @ patches).astype(np.float64)
             self.patch_moment = gram if self.patch_moment is None else self.patch_moment + gram
@@ -89,9 +100,19 @@ def shrunk(moment: np.ndarray, rows: int) -> np.ndarray:
     return moment + (dim / rows - 1.0) * scale * np.eye(dim)
 
 
+def chunked_gram(rows: np.ndarray) -> np.ndarray:
+    """rowsᵀ·rows in float64, ROW_CHUNK rows converted at a time (never the whole matrix)."""
+    gram = np.zeros((rows.shape[1], rows.shape[1]))
+    for start in range(0, len(rows), ROW_CHUNK):
+        chunk = np.asarray(rows[start : start + ROW_CHUNK], dtype=np.float64)
+        gram += chunk.T @ chunk
+    return gram
+
+
 def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
-    """The layer's input as a (rows, features) float64 matrix, features = the contracted axis."""
-    x = np.asarray(x, dtype=np.float64)
+    """The layer's input as a (rows, features) matrix in its own dtype, features = the contracted
+    axis (a view where the layout allows; chunked_gram widens it to float64 a chunk at a time)."""
+    x = np.asarray(x)
     if layer.op in ("Conv", "ConvTranspose"):
         return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
     if layer.op == "Gemm":
@@ -99,9 +120,10 @@ def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])  # MatMul, weight on the right
 
 
-def _patches(layer: Layer, x: np.ndarray) -> np.ndarray:
+def _patches(layer: Layer, x: np.ndarray, limit: int | None = None, rng=None) -> np.ndarray:
     """im2col rows (positions, I·kh·kw) in the (I, kh, kw) order of a reshaped Conv weight: numpy
-    strided windows (a view; only the final rows are copied), no deep-learning framework needed."""
+    strided windows (a view; only the final rows are copied), no deep-learning framework needed.
+    With `limit`, at most that many positions, drawn at random from the batch's (sample, y, x)."""
     pads = layer.attr("pads")
     (kh, kw), (dh, dw), (sh, sw) = layer.attr("kernel_shape"), layer.attr("dilations"), layer.attr("strides")
     padded = np.pad(np.asarray(x, dtype=np.float32), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
@@ -110,7 +132,14 @@ def _patches(layer: Layer, x: np.ndarray) -> np.ndarray:
     # (N, I, H', W', span_h, span_w) → strides on the positions, dilation inside each window.
     windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]
     n, channels, out_h, out_w = windows.shape[:4]
-    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * out_h * out_w, channels * kh * kw)
+    positions = n * out_h * out_w
+    if limit is not None and positions > limit:
+        picked = np.sort((rng or np.random.default_rng(0)).choice(positions, size=limit, replace=False))
+        sample, rest = np.divmod(picked, out_h * out_w)
+        y, x_pos = np.divmod(rest, out_w)
+        # Fancy indexing on the strided view copies only the picked windows: (limit, I, kh, kw).
+        return windows[sample, :, y, x_pos].reshape(limit, channels * kh * kw)
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(positions, channels * kh * kw)
 
 
 def collect_stats(

@@ -87,6 +87,8 @@ class Runtime:
     def __init__(self, provider: str = "auto", batch_size: int = 256):
         self.providers = resolve_providers(provider)
         self.batch_size = batch_size
+        # Samples run through any session so far (padding included): ORT work, for the report.
+        self.sample_forwards = 0
 
     @property
     def provider_name(self) -> str:
@@ -174,6 +176,7 @@ class Runtime:
                     outputs = session.run(names, {**chunk.for_model(batch), **whole, **(constants or {})})
                 except Exception as exc:
                     raise _failure(own, "failed to run", exc, where) from None
+                self.sample_forwards += len(next(iter(batch.values())))
                 yield (
                     slice(start, start + short),
                     [(np.moveaxis(o, a, 0) if a else o)[:short] for o, a in zip(outputs, axes)],

@@ -45,18 +45,23 @@ class StageClock:
     """`begin(name)` ends the running stage (if any) and starts the next; `end()` ends it. Plain
     calls rather than a context manager keep the pipeline's stage code unindented."""
 
-    def __init__(self):
+    def __init__(self, counter=None):
         self.stages: list[dict] = []
-        self._running: tuple[str, float, bool] | None = None
+        self._running: tuple[str, float, bool, int] | None = None
+        # A callable giving the ORT work so far (Runtime.sample_forwards); None: not reported.
+        self.counter = counter
 
     def begin(self, name: str) -> None:
         self.end()
-        self._running = (name, time.perf_counter(), _reset_peak())
+        self._running = (name, time.perf_counter(), _reset_peak(), self._count())
+
+    def _count(self) -> int:
+        return int(self.counter()) if self.counter is not None else 0
 
     def end(self) -> None:
         if self._running is None:
             return
-        name, start, per_stage = self._running
+        name, start, per_stage, count = self._running
         self._running = None
         peak = _status_kib("VmHWM") if per_stage else None
         self.stages.append(
@@ -65,5 +70,6 @@ class StageClock:
                 "wall_s": round(time.perf_counter() - start, 3),
                 "peak_rss_mb": round(peak / 1024 if peak is not None else peak_rss_mb(), 1),
                 "peak_is_stage": peak is not None,
+                "sample_forwards": self._count() - count,
             }
         )

@@ -1,0 +1,57 @@
+"""Memory grows with one batch, not with the data set: the statistics pass over a model with large
+activations stays under a traced-allocation bound far below what holding every sample's
+activations would take, and its moments equal those of the whole data at once."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+from helpers import init, make_model, tensor
+from onnx import helper
+
+from tnopt.analyze import analyze
+from tnopt.profile import collect_stats
+from tnopt.runtime import Runtime
+
+SAMPLES, SIDE, CHANNELS = 256, 96, 32
+
+
+def wide_convnet():
+    rng = np.random.default_rng(0)
+    return make_model(
+        [
+            helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["a"], ["r"]),
+            helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+        ],
+        [tensor("x", ["N", 3, SIDE, SIDE])],
+        [tensor("y", ["N", CHANNELS, SIDE, SIDE])],
+        [
+            init("w1", rng.standard_normal((CHANNELS, 3, 3, 3)) * 0.3),
+            init("w2", rng.standard_normal((CHANNELS, CHANNELS, 3, 3)) * 0.1),
+        ],
+    )
+
+
+def test_statistics_pass_peak_allocation_is_one_batch():
+    model = wide_convnet()
+    layers = analyze(model)
+    x = np.random.default_rng(1).standard_normal((SAMPLES, 3, SIDE, SIDE)).astype(np.float32)
+    # Every sample's activations of the two conv inputs at once (what must never be held):
+    everything = SAMPLES * (3 + CHANNELS) * SIDE * SIDE * 4
+    runtime = Runtime("cpu", batch_size=8)
+    tracemalloc.start()
+    try:
+        stats = collect_stats(model, layers, {"x": x}, runtime, want_patches=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    bound = 72 * 2**20  # one batch (8 samples: 10 MiB of activations) + float64 chunks + patch rows
+    assert everything > 4 * bound  # 330 MiB
+    assert peak < bound, f"peak traced allocation {peak / 2**20:.0f} MiB ≥ {bound / 2**20:.0f} MiB"
+    # Streaming changes nothing: the channel moment of conv1's input over all samples at once.
+    rows = np.moveaxis(x.astype(np.float64), 1, -1).reshape(-1, 3)
+    np.testing.assert_allclose(stats["conv1"].input_moment, rows.T @ rows / len(rows), rtol=1e-9)
+    assert stats["conv2"].patch_moment.shape == (CHANNELS * 9, CHANNELS * 9)
+    assert stats["conv1"].rows == SAMPLES * SIDE * SIDE
