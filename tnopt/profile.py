@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from tnopt.analyze import Layer
 
@@ -155,8 +156,10 @@ def collect_stats(
     accumulators = {layer.name: _Accumulator(layer, want_patches) for layer in eligible}
     for _, outputs in runtime.iter_batches(session, inputs, output_names=names):
         values = dict(zip(names, outputs))
-        for layer in eligible:
-            accumulators[layer.name].add(values[layer.input_name])
+        # One BLAS thread beside onnxruntime's spinning workers (see pipeline.factorize).
+        with threadpool_limits(1):
+            for layer in eligible:
+                accumulators[layer.name].add(values[layer.input_name])
     return {name: acc.result() for name, acc in accumulators.items()}
 
 
