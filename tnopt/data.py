@@ -219,6 +219,12 @@ def dataset_from_arrays(
             f"{source}: no array for model input(s) {', '.join(missing)} "
             f"(found: {', '.join(arrays) or 'none'})"
         )
+    strays = [k for k, v in arrays.items() if k not in names and np.ndim(v) == 0]
+    if strays:
+        raise DataError(
+            f"{source}: array {strays[0]!r} is a single value (0-d) and names no model input "
+            f"(inputs: {', '.join(names)}); a 0-d array feeds only a 0-d model input"
+        )
     axes = infer_batch_axes(specs, batch_axes)
     inputs, counts = {}, {}
     for spec in specs:

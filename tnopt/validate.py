@@ -219,10 +219,8 @@ def _npy_header(archive: zipfile.ZipFile, member: str, path) -> tuple[tuple, np.
 def _check_header(name: str, shape: tuple, dtype: np.dtype, where) -> None:
     if dtype.kind not in NUMERIC_KINDS:
         raise DataError(f"{where}: array {name!r} has dtype {dtype}; inputs must be numbers or booleans")
-    if len(shape) == 0:
-        raise DataError(
-            f"{where}: array {name!r} is a single value (0-d); every array needs the sample axis first"
-        )
+    # A 0-d array is a model input without a batch axis (a sample rate): tnopt.data checks it
+    # against the model, which alone knows whether such an input exists.
     if len(shape) >= 1 and shape[0] == 0:
         raise DataError(f"{where}: array {name!r} has 0 samples (shape {shape})")
 
