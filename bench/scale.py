@@ -376,6 +376,9 @@ def main(argv=None) -> int:
     p.add_argument("--det-pages", type=int, default=64)
     p.add_argument("--det-size", type=int, default=736)
     p.add_argument("--rec-lines", type=int, default=256)
+    p.add_argument(
+        "--resnet-args", default="", help="extra tnopt options for the ResNet-50 row (a reduced run)"
+    )
     p.add_argument("--depths", default="8,16,32,64")
     p.add_argument("--depth-samples", type=int, default=256)
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
@@ -398,7 +401,7 @@ def main(argv=None) -> int:
                     {"input": crops[:n]},
                     {"input": crops[n:]},
                     folder,
-                    ["--metric", "cosine"],
+                    ["--metric", "cosine", *args.resnet_args.split()],
                 )
             )
             del crops
