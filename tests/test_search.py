@@ -124,7 +124,7 @@ def test_metric_needs_labels(tmp_path):
         )
 
 
-def test_default_metric_without_labels_agreement_for_classifier_cosine_for_embedding():
+def test_default_metric_without_labels_agreement_for_classifier_fidelity_for_embedding():
     import numpy as np
     from helpers import init, make_model, planted_matrix, tensor
     from onnx import helper
@@ -146,7 +146,7 @@ def test_default_metric_without_labels_agreement_for_classifier_cosine_for_embed
         [tensor("y", ["N", 24])],
         [init("w", planted_matrix(32, 24, 24)), init("scale", [2.0])],
     )
-    for model, expected in ((classifier, "agreement"), (embedding, "cosine")):
+    for model, expected in ((classifier, "agreement"), (embedding, "fidelity")):
         _, report = tnopt.compress(
             model, budget=0.05, data=data, provider="cpu", cache_dir=None, latency_guard=False
         )
@@ -167,7 +167,7 @@ def test_search_times_and_rewrites_a_convtranspose():
     )
     data = {"x": np.random.default_rng(0).standard_normal((64, 32, 8, 8)).astype(np.float32)}
     _, report = tnopt.compress(model, budget=0.001, data=data, provider="cpu", cache_dir=None)
-    assert report.budget["metric"] == "cosine"
+    assert report.budget["metric"] == "fidelity"
     (entry,) = report.layers
     assert entry.latency_before_ms is not None and entry.latency_before_ms > 0
     assert entry.decision in ("rewritten", "kept") and entry.reason

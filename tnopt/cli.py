@@ -61,8 +61,19 @@ def compress_parser():
     p.add_argument("--drop-type", choices=("absolute", "relative"), default="absolute")
     p.add_argument(
         "--metric",
-        choices=("top1", "agreement", "cosine", "rel-l2"),
-        help="default: top1 with labels, else agreement for classifiers, else cosine",
+        help="top1 | agreement | cosine | rel-l2 | fidelity | detection | ctc | segmentation | embedding, "
+        "options after a colon (detection:iou=0.5,conf=0.25), or a plug-in package.module:function "
+        "(fn(reference_outputs, outputs, labels) -> score or per-sample scores, higher is better). "
+        "Default: top1 with labels, agreement for classifiers, else fidelity (worst channel group)",
+    )
+    p.add_argument(
+        "--metric-outputs", help="comma list of the outputs the metric and guard count (default: all)"
+    )
+    p.add_argument(
+        "--output-spec",
+        action="append",
+        default=[],
+        help="per-output channel groups: NAME:axis=K or NAME:groups=0-3,4- (repeatable)",
     )
     p.add_argument("--objective", choices=("params", "flops", "latency"), default="flops")
     p.add_argument(
@@ -210,6 +221,7 @@ def _compress(argv) -> int:
     # nor leave the model behind with exit 2.
     validate.check_cli_paths(args.model, args.output, args.report, args.plot)
     heal = _heal_config(args)
+    metric = _metric_request(args)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     cache = None if args.no_cache else (args.cache or _default_cache())
     with warnings.catch_warnings():
@@ -224,7 +236,7 @@ def _compress(argv) -> int:
             else {"max_drop": args.budget, "drop_type": args.drop_type},
             data=args.data,
             eval_data=args.eval_data,
-            metric=args.metric,
+            metric=metric,
             provider=args.provider,
             objective=args.objective,
             cache_dir=cache,
@@ -303,6 +315,21 @@ def _heal_config(args):
     )
 
 
+def _metric_request(args):
+    """--metric / --metric-outputs / --output-spec, parsed (and a plug-in imported) before any work."""
+    from tnopt.task_metrics import MetricRequest, parse_output_spec
+
+    if not (args.metric or args.metric_outputs or args.output_spec):
+        return None
+    outputs = None
+    if args.metric_outputs is not None:
+        outputs = [n.strip() for n in args.metric_outputs.split(",") if n.strip()]
+    if args.metric_outputs is not None and not outputs:
+        raise TnoptError("--metric-outputs needs at least one output name")
+    options = dict(parse_output_spec(text) for text in args.output_spec)
+    return MetricRequest(args.metric, outputs, options)
+
+
 def _default_cache() -> str:
     import os
 
@@ -343,6 +370,10 @@ def _inspect(argv) -> int:
     print(format_table(rows))
     n = sum(layer.candidate for layer in layers)
     print(f"\n{n} candidate layer(s) of {len(layers)}; FLOPs at inferred shapes with symbolic dims = 1")
+    from tnopt.metric_choice import describe_default
+
+    for line in describe_default(model):
+        print(line)
     return EXIT_OK
 
 

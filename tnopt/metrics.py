@@ -7,7 +7,7 @@ rel-l2 (lower is better), optionally relative to the reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -55,12 +55,18 @@ def rel_l2(reference, outputs, labels=None) -> float:
     return float(np.sqrt(np.sum((a - b) ** 2) / denom)) if denom > 0 else float(np.sqrt(np.sum(b**2)))
 
 
-@dataclass(frozen=True)
+@dataclass
 class Metric:
     name: str
     fn: Callable
     higher_is_better: bool = True
     needs_labels: bool = False
+    # Filled when the metric is bound to a run (tnopt.metric_choice): why it was chosen, what is
+    # doubtful about it, and the collapse guard checked on every plan.
+    reason: str = ""
+    warnings: list = field(default_factory=list)
+    suggestions: list = field(default_factory=list)
+    guard: object = None
 
     def __call__(self, reference, outputs, labels=None) -> float:
         return float(self.fn(reference, outputs, labels))
@@ -80,14 +86,21 @@ METRICS: dict[str, Metric] = {
 }
 
 
-def user_metric(fn: Callable, name: str | None = None) -> Metric:
-    """Wrap fn(outputs, labels) -> float (higher is better) supplied through the Python API."""
-    return Metric(name or getattr(fn, "__name__", "custom"), lambda ref, out, labels: fn(out, labels))
+def user_metric(fn: Callable, name: str | None = None):
+    """Wrap a callable from the Python API: fn(reference, outputs, labels) or fn(outputs, labels) ->
+    a number (higher is better) or per-sample scores (tnopt.task_metrics.Plugin)."""
+    from tnopt.task_metrics import plugin_from_callable
+
+    return plugin_from_callable(fn, name)
 
 
-def paired_standard_error(name: str, reference, outputs, labels=None) -> float:
+def paired_standard_error(metric, reference, outputs, labels=None) -> float:
     """Standard error of the measured drop, from per-sample paired differences (0 when the metric
-    has no per-sample form). A top-1 drop measured on n samples is uncertain by about this much."""
+    has no per-sample form). A top-1 drop measured on n samples is uncertain by about this much.
+    `metric` is a name or a metric object (task metrics carry their own standard error)."""
+    if hasattr(metric, "standard_error"):
+        return float(metric.standard_error(reference, outputs, labels))
+    name = getattr(metric, "name", metric)
     if name == "top1" and labels is not None:
         truth = np.asarray(labels).reshape(-1)
         diff = (_logits(reference).argmax(-1) == truth).astype(float) - (_logits(outputs).argmax(-1) == truth)
@@ -122,26 +135,15 @@ def fidelity_report(reference, outputs, labels=None) -> dict[str, float]:
 CLASSIFIER_HEADS = ("Gemm", "MatMul", "Add", "Softmax", "LogSoftmax", "Sigmoid")
 
 
-def choose_metric(metric, labels, synthetic: bool, reference_outputs, head_op: str | None) -> Metric:
-    """The metric the budget is charged in: the user's (name or callable), else top1 with labels,
-    agreement for a classifier head, cosine otherwise (an embedding's argmax means nothing)."""
-    from tnopt.errors import DataError, TnoptError
+def choose_metric(metric, labels, synthetic: bool, reference_outputs, head_op: str | None, model=None):
+    """The metric the budget is charged in, bound to this model's outputs and calibration data.
 
-    if isinstance(metric, Metric):
-        return metric
-    if callable(metric):
-        return user_metric(metric)
-    if metric is None:
-        if labels is not None:
-            return METRICS["top1"]
-        first = reference_outputs[0]
-        classifier = first.ndim == 2 and first.shape[1] >= 2 and head_op in CLASSIFIER_HEADS
-        return METRICS["agreement" if classifier else "cosine"]
-    if metric not in METRICS:
-        raise TnoptError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-    chosen = METRICS[metric]
-    if chosen.needs_labels and labels is None:
-        raise DataError(f"--metric {metric} needs labels: add a 'labels' array to the data file")
-    if synthetic and chosen.name == "top1":
-        raise DataError("top1 cannot be measured on random inputs; pass --data with labels")
-    return chosen
+    `metric`: a name, a spec string (`detection:iou=0.5`, `package.module:function`), a callable, a
+    metric object, or a `task_metrics.MetricRequest` (spec + counted outputs + per-output options).
+    Default: top1 with labels; agreement when every counted output is a classifier whose original
+    prediction varies; otherwise the worst channel group's standardised fidelity (whole-output cosine
+    cannot see a small-valued group beside a large one). The returned object carries `reason`,
+    `warnings`, `suggestions` and the collapse `guard`."""
+    from tnopt.metric_choice import choose
+
+    return choose(metric, labels, synthetic, reference_outputs, head_op, model)

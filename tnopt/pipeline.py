@@ -28,6 +28,7 @@ from tnopt.fixed import fixed_rank_plan
 from tnopt.graph import op_counts, parameter_count
 from tnopt.latency import whole_model_latency
 from tnopt.layout import activation_bytes, bind_dims, restore_interface
+from tnopt.metric_choice import add_output_figures
 from tnopt.metrics import fidelity_report
 from tnopt.passes import METHODS
 from tnopt.plan import Plan
@@ -273,6 +274,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         result = search_at(config.budget)
         plan, decisions = result.plan, result.decisions
         report.budget, report.budget_met, report.search = result.budget, result.budget_met, result.search
+        report.warnings.extend(result.budget.get("metric_warnings", []))
         report.timings.update(result.timings)
     else:
         plan, decisions = fixed_rank_plan(
@@ -300,6 +302,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     reference = runtime.run(original, evaluation.inputs)
     outputs = runtime.run(runtime.session(compressed, own=True), evaluation.inputs)
     report.metrics.update(fidelity_report(reference, outputs, evaluation.labels))
+    add_output_figures(report, original, reference, outputs, config.metric, say)
     clock.end()
     report.timings["validate_s"] = time.perf_counter() - compressed_eval_start
     if interface is not original:

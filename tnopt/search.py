@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from tnopt import budget as B
 from tnopt.cache import SensitivityCache
 from tnopt.graph import output_producer
+from tnopt.metric_choice import announce
 from tnopt.metrics import choose_metric
 from tnopt.objective import make_objective, needs_latency
 from tnopt.plan import Choice, Plan
@@ -108,11 +109,14 @@ class Search:
         reference = runner.runtime.run(original, calib.inputs)
         sweep_reference = [r[: len(sweep_data)] for r in reference]
         metric = choose_metric(
-            config.metric, calib.labels, calib.synthetic, reference, output_producer(original)
+            config.metric, calib.labels, calib.synthetic, reference, output_producer(original), model=original
         )
+        for line in announce(metric):
+            say(line)
         model_hash = hashlib.sha256(original.SerializeToString()).hexdigest()[:16]
+        metric_key = getattr(metric, "cache_key", metric.name)
         cache = SensitivityCache(
-            config.cache_dir, f"{model_hash}-{calib.fingerprint()}-{metric.name}-{factor_mode}-s{config.seed}"
+            config.cache_dir, f"{model_hash}-{calib.fingerprint()}-{metric_key}-{factor_mode}-s{config.seed}"
         )
         self.ctx = SearchContext(
             runner=runner,
@@ -144,6 +148,8 @@ class Search:
             "max_drop": ctx.max_drop,
             "drop_type": ctx.drop_type,
             "metric": ctx.metric.name,
+            "metric_reason": ctx.metric.reason,
+            "metric_warnings": list(ctx.metric.warnings),
             "objective": config.objective,
             "baseline_calibration": ctx.baseline,
             "calibration_samples": len(ctx.calib),
@@ -166,7 +172,9 @@ class Search:
         objective = make_objective(config.objective, ctx.methods, latency)
         options = priced_options(ctx, measured, objective, latency if latency_guard else None)
         best_pass, evaluated, curve = search_tau(ctx, options, self.refine)
-        final = best_pass or min(evaluated.values(), key=lambda r: (r["drop"], -r["saving"]))
+        final = best_pass or min(
+            evaluated.values(), key=lambda r: (bool(r["collapsed"]), r["drop"], -r["saving"])
+        )
         explain(ctx, final, options, measured, latency, latency_guard, decisions)
         held_out, miss = check_held_out(ctx, self.evaluation, final, best_pass)
         budget.update(held_out)

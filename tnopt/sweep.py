@@ -10,7 +10,7 @@ with that one layer rewritten, on the first MAX_SWEEP_SAMPLES calibration sample
 
 from __future__ import annotations
 
-from tnopt.metrics import rel_l2
+from tnopt.metric_choice import smooth_proxy
 from tnopt.passes import Refusal
 from tnopt.plan import Choice
 
@@ -92,7 +92,7 @@ def measure_alone(ctx, layer, method, rank) -> dict:
             value = ctx.metric(ctx.sweep_reference, outputs, data.labels)
             entry = {
                 "drop": ctx.drop_of(value, ctx.sweep_baseline),
-                "proxy": rel_l2(ctx.sweep_reference, outputs) ** 2,
+                "proxy": smooth_proxy(ctx.metric, ctx.sweep_reference, outputs),
                 "weight_error": factors.rel_error,
             }
         ctx.cache.put(key, entry)

@@ -304,11 +304,16 @@ def _methods(methods) -> None:
 
 def _metric(metric, data, eval_data) -> None:
     from tnopt.metrics import METRICS, Metric
+    from tnopt.task_metrics import MetricRequest, TaskMetric, known_names, parse_spec
 
-    if metric is None or callable(metric) or isinstance(metric, Metric):
+    if isinstance(metric, MetricRequest):
+        metric = metric.spec
+    if metric is None or callable(metric) or isinstance(metric, (Metric, TaskMetric)):
         return
     if metric not in METRICS:
-        raise TnoptError(f"--metric {metric!r}: choose from {', '.join(METRICS)}")
+        if parse_spec(metric) is not None:  # a task metric or plug-in: parsed (and imported) here
+            return
+        raise TnoptError(f"--metric {metric!r}: choose from {', '.join(known_names())}")
     if not METRICS[metric].needs_labels:
         return
     if data is None:

@@ -74,13 +74,15 @@ class _Verifier:
         value = ctx.metric(ctx.reference, outputs, ctx.calib.labels)
         # The empty plan is the original model itself: exact, no uncertainty to charge.
         margin = (
-            paired_standard_error(ctx.metric.name, ctx.reference, outputs, ctx.calib.labels)
+            paired_standard_error(ctx.metric, ctx.reference, outputs, ctx.calib.labels)
             if allocation
             else 0.0
         )
         if ctx.drop_type == "relative" and ctx.baseline:
             margin /= abs(ctx.baseline)
         drop = ctx.drop_of(value, ctx.baseline)
+        # Whatever the metric, a plan under which an output group or a classifier collapses is rejected.
+        collapsed = ctx.metric.guard.check(ctx.reference, outputs)[0] if allocation else []
         result = {
             "allocation": allocation,
             "plan": plan,
@@ -88,7 +90,8 @@ class _Verifier:
             "drop": drop,
             "margin": margin,
             "saving": B.total_saving(allocation),
-            "passed": drop + margin <= ctx.max_drop,
+            "passed": drop + margin <= ctx.max_drop and not collapsed,
+            "collapsed": collapsed,
         }
         self.evaluated[signature] = result
         return result
@@ -174,11 +177,13 @@ def check_held_out(ctx, evaluation, final, best_pass) -> tuple[dict, str | None]
     measurable = metric.name != "top1" or evaluation.labels is not None
     baseline = metric(reference, reference, evaluation.labels) if measurable else None
     drop = ctx.drop_of(metric(reference, outputs, evaluation.labels), baseline) if measurable else None
+    collapsed = metric.guard.check(reference, outputs)[0] if len(final["plan"]) else []
     held_out = {
         "drop_calibration": final["drop"],
         "margin_calibration": final["margin"],
         "drop_evaluation": drop,
         "baseline_evaluation": baseline,
+        "collapsed_evaluation": collapsed,
     }
     miss = None
     if best_pass is None:
@@ -191,4 +196,6 @@ def check_held_out(ctx, evaluation, final, best_pass) -> tuple[dict, str | None]
             f"{metric.name} drop on the evaluation data {drop:.4f} exceeds the budget {ctx.max_drop:g} "
             f"(calibration drop {final['drop']:.4f} ± {final['margin']:.4f})"
         )
+    elif collapsed:
+        miss = f"on the evaluation data the plan collapsed: {'; '.join(collapsed)}"
     return held_out, miss
