@@ -38,9 +38,9 @@ def bound(metric, reference, names=None, labels=None):
 
 # --------------------------------------------------------------------------- the two-group output
 def two_group_model(seed=0):
-    """y [N, 2, 32]: group 0 from a rank-4 Gemm scaled x100, group 1 from a full-rank Gemm (~1)."""
+    """y [N, 2, 32]: group 0 from a rank-4 Gemm (values ~100), group 1 from a full-rank Gemm (~1)."""
     rng = np.random.default_rng(seed)
-    big = (rng.standard_normal((64, 4)) @ rng.standard_normal((4, 32)) * 100).astype(np.float32)
+    big = (rng.standard_normal((64, 4)) @ rng.standard_normal((4, 32)) * 6).astype(np.float32)
     small = rng.standard_normal((64, 32)).astype(np.float32) / 8
     model = make_model(
         [
@@ -435,3 +435,45 @@ def test_inspect_says_which_metric_and_suggests_detection(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "metric without --metric: fidelity" in result.stdout
     assert "--metric detection:output=out" in result.stdout
+
+
+def test_fixed_ranks_flag_a_collapse_in_the_table_and_json():
+    model, data = two_group_model()
+    _, report = tnopt.compress(
+        model,
+        ranks={"small": 2},
+        data=data,
+        provider="cpu",
+        cache_dir=None,
+        correct=False,
+        data_aware=False,
+        methods="svd",
+    )
+    assert report.metrics["fidelity[y]"] < 0.5
+    assert any("collapsed" in w and "y[1]" in w for w in report.warnings)
+    assert "fidelity[y]" in report.summary_table()
+
+
+def test_bad_output_spec_and_metric_outputs_are_one_line_errors(plugin_setup):
+    folder, model = plugin_setup
+    for args, fragment in (
+        (["--output-spec", "y:groups=a-b"], "is not N, N-M or N-"),
+        (["--output-spec", "nocolon"], "expected NAME:axis=K"),
+        (["--metric-outputs", "nosuch"], "no output 'nosuch'"),
+    ):
+        result = run_cli(
+            model,
+            "-o",
+            folder / "out.onnx",
+            "--budget",
+            "5%",
+            "--data",
+            "data.npz",
+            *args,
+            "--no-cache",
+            "-q",
+            cwd=folder,
+        )
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0], result.stderr
