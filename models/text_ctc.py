@@ -231,7 +231,13 @@ def main(argv=None):
     parser.add_argument("--cpu-limit", type=float, default=840.0)
     parser.add_argument("--held-out", type=int, default=400)
     parser.add_argument("--eval-only", action="store_true")
+    parser.add_argument(
+        "--write-data", action="store_true", help="write models/text_calib.npz (64) and text_eval.npz (256)"
+    )
     args = parser.parse_args(argv)
+    if args.write_data:
+        print(write_data_files())
+        return
     sys.path.insert(0, os.path.dirname(HERE))
     if not args.eval_only:
         import torch
