@@ -372,7 +372,7 @@ def test_plugin_metric_from_the_cli_end_to_end(plugin_setup, function):
         ("myplug:missing", "has no attribute 'missing'"),
         ("myplug:not_a_function", "not a function"),
         ("myplug:wrong_type", "returned str"),
-        ("bogus", "unknown metric 'bogus'"),
+        ("bogus", "--metric 'bogus': choose from"),
     ],
 )
 def test_bad_plugin_is_one_line_error(plugin_setup, spec, fragment):
