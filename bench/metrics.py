@@ -47,6 +47,8 @@ from tnopt.runtime import Runtime  # noqa: E402
 from tnopt.task_metrics import parse_spec  # noqa: E402
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tnopt-bench"
+# Calibration samples per model (--calib); 64 is the issue's scenario (64 unlabelled images).
+CALIB_SAMPLES = 64
 ALL_MODELS = ["shapes-detector", "text-ctc", "onet", "rec-tiny", "det-tiny"]
 
 
@@ -54,7 +56,7 @@ ALL_MODELS = ["shapes-detector", "text-ctc", "onet", "rec-tiny", "det-tiny"]
 def shapes_detector():
     import shapes_detector as det
 
-    calib, _ = det.make_data(64, det.CALIB_SEED)
+    calib, _ = det.make_data(CALIB_SAMPLES, det.CALIB_SEED)
     evaluation, _ = det.make_data(128, det.EVAL_SEED)
     held_out, _ = det.make_data(400, det.HELD_OUT_SEED)
     return dict(
@@ -71,7 +73,7 @@ def shapes_detector():
 def text_ctc():
     import text_ctc as ctc
 
-    calib, _ = ctc.make_data(64, ctc.CALIB_SEED)
+    calib, _ = ctc.make_data(CALIB_SAMPLES, ctc.CALIB_SEED)
     evaluation, _ = ctc.make_data(128, ctc.EVAL_SEED)
     held_out, _ = ctc.make_data(400, ctc.HELD_OUT_SEED)
     return dict(
@@ -132,7 +134,7 @@ def rec_tiny():
     return dict(
         path=str(assets / "PP-OCRv6_rec_tiny.onnx"),
         input="x",
-        calib=_rec_images(64, 2000),
+        calib=_rec_images(CALIB_SAMPLES, 2000),
         eval=_rec_images(128, 3000),
         held_out=_rec_images(400, 1000),
         task="ctc:blank=0",
@@ -171,7 +173,7 @@ def det_tiny():
     return dict(
         path=str(assets / "PP-OCRv6_det_tiny.onnx"),
         input="x",
-        calib=_text_pages(64, 2000),
+        calib=_text_pages(CALIB_SAMPLES, 2000),
         eval=_text_pages(96, 3000),
         held_out=_text_pages(320, 1000),
         task="segmentation:threshold=0.3",
@@ -253,7 +255,7 @@ def onet():
     return dict(
         path=str(path),
         input="crop",
-        calib=_face_crops(64, 2000),
+        calib=_face_crops(CALIB_SAMPLES, 2000),
         eval=_face_crops(128, 3000),
         held_out=_face_crops(400, 1000),
         task="onet_task:agreement",
@@ -362,9 +364,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(ALL_MODELS))
     parser.add_argument("--budget", type=float, default=0.01)
+    parser.add_argument("--calib", type=int, default=64, help="calibration samples per model")
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     parser.add_argument("--json", default=None, help="also write every row as JSON here")
     args = parser.parse_args(argv)
+    global CALIB_SAMPLES
+    CALIB_SAMPLES = args.calib
 
     def log(message):
         print(message, file=sys.stderr, flush=True)
@@ -409,7 +414,8 @@ def main(argv=None):
     body = (
         f"\n### bench/metrics.py — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
         f"`python bench/metrics.py {' '.join(argv or sys.argv[1:])}` at commit {commit}, CPU provider, "
-        f"budget {args.budget:g} (absolute drop of the charged metric), cold sensitivity cache per run. "
+        f"budget {args.budget:g} (absolute drop of the charged metric), {args.calib} calibration samples, "
+        "cold sensitivity cache per run. "
         f"Load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f} on 2 cores (other helpers' "
         "training, tests and benches were running). Held-out task drop = 100 x (1 - task score of the "
         "compressed model against the original's own predictions) on held-out data the search never saw.\n\n"
