@@ -284,7 +284,7 @@ def held_out_task(spec, original_path, compressed, model_info, runtime, referenc
     return score
 
 
-def bench_model(name, budget, runtime, cache_dir, log):
+def bench_model(name, budget, runtime, cache_dir, log, rows_wanted=("default", "task", "cosine"), extra=()):
     import onnx
 
     info = PREPARE[name]()
@@ -293,7 +293,9 @@ def bench_model(name, budget, runtime, cache_dir, log):
     base.bind(output_infos(onnx.load(info["path"]), reference), reference, None, None)
     base_details = base.score(reference, reference).details
     rows = []
-    for row, spec in (("default", None), ("task", info["task"]), ("cosine", "cosine")):
+    plan = [("default", None), ("task", info["task"]), ("cosine", "cosine")]
+    plan = [(r, s) for r, s in plan if r in rows_wanted] + [(spec, spec) for spec in extra]
+    for row, spec in plan:
         started = time.perf_counter()
         try:
             model, report = tnopt.compress(
@@ -365,6 +367,8 @@ def main(argv=None):
     parser.add_argument("--models", default=",".join(ALL_MODELS))
     parser.add_argument("--budget", type=float, default=0.01)
     parser.add_argument("--calib", type=int, default=64, help="calibration samples per model")
+    parser.add_argument("--rows", default="default,task,cosine", help="which of the three rows to run")
+    parser.add_argument("--extra-metric", action="append", default=[], help="another metric spec as a row")
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     parser.add_argument("--json", default=None, help="also write every row as JSON here")
     args = parser.parse_args(argv)
@@ -387,7 +391,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as cache_dir:  # cold: every row sweeps for itself
         for name in args.models.split(","):
             try:
-                rows += bench_model(name, args.budget, runtime, cache_dir, log)
+                rows += bench_model(
+                    name, args.budget, runtime, cache_dir, log, args.rows.split(","), args.extra_metric
+                )
             except Exception as exc:
                 rows.append({"model": name, "row": "all", "error": f"{type(exc).__name__}: {exc}"})
                 log(f"{name}: {type(exc).__name__}: {exc}")
