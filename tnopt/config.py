@@ -122,7 +122,7 @@ class RunConfig:
         object.__setattr__(self, "exclude_pattern", pattern)
         object.__setattr__(self, "method_names", tuple(resolve_methods(self.methods)))
         object.__setattr__(self, "method_table", self.method_options.table())
-        from tnopt.heal import config_from
+        from tnopt.heal_budget import config_from
 
         object.__setattr__(self, "heal_config", config_from(self.heal, self.seed))
 

@@ -18,7 +18,7 @@ from typing import Callable
 import onnx
 from threadpoolctl import threadpool_limits
 
-from tnopt import gain, io, numerics, validate
+from tnopt import gain, heal_budget, io, numerics, validate
 from tnopt import heal as healing
 from tnopt.analyze import Layer, analyze, at_data_shapes
 from tnopt.config import RunConfig, resolve_methods
@@ -267,7 +267,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         return searched.run()
 
     if config.budget is not None and heal_config is not None:
-        plan, decisions = healing.heal_budgeted_plan(
+        plan, decisions = heal_budget.heal_budgeted_plan(
             runner, config, search_at, calib, heal_holdout, evaluation, report, say
         )
     elif config.budget is not None:
@@ -284,7 +284,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
             _prepare_for_refiners(runner, plan, refiners, table)
             plan = apply_refiners(refiners, plan)
         if heal_config is not None and len(plan):
-            plan = healing.heal_fixed_plan(runner, config, plan, calib, heal_holdout, report, say)
+            plan = heal_budget.heal_fixed_plan(runner, config, plan, calib, heal_holdout, report, say)
     clock.end()
     report.timings["plan_s"] = time.perf_counter() - started
 

@@ -1,0 +1,255 @@
+"""The budget knows about healing: plans are judged after they were healed.
+
+A plan searched under budget × looseness (1, then looser) is healed (`tnopt.heal.heal`), then gated on
+the held-out split; the loosest passing plan is refined by a geometric bisection step. A plan already
+within budget before healing is not healed. Also the pipeline's two entry points: heal a fixed-rank
+plan, heal inside a budgeted search.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+from tnopt.errors import TnoptError
+from tnopt.heal import HealConfig, heal
+from tnopt.plan import Plan
+
+
+def clone_config(config: HealConfig, **changes) -> HealConfig:
+    values = asdict(config)
+    values.update(changes)
+    return HealConfig(**values)
+
+
+@dataclass
+class Trial:
+    """One plan of the heal-aware budget: searched under budget × looseness, healed, gated."""
+
+    looseness: float
+    saving: float
+    drop_before: float  # held-out, before healing
+    drop_after: float  # held-out, after healing
+    margin: float  # standard error of drop_after
+    passed: bool
+    heal: dict
+    seconds: float
+    plan: Plan = field(default_factory=Plan, repr=False)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "plan"}
+
+
+def budgeted_heal(
+    search_at,
+    heal_plan,
+    gate,
+    saving,
+    max_drop: float,
+    say=lambda m: None,
+    looseness=(1.0, 4.0),
+    max_looseness: float = 16.0,
+    refine_steps: int = 1,
+):
+    """The largest-saving plan that still meets the budget after healing.
+
+    `search_at(f)` → choices searched under the budget × f (a looser proxy budget lets the search
+    cut deeper, trusting healing to recover); `heal_plan(choices)` → (choices, HealResult);
+    `gate(choices)` → (drop, margin) on held-out calibration data neither the search's correction
+    nor healing saw; `saving(choices)` → the objective's saving. Looseness doubles (×4) from the
+    starting points while healed plans pass, then bisects geometrically between the last pass and
+    the first failure. A plan that already passes unhealed is not healed (its saving would not
+    change). Returns (best passing trial or the smallest-drop one, all trials)."""
+    trials: list[Trial] = []
+
+    def run(factor: float) -> Trial:
+        started = time.perf_counter()
+        plan = search_at(factor)
+        drop_before, margin = gate(plan)
+        if len(plan) and drop_before + margin > max_drop:
+            healed, result = heal_plan(plan)
+            drop_after, margin = gate(healed)
+        else:  # already within budget unhealed (or empty): healing would not change the saving
+            healed, result, drop_after = plan, None, drop_before
+        trial = Trial(
+            factor,
+            saving(healed),
+            drop_before,
+            drop_after,
+            margin,
+            drop_after + margin <= max_drop,
+            result.to_dict() if result else {},
+            time.perf_counter() - started,
+            healed,
+        )
+        say(
+            f"heal budget: looseness {factor:g}: drop {drop_before:.4f} -> {drop_after:.4f} healed "
+            f"(± {margin:.4f}), {'pass' if trial.passed else 'fail'}, saving {trial.saving:,.0f}"
+        )
+        trials.append(trial)
+        return trial
+
+    low, high = None, None
+    for factor in looseness:
+        if run(factor).passed:
+            low = factor
+        else:
+            high = factor
+            break
+    while high is None and low is not None and low * 4 <= max_looseness:
+        factor = low * 4
+        if run(factor).passed:
+            low = factor
+        else:
+            high = factor
+    for _ in range(refine_steps if low is not None and high is not None else 0):
+        factor = math.sqrt(low * high)
+        if run(factor).passed:
+            low = factor
+        else:
+            high = factor
+    passing = [t for t in trials if t.passed]
+    best = max(passing, key=lambda t: t.saving) if passing else min(trials, key=lambda t: t.drop_after)
+    return best, trials
+
+
+__all__ = ["Trial", "budgeted_heal", "clone_config", "config_from", "heal_fixed_plan", "heal_budgeted_plan"]
+
+
+# --- the pipeline's entry points ---------------------------------------------------------------------
+
+
+def config_from(heal, seed: int = 0) -> HealConfig | None:
+    """None (no healing), True (default steps), a step count, or a HealConfig."""
+    if heal is None or heal is False:
+        return None
+    if isinstance(heal, HealConfig):
+        return heal
+    if heal is True:
+        return HealConfig(seed=seed)
+    steps = int(heal)
+    if steps < 1:
+        raise TnoptError(f"--heal STEPS must be ≥ 1, got {heal}")
+    return HealConfig(steps=steps, seed=seed)
+
+
+def _gate(runner, data, metric_choice, drop_type: str):
+    """A function plan → (metric drop, its standard error) on `data`, and the metric used."""
+    from tnopt.graph import output_producer
+    from tnopt.metrics import choose_metric, paired_standard_error
+
+    reference = runner.run(Plan(), data.inputs)
+    metric = choose_metric(
+        metric_choice, data.labels, data.synthetic, reference, output_producer(runner.original)
+    )
+    measurable = metric.name != "top1" or data.labels is not None
+    baseline = metric(reference, reference, data.labels) if measurable else None
+
+    def gate(plan) -> tuple[float | None, float]:
+        if not measurable:
+            return None, 0.0
+        outputs = runner.run(plan, data.inputs)
+        value = metric(reference, outputs, data.labels)
+        margin = paired_standard_error(metric.name, reference, outputs, data.labels) if len(plan) else 0.0
+        if drop_type == "relative" and baseline:
+            margin /= abs(baseline)
+        return metric.drop(value, baseline, drop_type), margin
+
+    return gate, metric
+
+
+def heal_fixed_plan(runner, run_config, plan, train, holdout, report, say):
+    """Fixed ranks: heal the plan; the report gets the held-out drop before and after."""
+    config = run_config.heal_config
+    gate, used = _gate(runner, holdout, run_config.metric, "absolute")
+    started = time.perf_counter()
+    before, _ = gate(plan)
+    healed, result = heal(runner, plan, train, holdout, config, say)
+    after, margin = gate(healed)
+    report.heal = {
+        "config": asdict(config),
+        "metric": used.name,
+        "holdout": holdout.source,
+        "plans": [
+            {
+                "looseness": None,
+                "drop_before": before,
+                "drop_after": after,
+                "margin": margin,
+                "seconds": time.perf_counter() - started,
+                "heal": result.to_dict(),
+            }
+        ],
+        "seconds": time.perf_counter() - started,
+    }
+    if before is not None:
+        say(f"heal: held-out {used.name} drop {before:.4f} -> {after:.4f} in {result.seconds:.1f} s")
+    return healed
+
+
+def heal_budgeted_plan(runner, run_config, search_at, train, holdout, evaluation, report, say):
+    """Budgeted search that judges plans after healing (see `budgeted_heal`): `search_at(budget)`
+    runs the search under another budget and returns its SearchResult. Fills report.budget,
+    report.search (the chosen plan's search) and report.heal (every plan tried)."""
+    from tnopt import budget as B
+
+    config = run_config.heal_config
+    started = time.perf_counter()
+    max_drop, drop_type = B.parse_budget(run_config.budget)
+    gate, used = _gate(runner, holdout, run_config.metric, drop_type)
+    searched: dict[float, object] = {}
+
+    def search_plan(factor: float) -> Plan:
+        searched[factor] = search_at({"max_drop": max_drop * factor, "drop_type": drop_type})
+        return searched[factor].plan
+
+    def heal_plan(plan):
+        return heal(runner, plan, train, holdout, config, say)
+
+    by_params = run_config.objective == "params"
+
+    def saving(plan) -> float:
+        total = 0
+        for c in plan:
+            cost = runner.methods[c.method].cost(c.layer, c.factors.rank)
+            total += (c.layer.params - cost.params) if by_params else (c.layer.flops - cost.flops)
+        return float(total)
+
+    best, trials = budgeted_heal(search_plan, heal_plan, gate, saving, max_drop, say)
+    result = searched[best.looseness]
+    report.search = dict(result.search)
+    report.timings.update(result.timings)
+    eval_gate, _ = _gate(runner, evaluation, used.name, drop_type)
+    eval_drop, _ = eval_gate(best.plan)
+    report.budget = dict(result.budget)
+    report.budget.update(
+        {
+            "max_drop": max_drop,
+            "proxy_max_drop": max_drop * best.looseness,
+            "drop_holdout_healed": best.drop_after,
+            "margin_holdout_healed": best.margin,
+            "drop_evaluation": eval_drop,
+        }
+    )
+    miss = None
+    if not best.passed:
+        miss = (
+            f"no healed plan meets a {used.name} drop ≤ {max_drop:g} on the held-out calibration data "
+            f"(smallest {best.drop_after:.4f} ± {best.margin:.4f})"
+        )
+    elif eval_drop is not None and eval_drop > max_drop + 1e-12:
+        miss = f"{used.name} drop on the evaluation data {eval_drop:.4f} exceeds the budget {max_drop:g}"
+    report.search["miss_reason"] = miss or ""
+    report.budget_met = miss is None
+    if miss:
+        say(f"budget not met: {miss}")
+    report.heal = {
+        "config": asdict(config),
+        "metric": used.name,
+        "holdout": holdout.source,
+        "chosen_looseness": best.looseness,
+        "plans": [t.to_dict() for t in trials],
+        "seconds": time.perf_counter() - started,
+    }
+    return best.plan, result.decisions
