@@ -8,7 +8,6 @@ error: …` and exit 4 (the traceback only with --debug).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
@@ -163,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             return _list_methods()
         if argv and argv[0] in SUBCOMMANDS:
             rest = [a for a in argv[1:] if a != DEBUG_FLAG]
-            return {"inspect": _inspect, "compare": _compare}[argv[0]](rest)
+            from tnopt import cli_tools
+
+            return {"inspect": cli_tools.inspect_command, "compare": cli_tools.compare_command}[argv[0]](rest)
         return _compress(argv)
     except TnoptError as exc:
         print(f"tnopt: error: {_one_line(exc)}", file=sys.stderr)
@@ -334,89 +335,6 @@ def _default_cache() -> str:
     import os
 
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tnopt")
-
-
-def _inspect(argv) -> int:
-    from tnopt import io
-    from tnopt.analyze import analyze
-    from tnopt.report import format_table
-
-    p = _Parser(prog="tnopt inspect", description="List the layers tnopt can factorize.")
-    p.add_argument("model")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--cuts", action="store_true", help="per Conv layer: kernel norm kept per cut at 2x/4x/8x")
-    args = p.parse_args(argv)
-    model = io.load_model(args.model)
-    layers = analyze(model)
-    if args.cuts:
-        from tnopt.cuts import cut_table
-
-        return cut_table(layers, as_json=args.json)
-    if args.json:
-        print(json.dumps([layer.to_dict() for layer in layers], indent=2))
-        return EXIT_OK
-    rows = [("name", "op", "weight", "params", "FLOPs", "status")]
-    for layer in layers:
-        rows.append(
-            (
-                layer.name,
-                layer.op,
-                "x".join(map(str, layer.weight_shape)),
-                f"{layer.params:,}",
-                f"{layer.flops:,}",
-                "candidate" if layer.candidate else f"skip: {layer.skip_reason}",
-            )
-        )
-    print(format_table(rows))
-    n = sum(layer.candidate for layer in layers)
-    print(f"\n{n} candidate layer(s) of {len(layers)}; FLOPs at inferred shapes with symbolic dims = 1")
-    from tnopt.metric_choice import describe_default
-
-    for line in describe_default(model):
-        print(line)
-    return EXIT_OK
-
-
-def _compare(argv) -> int:
-    from tnopt import io
-    from tnopt.data import input_specs, random_inputs
-    from tnopt.metrics import fidelity_report
-    from tnopt.pipeline import load_data, summarize
-    from tnopt.report import format_table
-    from tnopt.runtime import Runtime
-
-    p = _Parser(prog="tnopt compare", description="Compare two models' outputs and sizes.")
-    p.add_argument("reference")
-    p.add_argument("candidate")
-    p.add_argument("--data")
-    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
-    args = p.parse_args(argv)
-    from tnopt import validate
-
-    if args.data is not None:
-        validate.check_data_source(args.data)
-    a, b = io.load_model(args.reference), io.load_model(args.candidate)
-    for model in (a, b):
-        validate.check_model_outputs(model)
-    data = load_data(args.data, a) if args.data else random_inputs(input_specs(a), 64)
-    if data.synthetic:
-        print(
-            f"warning: no --data: compared on {len(data)} seeded random inputs; only agreement, cosine "
-            "and rel-l2 mean anything on them",
-            file=sys.stderr,
-        )
-    runtime = Runtime(args.provider)
-    values = fidelity_report(runtime.run(a, data.inputs), runtime.run(b, data.inputs), data.labels)
-    sa, sb = summarize(a), summarize(b)
-    rows = [
-        ("", "reference", "candidate"),
-        ("params", f"{sa.params:,}", f"{sb.params:,}"),
-        ("FLOPs", f"{sa.flops:,}", f"{sb.flops:,}"),
-        ("file bytes", f"{sa.file_bytes:,}", f"{sb.file_bytes:,}"),
-    ]
-    rows += [(k, "", f"{v:.4f}") for k, v in values.items()]
-    print(format_table(rows))
-    return EXIT_OK
 
 
 if __name__ == "__main__":

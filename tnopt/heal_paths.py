@@ -1,0 +1,218 @@
+"""The two ways healing trains a plan's factors (see `tnopt.heal` for the loss and the protocol).
+
+heal_graph:  the whole original graph in torch (`tnopt.torch_graph`), each rewritten node replaced
+             by its method's differentiable forward; teacher outputs streamed from onnxruntime.
+heal_blocks: layer by layer in graph order, on activations captured in onnxruntime from the
+             compressed model whose upstream layers are already healed (graphs that do not convert).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tnopt.heal import MAX_CAPTURE_BYTES, HealResult, _EarlyStop, _nmse, _Trainer, _writeback, augment_images
+from tnopt.plan import Plan
+
+
+class _Stream:
+    """Batches handed to the runner one at a time: the teacher runs on exactly the (augmented) batch
+    the student trains on, through one session, without holding more than that batch."""
+
+    def __init__(self):
+        self.batch = None
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
+def _effective_bias(layer, args):
+    """The layer's bias as its node has it at run time (Conv B, Gemm beta·C; MatMul none)."""
+    if layer.op == "MatMul" or len(args) < 3 or args[2] is None:
+        return None
+    return args[2] * float(layer.attr("beta", 1.0)) if layer.op == "Gemm" else args[2]
+
+
+def heal_graph(runner, graph, plan, train, holdout, config, say):
+    import torch
+
+    methods = runner.methods
+    trainer = _Trainer(
+        {f"{c.layer.name}\x00{k}": v for c in plan for k, v in c.factors.arrays.items()}, config, config.steps
+    )
+    by_layer: dict[str, dict] = {}
+    for key, tensor in trainer.params.items():
+        layer_name, array_name = key.split("\x00")
+        by_layer.setdefault(layer_name, {})[array_name] = tensor
+    captured: dict = {}
+
+    def replacement(choice):
+        layer, method = choice.layer, methods[choice.method]
+
+        def run(args):
+            y = method.forward(
+                layer, by_layer[layer.name], args[layer.data_index], _effective_bias(layer, args)
+            )
+            captured[layer.output_name] = y
+            return y
+
+        return run
+
+    graph.replacements = {c.layer.name: replacement(c) for c in plan}
+    outputs = list(graph.outputs)
+    features = [c.layer.output_name for c in plan if c.layer.output_name not in outputs]
+    stream = _Stream()
+    # The teacher: the original model in onnxruntime, its outputs and the rewritten layers' outputs.
+    teacher = iter(runner.capture(Plan(), outputs + features, stream, board=False))
+    held_reference = runner.run(Plan(), holdout.inputs)
+    float_outputs = [i for i, r in enumerate(held_reference) if r.dtype.kind == "f"]
+    rng = np.random.default_rng(config.seed)
+    labels = train.labels
+
+    def output_loss(student, targets):
+        return sum(
+            _nmse(student[outputs[i]], torch.from_numpy(np.asarray(targets[i]))) for i in float_outputs
+        )
+
+    def holdout_loss() -> float:
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(holdout), 256):
+                feeds = {k: torch.from_numpy(v[start : start + 256]) for k, v in holdout.inputs.items()}
+                student = graph.run(feeds, outputs)
+                targets = [r[start : start + 256] for r in held_reference]
+                n = len(next(iter(feeds.values())))
+                total += float(output_loss(student, targets)) * n
+        return total / max(len(holdout), 1)
+
+    result = HealResult(
+        "graph", layers=[c.layer.name for c in plan], train_samples=len(train), holdout_samples=len(holdout)
+    )
+    result.holdout_loss_before = holdout_loss()
+    stopper = _EarlyStop(config.patience)
+    stopper.update(result.holdout_loss_before, 0)
+    n = len(train)
+    batch = min(config.batch_size, n, runner.runtime.batch_size)
+    order, cursor = rng.permutation(n), 0
+    for step in range(1, config.steps + 1):
+        if cursor + batch > n:
+            order, cursor = rng.permutation(n), 0
+        index = np.sort(order[cursor : cursor + batch])
+        cursor += batch
+        stream.batch = augment_images({k: v[index] for k, v in train.inputs.items()}, config.augment, rng)
+        _, target = next(teacher)
+        captured.clear()
+        student = graph.run({k: torch.from_numpy(v) for k, v in stream.batch.items()}, outputs)
+        loss = output_loss(student, [target[name] for name in outputs])
+        if config.feature_weight and plan.choices:
+            feature = sum(
+                _nmse(captured[c.layer.output_name], torch.from_numpy(target[c.layer.output_name]))
+                for c in plan
+            ) / len(plan)
+            loss = loss + config.feature_weight * feature
+        if labels is not None and config.label_weight and float_outputs:
+            logits = student[outputs[float_outputs[0]]]
+            if logits.dim() == 2 and logits.shape[1] > int(labels.max()):
+                loss = loss + config.label_weight * torch.nn.functional.cross_entropy(
+                    logits, torch.from_numpy(labels[index]).long()
+                )
+        trainer.step(loss)
+        result.steps, result.sample_steps = step, result.sample_steps + batch
+        if step % config.eval_every == 0 or step == config.steps:
+            value = holdout_loss()
+            improved, stop = stopper.update(value, step)
+            if improved:
+                trainer.best = trainer.snapshot()
+            say(f"heal: step {step} held-out loss {value:.5f}{' *' if improved else ''}")
+            if stop:
+                break
+    result.best_step, result.holdout_loss_after = stopper.best_step, stopper.best
+    trained: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in trainer.best.items():
+        layer_name, array_name = key.split("\x00")
+        trained.setdefault(layer_name, {})[array_name] = value
+    return _writeback(plan, trained), result
+
+
+def _gather(batches, name) -> np.ndarray:
+    return np.concatenate([values[name] for _, values in batches])
+
+
+def _capture_rows(runner, names, inputs, limit_bytes) -> int:
+    """How many samples of `inputs` fit the capture budget for these tensors (original model)."""
+    probe = {k: v[:2] for k, v in inputs.items()}
+    sizes = [_gather(runner.capture(Plan(), [name], probe, board=False), name).nbytes for name in names]
+    return int(max(16, limit_bytes // max(1, sum(sizes) // 2)))
+
+
+def heal_blocks(runner, plan, train, holdout, config, say):
+    """Layer by layer in graph order on captured activations (no graph conversion needed): each
+    layer's inputs come from the compressed model with its upstream layers already healed."""
+    import torch
+
+    methods = runner.methods
+    rng = np.random.default_rng(config.seed)
+    train_inputs = dict(train.inputs)
+    if config.augment:
+        extra = augment_images(train_inputs, config.augment, rng)
+        train_inputs = {k: np.concatenate([v, extra[k]]) for k, v in train_inputs.items()}
+    result = HealResult(
+        "block", train_samples=len(next(iter(train_inputs.values()))), holdout_samples=len(holdout)
+    )
+    healed = plan
+    before, after = [], []
+    for choice in plan:  # plans list their layers in graph order
+        layer, method = choice.layer, methods[choice.method]
+        if layer.has_bias and layer.bias is None:
+            result.skipped[layer.name] = "bias is not a constant per-channel vector"
+            continue
+        names = [layer.input_name, layer.output_name]
+        rows = _capture_rows(runner, names, train_inputs, MAX_CAPTURE_BYTES)
+        feeds = {k: v[:rows] for k, v in train_inputs.items()}
+        hold_feeds = {k: v[: min(len(holdout), rows)] for k, v in holdout.inputs.items()}
+        x_train = _gather(runner.capture(healed, [layer.input_name], feeds, board=False), layer.input_name)
+        t_train = _gather(runner.capture(Plan(), [layer.output_name], feeds, board=False), layer.output_name)
+        x_hold = _gather(
+            runner.capture(healed, [layer.input_name], hold_feeds, board=False), layer.input_name
+        )
+        t_hold = _gather(
+            runner.capture(Plan(), [layer.output_name], hold_feeds, board=False), layer.output_name
+        )
+        x_hold, t_hold = torch.from_numpy(x_hold), torch.from_numpy(t_hold)
+        bias = None if layer.bias is None else torch.from_numpy(np.asarray(layer.bias, np.float32))
+        trainer = _Trainer(choice.factors.arrays, config, config.steps)
+
+        def hold_loss():
+            with torch.no_grad():
+                return float(_nmse(method.forward(layer, trainer.params, x_hold, bias), t_hold))
+
+        stopper = _EarlyStop(config.patience)
+        start_loss = hold_loss()
+        stopper.update(start_loss, 0)
+        n, batch = len(x_train), min(config.batch_size, len(x_train))
+        order, cursor = rng.permutation(n), 0
+        for step in range(1, config.steps + 1):
+            if cursor + batch > n:
+                order, cursor = rng.permutation(n), 0
+            index = np.sort(order[cursor : cursor + batch])
+            cursor += batch
+            x = torch.from_numpy(x_train[index])
+            loss = _nmse(method.forward(layer, trainer.params, x, bias), torch.from_numpy(t_train[index]))
+            trainer.step(loss)
+            result.steps += 1
+            result.sample_steps += batch
+            if step % config.eval_every == 0 or step == config.steps:
+                improved, stop = stopper.update(hold_loss(), step)
+                if improved:
+                    trainer.best = trainer.snapshot()
+                if stop:
+                    break
+        before.append(start_loss)
+        after.append(stopper.best)
+        say(f"heal: {layer.name} held-out layer loss {start_loss:.5f} -> {stopper.best:.5f}")
+        healed = _writeback(healed, {layer.name: trainer.best})
+        result.layers.append(layer.name)
+    # Block-local losses are per layer: the report gets their mean.
+    result.holdout_loss_before = float(np.mean(before)) if before else 0.0
+    result.holdout_loss_after = float(np.mean(after)) if after else 0.0
+    return healed, result
