@@ -28,11 +28,10 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import budget as budget_bench  # noqa: E402
 from tnopt.passes import METHODS  # noqa: E402
 
 import tnopt  # noqa: E402
@@ -41,12 +40,9 @@ from tnopt.heal import HealConfig  # noqa: E402
 
 
 def load_splits(calib_n: int):
-    with np.load(ROOT / "models" / "calib.npz") as a:
-        calib = {"input": a["input"][:calib_n]}
-        labelled = {"input": a["input"][:calib_n], "labels": a["labels"][:calib_n]}
-    with np.load(ROOT / "models" / "eval.npz") as a:
-        evaluation = {"input": a["input"], "labels": a["labels"]}
-    return calib, labelled, evaluation
+    """bench/budget.py's splits, plus the calibration images without their labels (label-free)."""
+    labelled, evaluation = budget_bench.load_splits(calib_n)
+    return {"input": labelled["input"]}, labelled, evaluation
 
 
 def heal_sample_steps(report) -> int:

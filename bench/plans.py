@@ -21,17 +21,10 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_splits(calib_n: int):
-    with np.load(ROOT / "models" / "calib.npz") as a:
-        calib = {"input": a["input"][:calib_n], "labels": a["labels"][:calib_n]}
-    with np.load(ROOT / "models" / "eval.npz") as a:
-        evaluation = {"input": a["input"], "labels": a["labels"]}
-    return calib, evaluation
+sys.path.insert(0, str(ROOT / "bench"))
+# The same splits as bench/budget.py (that script exists unchanged in the trees compared).
+from budget import load_splits  # noqa: E402
 
 
 def run(models, budgets, calib_n):
