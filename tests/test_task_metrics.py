@@ -477,3 +477,73 @@ def test_bad_output_spec_and_metric_outputs_are_one_line_errors(plugin_setup):
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+# --------------------------------------------------------------------------- the default for recognised outputs
+def scattered_yolo(images=24, classes=3, anchors=64, seed=0):
+    """[N, 4+C, A]: 2 objects per image at random anchors, boxes in pixels, scores in 0..1."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((images, 4 + classes, anchors), np.float32)
+    out[:, :4] = rng.uniform(2, 60, size=(images, 4, anchors))
+    out[:, 4:] = rng.uniform(0, 0.1, size=(images, classes, anchors))
+    for n in range(images):
+        for a in rng.choice(anchors, 2, replace=False):
+            out[n, :4, a] = (rng.uniform(10, 50), rng.uniform(10, 50), 8, 8)
+            out[n, 4 + rng.integers(classes), a] = rng.uniform(0.6, 1.0)
+    return out
+
+
+def test_default_is_detection_for_a_yolo_output_and_fidelity_when_not_recognised():
+    from tnopt.metric_choice import choose
+
+    reference = [scattered_yolo()]
+    chosen = choose(None, None, False, reference, "Concat")
+    assert chosen.name == "detection" and "YOLO-style" in chosen.reason and chosen.guard is not None
+    # what whole-output cosine lets through (class scores shuffled across anchors) the default rejects
+    damaged = [reference[0].copy()]
+    damaged[0][:, 4:] = np.random.default_rng(1).permutation(damaged[0][:, 4:].transpose(2, 0, 1)).transpose(
+        1, 2, 0
+    )
+    assert cosine(reference, damaged) >= 0.99
+    assert chosen(reference, damaged) < 0.5
+    # scores outside 0..1 (logits), too few objects, or a second counted output: the safe fidelity default
+    logits = [reference[0] * np.r_[np.ones(4), 8 * np.ones(3)][None, :, None].astype(np.float32) - 1]
+    assert choose(None, None, False, logits, "Concat").name == "fidelity"
+    assert choose(None, None, False, [scattered_yolo(images=4)], "Concat").name == "fidelity"
+    state = np.zeros((24, 5), np.float32)
+    assert choose(None, None, False, reference + [state], "Concat").name == "fidelity"
+
+
+def softmax_steps(samples=16, steps=12, classes=6, blank=5, seed=0, blank_share=0.7):
+    rng = np.random.default_rng(seed)
+    best = np.where(rng.random((samples, steps)) < blank_share, blank, rng.integers(0, classes, (samples, steps)))
+    logits = rng.normal(0, 0.3, (samples, steps, classes))
+    logits[np.arange(samples)[:, None], np.arange(steps)[None, :], best] += 4
+    probs = np.exp(logits)
+    return (probs / probs.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_default_is_ctc_with_the_dominant_class_as_blank_and_per_class_groups_otherwise():
+    from tnopt.metric_choice import choose
+
+    reference = [softmax_steps(blank=5)]
+    chosen = choose(None, None, False, reference, "Softmax")
+    assert chosen.name == "ctc" and chosen.blank == 5
+    # no dominant class: not CTC-shaped; fidelity's channels are the softmax's classes, not time steps
+    flat = [softmax_steps(blank=5, blank_share=0.0)]
+    chosen = choose(None, None, False, flat, "Softmax")
+    assert chosen.name == "fidelity"
+    assert chosen.layout.axes == {0: 2} and len(chosen.layout.groups) == 6
+    # a class the data never shows is floored at a probability spread of 0.01: its round-off is no collapse
+    rare = flat[0].copy()
+    rare[..., 0] = 1e-6
+    rare /= rare.sum(axis=-1, keepdims=True)
+    noisy = rare.copy()
+    noisy[..., 0] += 1e-3
+    guard = CollapseGuard([OutputInfo("p", rare.shape, "Softmax")], [rare], [0], {})
+    assert guard.layout.groups[0].spread == pytest.approx(0.01)
+    assert guard.check([rare], [noisy])[0] == []
+    # a class that is read, then destroyed, is one
+    destroyed = rare.copy()
+    destroyed[..., 3] = destroyed[..., 3].mean()
+    assert any("p[3]" in reason for reason in guard.check([rare], [destroyed])[0])

@@ -28,6 +28,7 @@ from tnopt.task_metrics import (
     plugin_from_callable,
     suggest,
 )
+from tnopt.task_metrics.recognise import recognise_task
 
 
 def output_infos(model, reference_outputs) -> list[OutputInfo]:
@@ -116,8 +117,13 @@ def _default(labels, infos, reference, indices, request):
         chosen = dataclasses.replace(METRICS["agreement"], warnings=[], suggestions=[])
         chosen.reason = "classifier output: top-1 agreement with the original"
         return chosen
+    # a YOLO-style detector or CTC recognizer output: its task metric (why: tnopt/task_metrics/recognise.py)
+    recognised = None if request.output_options else recognise_task(infos, reference, indices)
+    if recognised is not None:
+        chosen, chosen.reason = recognised
+        return chosen
     chosen = Fidelity("fidelity", {}, request.output_options)
-    why = "not every counted output is a classifier"
+    why = "not every counted output is a classifier or a recognised detector / CTC output"
     if constant:
         why = (
             f"the original predicts one class on every calibration sample for "
@@ -237,6 +243,12 @@ def describe_default(model) -> list[str]:
             f"metric without --metric: fidelity, the worst channel group's standardised R^2 ({shapes}: "
             "not every output is a classifier; channel axis 1 for rank >= 3, one group per channel)"
         ]
+        if len(infos) == 1 and len(infos[0].shape) == 3:
+            lines[0] += (
+                "; unless the calibration data shows a YOLO-style detector (score rows in 0..1, boxes in "
+                "pixels) or a CTC recognizer (a Softmax whose argmax is mostly one class, the blank): then "
+                "that task metric, decided at the start of the run"
+            )
     lines += [f"suggested task metric: --metric {hint}" for hint in suggest(infos)]
     return lines
 

@@ -20,6 +20,24 @@ def _channel_view(array: np.ndarray, axis: int) -> np.ndarray:
     return moved.reshape(moved.shape[0], moved.shape[1], -1)
 
 
+# A Softmax output holds probabilities, whose scale means something: a class that varies by less than
+# this on the calibration data never carries a decision, and its round-off must not count as a collapse
+# (a recognizer's 6906-class softmax has thousands of classes the data never shows).
+PROBABILITY_SPREAD_FLOOR = 0.01
+
+
+def _default_axis(info, array: np.ndarray) -> int | None:
+    """Channel axis when the user gave none: for a Softmax output of rank >= 3 the axis it normalises
+    (its classes: per-class groups, not per time step or per pixel), else 1 for rank >= 3, else none."""
+    if array.ndim < 3:
+        return None
+    if getattr(info, "producer", None) == "Softmax" and array.size:
+        for axis in (array.ndim - 1, *range(1, array.ndim - 1)):
+            if np.allclose(array.sum(axis=axis), 1.0, atol=1e-3):
+                return axis
+    return 1
+
+
 @dataclass
 class _Group:
     output: int  # index into the model's outputs
@@ -38,6 +56,7 @@ class GroupLayout:
         self.groups: list[_Group] = []
         self.axes: dict[int, int] = {}
         self.skipped: list[str] = []
+        self.probability_outputs = {i for i in indices if getattr(infos[i], "producer", None) == "Softmax"}
         for index in indices:
             info = infos[index]
             array = np.asarray(reference[index])
@@ -45,7 +64,7 @@ class GroupLayout:
                 self.skipped.append(f"{info.name} (not float)")
                 continue
             opts = output_options.get(info.name, OutputOptions())
-            axis = opts.axis if opts.axis is not None else (1 if array.ndim >= 3 else None)
+            axis = opts.axis if opts.axis is not None else _default_axis(info, array)
             if axis is not None and not 1 <= (axis % max(array.ndim, 1)) < array.ndim:
                 raise TnoptError(
                     f"--output-spec {info.name}: axis {axis} does not fit its shape {array.shape}"
@@ -77,32 +96,43 @@ class GroupLayout:
             return array.reshape(len(array), 1, -1)
         return _channel_view(array, axis)
 
+    def _group_means(self, index: int, per_channel: np.ndarray) -> np.ndarray:
+        """[n, C] per-channel means -> [n, G_index] means over each group's channels (vectorised: a
+        softmax over 6906 classes is 6906 groups)."""
+        members = [g for g in self.groups if g.output == index]
+        starts = np.array([g.start for g in members])
+        stops = np.array([g.stop for g in members])
+        cumulative = np.concatenate([np.zeros((len(per_channel), 1)), np.cumsum(per_channel, axis=1)], axis=1)
+        return (cumulative[:, stops] - cumulative[:, starts]) / (stops - starts)
+
     def _measure_spreads(self, reference) -> None:
-        for group in self.groups:
-            values = self.view(group.output, reference[group.output])[:, group.start : group.stop]
-            group.mean = float(values.mean()) if values.size else 0.0
-            group.spread = float(values.std()) if values.size else 0.0
-        for index in {g.output for g in self.groups}:
+        for index in dict.fromkeys(g.output for g in self.groups):
             members = [g for g in self.groups if g.output == index]
+            values = self.view(index, reference[index])
+            if values.size == 0:
+                for g in members:
+                    g.mean, g.spread = 0.0, 0.0
+            else:
+                means = self._group_means(index, values.mean(axis=2)).mean(axis=0)
+                squares = self._group_means(index, (values * values).mean(axis=2)).mean(axis=0)
+                for g, mean, square in zip(members, means, squares):
+                    g.mean, g.spread = float(mean), float(np.sqrt(max(square - mean * mean, 0.0)))
             floor = max(SPREAD_FLOOR * max(g.spread for g in members), 1e-12)
+            if index in self.probability_outputs:
+                floor = max(floor, PROBABILITY_SPREAD_FLOOR)
             for g in members:
                 g.spread = max(g.spread, floor)
 
     def squared_errors(self, reference, outputs) -> np.ndarray:
         """[n, G]: each sample's mean squared error in each group, over that group's spread squared."""
         columns = []
-        views = {}
-        for group in self.groups:
-            if group.output not in views:
-                views[group.output] = (
-                    self.view(group.output, reference[group.output]),
-                    self.view(group.output, outputs[group.output]),
-                )
-            a, b = views[group.output]
-            diff = a[:, group.start : group.stop] - b[:, group.start : group.stop]
-            per_sample = (diff * diff).reshape(len(diff), -1).mean(axis=1)
-            columns.append(per_sample / (group.spread * group.spread))
-        return np.stack(columns, axis=1) if columns else np.zeros((len(reference[0]), 0))
+        for index in dict.fromkeys(g.output for g in self.groups):
+            diff = self.view(index, reference[index]) - self.view(index, outputs[index])
+            columns.append(self._group_means(index, (diff * diff).mean(axis=2)))
+        if not columns:
+            return np.zeros((len(reference[0]), 0))
+        spreads = np.array([g.spread for g in self.groups])
+        return np.concatenate(columns, axis=1) / (spreads * spreads)
 
 
 class _FidelityAccumulator:
