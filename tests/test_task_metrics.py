@@ -479,7 +479,7 @@ def test_bad_output_spec_and_metric_outputs_are_one_line_errors(plugin_setup):
         assert len(lines) == 1 and fragment in lines[0], result.stderr
 
 
-# --------------------------------------------------------------------------- the default for recognised outputs
+# --------------------------------------------------------------------------- default for recognised outputs
 def scattered_yolo(images=24, classes=3, anchors=64, seed=0):
     """[N, 4+C, A]: 2 objects per image at random anchors, boxes in pixels, scores in 0..1."""
     rng = np.random.default_rng(seed)
@@ -516,7 +516,8 @@ def test_default_is_detection_for_a_yolo_output_and_fidelity_when_not_recognised
 
 def softmax_steps(samples=16, steps=12, classes=6, blank=5, seed=0, blank_share=0.7):
     rng = np.random.default_rng(seed)
-    best = np.where(rng.random((samples, steps)) < blank_share, blank, rng.integers(0, classes, (samples, steps)))
+    other = rng.integers(0, classes, (samples, steps))
+    best = np.where(rng.random((samples, steps)) < blank_share, blank, other)
     logits = rng.normal(0, 0.3, (samples, steps, classes))
     logits[np.arange(samples)[:, None], np.arange(steps)[None, :], best] += 4
     probs = np.exp(logits)

@@ -82,9 +82,9 @@ def recognise_task(infos: list[OutputInfo], reference, indices: list[int]) -> tu
         if found >= MIN_DETECTIONS:
             shape = tuple(array.shape[1:])
             return metric, (
-                f"{info.name} [N, {shape[0]}, {shape[1]}] is a YOLO-style detector output (score rows in 0..1, "
-                f"box rows in pixels; the original finds {found} objects in the calibration data): detection "
-                f"F1 against the original's detections (IoU {metric.iou}, conf {metric.conf}, NMS "
+                f"{info.name} [N, {shape[0]}, {shape[1]}] is a YOLO-style detector output (score rows in "
+                f"0..1, box rows in pixels; the original finds {found} objects in the calibration data): "
+                f"detection F1 against the original's detections (IoU {metric.iou}, conf {metric.conf}, NMS "
                 f"{metric.nms_iou}); every channel group's fidelity is still guarded against collapse"
             )
     blank = _ctc_blank(info, array)
@@ -99,8 +99,8 @@ def recognise_task(infos: list[OutputInfo], reference, indices: list[int]) -> tu
             return None
         return metric, (
             f"{info.name} [N, {array.shape[1]}, {array.shape[2]}] is a per-step class distribution whose "
-            f"argmax is class {blank} at most steps (CTC's blank; the original reads {characters} characters in "
-            "the calibration data): character accuracy of the greedy CTC "
+            f"argmax is class {blank} at most steps (CTC's blank; the original reads {characters} characters "
+            "in the calibration data): character accuracy of the greedy CTC "
             "decode against the original's text; every channel group's fidelity is still guarded against "
             "collapse"
         )
