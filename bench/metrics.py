@@ -50,6 +50,10 @@ from tnopt.task_metrics import parse_spec  # noqa: E402
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tnopt-bench"
 # Calibration samples per model (--calib); 64 is the issue's scenario (64 unlabelled images).
 CALIB_SAMPLES = 64
+# --eval-data samples and held-out samples per model (--eval, --held-out; det-tiny uses 3/4 of each)
+EVAL_SAMPLES = 128
+HELD_OUT_SAMPLES = 400
+PAGE_SIZE = 128
 ALL_MODELS = ["shapes-detector", "text-ctc", "onet", "rec-tiny", "det-tiny"]
 
 
@@ -58,8 +62,8 @@ def shapes_detector():
     import shapes_detector as det
 
     calib, _ = det.make_data(CALIB_SAMPLES, det.CALIB_SEED)
-    evaluation, _ = det.make_data(128, det.EVAL_SEED)
-    held_out, _ = det.make_data(400, det.HELD_OUT_SEED)
+    evaluation, _ = det.make_data(EVAL_SAMPLES, det.EVAL_SEED)
+    held_out, _ = det.make_data(HELD_OUT_SAMPLES, det.HELD_OUT_SEED)
     return dict(
         path=det.ONNX_PATH,
         input="images",
@@ -75,8 +79,8 @@ def text_ctc():
     import text_ctc as ctc
 
     calib, _ = ctc.make_data(CALIB_SAMPLES, ctc.CALIB_SEED)
-    evaluation, _ = ctc.make_data(128, ctc.EVAL_SEED)
-    held_out, _ = ctc.make_data(400, ctc.HELD_OUT_SEED)
+    evaluation, _ = ctc.make_data(EVAL_SAMPLES, ctc.EVAL_SEED)
+    held_out, _ = ctc.make_data(HELD_OUT_SAMPLES, ctc.HELD_OUT_SEED)
     return dict(
         path=ctc.ONNX_PATH,
         input="x",
@@ -112,8 +116,8 @@ def rec_tiny():
         path=str(assets / "PP-OCRv6_rec_tiny.onnx"),
         input="x",
         calib=_rec_images(CALIB_SAMPLES, 2000),
-        eval=_rec_images(128, 3000),
-        held_out=_rec_images(400, 1000),
+        eval=_rec_images(EVAL_SAMPLES, 3000),
+        held_out=_rec_images(HELD_OUT_SAMPLES, 1000),
         task="ctc:blank=0",
         what="character accuracy vs original",
         methods="tucker2,svd",
@@ -150,9 +154,9 @@ def det_tiny():
     return dict(
         path=str(assets / "PP-OCRv6_det_tiny.onnx"),
         input="x",
-        calib=_text_pages(CALIB_SAMPLES, 2000),
-        eval=_text_pages(96, 3000),
-        held_out=_text_pages(320, 1000),
+        calib=_text_pages(CALIB_SAMPLES, 2000, PAGE_SIZE),
+        eval=_text_pages(EVAL_SAMPLES * 3 // 4, 3000, PAGE_SIZE),
+        held_out=_text_pages(HELD_OUT_SAMPLES * 4 // 5, 1000, PAGE_SIZE),
         task="segmentation:threshold=0.3",
         what="text-map IoU vs original (threshold 0.3)",
         methods="tucker2,svd",
@@ -233,8 +237,8 @@ def onet():
         path=str(path),
         input="crop",
         calib=_face_crops(CALIB_SAMPLES, 2000),
-        eval=_face_crops(128, 3000),
-        held_out=_face_crops(400, 1000),
+        eval=_face_crops(EVAL_SAMPLES, 3000),
+        held_out=_face_crops(HELD_OUT_SAMPLES, 1000),
         task="onet_task:agreement",
         what="O-Net decision + box + landmark agreement vs original (plug-in)",
     )
@@ -258,7 +262,24 @@ def held_out_task(spec, original_path, compressed, model_info, runtime, referenc
     metric.bind(output_infos(original, reference), reference, None, None)
     outputs = runtime.run(compressed, {model_info["input"]: model_info["held_out"]})
     score = metric.score(reference, outputs)
-    return score
+    return score, group_fidelity(original, reference, outputs)
+
+
+def group_fidelity(original, reference, outputs, worst=4) -> dict:
+    """Diagnosis: the collapse guard's standardised R^2 of each channel group on the held-out data (the
+    groups the fidelity default would be charged on), the `worst` few by name and every group's minimum."""
+    from tnopt.task_metrics import CollapseGuard
+
+    infos = output_infos(original, reference)
+    guard = CollapseGuard(infos, reference, list(range(len(infos))), {})
+    n = len(reference[0])
+    errors = sum(  # in chunks: a 6906-class softmax at float64 is large
+        guard.layout.squared_errors([r[b : b + 64] for r in reference], [o[b : b + 64] for o in outputs])
+        .sum(0)
+        for b in range(0, n, 64)
+    ) / n
+    order = np.argsort(-errors)[:worst]
+    return {guard.layout.groups[g].label: round(1 - float(errors[g]), 4) for g in order}
 
 
 def bench_model(name, budget, runtime, cache_dir, log, rows_wanted=("default", "task", "cosine"), extra=()):
@@ -293,7 +314,7 @@ def bench_model(name, budget, runtime, cache_dir, log, rows_wanted=("default", "
             log(f"{name} {row}: {type(exc).__name__}: {exc}")
             continue
         seconds = time.perf_counter() - started
-        score = held_out_task(info["task"], info["path"], model, info, runtime, reference)
+        score, groups = held_out_task(info["task"], info["path"], model, info, runtime, reference)
         rows.append(
             {
                 "model": name,
@@ -309,6 +330,8 @@ def bench_model(name, budget, runtime, cache_dir, log, rows_wanted=("default", "
                 "task_value": score.value,
                 "task_stderr": score.stderr,
                 "task_details": score.details,
+                "worst_groups_held_out": groups,
+                "metric_reason": report.budget.get("metric_reason", ""),
                 "held_out": len(info["held_out"]),
                 "what": info["what"],
                 "seconds": seconds,
@@ -344,13 +367,17 @@ def main(argv=None):
     parser.add_argument("--models", default=",".join(ALL_MODELS))
     parser.add_argument("--budget", type=float, default=0.01)
     parser.add_argument("--calib", type=int, default=64, help="calibration samples per model")
+    parser.add_argument("--eval", type=int, default=128, help="--eval-data samples per model")
+    parser.add_argument("--held-out", type=int, default=400, help="held-out samples per model")
+    parser.add_argument("--page-size", type=int, default=128, help="det-tiny page side in pixels")
     parser.add_argument("--rows", default="default,task,cosine", help="which of the three rows to run")
     parser.add_argument("--extra-metric", action="append", default=[], help="another metric spec as a row")
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     parser.add_argument("--json", default=None, help="also write every row as JSON here")
     args = parser.parse_args(argv)
-    global CALIB_SAMPLES
-    CALIB_SAMPLES = args.calib
+    global CALIB_SAMPLES, EVAL_SAMPLES, HELD_OUT_SAMPLES, PAGE_SIZE
+    CALIB_SAMPLES, EVAL_SAMPLES, HELD_OUT_SAMPLES = args.calib, args.eval, args.held_out
+    PAGE_SIZE = args.page_size
 
     def log(message):
         print(message, file=sys.stderr, flush=True)
@@ -381,7 +408,7 @@ def main(argv=None):
     for r in rows:
         if "error" in r:
             continue
-        extra = r["task_details"]
+        extra = dict(r["task_details"])
         if "reference_detections" in r["reference_details"]:
             extra = {
                 "original_detections": r["reference_details"]["reference_detections"],
@@ -389,6 +416,7 @@ def main(argv=None):
             }
         elif "groups" in extra:
             extra = {}
+        extra["worst group R^2 held-out"] = r["worst_groups_held_out"]
         details.append(
             f"- {r['model']} / {r['row']}: held-out {r['held_out']} images, task = {r['what']}; "
             f"charged-metric drop on --eval-data {r['charged_drop_eval']}; "
@@ -398,6 +426,8 @@ def main(argv=None):
         f"\n### bench/metrics.py — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
         f"`python bench/metrics.py {' '.join(argv or sys.argv[1:])}` at commit {commit}, CPU provider, "
         f"budget {args.budget:g} (absolute drop of the charged metric), {args.calib} calibration samples, "
+        f"{args.eval} --eval-data samples, {args.held_out} held-out (det-tiny: 3/4 and 4/5 of these, "
+        f"{args.page_size}-pixel pages), "
         "cold sensitivity cache per run. "
         f"Load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f} on 2 cores (other helpers' "
         "training, tests and benches were running). Held-out task drop = 100 x (1 - task score of the "
