@@ -273,11 +273,15 @@ def group_fidelity(original, reference, outputs, worst=4) -> dict:
     infos = output_infos(original, reference)
     guard = CollapseGuard(infos, reference, list(range(len(infos))), {})
     n = len(reference[0])
-    errors = sum(  # in chunks: a 6906-class softmax at float64 is large
-        guard.layout.squared_errors([r[b : b + 64] for r in reference], [o[b : b + 64] for o in outputs])
-        .sum(0)
-        for b in range(0, n, 64)
-    ) / n
+    errors = (
+        sum(  # in chunks: a 6906-class softmax at float64 is large
+            guard.layout.squared_errors(
+                [r[b : b + 64] for r in reference], [o[b : b + 64] for o in outputs]
+            ).sum(0)
+            for b in range(0, n, 64)
+        )
+        / n
+    )
     order = np.argsort(-errors)[:worst]
     return {guard.layout.groups[g].label: round(1 - float(errors[g]), 4) for g in order}
 

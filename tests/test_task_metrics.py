@@ -501,8 +501,8 @@ def test_default_is_detection_for_a_yolo_output_and_fidelity_when_not_recognised
     assert chosen.name == "detection" and "YOLO-style" in chosen.reason and chosen.guard is not None
     # what whole-output cosine lets through (class scores shuffled across anchors) the default rejects
     damaged = [reference[0].copy()]
-    damaged[0][:, 4:] = np.random.default_rng(1).permutation(damaged[0][:, 4:].transpose(2, 0, 1)).transpose(
-        1, 2, 0
+    damaged[0][:, 4:] = (
+        np.random.default_rng(1).permutation(damaged[0][:, 4:].transpose(2, 0, 1)).transpose(1, 2, 0)
     )
     assert cosine(reference, damaged) >= 0.99
     assert chosen(reference, damaged) < 0.5
