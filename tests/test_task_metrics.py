@@ -548,3 +548,24 @@ def test_default_is_ctc_with_the_dominant_class_as_blank_and_per_class_groups_ot
     destroyed = rare.copy()
     destroyed[..., 3] = destroyed[..., 3].mean()
     assert any("p[3]" in reason for reason in guard.check([rare], [destroyed])[0])
+
+
+def test_default_for_a_sigmoid_probability_map_is_the_worst_iou_over_thresholds():
+    from tnopt.metric_choice import choose
+
+    rng = np.random.default_rng(0)
+    maps = np.zeros((8, 1, 16, 16), np.float32)
+    maps[:, :, 4:10, 3:12] = 0.75  # a region the original calls text at 0.3, 0.5 and 0.7
+    maps[:, :, 12:14, 2:6] = 0.95
+    maps += rng.uniform(0, 0.05, maps.shape).astype(np.float32)
+    chosen = choose(None, None, False, [maps], "Sigmoid")
+    assert chosen.name == "segmentation" and "0.3, 0.5, 0.7" in chosen.reason
+    # pushed from 0.75 to 0.65: identical at 0.3 and 0.5, gone at 0.7; the default charges the worst
+    faded = maps.copy()
+    faded[:, :, 4:10, 3:12] -= 0.1
+    score = chosen.score([maps], [faded])
+    assert score.details["iou_at"]["0.5"] == pytest.approx(1.0) and score.details["worst"] == 0.7
+    assert score.value < 0.5
+    # not written by a Sigmoid (a regression map), or empty at 0.5: the fidelity default
+    assert choose(None, None, False, [maps], "Conv").name == "fidelity"
+    assert choose(None, None, False, [maps * 0.4], "Sigmoid").name == "fidelity"

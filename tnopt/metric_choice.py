@@ -243,11 +243,11 @@ def describe_default(model) -> list[str]:
             f"metric without --metric: fidelity, the worst channel group's standardised R^2 ({shapes}: "
             "not every output is a classifier; channel axis 1 for rank >= 3, one group per channel)"
         ]
-        if len(infos) == 1 and len(infos[0].shape) == 3:
+        if len(infos) == 1 and len(infos[0].shape) in (3, 4):
             lines[0] += (
                 "; unless the calibration data shows a YOLO-style detector (score rows in 0..1, boxes in "
-                "pixels) or a CTC recognizer (a Softmax whose argmax is mostly one class, the blank): then "
-                "that task metric, decided at the start of the run"
+                "pixels), a CTC recognizer (a Softmax whose argmax is mostly one class, the blank) or a "
+                "Sigmoid probability map [N, 1, H, W]: then that task metric, decided at the start of the run"
             )
     lines += [f"suggested task metric: --metric {hint}" for hint in suggest(infos)]
     return lines
