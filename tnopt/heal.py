@@ -1,9 +1,14 @@
 """Healing: train the factors of the rewritten layers so the compressed model reproduces the original.
 
     min over the factors (and refitted biases) of the rewritten layers, everything else frozen:
-        Σ_outputs ‖f̂(x) − f(x)‖² / ‖f(x)‖²                       distillation, f from onnxruntime
+        Σ_outputs D(f̂(x), f(x))                                  distillation, f from onnxruntime
       + λ_feat · mean_layers ‖ĥ_l(x) − h_l(x)‖² / ‖h_l(x)‖²      intermediate features (whole graph)
       + λ_label · CE(f̂(x), y)                                   only when labels are given
+
+    D matches the metric the budget charges: for top-1 / agreement, T²·KL(softmax(f/T) ‖ softmax(f̂/T))
+    on the classifier output (the softmax is what decides the argmax; squared logit error spends its
+    effort on logits that never flip); for cosine, the mean per-sample 1 − cos(f̂, f); otherwise the
+    normalised squared error ‖f̂ − f‖² / ‖f‖².
 
 Whole-graph path: the original graph runs in torch (`tnopt.torch_graph`) with each rewritten node
 replaced by its method's differentiable `forward` on trainable factors; the teacher (outputs and the
@@ -12,8 +17,11 @@ Block-local path (graphs the interpreter cannot run): layer by layer in graph or
 factors are trained so that, fed with its inputs in the compressed model whose upstream layers are
 already healed, it reproduces the original layer's output, on activations captured in onnxruntime.
 
-Part of the calibration data is held out: the held-out distillation loss stops training early (the
-best state is kept) and the budget gate is judged there, never on the samples healing saw. A fixed
+Part of the calibration data is held out for the budget gate, which healing never sees. A further
+slice of the training part (the selection split) picks the checkpoint and stops training early: the
+checkpoint kept is the one with the smallest drop in the charged metric there (drops within one
+sample's resolution are ties, broken by the smaller distillation loss), not merely the smallest loss
+(measured: the logit loss fell while agreement on held-out images did not improve). A fixed
 seed gives identical factors. The trained arrays replace the factors' arrays; the rewrite builds the
 same nodes from them, so every other initializer is byte-identical and the node list unchanged.
 """
@@ -46,7 +54,9 @@ class HealConfig:
     feature_weight: float = 0.1
     label_weight: float = 1.0
     eval_every: int = 25
-    patience: int = 4  # evaluations without a better held-out loss before stopping
+    patience: int = 4  # evaluations without a better selection score before stopping
+    temperature: float = 2.0  # of the softmax KL when the budget charges top-1 / agreement
+    select_fraction: float = 0.125  # of the training part: picks the checkpoint, never trained on
     seed: int = 0
     path: str = "auto"  # auto | graph | block
     max_samples: int = 8192
@@ -61,8 +71,12 @@ class HealResult:
     best_step: int = 0
     train_samples: int = 0
     holdout_samples: int = 0
-    holdout_loss_before: float = 0.0
+    select_samples: int = 0
+    loss: str = "nmse"  # the distillation distance D: kl | cosine | nmse
+    holdout_loss_before: float = 0.0  # the distillation loss on the selection split
     holdout_loss_after: float = 0.0
+    select_drop_before: float | None = None  # the charged metric's drop on the selection split
+    select_drop_after: float | None = None
     seconds: float = 0.0
     layers: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # layer → why it was not trained
@@ -131,6 +145,43 @@ def _nmse(student, teacher):
     return torch.mean((student - teacher) ** 2) / (torch.mean(teacher**2) + 1e-12)
 
 
+def _softmax_kl(student, teacher, temperature: float):
+    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)), mean over samples (classes on the last axis)."""
+    import torch
+
+    t = temperature
+    teacher = teacher.to(student.dtype).reshape(-1, teacher.shape[-1])
+    log_p = torch.log_softmax(teacher / t, dim=-1)
+    log_q = torch.log_softmax(student.reshape(-1, student.shape[-1]) / t, dim=-1)
+    return (t * t) * torch.sum(log_p.exp() * (log_p - log_q), dim=-1).mean()
+
+
+def _cosine_distance(student, teacher):
+    """Mean over samples of 1 − cos(student, teacher), each sample's output flattened."""
+    import torch
+
+    a = student.reshape(len(student), -1)
+    b = teacher.to(student.dtype).reshape(len(teacher), -1)
+    return (1 - torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)).mean()
+
+
+def loss_kind(metric_name: str | None) -> str:
+    """The distillation distance that matches the charged metric (see the module docstring)."""
+    if metric_name in ("top1", "agreement"):
+        return "kl"
+    return "cosine" if metric_name == "cosine" else "nmse"
+
+
+def distillation_loss(kind: str, student, teacher, temperature: float = 2.0):
+    """D(student, teacher) for one output tensor. KL needs class scores on the last axis of a tensor
+    with more than one class; anything else falls back to the normalised squared error."""
+    if kind == "kl" and student.dim() >= 2 and student.shape[-1] > 1:
+        return _softmax_kl(student, teacher, temperature)
+    if kind == "cosine" and student.dim() >= 2:
+        return _cosine_distance(student, teacher)
+    return _nmse(student, teacher)
+
+
 class _Trainer:
     """Adam on a dict of named tensors, each with a step size relative to its own RMS, cosine decay."""
 
@@ -177,15 +228,57 @@ class _EarlyStop:
         return False, self.bad >= self.patience
 
 
-def heal(runner, plan, train, holdout, config: HealConfig, say=lambda m: None) -> tuple[Plan, HealResult]:
+class CheckpointSelector:
+    """Keeps the checkpoint with the smallest metric drop on the selection split; drops within
+    `tolerance` of the smallest seen (one sample's resolution for a counted metric) are ties, won by
+    the smaller distillation loss. Stops after `patience` evaluations without a new best."""
+
+    def __init__(self, patience: int, tolerance: float = 0.0):
+        self.patience, self.tolerance = patience, tolerance
+        self.best_drop, self.best_loss, self.best_step, self.bad = math.inf, math.inf, 0, 0
+        self.chosen_drop = math.inf  # the drop of the kept checkpoint (≤ best_drop + tolerance)
+
+    def update(self, drop: float | None, loss: float, step: int) -> tuple[bool, bool]:
+        """(improved, stop). `drop` None (metric not measurable): the loss alone decides."""
+        drop = 0.0 if drop is None else float(drop)
+        clearly_better = drop < self.best_drop - self.tolerance - 1e-12
+        tie = drop <= self.best_drop + self.tolerance + 1e-12
+        if clearly_better or (tie and loss < self.best_loss * (1 - 1e-4)):
+            self.best_drop = min(self.best_drop, drop)
+            self.best_loss, self.best_step, self.bad, self.chosen_drop = loss, step, 0, drop
+            return True, False
+        self.best_drop = min(self.best_drop, drop)
+        self.bad += 1
+        return False, self.bad >= self.patience
+
+
+def split_selection(train, config: HealConfig):
+    """(train, selection): the selection split is the last `config.select_fraction` of the training
+    part (at least 8 samples, leaving at least 8 to train on); without one, (train, None)."""
+    n = len(train)
+    count = int(round(n * config.select_fraction))
+    if config.select_fraction <= 0 or n < 16:
+        return train, None
+    count = min(max(count, 8), n - 8)
+    return train.split((n - count) / n)
+
+
+def heal(
+    runner, plan, train, holdout, config: HealConfig, say=lambda m: None, metric=None
+) -> tuple[Plan, HealResult]:
     """`plan` with healed factors (same layers, methods, ranks) and what healing did. `runner`: the
-    run's PlanRunner (the original model, its runtime and method table)."""
+    run's PlanRunner (the original model, its runtime and method table); `metric`: the metric the
+    budget charges (a bound `tnopt.metrics.Metric`), which chooses the distillation distance and the
+    checkpoint. `holdout` is the gate's: healing uses it only when the training part is too small
+    to give a selection split."""
     import torch
 
     started = time.perf_counter()
     plan = Plan.of(plan)
     torch.manual_seed(config.seed)
     check_augment(runner.original, config.augment)
+    train, select = split_selection(train, config)
+    select = holdout if select is None else select
     result, reason = None, "--heal-path block"
     if config.path in ("auto", "graph"):
         from tnopt.torch_graph import NotConvertible, TorchGraph
@@ -200,12 +293,13 @@ def heal(runner, plan, train, holdout, config: HealConfig, say=lambda m: None) -
         else:
             from tnopt.heal_paths import heal_graph
 
-            healed, result = heal_graph(runner, graph, plan, train, holdout, config, say)
+            healed, result = heal_graph(runner, graph, plan, train, select, config, say, metric)
     if result is None:
         from tnopt.heal_paths import heal_blocks
 
-        healed, result = heal_blocks(runner, plan, train, holdout, config, say)
+        healed, result = heal_blocks(runner, plan, train, select, config, say)
         result.reason = reason
+    result.holdout_samples, result.select_samples = len(holdout), len(select)
     result.seconds = time.perf_counter() - started
     return healed, result
 
@@ -230,8 +324,12 @@ __all__ = [
     "AUGMENTATIONS",
     "HealConfig",
     "HealResult",
+    "CheckpointSelector",
     "augment_images",
+    "distillation_loss",
     "heal",
+    "loss_kind",
+    "split_selection",
     "parse_augment",
     "split_for_healing",
 ]

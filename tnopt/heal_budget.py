@@ -1,8 +1,10 @@
 """The budget knows about healing: plans are judged after they were healed.
 
-A plan searched under budget × looseness (1, then looser) is healed (`tnopt.heal.heal`), then gated on
-the held-out split; the loosest passing plan is refined by a geometric bisection step. A plan already
-within budget before healing is not healed. Also the pipeline's two entry points: heal a fixed-rank
+A plan searched under budget × looseness (4 first: healing exists to let the search cut deeper than
+the budget alone allows) is healed (`tnopt.heal.heal`), then gated on the held-out split; looseness
+grows ×4 while healed plans pass, then one geometric bisection step refines between the last pass and
+the first failure (down to ×1, the plain budget, when nothing looser passes). A plan already within
+budget before healing is not healed. Also the pipeline's two entry points: heal a fixed-rank
 plan, heal inside a budgeted search.
 """
 
@@ -48,19 +50,21 @@ def budgeted_heal(
     saving,
     max_drop: float,
     say=lambda m: None,
-    looseness=(1.0, 4.0),
+    start: float = 4.0,
     max_looseness: float = 16.0,
     refine_steps: int = 1,
+    floor: float = 1.0,
 ):
     """The largest-saving plan that still meets the budget after healing.
 
     `search_at(f)` → choices searched under the budget × f (a looser proxy budget lets the search
     cut deeper, trusting healing to recover); `heal_plan(choices)` → (choices, HealResult);
     `gate(choices)` → (drop, margin) on held-out calibration data neither the search's correction
-    nor healing saw; `saving(choices)` → the objective's saving. Looseness doubles (×4) from the
-    starting points while healed plans pass, then bisects geometrically between the last pass and
-    the first failure. A plan that already passes unhealed is not healed (its saving would not
-    change). Returns (best passing trial or the smallest-drop one, all trials)."""
+    nor healing saw; `saving(choices)` → the objective's saving. Looseness starts at `start` and
+    grows ×4 (up to `max_looseness`) while healed plans pass, then bisects geometrically between the
+    last pass (or `floor`) and the first failure; when nothing passed, `floor` (the plain budget) is
+    tried last. A plan that already passes unhealed is not healed (its saving would not change).
+    Returns (best passing trial or the smallest-drop one, all trials)."""
     trials: list[Trial] = []
 
     def run(factor: float) -> Trial:
@@ -90,25 +94,27 @@ def budgeted_heal(
         trials.append(trial)
         return trial
 
-    low, high = None, None
-    for factor in looseness:
+    low, high, factor = None, None, start
+    while True:
         if run(factor).passed:
             low = factor
+            if factor * 4 > max_looseness:
+                break
+            factor *= 4
         else:
             high = factor
             break
-    while high is None and low is not None and low * 4 <= max_looseness:
-        factor = low * 4
+    for _ in range(refine_steps):
+        base = low if low is not None else floor
+        if high is None or high / base < 1.5:
+            break
+        factor = math.sqrt(base * high)
         if run(factor).passed:
             low = factor
         else:
             high = factor
-    for _ in range(refine_steps if low is not None and high is not None else 0):
-        factor = math.sqrt(low * high)
-        if run(factor).passed:
-            low = factor
-        else:
-            high = factor
+    if low is None and all(t.looseness > floor for t in trials):
+        run(floor)
     passing = [t for t in trials if t.passed]
     best = max(passing, key=lambda t: t.saving) if passing else min(trials, key=lambda t: t.drop_after)
     return best, trials
@@ -165,7 +171,7 @@ def heal_fixed_plan(runner, run_config, plan, train, holdout, report, say):
     gate, used = _gate(runner, holdout, run_config.metric, "absolute")
     started = time.perf_counter()
     before, _ = gate(plan)
-    healed, result = heal(runner, plan, train, holdout, config, say)
+    healed, result = heal(runner, plan, train, holdout, config, say, metric=used)
     after, margin = gate(healed)
     report.heal = {
         "config": asdict(config),
@@ -205,7 +211,7 @@ def heal_budgeted_plan(runner, run_config, search_at, train, holdout, evaluation
         return searched[factor].plan
 
     def heal_plan(plan):
-        return heal(runner, plan, train, holdout, config, say)
+        return heal(runner, plan, train, holdout, config, say, metric=used)
 
     by_params = run_config.objective == "params"
 

@@ -10,7 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from tnopt.heal import MAX_CAPTURE_BYTES, HealResult, _EarlyStop, _nmse, _Trainer, _writeback, augment_images
+from tnopt.heal import (
+    MAX_CAPTURE_BYTES,
+    CheckpointSelector,
+    HealResult,
+    _EarlyStop,
+    _nmse,
+    _Trainer,
+    _writeback,
+    augment_images,
+    distillation_loss,
+    loss_kind,
+)
 from tnopt.plan import Plan
 
 
@@ -33,7 +44,23 @@ def _effective_bias(layer, args):
     return args[2] * float(layer.attr("beta", 1.0)) if layer.op == "Gemm" else args[2]
 
 
-def heal_graph(runner, graph, plan, train, holdout, config, say):
+def _selection_scorer(runner, metric, select):
+    """drop(outputs) of the charged metric on the selection split, its resolution, and the teacher's
+    outputs there; (None, 0, reference) when no metric is given or it cannot be measured."""
+    reference = runner.run(Plan(), select.inputs)
+    if metric is None or (getattr(metric, "needs_labels", False) and select.labels is None):
+        return None, 0.0, reference
+    baseline = metric(reference, reference, select.labels)
+    counted = metric.name in ("top1", "agreement")
+
+    def drop(outputs) -> float:
+        return float(metric.drop(metric(reference, outputs, select.labels), baseline, "absolute"))
+
+    return drop, (1.0 / max(len(select), 1) if counted else 0.0), reference
+
+
+def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
+    """Whole-graph distillation; `select` picks the checkpoint (see `CheckpointSelector`)."""
     import torch
 
     methods = runner.methods
@@ -64,33 +91,39 @@ def heal_graph(runner, graph, plan, train, holdout, config, say):
     stream = _Stream()
     # The teacher: the original model in onnxruntime, its outputs and the rewritten layers' outputs.
     teacher = iter(runner.capture(Plan(), outputs + features, stream, board=False))
-    held_reference = runner.run(Plan(), holdout.inputs)
-    float_outputs = [i for i, r in enumerate(held_reference) if r.dtype.kind == "f"]
+    score, tolerance, select_reference = _selection_scorer(runner, metric, select)
+    float_outputs = [i for i, r in enumerate(select_reference) if r.dtype.kind == "f"]
+    kind = loss_kind(getattr(metric, "name", None))
     rng = np.random.default_rng(config.seed)
     labels = train.labels
 
     def output_loss(student, targets):
         return sum(
-            _nmse(student[outputs[i]], torch.from_numpy(np.asarray(targets[i]))) for i in float_outputs
+            distillation_loss(
+                kind, student[outputs[i]], torch.from_numpy(np.asarray(targets[i])), config.temperature
+            )
+            for i in float_outputs
         )
 
-    def holdout_loss() -> float:
-        total = 0.0
+    def evaluate() -> tuple[float | None, float]:
+        """(metric drop, distillation loss) of the current factors on the selection split."""
+        total, pieces = 0.0, {name: [] for name in outputs}
         with torch.no_grad():
-            for start in range(0, len(holdout), 256):
-                feeds = {k: torch.from_numpy(v[start : start + 256]) for k, v in holdout.inputs.items()}
+            for start in range(0, len(select), 256):
+                feeds = {k: torch.from_numpy(v[start : start + 256]) for k, v in select.inputs.items()}
                 student = graph.run(feeds, outputs)
-                targets = [r[start : start + 256] for r in held_reference]
+                targets = [r[start : start + 256] for r in select_reference]
                 n = len(next(iter(feeds.values())))
                 total += float(output_loss(student, targets)) * n
-        return total / max(len(holdout), 1)
+                for name in outputs:
+                    pieces[name].append(student[name].numpy())
+        drop = score([np.concatenate(pieces[name]) for name in outputs]) if score else None
+        return drop, total / max(len(select), 1)
 
-    result = HealResult(
-        "graph", layers=[c.layer.name for c in plan], train_samples=len(train), holdout_samples=len(holdout)
-    )
-    result.holdout_loss_before = holdout_loss()
-    stopper = _EarlyStop(config.patience)
-    stopper.update(result.holdout_loss_before, 0)
+    result = HealResult("graph", layers=[c.layer.name for c in plan], train_samples=len(train), loss=kind)
+    result.select_drop_before, result.holdout_loss_before = evaluate()
+    selector = CheckpointSelector(config.patience, tolerance)
+    selector.update(result.select_drop_before, result.holdout_loss_before, 0)
     n = len(train)
     batch = min(config.batch_size, n, runner.runtime.batch_size)
     order, cursor = rng.permutation(n), 0
@@ -119,14 +152,16 @@ def heal_graph(runner, graph, plan, train, holdout, config, say):
         trainer.step(loss)
         result.steps, result.sample_steps = step, result.sample_steps + batch
         if step % config.eval_every == 0 or step == config.steps:
-            value = holdout_loss()
-            improved, stop = stopper.update(value, step)
+            drop, value = evaluate()
+            improved, stop = selector.update(drop, value, step)
             if improved:
                 trainer.best = trainer.snapshot()
-            say(f"heal: step {step} held-out loss {value:.5f}{' *' if improved else ''}")
+            shown = "" if drop is None else f" drop {drop:.4f}"
+            say(f"heal: step {step} selection loss {value:.5f}{shown}{' *' if improved else ''}")
             if stop:
                 break
-    result.best_step, result.holdout_loss_after = stopper.best_step, stopper.best
+    result.best_step, result.holdout_loss_after = selector.best_step, selector.best_loss
+    result.select_drop_after = None if score is None else selector.chosen_drop
     trained: dict[str, dict[str, np.ndarray]] = {}
     for key, value in trainer.best.items():
         layer_name, array_name = key.split("\x00")
@@ -147,7 +182,8 @@ def _capture_rows(runner, names, inputs, limit_bytes) -> int:
 
 def heal_blocks(runner, plan, train, holdout, config, say):
     """Layer by layer in graph order on captured activations (no graph conversion needed): each
-    layer's inputs come from the compressed model with its upstream layers already healed."""
+    layer's inputs come from the compressed model with its upstream layers already healed.
+    `holdout`: the selection split (per-layer early stopping on the layer's loss)."""
     import torch
 
     methods = runner.methods
@@ -156,9 +192,7 @@ def heal_blocks(runner, plan, train, holdout, config, say):
     if config.augment:
         extra = augment_images(train_inputs, config.augment, rng)
         train_inputs = {k: np.concatenate([v, extra[k]]) for k, v in train_inputs.items()}
-    result = HealResult(
-        "block", train_samples=len(next(iter(train_inputs.values()))), holdout_samples=len(holdout)
-    )
+    result = HealResult("block", train_samples=len(next(iter(train_inputs.values()))))
     healed = plan
     before, after = [], []
     for choice in plan:  # plans list their layers in graph order
