@@ -40,6 +40,32 @@ def load_splits(calib_n: int):
     return calib, evaluation
 
 
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install -y dataset-fashion-mnist
+# models/train_reference.py trains cnn4 on the first 40,000 and vgg / resnet on the first 30,000 images
+# of this seeded permutation of the 60,000 training images: the rest were never seen by them.
+TRAIN_PERMUTATION_SEED, UNSEEN_FROM = 0, 40_000
+
+
+def load_unseen_train(n: int):
+    """Up to 20,000 Fashion-MNIST training images (with labels) that none of cnn4, vgg, resnet was
+    trained on (fc2 and lenet5 saw all 60,000), normalised like models/calib.npz. Disjoint from
+    models/eval.npz, which comes from the test set."""
+    import gzip
+
+    import torch
+
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        raise SystemExit(f"{FASHION_MNIST}: missing; apt-get install -y dataset-fashion-mnist")
+    with gzip.open(FASHION_MNIST / "train-images-idx3-ubyte.gz", "rb") as f:
+        images = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)
+    with gzip.open(FASHION_MNIST / "train-labels-idx1-ubyte.gz", "rb") as f:
+        labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8).astype(np.int64)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(TRAIN_PERMUTATION_SEED))
+    index = order.numpy()[UNSEEN_FROM : UNSEEN_FROM + n]
+    x = ((images[index].astype(np.float32) / 255.0 - 0.2860) / 0.3530).astype(np.float32)
+    return {"input": x, "labels": labels[index]}
+
+
 def ratios(report):
     return report.before.flops / report.after.flops, report.before.params / report.after.params
 

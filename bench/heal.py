@@ -39,9 +39,14 @@ from tnopt.analyze import analyze  # noqa: E402
 from tnopt.heal import HealConfig  # noqa: E402
 
 
-def load_splits(calib_n: int):
-    """bench/budget.py's splits, plus the calibration images without their labels (label-free)."""
+def load_splits(calib_n: int, source: str = "train"):
+    """Calibration (without labels: label-free), the same images with labels (deep-TN rows), and the
+    evaluation split (models/eval.npz, 2048 Fashion-MNIST test images). source "train": training
+    images none of cnn4/vgg/resnet saw (bench/budget.py's load_unseen_train, up to 20,000);
+    "committed": models/calib.npz (1024 test images)."""
     labelled, evaluation = budget_bench.load_splits(calib_n)
+    if source == "train":
+        labelled = budget_bench.load_unseen_train(calib_n)
     return {"input": labelled["input"]}, labelled, evaluation
 
 
@@ -73,8 +78,9 @@ def budget_row(name, budget, report, seconds, healed: bool, calib_n: int) -> dic
             for p in report.heal.get("plans", [])
         ]
         first = next((p["heal"] for p in report.heal.get("plans", []) if p.get("heal")), {})
-        row["train_samples"], row["holdout_samples"] = (
+        row["train_samples"], row["select_samples"], row["holdout_samples"] = (
             first.get("train_samples"),
+            first.get("select_samples"),
             first.get("holdout_samples"),
         )
     return row
@@ -144,11 +150,13 @@ def budget_table(rows) -> str:
             "met",
             "compile+heal s",
             "heal sample-steps",
-            "samples (calib/heal train/held out)",
+            "samples (calib/heal train/select/gate)",
         )
     ]
     for r in rows:
-        samples = f"{r['calib']}" + (f"/{r['train_samples']}/{r['holdout_samples']}" if r["heal"] else "")
+        samples = f"{r['calib']}" + (
+            f"/{r['train_samples']}/{r['select_samples']}/{r['holdout_samples']}" if r["heal"] else ""
+        )
         out.append(
             (
                 r["model"],
@@ -207,14 +215,15 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="vgg,resnet")
     p.add_argument("--budgets", default="0.005,0.01,0.02")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--calib", type=int, default=1024)
+    p.add_argument("--calib", type=int, default=8192, help="calibration + healing images (≤ 8192)")
+    p.add_argument("--calib-source", choices=("train", "committed"), default="train")
     p.add_argument("--deep-tn", default="fc2,vgg")
     p.add_argument("--deep-tn-steps", type=int, default=300)
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     p.add_argument("--json", default=None, help="also write the rows here as they come")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
-    calib, labelled, evaluation = load_splits(args.calib)
+    calib, labelled, evaluation = load_splits(args.calib, args.calib_source)
     cache = tempfile.mkdtemp(prefix="tnopt-heal-bench-")
     load = os.getloadavg()
     rows, tn_rows = [], []
