@@ -132,6 +132,16 @@ def deep_tn_rows(name, labelled, evaluation, steps, cache) -> list[dict]:
     return rows
 
 
+def progress(started: float):
+    """Healing's progress lines, timed, on stdout (the bench log)."""
+
+    def log(message: str) -> None:
+        if message.startswith(("heal", "budget")):
+            print(f"[{time.perf_counter() - started:7.1f} s] {message}", flush=True)
+
+    return log
+
+
 def markdown(rows: list[tuple]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows[1:]])
@@ -214,7 +224,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="vgg,resnet")
     p.add_argument("--budgets", default="0.005,0.01,0.02")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=200, help="heal steps per plan (batch 64)")
+    p.add_argument(
+        "--heal-time", type=float, default=1080, help="seconds for the heal-aware search per model and budget"
+    )
     p.add_argument("--calib", type=int, default=8192, help="calibration + healing images (≤ 8192)")
     p.add_argument("--calib-source", choices=("train", "committed"), default="train")
     p.add_argument("--deep-tn", default="fc2,vgg")
@@ -236,7 +249,8 @@ def main(argv=None) -> int:
 
     for name in [m for m in args.models.split(",") if m]:
         for budget in [float(b) for b in args.budgets.split(",") if b]:
-            for heal in (None, HealConfig(steps=args.steps, eval_every=25, patience=4)):
+            healing = HealConfig(steps=args.steps, eval_every=25, patience=4, time_budget_s=args.heal_time)
+            for heal in (None, healing):
                 started = time.perf_counter()
                 _, report = tnopt.compress(
                     str(ROOT / "models" / f"{name}.onnx"),
@@ -247,6 +261,7 @@ def main(argv=None) -> int:
                     cache_dir=cache,
                     seed=0,
                     heal=heal,
+                    log=progress(started),
                 )
                 rows.append(
                     budget_row(

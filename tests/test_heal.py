@@ -351,3 +351,36 @@ def test_distillation_distance_matches_the_charged_metric():
     # Cosine ignores the scale of each sample's output.
     assert float(distillation_loss("cosine", 3 * teacher, teacher)) < 1e-6
     assert float(distillation_loss("cosine", -teacher, teacher)) == pytest.approx(2.0)
+
+
+def test_budgeted_heal_tries_no_plan_past_its_time_budget():
+    from tnopt.heal_budget import budgeted_heal
+    from tnopt.plan import Plan
+
+    now = [0.0]
+    plans = {}
+
+    def search_at(factor):
+        now[0] += 100.0  # every trial takes 100 s of the fake clock
+        plans[factor] = Plan((f"choice at x{factor}",))
+        return plans[factor]
+
+    def gate(plan):
+        factor = [f for f, p in plans.items() if p is plan][-1]
+        return factor / 1000, 0.0  # every plan up to x20 passes a 2% budget
+
+    def loop(budget_s):
+        _, trials = budgeted_heal(
+            search_at,
+            lambda p: (p, None),
+            gate,
+            lambda p: 1.0,
+            0.02,
+            time_budget_s=budget_s,
+            clock=lambda: now[0],
+        )
+        return [t.looseness for t in trials]
+
+    assert loop(None) == [4.0, 16.0]
+    assert loop(250.0) == [4.0, 16.0]  # 100 s spent + 100 s for the next ≤ 250
+    assert loop(150.0) == [4.0]  # the second trial would end at 200 s

@@ -60,6 +60,9 @@ class HealConfig:
     seed: int = 0
     path: str = "auto"  # auto | graph | block
     max_samples: int = 8192
+    # With a budget: seconds for the whole heal-aware search (None: no limit). No further plan is
+    # tried once the next one, judged by the slowest so far, would end past it.
+    time_budget_s: float | None = None
 
 
 @dataclass

@@ -54,6 +54,8 @@ def budgeted_heal(
     max_looseness: float = 16.0,
     refine_steps: int = 1,
     floor: float = 1.0,
+    time_budget_s: float | None = None,
+    clock=time.perf_counter,
 ):
     """The largest-saving plan that still meets the budget after healing.
 
@@ -64,11 +66,19 @@ def budgeted_heal(
     grows ×4 (up to `max_looseness`) while healed plans pass, then bisects geometrically between the
     last pass (or `floor`) and the first failure; when nothing passed, `floor` (the plain budget) is
     tried last. A plan that already passes unhealed is not healed (its saving would not change).
+    With `time_budget_s`, no trial starts that would end past it by the slowest trial so far,
+    except that one passing plan is always looked for (the floor, when nothing passed).
     Returns (best passing trial or the smallest-drop one, all trials)."""
     trials: list[Trial] = []
+    began = clock()
+
+    def time_left() -> bool:
+        if time_budget_s is None or not trials:
+            return True
+        return clock() - began + max(t.seconds for t in trials) <= time_budget_s
 
     def run(factor: float) -> Trial:
-        started = time.perf_counter()
+        started = clock()
         plan = search_at(factor)
         drop_before, margin = gate(plan)
         if len(plan) and drop_before + margin > max_drop:
@@ -84,7 +94,7 @@ def budgeted_heal(
             margin,
             drop_after + margin <= max_drop,
             result.to_dict() if result else {},
-            time.perf_counter() - started,
+            clock() - started,
             healed,
         )
         say(
@@ -98,7 +108,7 @@ def budgeted_heal(
     while True:
         if run(factor).passed:
             low = factor
-            if factor * 4 > max_looseness:
+            if factor * 4 > max_looseness or not time_left():
                 break
             factor *= 4
         else:
@@ -106,7 +116,7 @@ def budgeted_heal(
             break
     for _ in range(refine_steps):
         base = low if low is not None else floor
-        if high is None or high / base < 1.5:
+        if high is None or high / base < 1.5 or (low is not None and not time_left()):
             break
         factor = math.sqrt(base * high)
         if run(factor).passed:
@@ -222,7 +232,9 @@ def heal_budgeted_plan(runner, run_config, search_at, train, holdout, evaluation
             total += (c.layer.params - cost.params) if by_params else (c.layer.flops - cost.flops)
         return float(total)
 
-    best, trials = budgeted_heal(search_plan, heal_plan, gate, saving, max_drop, say)
+    best, trials = budgeted_heal(
+        search_plan, heal_plan, gate, saving, max_drop, say, time_budget_s=config.time_budget_s
+    )
     result = searched[best.looseness]
     report.search = dict(result.search)
     report.timings.update(result.timings)
@@ -257,5 +269,6 @@ def heal_budgeted_plan(runner, run_config, search_at, train, holdout, evaluation
         "chosen_looseness": best.looseness,
         "plans": [t.to_dict() for t in trials],
         "seconds": time.perf_counter() - started,
+        "time_budget_s": config.time_budget_s,
     }
     return best.plan, result.decisions
