@@ -13,6 +13,7 @@ import sys
 import traceback
 import warnings
 
+from tnopt.config import DEFAULT_SENSITIVITY, SENSITIVITIES
 from tnopt.errors import (
     EXIT_BAD_INPUT,
     EXIT_BUDGET_MISSED,
@@ -75,6 +76,14 @@ def compress_parser():
         help="per-output channel groups: NAME:axis=K or NAME:groups=0-3,4- (repeatable)",
     )
     p.add_argument("--objective", choices=("params", "flops", "latency"), default="flops")
+    p.add_argument(
+        "--sensitivity",
+        choices=SENSITIVITIES,
+        default=None,
+        help="how the search estimates each candidate's loss: predicted (local error from the "
+        "calibration moments, calibrated by a few whole-model runs on a subsample) or measured (a "
+        f"whole-model run per layer, method and rank); default {DEFAULT_SENSITIVITY}",
+    )
     p.add_argument(
         "--no-latency-guard",
         action="store_true",
@@ -254,6 +263,7 @@ def _compress(argv) -> int:
             heal=heal,
             batch_axes=args.batch_axis,
             latency_batch=args.latency_batch,
+            sensitivity=args.sensitivity or DEFAULT_SENSITIVITY,
         )
     runtime = Runtime(args.provider)
     # An input with external data gets an output with external data (OUT.data beside OUT).

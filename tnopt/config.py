@@ -17,6 +17,9 @@ from tnopt.passes import METHODS, Method
 from tnopt.passes.mpo import MPO
 
 OBJECTIVES = ("flops", "params", "latency")
+# How the budgeted search estimates sensitivities: tnopt/predict.py or tnopt/sweep.py.
+SENSITIVITIES = ("predicted", "measured")
+DEFAULT_SENSITIVITY = "measured"
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ class RunConfig:
     batch_axes: object = field(default=None, hash=False)
     # Time the whole model before and after at this batch (--latency-batch); None/0: not timed.
     latency_batch: int | None = None
+    # "predicted" (local errors calibrated on a subsample) or "measured" (one whole-model run per
+    # candidate): how the budgeted search gets each candidate's sensitivity.
+    sensitivity: str = DEFAULT_SENSITIVITY
     # Derived, filled by __post_init__: the selected method names and the run's method table.
     method_names: tuple[str, ...] = field(init=False, default=(), compare=False)
     method_table: dict = field(init=False, default=None, repr=False, hash=False, compare=False)
@@ -116,6 +122,8 @@ class RunConfig:
             raise TnoptError(f"--mpo-cores must be at least 2, got {self.mpo_cores}")
         if self.objective not in OBJECTIVES:
             raise TnoptError(f"unknown objective {self.objective!r}; choose {', '.join(OBJECTIVES)}")
+        if self.sensitivity not in SENSITIVITIES:
+            raise TnoptError(f"--sensitivity {self.sensitivity!r}: choose {' or '.join(SENSITIVITIES)}")
         if self.latency_batch is not None and int(self.latency_batch) < 0:
             raise TnoptError(f"--latency-batch must be 0 or more, got {self.latency_batch}")
         object.__setattr__(self, "batch_axes", parse_batch_axes(self.batch_axes))

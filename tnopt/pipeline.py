@@ -237,6 +237,14 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         )
     clock.end()
     report.factors = {"data_aware": bool(stats), "correct": bool(correct)}
+    # The predicted sweep reads the moments even where the factors stay weight-only.
+    predictor_stats = stats
+    if config.budget is not None and config.sensitivity == "predicted" and not stats and targets:
+        clock.begin("statistics")
+        predictor_stats = calibration_stats(
+            original, targets, calib, runtime, config.cache_dir, planned_methods, report, say
+        )
+        clock.end()
 
     def factor_fn(layer, method, rank):
         return factorize(layer, method, rank, stats.get(layer.name), table)
@@ -263,6 +271,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
             refiners=refiners,
             factor_mode=factor_mode,
             say=say,
+            stats=predictor_stats,
         )
         return searched.run()
 

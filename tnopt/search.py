@@ -76,6 +76,10 @@ class SearchContext:
     factorize: object
     progress: bool = False
     factors_memo: dict = field(default_factory=dict)
+    # Layer name → calibration moments (tnopt.profile.LayerStats): what the predicted sweep reads.
+    stats: dict = field(default_factory=dict)
+    # What the predicted sweep did (subsample size, measured and predicted entries); empty otherwise.
+    prediction: dict = field(default_factory=dict)
 
     @property
     def methods(self) -> dict:
@@ -96,7 +100,19 @@ class SearchContext:
 
 class Search:
     def __init__(
-        self, config, runner, layers, candidates, calib, evaluation, *, factorize, refiners, factor_mode, say
+        self,
+        config,
+        runner,
+        layers,
+        candidates,
+        calib,
+        evaluation,
+        *,
+        factorize,
+        refiners,
+        factor_mode,
+        say,
+        stats=None,
     ):
         """`config`: the RunConfig; `runner`: the run's PlanRunner; `candidates`: layer → methods
         that accept it; `refiners`: `refine(plan) -> plan` steps applied to every verified plan."""
@@ -133,6 +149,7 @@ class Search:
             cache=cache,
             factorize=factorize,
             progress=config.progress,
+            stats=dict(stats or {}),
         )
 
     def refine(self, plan: Plan) -> Plan:
@@ -161,9 +178,22 @@ class Search:
         hidden = [n for r in self.refiners if hasattr(r, "hidden_tensors") for n in r.hidden_tensors(widest)]
         self.runner.prepare(widest, ctx.sweep_data.inputs, hidden)
         decisions = {layer.name: {"sensitivity": {}} for layer in self.layers}
-        measured, hits = sweep(ctx, self.layers, candidates, decisions)
+        if config.sensitivity == "predicted":
+            from tnopt.predict import predicted_sweep
+
+            measured, hits = predicted_sweep(ctx, self.layers, candidates, decisions)
+        else:
+            measured, hits = sweep(ctx, self.layers, candidates, decisions)
+        predicted = ctx.prediction.get("predicted", 0)
         self.say(
-            f"sensitivity: {len(measured)} measurements, {hits} from cache"
+            f"sensitivity ({config.sensitivity}): {len(measured)} entries, "
+            + (
+                f"{predicted} predicted from local errors, {ctx.prediction['measured_on_subsample']} "
+                f"measured on {ctx.prediction['subsample']} samples, "
+                if ctx.prediction
+                else ""
+            )
+            + f"{hits} from cache"
             + (f" ({ctx.cache.path})" if ctx.cache.path else "")
         )
         latency = {}
@@ -181,7 +211,9 @@ class Search:
         search = {
             "curve": curve,
             "objective_total": objective.dense_total(self.layers),
-            "sweep_measurements": len(measured),
+            "sweep_measurements": len(measured) - predicted,
+            "sensitivity": config.sensitivity,
+            "prediction": dict(ctx.prediction),
             "sweep_cache_hits": hits,
             "cache_file": str(ctx.cache.path) if ctx.cache.path else None,
             "options": len(options),

@@ -1,0 +1,212 @@
+"""Search stage 2, predicted: each candidate's sensitivity from its local error, calibrated per layer by
+a few whole-model runs on a small subsample (instead of one whole-model run per (layer, method, rank)).
+
+    predicted_sweep(ctx, layers, candidates, decisions) → ({(layer, method, rank): entry}, cache hits)
+
+An entry is the measured sweep's {"drop", "proxy", "weight_error"} (+ "refused") plus "local_error"
+and "predicted" (True: from the map below, False: measured on the subsample). The map per layer:
+
+    proxy(e) = p_a · (e / e_a)^s          e: the candidate's local error (tnopt.local_error, no ORT run)
+    drop(e)  = proxy(e) · max_i(drop_i / proxy_i)
+
+through the layer's measured points (e_i, proxy_i, drop_i): one anchor per layer (its first method,
+the rank whose e is nearest ANCHOR_ERROR), then one frontier point per layer where an allocation at
+some τ of the verification grid picks an option far (in e, or by method) from every measured point.
+s is the log-log slope between the two points nearest e (clamped to SLOPE_RANGE), 1 with one point:
+to first order the rest of the network passes the layer's output error on linearly.
+
+Measurements run on SUBSAMPLE samples chosen by stratifying the calibration set along the first
+principal direction of the original model's outputs (the direction along which the outputs vary
+most), fewer when the layers are many (ANCHOR_PASSES). Plans are still verified on every calibration
+sample (tnopt/verify.py): the predictor only saves sweep work. Layers without moments (a left-weight
+MatMul, data-free runs) fall back to the measured sweep.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tnopt import budget as B
+from tnopt.local_error import local_error, predictable
+from tnopt.metric_choice import smooth_proxy
+from tnopt.passes import Refusal
+from tnopt.plan import Choice
+
+SUBSAMPLE = 64
+MIN_SUBSAMPLE = 16
+# The anchors together cost about this many whole-model passes over the calibration set (each anchor
+# runs the subsample once), so a deep model gets a smaller subsample rather than more passes.
+ANCHOR_PASSES = 4.0
+# The local error the anchor rank sits nearest: clearly measurable, yet in the range budgets use.
+ANCHOR_ERROR = 0.02
+# A chosen option more than this factor away in e from every measured point of its layer is measured.
+FRONTIER_FACTOR = 4.0
+SLOPE_RANGE = (0.5, 2.0)
+# Proxies below this are taken as this (a measured zero would make every rank of the layer free).
+PROXY_FLOOR = 1e-12
+
+
+def subsample_indices(reference: list[np.ndarray], n: int) -> np.ndarray:
+    """n of the calibration samples, stratified along the first principal direction of the reference
+    outputs: sorted by their score on it, one sample from each of n equal strata (its middle)."""
+    total = len(reference[0])
+    if n >= total:
+        return np.arange(total)
+    flat = np.concatenate([np.asarray(r, dtype=np.float32).reshape(total, -1) for r in reference], axis=1)
+    flat = flat - flat.mean(axis=0)
+    gram = (flat @ flat.T).astype(np.float64)  # (total, total): cheap whatever the output size
+    _, vectors = np.linalg.eigh(gram)
+    order = np.argsort(vectors[:, -1], kind="stable")
+    picks = ((np.arange(n) + 0.5) * total / n).astype(int)
+    return np.sort(order[picks])
+
+
+class _Subsample:
+    def __init__(self, ctx, n: int):
+        self.indices = subsample_indices(ctx.reference, n)
+        self.data = ctx.calib.subset(self.indices, f"{ctx.calib.source}[stratified {len(self.indices)}]")
+        self.reference = [r[self.indices] for r in ctx.reference]
+        self.baseline = ctx.metric(self.reference, self.reference, self.data.labels)
+
+    def measure(self, ctx, layer, method, rank, factors) -> dict:
+        key = f"sub{len(self.indices)}|{layer.name}|{method}|{ctx.methods[method].rank_label(rank)}"
+        entry = ctx.cache.get(key)
+        if entry is None:
+            outputs = ctx.runner.run([Choice(layer, method, factors)], self.data.inputs)
+            value = ctx.metric(self.reference, outputs, self.data.labels)
+            entry = {
+                "drop": ctx.drop_of(value, self.baseline),
+                "proxy": smooth_proxy(ctx.metric, self.reference, outputs),
+            }
+            ctx.cache.put(key, entry)
+        return dict(entry)
+
+
+def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
+    from tnopt.sweep import sweep
+
+    stats = getattr(ctx, "stats", None) or {}
+    able = [layer for layer in layers if predictable(layer, stats.get(layer.name))]
+    rest = [layer for layer in layers if layer not in able]
+    measured: dict[tuple, dict] = {}
+    hits = 0
+    if rest:
+        measured, hits = sweep(ctx, rest, candidates, decisions)
+    if not able:
+        return measured, hits
+    # Local errors of every candidate: math only.
+    local: dict[tuple, float] = {}
+    bar = ctx.bar(sum(len(ctx.methods[m].candidate_ranks(a)) for a in able for m in candidates[a.name]), "predict")
+    for layer in able:
+        for method in candidates[layer.name]:
+            impl = ctx.methods[method]
+            for rank in impl.candidate_ranks(layer):
+                factors = ctx.factors_for(layer, method, rank)
+                key = (layer.name, method, rank)
+                if isinstance(factors, Refusal):
+                    measured[key] = {
+                        "drop": float("inf"),
+                        "proxy": float("inf"),
+                        "weight_error": factors.rel_error,
+                        "refused": factors.reason,
+                    }
+                else:
+                    local[key] = local_error(layer, stats[layer.name], impl, factors)
+                bar.update(1)
+    bar.close()
+    size = int(min(SUBSAMPLE, max(MIN_SUBSAMPLE, ANCHOR_PASSES * len(ctx.calib) / max(len(able), 1))))
+    sub = _Subsample(ctx, size)
+    points: dict[str, dict[tuple, dict]] = {layer.name: {} for layer in able}  # layer → key → entry
+
+    def measure(key):
+        layer = next(a for a in able if a.name == key[0])
+        entry = sub.measure(ctx, layer, key[1], key[2], ctx.factors_for(layer, key[1], key[2]))
+        entry["local_error"] = local[key]
+        points[key[0]][key] = entry
+
+    # Round 1: one anchor per layer.
+    for layer in able:
+        mine = [k for k in local if k[0] == layer.name]
+        if not mine:
+            continue
+        first = candidates[layer.name][0]
+        pool = [k for k in mine if k[1] == first] or mine
+        measure(min(pool, key=lambda k: abs(math.log(max(local[k], 1e-12) / ANCHOR_ERROR))))
+    # Round 2: the frontier — options some allocation on the τ grid picks, far from what was measured.
+    by_name = {layer.name: layer for layer in able}
+    options = _options(ctx, by_name, local, points)
+    wanted: dict[str, tuple] = {}
+    for tau in B.tau_grid(options)[1:]:
+        for name, option in B.allocate(options, tau).items():
+            key = (name, *option.key)
+            distance = _distance(key, local, points[name])
+            if distance > math.log(FRONTIER_FACTOR) and distance > wanted.get(name, (None, 0.0))[1]:
+                wanted[name] = (key, distance)
+    for key, _ in wanted.values():
+        measure(key)
+    for key, e in local.items():
+        entry = points[key[0]].get(key)
+        if entry is None:
+            proxy, drop = _predict(e, key[1], points[key[0]])
+            entry = {"drop": drop, "proxy": proxy, "local_error": e}
+        entry["predicted"] = key not in points[key[0]]
+        entry["weight_error"] = ctx.factors_for(by_name[key[0]], key[1], key[2]).rel_error
+        measured[key] = entry
+    for (name, method, rank), entry in measured.items():
+        label = f"{method}:{ctx.methods[method].rank_label(rank)}"
+        decisions[name]["sensitivity"][label] = entry["drop"]
+    ctx.cache.save()
+    ctx.prediction = {
+        "subsample": len(sub.indices),
+        "measured_on_subsample": sum(len(p) for p in points.values()),
+        "predicted": sum(e.get("predicted", False) for e in measured.values()),
+        "measured_layers": len(rest),
+    }
+    return measured, hits + ctx.cache.hits
+
+
+def _options(ctx, by_name, local, points) -> list[B.Option]:
+    options = []
+    for key, e in local.items():
+        name, method, rank = key
+        entry = points[name].get(key)
+        proxy = entry["proxy"] if entry is not None else _predict(e, method, points[name])[0]
+        # Savings in parameters suffice to find the frontier; the real objective prices options later.
+        saving = by_name[name].params - ctx.methods[method].cost(by_name[name], rank).params
+        options.append(B.Option(name, (method, rank), saving, max(float(proxy), 0.0)))
+    return options
+
+
+def _distance(key, local, mine: dict) -> float:
+    """How far `key` is from the layer's measured points: |log e ratio| to the nearest, +∞ when its
+    method has no measured point and the layer has one of another method (methods differ in gain)."""
+    if key in mine:
+        return 0.0
+    same = [k for k in mine if k[1] == key[1]] or list(mine)
+    e = max(local[key], 1e-12)
+    return min(abs(math.log(e / max(mine[k]["local_error"], 1e-12))) for k in same)
+
+
+def _predict(e: float, method: str, mine: dict) -> tuple[float, float]:
+    """(proxy, drop) at local error e from the layer's measured points (module doc)."""
+    if not mine:
+        return float("inf"), float("inf")
+    pts = sorted(
+        ((max(v["local_error"], 1e-12), max(v["proxy"], PROXY_FLOOR), max(v["drop"], 0.0)) for v in mine.values()),
+    )
+    same = sorted(
+        (max(v["local_error"], 1e-12), max(v["proxy"], PROXY_FLOOR)) for k, v in mine.items() if k[1] == method
+    )
+    ref = same or [(p[0], p[1]) for p in pts]
+    e = max(e, 1e-12)
+    nearest = min(ref, key=lambda p: abs(math.log(e / p[0])))
+    slope = 1.0
+    if len({p[0] for p in pts}) >= 2:
+        (e1, p1), (e2, p2) = pts[0][:2], pts[-1][:2]
+        if e2 > e1:
+            slope = min(max(math.log(p2 / p1) / math.log(e2 / e1), SLOPE_RANGE[0]), SLOPE_RANGE[1])
+    proxy = nearest[1] * (e / nearest[0]) ** slope
+    ratio = max(d / p for _, p, d in pts)
+    return proxy, proxy * ratio
