@@ -68,11 +68,7 @@ def reconstructed_weight(layer, method, factors) -> np.ndarray:
     # The same kernel without geometry: a kernel-sized input gives exactly one output pixel.
     probe_layer = replace(
         layer,
-        attrs=tuple(
-            (k, v)
-            for k, v in layer.attrs
-            if k not in ("strides", "pads", "dilations", "auto_pad")
-        )
+        attrs=tuple((k, v) for k, v in layer.attrs if k not in ("strides", "pads", "dilations", "auto_pad"))
         + (("strides", [1] * n_spatial), ("pads", [0] * (2 * n_spatial)), ("dilations", [1] * n_spatial)),
     )
     width = channels * int(np.prod(kernel))

@@ -98,7 +98,9 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
         return measured, hits
     # Local errors of every candidate: math only.
     local: dict[tuple, float] = {}
-    bar = ctx.bar(sum(len(ctx.methods[m].candidate_ranks(a)) for a in able for m in candidates[a.name]), "predict")
+    bar = ctx.bar(
+        sum(len(ctx.methods[m].candidate_ranks(a)) for a in able for m in candidates[a.name]), "predict"
+    )
     for layer in able:
         for method in candidates[layer.name]:
             impl = ctx.methods[method]
@@ -194,10 +196,15 @@ def _predict(e: float, method: str, mine: dict) -> tuple[float, float]:
     if not mine:
         return float("inf"), float("inf")
     pts = sorted(
-        ((max(v["local_error"], 1e-12), max(v["proxy"], PROXY_FLOOR), max(v["drop"], 0.0)) for v in mine.values()),
+        (
+            (max(v["local_error"], 1e-12), max(v["proxy"], PROXY_FLOOR), max(v["drop"], 0.0))
+            for v in mine.values()
+        ),
     )
     same = sorted(
-        (max(v["local_error"], 1e-12), max(v["proxy"], PROXY_FLOOR)) for k, v in mine.items() if k[1] == method
+        (max(v["local_error"], 1e-12), max(v["proxy"], PROXY_FLOOR))
+        for k, v in mine.items()
+        if k[1] == method
     )
     ref = same or [(p[0], p[1]) for p in pts]
     e = max(e, 1e-12)

@@ -172,12 +172,14 @@ class Search:
             "calibration_samples": len(ctx.calib),
             "sweep_samples": len(ctx.sweep_data),
         }
+        steps = _StepClock(self.runner)
         candidates = screen(ctx, self.layers, self.candidates)
         widest = widest_paths(ctx, self.layers, candidates)
         # Refiners that read intermediate tensors (the correction's hidden activations) get them on the board.
         hidden = [n for r in self.refiners if hasattr(r, "hidden_tensors") for n in r.hidden_tensors(widest)]
         self.runner.prepare(widest, ctx.sweep_data.inputs, hidden)
         decisions = {layer.name: {"sensitivity": {}} for layer in self.layers}
+        steps.mark("screen+board")
         if config.sensitivity == "predicted":
             from tnopt.predict import predicted_sweep
 
@@ -196,17 +198,21 @@ class Search:
             + f"{hits} from cache"
             + (f" ({ctx.cache.path})" if ctx.cache.path else "")
         )
+        steps.mark("sensitivity")
         latency = {}
         if latency_guard or needs_latency(config.objective):
             latency = self.measure_latency(measured, decisions)
+        steps.mark("latency")
         objective = make_objective(config.objective, ctx.methods, latency)
         options = priced_options(ctx, measured, objective, latency if latency_guard else None)
         best_pass, evaluated, curve = search_tau(ctx, options, self.refine)
         final = best_pass or min(
             evaluated.values(), key=lambda r: (bool(r["collapsed"]), r["drop"], -r["saving"])
         )
+        steps.mark("verify")
         explain(ctx, final, options, measured, latency, latency_guard, decisions)
         held_out, miss = check_held_out(ctx, self.evaluation, final, best_pass)
+        steps.mark("held-out")
         budget.update(held_out)
         search = {
             "curve": curve,
@@ -221,6 +227,8 @@ class Search:
             # How the plans ran: on the one switchboard session, or exported with a session each.
             "plan_runs": dict(self.runner.runs),
             "search_s": time.perf_counter() - started,
+            # Wall time and ORT sample-forwards of each step of the search (the bench's pass-equivalents).
+            "steps": steps.steps,
             "miss_reason": miss or "",
         }
         if miss:
@@ -249,6 +257,24 @@ class Search:
         for layer in self.layers:
             decisions[layer.name]["latency_before_ms"] = latency[(layer.name, None, None)] * 1e3
         return latency
+
+
+class _StepClock:
+    def __init__(self, runner):
+        self.runtime = getattr(runner, "runtime", None)
+        self.steps: dict[str, dict] = {}
+        self.last = (time.perf_counter(), self._forwards())
+
+    def _forwards(self) -> int:
+        return int(getattr(self.runtime, "sample_forwards", 0) or 0)
+
+    def mark(self, name: str) -> None:
+        now, forwards = time.perf_counter(), self._forwards()
+        self.steps[name] = {
+            "wall_s": round(now - self.last[0], 3),
+            "sample_forwards": forwards - self.last[1],
+        }
+        self.last = (now, forwards)
 
 
 __all__ = ["Choice", "Plan", "Search", "SearchContext", "SearchResult"]
