@@ -263,6 +263,17 @@ def depth_model(path: Path, blocks: int, channels: int = 32) -> None:
 
 
 # -- running --------------------------------------------------------------------------------------
+SEARCH_STEPS = ("sensitivity", "latency", "verify", "held-out")
+
+
+def compile_rows(name, model, calib, evaluation, folder, extra, modes) -> list[dict]:
+    """One compile_row per sensitivity mode (predicted / measured): same model and data, in turn."""
+    return [
+        compile_row(name, model, calib, evaluation, folder, [*extra, "--sensitivity", mode]) | {"mode": mode}
+        for mode in modes
+    ]
+
+
 def compile_row(name, model: Path, calib: dict, evaluation: dict, folder: Path, extra=()) -> dict:
     calib_path, eval_path = folder / f"{name}-calib.npz", folder / f"{name}-eval.npz"
     np.savez(calib_path, **calib)
@@ -314,12 +325,26 @@ def compile_row(name, model: Path, calib: dict, evaluation: dict, folder: Path, 
         "batching": report.get("batching", {}).get("fixed_batch"),
         "latency": report.get("latency", {}),
         "data_gib": sum(a.nbytes for a in calib.values()) / 2**30,
+        # Inside the search stage: wall seconds and pass-equivalents of the sweep, the latency guard,
+        # the verification of plans and the held-out check (tnopt.search's steps).
+        "search_steps": {
+            k: (v["wall_s"], v["sample_forwards"] / samples)
+            for k, v in report["search"].get("steps", {}).items()
+            if k in SEARCH_STEPS
+        },
+        "sweep": report["search"].get("prediction")
+        or {"measured": report["search"].get("sweep_measurements")},
     }
+
+
+def steps_cell(row) -> str:
+    steps = row.get("search_steps", {})
+    return " / ".join(f"{steps[k][0]:.0f}s {steps[k][1]:.1f}" if k in steps else "-" for k in SEARCH_STEPS)
 
 
 def row_line(row) -> list[str]:
     if "error" in row:
-        return [row["name"], f"failed: {row['error'][:80]}"] + [""] * 7
+        return [row["name"], row.get("mode", ""), f"failed: {row['error'][:80]}"] + [""] * 8
     stage = " / ".join(f"{row['stages'].get(k, 0):.0f}" for k in STAGES)
     passes = " / ".join(f"{row['passes'].get(k, 0):.1f}" for k in STAGES)
     target = TARGETS.get(row["name"])
@@ -336,6 +361,8 @@ def row_line(row) -> list[str]:
     drop = "" if row["drop"] is None else f"{row['drop']:.4f} ({row['metric']})"
     return [
         row["name"],
+        row.get("mode", ""),
+        steps_cell(row),
         f"{row['rewritten']}/{row['candidates']}",
         f"{row['samples']}+{row['eval_samples']}",
         stage,
@@ -360,10 +387,16 @@ def main(argv=None) -> int:
     )
     p.add_argument("--depths", default="8,16,32,64")
     p.add_argument("--depth-samples", type=int, default=256)
+    p.add_argument(
+        "--sensitivity",
+        default="predicted",
+        help="comma list of tnopt --sensitivity modes; each row runs once per mode (e.g. predicted,measured)",
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     p.add_argument("--note", default="", help="what else was running (goes into RESULTS)")
     args = p.parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
+    modes = [m for m in args.sensitivity.split(",") if m]
     folder = Path(tempfile.mkdtemp(prefix="tnopt-scale-"))
     results, depth_rows = [], []
     for row in rows:
@@ -373,28 +406,30 @@ def main(argv=None) -> int:
             crops = photo_crops(2 * n, seed=0)
             model = folder / "resnet50.onnx"
             resnet50(model, crops[:n])
-            results.append(
-                compile_row(
+            results.extend(
+                compile_rows(
                     "resnet50",
                     model,
                     {"input": crops[:n]},
                     {"input": crops[n:]},
                     folder,
                     ["--metric", "cosine", *args.resnet_args.split()],
+                    modes,
                 )
             )
             del crops
         elif row == "det":
             det, _ = tinyocr(folder)
             pages = text_pages(2 * args.det_pages, args.det_size)
-            results.append(
-                compile_row(
+            results.extend(
+                compile_rows(
                     "det-tiny",
                     det,
                     {"x": pages[: args.det_pages]},
                     {"x": pages[args.det_pages :]},
                     folder,
                     ["--metric", "cosine"],
+                    modes,
                 )
             )
             del pages
@@ -403,23 +438,30 @@ def main(argv=None) -> int:
             fixed = folder / "rec_tiny_b1.onnx"
             fixed_batch_one(rec, fixed)
             lines = text_lines(2 * args.rec_lines)
-            results.append(
-                compile_row(
+            results.extend(
+                compile_rows(
                     "rec-tiny (batch 1)",
                     fixed,
                     {"x": lines[: args.rec_lines]},
                     {"x": lines[args.rec_lines :]},
                     folder,
                     ["--metric", "cosine"],
+                    modes,
                 )
             )
         elif row == "minilm":
             from data_aware import minilm_dataset
 
             path, calib, evaluation, _ = minilm_dataset()
-            results.append(
-                compile_row(
-                    "minilm", Path(path), calib, evaluation, folder, ["--metric", "cosine", "--method", "svd"]
+            results.extend(
+                compile_rows(
+                    "minilm",
+                    Path(path),
+                    calib,
+                    evaluation,
+                    folder,
+                    ["--metric", "cosine", "--method", "svd"],
+                    modes,
                 )
             )
         elif row == "depth":
@@ -431,19 +473,22 @@ def main(argv=None) -> int:
             for blocks in [int(b) for b in args.depths.split(",")]:
                 model = folder / f"depth{blocks}.onnx"
                 depth_model(model, blocks)
-                depth_rows.append(
-                    compile_row(
+                depth_rows.extend(
+                    compile_rows(
                         f"depth {blocks}",
                         model,
                         {"input": x[:n]},
                         {"input": x[n:]},
                         folder,
                         ["--metric", "cosine"],
+                        modes,
                     )
                 )
     load = os.getloadavg()
     header = [
         "model",
+        "sensitivity",
+        "search steps s / pass-eq: " + " / ".join(SEARCH_STEPS),
         "rewritten/candidates",
         "calib+eval samples",
         "stage s: " + " / ".join(STAGES),
@@ -461,29 +506,35 @@ def main(argv=None) -> int:
         lines = [
             [
                 "blocks",
+                "sensitivity",
+                "search steps s / pass-eq: " + " / ".join(SEARCH_STEPS),
                 "candidates",
                 "total s",
                 "s per candidate layer",
-                "vs 8 blocks",
+                "vs fewest blocks",
                 "peak RSS GiB",
                 "FLOPs ratio",
                 "held-out drop",
             ]
         ]
-        base = None
+        base = {}
         for r in depth_rows:
             if "error" in r:
-                lines.append([r["name"], "failed", r["error"][:80], "", "", "", "", ""])
+                lines.append(
+                    [r["name"], r.get("mode", ""), "failed", r["error"][:80], "", "", "", "", "", ""]
+                )
                 continue
             per = r["total_s"] / max(r["candidates"], 1)
-            base = base or per
+            base.setdefault(r.get("mode"), per)
             lines.append(
                 [
                     r["name"].split()[1],
+                    r.get("mode", ""),
+                    steps_cell(r),
                     str(r["candidates"]),
                     f"{r['total_s']:.0f}",
                     f"{per:.2f}",
-                    f"{per / base:.2f}x",
+                    f"{per / base[r.get('mode')]:.2f}x",
                     f"{r['peak_gib']:.2f}",
                     f"{r['flops_ratio']:.2f}x",
                     "" if r["drop"] is None else f"{r['drop']:.4f}",

@@ -137,3 +137,22 @@ def test_predicted_search_spends_fewer_sample_forwards_and_meets_the_budget():
     )
     # The plan is still a real compression, not the empty plan that trivially meets the budget.
     assert predicted.after.flops < predicted.before.flops
+
+
+@pytest.mark.parametrize("method_name", ["tucker2", "cut-o", "cut-i", "svd"])
+def test_closed_form_reconstruction_equals_the_forward_probe(method_name):
+    model = MODELS / "lenet5.onnx"
+    import onnx
+
+    method = METHODS[method_name]
+    layers = [
+        a
+        for a in analyze(onnx.load(model))
+        if a.candidate and method.check(a) is None and method.candidate_ranks(a)
+    ]
+    assert layers
+    for layer in layers:
+        factors = method.decompose(layer, method.candidate_ranks(layer)[0])
+        direct = reconstructed_weight(layer, method, factors)
+        probed = reconstructed_weight(layer, method, factors, probe=True)
+        assert np.abs(direct - probed).max() <= 1e-9 * max(np.abs(probed).max(), 1.0), layer.name

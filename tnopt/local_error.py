@@ -51,8 +51,30 @@ def dense_weight(layer) -> np.ndarray:
     return dense
 
 
-def reconstructed_weight(layer, method, factors) -> np.ndarray:
-    """Ŵ of `factors`, shaped as dense_weight(layer): the method's forward on unit inputs (bias removed)."""
+def _cut_i(layer, a):
+    # Conv 1x1 with Aᵀ (I → r), then the spatial conv with B as (r, O, *k) transposed:
+    # Ŵ[o, i] = Σ_r A[i, r] B[r, o].
+    b = a["B"].reshape(a["B"].shape[0], layer.weight_shape[0], *layer.weight_shape[2:])
+    return np.einsum("ir,ro...->oi...", a["A"], b)
+
+
+# Closed forms of Ŵ for the common methods (each the product its forward computes; tests compare them
+# with the probe): a probe costs one forward per input feature, these one contraction.
+_DIRECT = {
+    "svd": lambda layer, a: a["A"] @ a["B"],
+    "tucker2": lambda layer, a: np.einsum("ab...,oa,ib->oi...", a["core"], a["U_out"], a["U_in"]),
+    "cut-o": lambda layer, a: (a["A"] @ a["B"]).reshape(layer.weight_shape),
+    "cut-i": _cut_i,
+}
+
+
+def reconstructed_weight(layer, method, factors, *, probe: bool = False) -> np.ndarray:
+    """Ŵ of `factors`, shaped as dense_weight(layer): a closed form for the common methods (ungrouped),
+    else (or with `probe`) the method's forward on unit inputs, bias removed."""
+    direct = _DIRECT.get(method.name)
+    if direct is not None and not probe and layer.group == 1 and "bias" not in factors.arrays:
+        arrays = {k: np.asarray(v, dtype=np.float64) for k, v in factors.arrays.items()}
+        return direct(layer, arrays)
     import torch
 
     arrays = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in factors.arrays.items()}

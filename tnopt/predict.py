@@ -44,6 +44,9 @@ ANCHOR_ERROR = 0.02
 # A chosen option more than this factor away in e from every measured point of its layer is measured.
 FRONTIER_FACTOR = 4.0
 SLOPE_RANGE = (0.5, 2.0)
+# A method's ranks are predicted from high to low until the layer's own output is this far off
+# (relative error ~70%): lower ranks only lose more, the measured sweep's stop rule in local terms.
+LOCAL_STOP_ERROR = 0.5
 # Proxies below this are taken as this (a measured zero would make every rank of the layer free).
 PROXY_FLOOR = 1e-12
 
@@ -104,7 +107,8 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
     for layer in able:
         for method in candidates[layer.name]:
             impl = ctx.methods[method]
-            for rank in impl.candidate_ranks(layer):
+            ranks = sorted(impl.candidate_ranks(layer), key=lambda r: -impl.cost(layer, r).params)
+            for rank in ranks:
                 factors = ctx.factors_for(layer, method, rank)
                 key = (layer.name, method, rank)
                 if isinstance(factors, Refusal):
@@ -117,6 +121,8 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
                 else:
                     local[key] = local_error(layer, stats[layer.name], impl, factors)
                 bar.update(1)
+                if local.get(key, 0.0) > LOCAL_STOP_ERROR:
+                    break  # lower ranks only lose more (and their fits cost the most)
     bar.close()
     size = int(min(SUBSAMPLE, max(MIN_SUBSAMPLE, ANCHOR_PASSES * len(ctx.calib) / max(len(able), 1))))
     sub = _Subsample(ctx, size)

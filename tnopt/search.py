@@ -187,16 +187,16 @@ class Search:
         else:
             measured, hits = sweep(ctx, self.layers, candidates, decisions)
         predicted = ctx.prediction.get("predicted", 0)
+        prediction = ctx.prediction
+        predicted = prediction.get("predicted", 0)
+        counted = (
+            f"{len(measured)} measurements"
+            if not prediction
+            else f"{len(measured)} entries ({predicted} predicted from local errors, "
+            f"{prediction['measured_on_subsample']} measured on {prediction['subsample']} samples)"
+        )
         self.say(
-            f"sensitivity ({config.sensitivity}): {len(measured)} entries, "
-            + (
-                f"{predicted} predicted from local errors, {ctx.prediction['measured_on_subsample']} "
-                f"measured on {ctx.prediction['subsample']} samples, "
-                if ctx.prediction
-                else ""
-            )
-            + f"{hits} from cache"
-            + (f" ({ctx.cache.path})" if ctx.cache.path else "")
+            f"sensitivity: {counted}, {hits} from cache" + (f" ({ctx.cache.path})" if ctx.cache.path else "")
         )
         steps.mark("sensitivity")
         latency = {}
