@@ -4,22 +4,24 @@ a few whole-model runs on a small subsample (instead of one whole-model run per 
     predicted_sweep(ctx, layers, candidates, decisions) → ({(layer, method, rank): entry}, cache hits)
 
 An entry is the measured sweep's {"drop", "proxy", "weight_error"} (+ "refused") plus "local_error"
-and "predicted" (True: from the map below, False: measured on the subsample). The map per layer:
+and "predicted" (True: from the map below, False: measured on the subsample). The map:
 
-    proxy(e) = p_a · (e / e_a)^s          e: the candidate's local error (tnopt.local_error, no ORT run)
-    drop(e)  = proxy(e) · max_i(drop_i / proxy_i)
+    proxy(e) = p_n · (e / e_n)^s          e: the candidate's local error (tnopt.local_error, no ORT run)
+    drop(e)  = proxy(e) · max_i(drop_i / proxy_i)   over the layer's measured points
 
-through the layer's measured points (e_i, proxy_i, drop_i): one anchor per layer (its first method,
-the rank whose e is nearest ANCHOR_ERROR), then one frontier point per layer where an allocation at
-some τ of the verification grid picks an option far (in e, or by method) from every measured point.
-s is the log-log slope between the two points nearest e (clamped to SLOPE_RANGE), 1 with one point:
-to first order the rest of the network passes the layer's output error on linearly.
+(e_n, p_n): the layer's measured point nearest in e, of the same method where there is one; s: the
+median log-log slope over every (layer, method) with two measured points (1, first order, before any).
+Measured points: one anchor per layer (its first method, the rank whose e is nearest ANCHOR_ERROR),
+then up to FRONTIER_ROUNDS rounds of one point per layer where the allocations near the budget's
+frontier (the largest τ of the verification grid whose predicted plan, run unrefined on the subsample,
+stays within the budget, and the next τ) pick an option far in e from the layer's measured points or of
+a method not measured there.
 
-Measurements run on SUBSAMPLE samples chosen by stratifying the calibration set along the first
-principal direction of the original model's outputs (the direction along which the outputs vary
-most), fewer when the layers are many (ANCHOR_PASSES). Plans are still verified on every calibration
-sample (tnopt/verify.py): the predictor only saves sweep work. Layers without moments (a left-weight
-MatMul, data-free runs) fall back to the measured sweep.
+Measurements run on at most SUBSAMPLE samples chosen by stratifying the calibration set along the first
+principal direction of the original model's outputs (the direction along which they vary most), fewer
+when the layers are many (ANCHOR_PASSES). Plans are still verified on every calibration sample
+(tnopt/verify.py): the predictor only saves sweep work. Layers without moments (a left-weight MatMul)
+fall back to the measured sweep.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ ANCHOR_PASSES = 4.0
 ANCHOR_ERROR = 0.02
 # A chosen option more than this factor away in e from every measured point of its layer is measured.
 FRONTIER_FACTOR = 4.0
-SLOPE_RANGE = (0.5, 2.0)
+SLOPE_RANGE = (0.75, 2.5)
+# Frontier rounds after the anchors, each at most one more measurement per layer.
+FRONTIER_ROUNDS = 2
 # A method's ranks are predicted from high to low until the layer's own output is this far off
 # (relative error ~70%): lower ranks only lose more, the measured sweep's stop rule in local terms.
 LOCAL_STOP_ERROR = 0.5
@@ -72,6 +76,13 @@ class _Subsample:
         self.data = ctx.calib.subset(self.indices, f"{ctx.calib.source}[stratified {len(self.indices)}]")
         self.reference = [r[self.indices] for r in ctx.reference]
         self.baseline = ctx.metric(self.reference, self.reference, self.data.labels)
+        self.plans = 0
+
+    def plan_drop(self, ctx, choices) -> float:
+        """The metric's drop on the subsample under an (unrefined) plan."""
+        self.plans += 1
+        outputs = ctx.runner.run(choices, self.data.inputs)
+        return ctx.drop_of(ctx.metric(self.reference, outputs, self.data.labels), self.baseline)
 
     def measure(self, ctx, layer, method, rank, factors) -> dict:
         key = f"sub{len(self.indices)}|{layer.name}|{method}|{ctx.methods[method].rank_label(rank)}"
@@ -142,22 +153,29 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
         first = candidates[layer.name][0]
         pool = [k for k in mine if k[1] == first] or mine
         measure(min(pool, key=lambda k: abs(math.log(max(local[k], 1e-12) / ANCHOR_ERROR))))
-    # Round 2: the frontier — options some allocation on the τ grid picks, far from what was measured.
+    # Rounds 2..: the frontier. The predicted plans of the τ grid run (unrefined) on the subsample;
+    # around the largest τ whose plan stays within the budget, each layer's chosen option that is far
+    # from its measured points (or of a method not measured there) is measured, and the map refitted.
     by_name = {layer.name: layer for layer in able}
-    options = _options(ctx, by_name, local, points)
-    wanted: dict[str, tuple] = {}
-    for tau in B.tau_grid(options)[1:]:
-        for name, option in B.allocate(options, tau).items():
-            key = (name, *option.key)
-            distance = _distance(key, local, points[name])
-            if distance > math.log(FRONTIER_FACTOR) and distance > wanted.get(name, (None, 0.0))[1]:
-                wanted[name] = (key, distance)
-    for key, _ in wanted.values():
-        measure(key)
+    for _ in range(FRONTIER_ROUNDS):
+        slope = _pooled_slope(points)
+        options = _options(ctx, by_name, local, points, slope)
+        wanted: dict[str, tuple] = {}
+        for allocation in _frontier_allocations(ctx, sub, options, by_name):
+            for name, option in allocation.items():
+                key = (name, *option.key)
+                distance = _distance(key, local, points[name])
+                if distance > math.log(FRONTIER_FACTOR) and distance > wanted.get(name, (None, 0.0))[1]:
+                    wanted[name] = (key, distance)
+        if not wanted:
+            break
+        for key, _ in wanted.values():
+            measure(key)
+    slope = _pooled_slope(points)
     for key, e in local.items():
         entry = points[key[0]].get(key)
         if entry is None:
-            proxy, drop = _predict(e, key[1], points[key[0]])
+            proxy, drop = _predict(e, key[1], points[key[0]], slope)
             entry = {"drop": drop, "proxy": proxy, "local_error": e}
         entry["predicted"] = key not in points[key[0]]
         entry["weight_error"] = ctx.factors_for(by_name[key[0]], key[1], key[2]).rel_error
@@ -171,16 +189,56 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
         "measured_on_subsample": sum(len(p) for p in points.values()),
         "predicted": sum(e.get("predicted", False) for e in measured.values()),
         "measured_layers": len(rest),
+        "slope": slope,
+        "plans_on_subsample": sub.plans,
     }
     return measured, hits + ctx.cache.hits
 
 
-def _options(ctx, by_name, local, points) -> list[B.Option]:
+def _frontier_allocations(ctx, sub, options, by_name) -> list[dict]:
+    """The allocations at the largest τ of the grid whose (unrefined) plan keeps the subsample within
+    the budget, and at the next τ above it: where verification will look."""
+    grid = B.tau_grid(options)
+    allocations = [B.allocate(options, tau) for tau in grid]
+    last_pass = 0
+    for index, allocation in enumerate(allocations):
+        if index == 0 or not allocation:
+            continue
+        plan = [
+            Choice(by_name[n], o.key[0], ctx.factors_for(by_name[n], *o.key)) for n, o in allocation.items()
+        ]
+        if sub.plan_drop(ctx, plan) <= ctx.max_drop:
+            last_pass = index
+        else:
+            break  # larger τ only add loss
+    return allocations[last_pass : last_pass + 2]
+
+
+def _pooled_slope(points) -> float:
+    """The median log-log slope of proxy against local error over (layer, method) pairs of measured
+    points, clamped to SLOPE_RANGE; 1 (first order) before any pair exists."""
+    slopes = []
+    for mine in points.values():
+        by_method: dict[str, list] = {}
+        for (_, method, _), v in mine.items():
+            if v["local_error"] > 0 and v["proxy"] > 0:
+                by_method.setdefault(method, []).append((v["local_error"], v["proxy"]))
+        for pts in by_method.values():
+            pts.sort()
+            (e1, p1), (e2, p2) = pts[0], pts[-1]
+            if e2 > e1 * 1.5:
+                slopes.append(math.log(p2 / p1) / math.log(e2 / e1))
+    if not slopes:
+        return 1.0
+    return float(min(max(np.median(slopes), SLOPE_RANGE[0]), SLOPE_RANGE[1]))
+
+
+def _options(ctx, by_name, local, points, slope) -> list[B.Option]:
     options = []
     for key, e in local.items():
         name, method, rank = key
         entry = points[name].get(key)
-        proxy = entry["proxy"] if entry is not None else _predict(e, method, points[name])[0]
+        proxy = entry["proxy"] if entry is not None else _predict(e, method, points[name], slope)[0]
         # Savings in parameters suffice to find the frontier; the real objective prices options later.
         saving = by_name[name].params - ctx.methods[method].cost(by_name[name], rank).params
         options.append(B.Option(name, (method, rank), saving, max(float(proxy), 0.0)))
@@ -192,34 +250,21 @@ def _distance(key, local, mine: dict) -> float:
     method has no measured point and the layer has one of another method (methods differ in gain)."""
     if key in mine:
         return 0.0
-    same = [k for k in mine if k[1] == key[1]] or list(mine)
+    same = [k for k in mine if k[1] == key[1]]
+    if not same:
+        return float("inf")
     e = max(local[key], 1e-12)
     return min(abs(math.log(e / max(mine[k]["local_error"], 1e-12))) for k in same)
 
 
-def _predict(e: float, method: str, mine: dict) -> tuple[float, float]:
-    """(proxy, drop) at local error e from the layer's measured points (module doc)."""
+def _predict(e: float, method: str, mine: dict, slope: float) -> tuple[float, float]:
+    """(proxy, drop) at local error e from the layer's measured points (module doc): through the
+    nearest point of the same method (else of any), along the pooled slope."""
     if not mine:
         return float("inf"), float("inf")
-    pts = sorted(
-        (
-            (max(v["local_error"], 1e-12), max(v["proxy"], PROXY_FLOOR), max(v["drop"], 0.0))
-            for v in mine.values()
-        ),
-    )
-    same = sorted(
-        (max(v["local_error"], 1e-12), max(v["proxy"], PROXY_FLOOR))
-        for k, v in mine.items()
-        if k[1] == method
-    )
-    ref = same or [(p[0], p[1]) for p in pts]
     e = max(e, 1e-12)
-    nearest = min(ref, key=lambda p: abs(math.log(e / p[0])))
-    slope = 1.0
-    if len({p[0] for p in pts}) >= 2:
-        (e1, p1), (e2, p2) = pts[0][:2], pts[-1][:2]
-        if e2 > e1:
-            slope = min(max(math.log(p2 / p1) / math.log(e2 / e1), SLOPE_RANGE[0]), SLOPE_RANGE[1])
-    proxy = nearest[1] * (e / nearest[0]) ** slope
-    ratio = max(d / p for _, p, d in pts)
+    same = [v for k, v in mine.items() if k[1] == method] or list(mine.values())
+    nearest = min(same, key=lambda v: abs(math.log(e / max(v["local_error"], 1e-12))))
+    proxy = max(nearest["proxy"], PROXY_FLOOR) * (e / max(nearest["local_error"], 1e-12)) ** slope
+    ratio = max(max(v["drop"], 0.0) / max(v["proxy"], PROXY_FLOOR) for v in mine.values())
     return proxy, proxy * ratio
