@@ -58,21 +58,47 @@ def _cut_i(layer, a):
     return np.einsum("ir,ro...->oi...", a["A"], b)
 
 
+def _cut_spatial(layer, a):
+    # The {O·kh | I·kw} cut: A·B is the kernel as (O, kh, I, kw).
+    o, i, kh, kw = layer.weight_shape
+    return (a["A"] @ a["B"]).reshape(o, kh, i, kw).transpose(0, 2, 1, 3)
+
+
+def _mpo(layer, a):
+    from tnopt.passes._tensor_train import tt_to_matrix
+
+    matrix = tt_to_matrix([a[f"G{k + 1}"] for k in range(sum(key.startswith("G") for key in a))])
+    return matrix.T.reshape(layer.weight_shape) if layer.op == "Conv" else matrix
+
+
 # Closed forms of Ŵ for the common methods (each the product its forward computes; tests compare them
 # with the probe): a probe costs one forward per input feature, these one contraction.
 _DIRECT = {
     "svd": lambda layer, a: a["A"] @ a["B"],
-    "tucker2": lambda layer, a: np.einsum("ab...,oa,ib->oi...", a["core"], a["U_out"], a["U_in"]),
+    "tucker2": lambda layer, a: np.einsum(
+        "ab...,oa,ib->oi...", a["core"], a["U_out"], a["U_in"], optimize=True
+    ),
+    # 1x1 to r, depthwise kh x 1 and 1 x kw, 1x1 to O:
+    # Ŵ[o, i, h, w] = Σ_r A_out[o, r] A_in[i, r] A_h[h, r] A_w[w, r].
+    "cp": lambda layer, a: np.einsum(
+        "or,ir,hr,wr->oihw", a["A_out"], a["A_in"], a["A_h"], a["A_w"], optimize=True
+    ),
     "cut-o": lambda layer, a: (a["A"] @ a["B"]).reshape(layer.weight_shape),
     "cut-i": _cut_i,
+    "cut-spatial": _cut_spatial,
+    "mpo": _mpo,
+    "mpo-storage": _mpo,
 }
+# Methods whose closed form holds only for some layouts (CP: the 2-D conv it factorizes into 4 modes).
+_DIRECT_NDIM = {"cp": 4}
 
 
 def reconstructed_weight(layer, method, factors, *, probe: bool = False) -> np.ndarray:
     """Ŵ of `factors`, shaped as dense_weight(layer): a closed form for the common methods (ungrouped),
     else (or with `probe`) the method's forward on unit inputs, bias removed."""
     direct = _DIRECT.get(method.name)
-    if direct is not None and not probe and layer.group == 1 and "bias" not in factors.arrays:
+    fits = _DIRECT_NDIM.get(method.name, len(layer.weight_shape)) == len(layer.weight_shape)
+    if direct is not None and fits and not probe and layer.group == 1 and "bias" not in factors.arrays:
         arrays = {k: np.asarray(v, dtype=np.float64) for k, v in factors.arrays.items()}
         return direct(layer, arrays)
     import torch
@@ -119,10 +145,11 @@ def output_energy(layer, stats, matrix: np.ndarray) -> float:
     return float(sum(np.sum((taps[:, :, t] @ moment) * taps[:, :, t]) for t in range(taps.shape[2])))
 
 
-def local_error(layer, stats, method, factors) -> float:
-    """Squared relative output error e of `factors` on the layer's calibration input (see module doc)."""
+def local_error(layer, stats, method, factors, dense_energy: float | None = None) -> float:
+    """Squared relative output error e of `factors` on the layer's calibration input (see module doc).
+    `dense_energy`: output_energy of the dense weight, when the caller already has it."""
     weight = dense_weight(layer)
-    denominator = output_energy(layer, stats, weight)
+    denominator = output_energy(layer, stats, weight) if dense_energy is None else dense_energy
     if denominator <= 0:
         return 0.0
     delta = weight - reconstructed_weight(layer, method, factors)

@@ -31,7 +31,7 @@ import math
 import numpy as np
 
 from tnopt import budget as B
-from tnopt.local_error import local_error, predictable
+from tnopt.local_error import dense_weight, local_error, output_energy, predictable
 from tnopt.metric_choice import smooth_proxy
 from tnopt.passes import Refusal
 from tnopt.plan import Choice
@@ -116,6 +116,7 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
         sum(len(ctx.methods[m].candidate_ranks(a)) for a in able for m in candidates[a.name]), "predict"
     )
     for layer in able:
+        dense_energy = output_energy(layer, stats[layer.name], dense_weight(layer))
         for method in candidates[layer.name]:
             impl = ctx.methods[method]
             ranks = sorted(impl.candidate_ranks(layer), key=lambda r: -impl.cost(layer, r).params)
@@ -130,7 +131,7 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
                         "refused": factors.reason,
                     }
                 else:
-                    local[key] = local_error(layer, stats[layer.name], impl, factors)
+                    local[key] = local_error(layer, stats[layer.name], impl, factors, dense_energy)
                 bar.update(1)
                 if local.get(key, 0.0) > LOCAL_STOP_ERROR:
                     break  # lower ranks only lose more (and their fits cost the most)
