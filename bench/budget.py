@@ -107,6 +107,13 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="0.005,0.01,0.02")
     p.add_argument("--calib", type=int, default=512)
     p.add_argument("--out", help="append the table (markdown) to this file")
+    p.add_argument(
+        "--sensitivity",
+        default="",
+        help="comma list of tnopt sensitivity modes (predicted, measured): one search row per mode, "
+        "each cold in its own cache; default: tnopt's default only",
+    )
+    p.add_argument("--search-only", action="store_true", help="skip the uniform and VBMF peer rows")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -114,30 +121,44 @@ def main(argv=None) -> int:
     rows = [("model", "budget", "rule", "FLOPs x", "params x", "eval drop", "compile s", "note")]
     for name in args.models.split(","):
         path = ROOT / "models" / f"{name}.onnx"
-        cache = tempfile.mkdtemp(prefix=f"tnopt-bench-{name}-")
-        for index, budget in enumerate(budgets):
-            start = time.perf_counter()
-            _, report = tnopt.compress(
-                str(path), budget=budget, data=calib, eval_data=evaluation, provider="cpu", cache_dir=cache
-            )
-            seconds = time.perf_counter() - start
-            flops, params = ratios(report)
-            note = ("cold" if index == 0 else "cached") + (
-                "" if report.budget_met else "; MISSED: " + report.search["miss_reason"][:60]
-            )
-            rows.append(
-                (
-                    name,
-                    f"{budget:.1%}",
-                    "tnopt search",
-                    f"{flops:.2f}",
-                    f"{params:.2f}",
-                    f"{eval_drop(report):+.2%}",
-                    f"{seconds:.1f}",
-                    note,
+        for mode in [m for m in args.sensitivity.split(",") if m] or [None]:
+            options = {} if mode is None else {"sensitivity": mode}
+            cache = tempfile.mkdtemp(prefix=f"tnopt-bench-{name}-")
+            for index, budget in enumerate(budgets):
+                start = time.perf_counter()
+                _, report = tnopt.compress(
+                    str(path),
+                    budget=budget,
+                    data=calib,
+                    eval_data=evaluation,
+                    provider="cpu",
+                    cache_dir=cache,
+                    **options,
                 )
-            )
-            print(format_table(rows[-1:]), flush=True)
+                seconds = time.perf_counter() - start
+                flops, params = ratios(report)
+                steps = report.search.get("steps", {})
+                work = " ".join(
+                    f"{k} {v['wall_s']:.0f}s/{v['sample_forwards'] / args.calib:.1f}p"
+                    for k, v in steps.items()
+                )
+                note = ("cold" if index == 0 else "cached") + (
+                    "" if report.budget_met else "; MISSED: " + report.search["miss_reason"][:60]
+                )
+                rows.append(
+                    (
+                        name,
+                        f"{budget:.1%}",
+                        "tnopt search" + (f" ({mode})" if mode else ""),
+                        f"{flops:.2f}",
+                        f"{params:.2f}",
+                        f"{eval_drop(report):+.2%}",
+                        f"{seconds:.1f}",
+                        note + (f"; {work}" if work else ""),
+                    )
+                )
+                print(format_table(rows[-1:]), flush=True)
+        for budget in [] if args.search_only else budgets:
             start = time.perf_counter()
             report, ratio = uniform_bisected(path, calib, evaluation, budget)
             seconds = time.perf_counter() - start
@@ -155,6 +176,8 @@ def main(argv=None) -> int:
                 )
             )
             print(format_table(rows[-1:]), flush=True)
+        if args.search_only:
+            continue
         start = time.perf_counter()
         ranks = peers.vbmf_ranks(path)
         _, report = tnopt.compress(
