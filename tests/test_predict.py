@@ -166,3 +166,16 @@ def test_closed_form_reconstruction_equals_the_forward_probe(method_name):
         probed = reconstructed_weight(layer, method, factors, probe=True)
         assert np.abs(direct - probed).max() <= 1e-9 * max(np.abs(probed).max(), 1.0), layer.name
     assert checked
+
+
+def test_unknown_sensitivity_mode_is_a_one_line_error():
+    from helpers import cli
+
+    from tnopt.errors import TnoptError
+
+    with pytest.raises(TnoptError, match="--sensitivity 'guess': choose predicted or measured"):
+        tnopt.RunConfig(sensitivity="guess")
+    result = cli(
+        MODELS / "lenet5.onnx", "-o", "/nonexistent/x.onnx", "--budget", "1%", "--sensitivity", "guess"
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr

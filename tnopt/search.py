@@ -5,6 +5,9 @@
 2. sweep (tnopt/sweep.py): every candidate layer alone at every candidate (method, rank), measured
    in ORT on the calibration data: the hard metric's drop and a smooth proxy (squared relative L2
    of the outputs). Ranks go from high to low and stop once a layer alone loses SWEEP_STOP_DROP.
+   With `--sensitivity predicted` (tnopt/predict.py) the same entries come from each candidate's
+   local output error in closed form (tnopt/local_error.py), mapped to proxy and drop per layer by a
+   few whole-model runs on a stratified subsample near the allocation frontier.
    The latency stage (tnopt/latency.py) times what the guard or the objective needs.
                                                                           → measurements
 3. allocate (tnopt/verify.py, budget.allocate): options priced by the objective (a cost function
