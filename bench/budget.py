@@ -114,6 +114,7 @@ def main(argv=None) -> int:
         "each cold in its own cache; default: tnopt's default only",
     )
     p.add_argument("--search-only", action="store_true", help="skip the uniform and VBMF peer rows")
+    p.add_argument("--json", help="write each tnopt run's report to DIR/MODEL-BUDGET[-MODE].json")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -158,6 +159,10 @@ def main(argv=None) -> int:
                     )
                 )
                 print(format_table(rows[-1:]), flush=True)
+                if args.json:
+                    os.makedirs(args.json, exist_ok=True)
+                    suffix = f"-{mode}" if mode else ""
+                    report.write_json(os.path.join(args.json, f"{name}-{budget:g}{suffix}.json"))
         for budget in [] if args.search_only else budgets:
             start = time.perf_counter()
             report, ratio = uniform_bisected(path, calib, evaluation, budget)

@@ -2,12 +2,27 @@
 
 Each candidate rewrite is timed against its dense node, alone, in onnxruntime on the target
 provider, at the input shape the layer really sees (captured from TIMING_BATCH real samples). The
-timings are paired and interleaved: every round runs the dense node and each candidate once, in an
-order that alternates between rounds, and the decision reads the per-round ratio candidate / dense.
-Load that comes and goes slows both sides of a round alike, so the ratio keeps still where the raw
-times follow the load. A rewrite counts as faster only when the upper end of the ratio's interval
-(a sign-test interval of the median ratio) is below 1: a significance margin, not one noisy comparison.
-The ratio is what the cache keeps; absolute times are re-derived from the dense time of this run.
+timings are paired and interleaved: every round runs the dense node and each candidate still under
+test once, in an order that alternates between rounds, and the decision reads the per-round ratio
+candidate / dense. Load that comes and goes slows both sides of a round alike, so the ratio keeps
+still where the raw times follow the load. Timing sessions do not spin their worker threads between
+runs: interleaved, an idle session's spinning threads would take the cores from the timed one.
+
+The decision has three outcomes, read from the exact sign-test interval of the median ratio:
+
+    faster     the interval lies below 1 and the median ratio ≤ LATENCY_MARGIN   → accepted
+    slower     the interval lies above 1                                         → refused
+    undecided  anything else (a noisy or a small difference)                     → the cost model:
+               accepted when the rewrite's FLOPs are ≤ UNDECIDED_MAX_FLOP_RATIO × the dense layer's
+
+Undecided candidates get more rounds first (a look every LOOK_EVERY rounds, up to MAX_ROUNDS or
+LAYER_TIME seconds per layer); each look uses a 95% interval, so with at most five looks the chance
+that a rewrite of equal speed is called faster (or slower) stays under 5 × 2.5%. A rewrite that
+timing shows slower is never applied ("fewer FLOPs often do not run faster"); one that timing cannot
+tell apart from the dense node is judged by what does not depend on the machine's load, its FLOPs,
+and only a large cut (half) counts. So load changes a verdict only where timing and FLOPs disagree.
+The summary of the rounds is what the cache keeps; absolute times are re-derived from the dense
+time of this run.
 
 The whole model is timed the same way, before against after, at the deployment batch.
 FLOPs are a bound, not a result: the search's latency guard and objective read these numbers.
@@ -15,7 +30,9 @@ FLOPs are a bound, not a result: the search's latency guard and objective read t
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,85 +40,190 @@ from tnopt.data import as_feeds
 from tnopt.plan import Choice
 
 TIMING_BATCH = 32
-# Rounds of a paired comparison: at least MIN_ROUNDS, more while under ROUND_TIME seconds in all.
-MIN_ROUNDS, MAX_ROUNDS, ROUND_TIME = 9, 41, 0.4
-# The median ratio's interval: a two-sided 90% sign-test interval (order statistics of the rounds).
-Z_90 = 1.645
+# Rounds of a paired comparison: a first look after MIN_ROUNDS, then one every LOOK_EVERY rounds
+# while some candidate is undecided, up to MAX_ROUNDS or LAYER_TIME seconds of timing per layer.
+MIN_ROUNDS, LOOK_EVERY, MAX_ROUNDS, LAYER_TIME = 9, 8, 41, 2.0
+# Two-sided level of the median ratio's sign-test interval at each look.
+ALPHA = 0.05
+# A rewrite that timing calls faster must be at least this much faster (median ratio) to be worth it.
+LATENCY_MARGIN = 0.97
+# Undecided by timing: applied only when the cost model promises a large cut.
+UNDECIDED_MAX_FLOP_RATIO = 0.5
+FASTER, SLOWER, UNDECIDED = "faster", "slower", "undecided"
 
 
-def paired_times(sessions, feed, *, min_rounds=MIN_ROUNDS, max_rounds=MAX_ROUNDS, budget_s=ROUND_TIME):
-    """(rounds, len(sessions)) seconds: each round runs every session once, the order reversed on
-    every other round so that neither side always runs first (warm caches) or last."""
+@dataclass(frozen=True)
+class Verdict:
+    """The latency guard's decision on one rewrite, and why."""
+
+    outcome: str  # faster | slower | undecided
+    accepted: bool
+    ratio: float  # median per-round time ratio rewritten / dense
+    ratio_low: float
+    ratio_high: float
+    rounds: int
+    flop_ratio: float
+
+    def describe(self) -> str:
+        interval = f"[{self.ratio_low:.2f}, {self.ratio_high:.2f}]"
+        timing = f"time ratio {self.ratio:.2f} {interval} in {self.rounds} rounds"
+        if self.outcome == UNDECIDED:
+            rule = "≤" if self.accepted else ">"
+            return (
+                f"undecided ({timing}); FLOPs {self.flop_ratio:.2f}x {rule} {UNDECIDED_MAX_FLOP_RATIO:g}x: "
+                + ("applied" if self.accepted else "kept dense")
+            )
+        return f"{self.outcome} ({timing})"
+
+
+def decide(summary: dict, flop_ratio: float) -> Verdict:
+    """The three-outcome rule of the module docstring on one candidate's round summary."""
+    low, high, ratio = summary["ratio_low"], summary["ratio_high"], summary["ratio"]
+    if high < 1.0 and ratio <= LATENCY_MARGIN:
+        outcome, accepted = FASTER, True
+    elif low > 1.0:
+        outcome, accepted = SLOWER, False
+    else:
+        outcome, accepted = UNDECIDED, flop_ratio <= UNDECIDED_MAX_FLOP_RATIO
+    return Verdict(outcome, accepted, ratio, low, high, int(summary["rounds"]), float(flop_ratio))
+
+
+class LatencyTable(dict):
+    """{(layer, None, None): dense seconds, (layer, method, rank): rewritten seconds (dense × the
+    median ratio)}, plus `verdicts[(layer, method, rank)]`: the guard's `Verdict`."""
+
+    def __init__(self):
+        super().__init__()
+        self.verdicts: dict[tuple, Verdict] = {}
+
+
+def _round(sessions, feed, active, rows) -> float:
+    """One round over the `active` session indices (index 0, the dense node, always first in the
+    list): the order is reversed on every other round, so that neither side always runs first
+    (warm caches) or last. Appends the round's times (NaN for inactive) to `rows`; returns seconds."""
+    order = active if len(rows) % 2 == 0 else active[::-1]
+    row = [math.nan] * len(sessions)
+    for index in order:
+        start = time.perf_counter()
+        sessions[index].run(None, feed)
+        row[index] = time.perf_counter() - start
+    rows.append(row)
+    return sum(row[i] for i in active)
+
+
+def _warm(sessions, feed) -> None:
     for session in sessions:
         for _ in range(2):
             session.run(None, feed)
-    rows = []
-    spent = 0.0
+
+
+def paired_times(sessions, feed, *, min_rounds=MIN_ROUNDS, max_rounds=MAX_ROUNDS, budget_s=0.4):
+    """(rounds, len(sessions)) seconds, every session in every round: at least `min_rounds`, more
+    while under `budget_s` seconds in all."""
+    _warm(sessions, feed)
+    rows: list = []
+    spent, everyone = 0.0, list(range(len(sessions)))
     while len(rows) < max_rounds and (len(rows) < min_rounds or spent < budget_s):
-        order = range(len(sessions)) if len(rows) % 2 == 0 else reversed(range(len(sessions)))
-        row = [0.0] * len(sessions)
-        for index in order:
-            start = time.perf_counter()
-            sessions[index].run(None, feed)
-            row[index] = time.perf_counter() - start
-        rows.append(row)
-        spent += sum(row)
+        spent += _round(sessions, feed, everyone, rows)
     return np.asarray(rows)
 
 
-def ratio_summary(times: np.ndarray, column: int, baseline: int = 0) -> dict:
-    """The median of the per-round ratios column / baseline and its 90% interval: the k-th smallest
-    and largest ratios with k from the sign test's normal approximation, so "the interval lies
-    below 1" means the rewrite wins significantly more rounds than it loses."""
-    ratios = np.sort(times[:, column] / np.maximum(times[:, baseline], 1e-12))
+def sign_test_rank(n: int, alpha: float = ALPHA) -> int:
+    """The largest i ≥ 1 whose order-statistic interval [r_(i), r_(n+1−i)] covers the median with
+    probability ≥ 1 − alpha (exact binomial: 1 − 2·P(Bin(n, ½) ≤ i − 1)); 1 when none does."""
+    best, tail = 1, 0.0
+    for i in range(1, n // 2 + 1):
+        tail += math.comb(n, i - 1) / 2.0**n
+        if 2 * tail > alpha:
+            break
+        best = i
+    return best
+
+
+def ratio_summary(times: np.ndarray, column: int, baseline: int = 0, alpha: float = ALPHA) -> dict:
+    """The median of the per-round ratios column / baseline (rounds where both ran) and its exact
+    sign-test interval: "the interval lies below 1" means the rewrite wins significantly more
+    rounds than it loses."""
+    times = np.asarray(times, dtype=float)
+    both = ~np.isnan(times[:, column]) & ~np.isnan(times[:, baseline])
+    ratios = np.sort(times[both, column] / np.maximum(times[both, baseline], 1e-12))
     n = len(ratios)
-    k = int(max(0, np.floor(n / 2 - Z_90 * np.sqrt(n) / 2)))
+    i = sign_test_rank(n, alpha)
     return {
         "ratio": float(np.median(ratios)),
-        "ratio_low": float(ratios[k]),
-        "ratio_high": float(ratios[n - 1 - k]),
+        "ratio_low": float(ratios[i - 1]),
+        "ratio_high": float(ratios[n - i]),
         "rounds": n,
     }
 
 
-def measure_latency(runner, layers, options_by_layer, cache, factors_for, sample_inputs, bar) -> dict:
-    """{(layer, None, None): dense seconds, (layer, method, rank): factorized seconds}.
+def sequential_summaries(sessions, feed, flop_ratios, *, layer_time=LAYER_TIME) -> tuple[list[dict], float]:
+    """Round summaries of sessions[1:] against sessions[0], and sessions[0]'s median seconds: a
+    candidate leaves the rounds once a look decides it (faster or slower); undecided ones keep
+    being timed."""
+    _warm(sessions, feed)
+    rows: list = []
+    active, spent = list(range(len(sessions))), 0.0
+    summaries: dict[int, dict] = {}
+    while True:
+        spent += _round(sessions, feed, active, rows)
+        n = len(rows)
+        if n < MIN_ROUNDS or (n - MIN_ROUNDS) % LOOK_EVERY:
+            continue
+        table = np.asarray(rows)
+        for column in active[1:]:
+            summaries[column] = ratio_summary(table, column)
+            if decide(summaries[column], flop_ratios[column - 1]).outcome != UNDECIDED:
+                active = [c for c in active if c != column]
+        if len(active) == 1 or n + LOOK_EVERY > MAX_ROUNDS or spent >= layer_time:
+            break
+    dense_s = float(np.median(np.asarray(rows)[:, 0]))
+    return [summaries[column] for column in range(1, len(sessions))], dense_s
 
-    A candidate's seconds are dense × its median paired ratio when the ratio's interval lies below
-    1 (significantly faster); otherwise at least the dense time, so a guard never takes it."""
+
+def measure_latency(
+    runner, layers, options_by_layer, cache, factors_for, sample_inputs, bar, stop=None
+) -> LatencyTable:
+    """Dense seconds per layer and each candidate's seconds and verdict (`LatencyTable`). `stop()`
+    true (the search's time limit) ends the timing before the next layer: layers not timed have no
+    verdicts, so the guard applies none of their rewrites."""
     runtime = runner.runtime
     first = as_feeds(sample_inputs).take(slice(0, TIMING_BATCH))
     names = sorted({layer.input_name for layer in layers})
     shapes = runtime.capture_shapes(runner.original, names, first)
-    result = {}
+    result = LatencyTable()
     for layer in layers:
+        if stop is not None and stop():
+            break
         shape = shapes[layer.input_name]
         dtype = layer.weight.dtype
         feed = {"x": np.random.default_rng(0).standard_normal(shape).astype(dtype)}
-        prefix = f"lat2|{runtime.provider_name}|{layer.name}"
+        prefix = f"lat3|{runtime.provider_name}|{layer.name}"
         suffix = "x".join(map(str, shape))
         options = options_by_layer.get(layer.name, [])
         keys = [f"{prefix}|{m}|{runner.methods[m].rank_label(r)}|{suffix}" for m, r in options]
+        flop_ratios = [runner.methods[m].cost(layer, r).flops / max(layer.flops, 1) for m, r in options]
         missing = [i for i, key in enumerate(keys) if cache.get(key) is None]
         # Isolated layers and their rewrites are tnopt's graphs: a failure is an internal error.
-        sessions = [runtime.session(runner.isolated(layer, shape), own=True)]
+        sessions = [runtime.session(runner.isolated(layer, shape), own=True, timing=True)]
         for i in missing:
             method, rank = options[i]
             rewritten = runner.isolated(
                 layer, shape, [Choice(layer, method, factors_for(layer, method, rank))]
             )
-            sessions.append(runtime.session(rewritten, own=True))
-        times = paired_times(sessions, feed)
-        dense_s = float(np.median(times[:, 0]))
-        for column, i in enumerate(missing, start=1):
-            cache.put(keys[i], ratio_summary(times, column))
+            sessions.append(runtime.session(rewritten, own=True, timing=True))
+        if missing:
+            summaries, dense_s = sequential_summaries(sessions, feed, [flop_ratios[i] for i in missing])
+            for i, summary in zip(missing, summaries):
+                cache.put(keys[i], summary)
+        else:
+            dense_s = float(np.median(paired_times(sessions, feed, min_rounds=5, budget_s=0.1)[:, 0]))
         result[(layer.name, None, None)] = dense_s
         bar.update(1)
-        for (method, rank), key in zip(options, keys):
+        for (method, rank), key, flop_ratio in zip(options, keys, flop_ratios):
             summary = cache.entries[key]
-            significant = summary["ratio_high"] < 1.0
-            ratio = summary["ratio"] if significant else max(summary["ratio"], 1.0)
-            result[(layer.name, method, rank)] = dense_s * ratio
+            result[(layer.name, method, rank)] = dense_s * summary["ratio"]
+            result.verdicts[(layer.name, method, rank)] = decide(summary, flop_ratio)
             bar.update(1)
     return result
 
@@ -113,7 +235,8 @@ def whole_model_latency(before, after, feeds, batch: int, runtime) -> dict:
     from tnopt.runtime import fixed_batch
 
     feeds = as_feeds(feeds)
-    session_before, session_after = runtime.session(before), runtime.session(after)
+    session_before = runtime.session(before, timing=True)
+    session_after = runtime.session(after, timing=True)
     fixed = fixed_batch(session_before, feeds)
     size = fixed or int(batch)
     index = np.arange(size) % feeds.samples()

@@ -35,6 +35,8 @@ class LayerReport:
     sensitivity: dict[str, float] = field(default_factory=dict)  # "method:rank" → metric drop, layer alone
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
+    # "method:rank" → the latency guard's verdict (faster | slower | undecided and the FLOPs rule)
+    latency_verdicts: dict[str, str] = field(default_factory=dict)
     factor_notes: dict = field(default_factory=dict)  # e.g. data_aware, corrected, mode (MPO)
 
 
@@ -117,7 +119,7 @@ class Report:
             text.append(
                 f"latency at batch {lat['batch']} ({self.provider}): {lat['before_ms']:.2f} ms → "
                 f"{lat['after_ms']:.2f} ms ({lat['speedup']:.2f}x; paired ratio after/before "
-                f"{lat['ratio']:.3f}, 90% interval {lat['ratio_low']:.3f}–{lat['ratio_high']:.3f}, "
+                f"{lat['ratio']:.3f}, 95% interval {lat['ratio_low']:.3f}–{lat['ratio_high']:.3f}, "
                 f"{lat['rounds']} interleaved rounds)"
             )
         if self.stages:
