@@ -125,6 +125,13 @@ def compress_parser():
         help="time the whole model before and after at this batch (0: skip); default 1",
     )
     p.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="with --budget: stop the search after SECONDS (from the start of the run) and save the best "
+        "plan verified so far; exit 3 when none was verified within the budget",
+    )
+    p.add_argument(
         "--cache", default=None, help="directory for cached sensitivities (default ~/.cache/tnopt)"
     )
     p.add_argument("--no-cache", action="store_true")
@@ -264,6 +271,7 @@ def _compress(argv) -> int:
             batch_axes=args.batch_axis,
             latency_batch=args.latency_batch,
             sensitivity=args.sensitivity or DEFAULT_SENSITIVITY,
+            time_limit=args.time_limit,
         )
     runtime = Runtime(args.provider)
     # An input with external data gets an output with external data (OUT.data beside OUT).

@@ -87,6 +87,9 @@ class RunConfig:
     # "predicted" (local errors calibrated on a subsample) or "measured" (one whole-model run per
     # candidate): how the budgeted search gets each candidate's sensitivity.
     sensitivity: str = DEFAULT_SENSITIVITY
+    # Seconds from the start of the run after which the budgeted search stops and keeps the best
+    # plan it has verified so far (--time-limit); None: no limit.
+    time_limit: float | None = None
     # Derived, filled by __post_init__: the selected method names and the run's method table.
     method_names: tuple[str, ...] = field(init=False, default=(), compare=False)
     method_table: dict = field(init=False, default=None, repr=False, hash=False, compare=False)
@@ -113,6 +116,7 @@ class RunConfig:
             mpo_cores=self.mpo_cores,
             min_layer_params=self.min_layer_params,
             exclude=self.exclude,
+            time_limit=self.time_limit,
         )
         try:
             pattern = re.compile(self.exclude) if self.exclude else None

@@ -272,6 +272,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
             factor_mode=factor_mode,
             say=say,
             stats=predictor_stats,
+            deadline=None if config.time_limit is None else started + float(config.time_limit),
         )
         return searched.run()
 
@@ -348,6 +349,7 @@ def _fill_layers(report: Report, layers, candidates, by_name, plan: Plan, decisi
         entry.sensitivity = decision.get("sensitivity", {})
         entry.latency_before_ms = decision.get("latency_before_ms")
         entry.latency_after_ms = decision.get("latency_after_ms")
+        entry.latency_verdicts = decision.get("latency_verdicts", {})
         if name in chosen:
             choice = chosen[name]
             cost = table[choice.method].cost(layer, choice.factors.rank)

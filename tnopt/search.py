@@ -83,6 +83,11 @@ class SearchContext:
     stats: dict = field(default_factory=dict)
     # What the predicted sweep did (subsample size, measured and predicted entries); empty otherwise.
     prediction: dict = field(default_factory=dict)
+    # perf_counter() time after which the search stops (--time-limit); None: none.
+    deadline: float | None = None
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.perf_counter() >= self.deadline
 
     @property
     def methods(self) -> dict:
@@ -116,9 +121,11 @@ class Search:
         factor_mode,
         say,
         stats=None,
+        deadline=None,
     ):
         """`config`: the RunConfig; `runner`: the run's PlanRunner; `candidates`: layer → methods
-        that accept it; `refiners`: `refine(plan) -> plan` steps applied to every verified plan."""
+        that accept it; `refiners`: `refine(plan) -> plan` steps applied to every verified plan;
+        `deadline`: the perf_counter() time at which the search stops (--time-limit), or None."""
         self.config, self.runner, self.say = config, runner, say
         self.layers, self.candidates = layers, dict(candidates)
         self.evaluation, self.refiners = evaluation, list(refiners)
@@ -153,6 +160,7 @@ class Search:
             factorize=factorize,
             progress=config.progress,
             stats=dict(stats or {}),
+            deadline=deadline,
         )
 
     def refine(self, plan: Plan) -> Plan:
@@ -202,20 +210,47 @@ class Search:
             f"sensitivity: {counted}, {hits} from cache" + (f" ({ctx.cache.path})" if ctx.cache.path else "")
         )
         steps.mark("sensitivity")
+        stopped_in = "sweep" if ctx.out_of_time() else None
         latency = {}
-        if latency_guard or needs_latency(config.objective):
+        if not stopped_in and (latency_guard or needs_latency(config.objective)):
             latency = self.measure_latency(measured, decisions)
+            stopped_in = "latency" if ctx.out_of_time() else None
         steps.mark("latency")
         objective = make_objective(config.objective, ctx.methods, latency)
         options = priced_options(ctx, measured, objective, latency if latency_guard else None)
-        best_pass, evaluated, curve = search_tau(ctx, options, self.refine)
-        final = best_pass or min(
-            evaluated.values(), key=lambda r: (bool(r["collapsed"]), r["drop"], -r["saving"])
+        unguarded = priced_options(ctx, measured, objective, None) if latency_guard else options
+        best_pass, evaluated, curve = None, {}, []
+        if not stopped_in:
+            best_pass, evaluated, curve = search_tau(ctx, options, self.refine, unguarded)
+            stopped_in = "verify" if ctx.out_of_time() else None
+        final = (
+            best_pass
+            or (
+                min(evaluated.values(), key=lambda r: (bool(r["collapsed"]), r["drop"], -r["saving"]))
+                if evaluated
+                else None
+            )
+            or UNVERIFIED_EMPTY_PLAN
         )
         steps.mark("verify")
         explain(ctx, final, options, measured, latency, latency_guard, decisions)
         held_out, miss = check_held_out(ctx, self.evaluation, final, best_pass)
         steps.mark("held-out")
+        time_limit = {"limit_s": config.time_limit, "reached": bool(stopped_in), "stopped_in": stopped_in}
+        if stopped_in:
+            if best_pass is None or not len(best_pass["plan"]):
+                miss = (
+                    f"the time limit of {config.time_limit:g} s ran out in the {stopped_in} stage before "
+                    "any plan with a rewrite was verified within the budget; saved the original layers"
+                )
+            self.say(
+                f"time limit of {config.time_limit:g} s reached in the {stopped_in} stage: "
+                + (
+                    f"saved the best plan verified so far ({len(final['plan'])} layers rewritten)"
+                    if best_pass is not None and len(best_pass["plan"])
+                    else "no plan with a rewrite was verified within the budget"
+                )
+            )
         budget.update(held_out)
         search = {
             "curve": curve,
@@ -232,6 +267,7 @@ class Search:
             "search_s": time.perf_counter() - started,
             # Wall time and ORT sample-forwards of each step of the search (the bench's pass-equivalents).
             "steps": steps.steps,
+            "time_limit": time_limit,
             "miss_reason": miss or "",
         }
         if miss:
@@ -253,12 +289,24 @@ class Search:
                 timed.setdefault(name, []).append((method, rank))
         bar = ctx.bar(len(self.layers) + sum(map(len, timed.values())), "latency")
         latency = measure_latency(
-            self.runner, self.layers, timed, ctx.cache, ctx.factors_for, ctx.sweep_data.inputs, bar
+            self.runner,
+            self.layers,
+            timed,
+            ctx.cache,
+            ctx.factors_for,
+            ctx.sweep_data.inputs,
+            bar,
+            stop=ctx.out_of_time,
         )
         bar.close()
         ctx.cache.save()
         for layer in self.layers:
-            decisions[layer.name]["latency_before_ms"] = latency[(layer.name, None, None)] * 1e3
+            dense = latency.get((layer.name, None, None))
+            decisions[layer.name]["latency_before_ms"] = None if dense is None else dense * 1e3
+            decisions[layer.name]["latency_verdicts"] = {}
+        for (name, method, rank), verdict in latency.verdicts.items():
+            label = f"{method}:{ctx.methods[method].rank_label(rank)}"
+            decisions[name]["latency_verdicts"][label] = verdict.describe()
         return latency
 
 
@@ -279,5 +327,17 @@ class _StepClock:
         }
         self.last = (now, forwards)
 
+
+# What a search returns when the time limit came before any plan was verified: the original model.
+UNVERIFIED_EMPTY_PLAN = {
+    "allocation": {},
+    "plan": Plan(()),
+    "value": None,
+    "drop": 0.0,
+    "margin": 0.0,
+    "saving": 0.0,
+    "passed": False,
+    "collapsed": [],
+}
 
 __all__ = ["Choice", "Plan", "Search", "SearchContext", "SearchResult"]

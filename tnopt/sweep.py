@@ -63,6 +63,8 @@ def sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
             impl = ctx.methods[method]
             ranks = sorted(impl.candidate_ranks(layer), key=lambda r: -impl.cost(layer, r).params)
             for rank in ranks:
+                if ctx.out_of_time():
+                    break  # --time-limit: the search goes no further than what it has measured
                 entry = measure_alone(ctx, layer, method, rank)
                 measured[(layer.name, method, rank)] = entry
                 decisions[layer.name]["sensitivity"][f"{method}:{impl.rank_label(rank)}"] = entry["drop"]

@@ -49,6 +49,7 @@ def check_run_options(
     mpo_cores=None,
     min_layer_params=0,
     exclude=None,
+    time_limit=None,
 ) -> None:
     """Raise TnoptError (one line) for the first option that cannot work; reads no model."""
     rules = [
@@ -75,6 +76,13 @@ def check_run_options(
             raise TnoptError(
                 "--budget needs --data: a budget charged on random inputs promises nothing about your task"
             )
+    if time_limit is not None:
+        if isinstance(time_limit, bool) or not isinstance(time_limit, Real) or not math.isfinite(time_limit):
+            raise TnoptError(f"--time-limit must be a number of seconds, got {time_limit!r}")
+        if time_limit <= 0:
+            raise TnoptError(f"--time-limit must be more than 0 seconds, got {time_limit:g}")
+        if budget is None:
+            raise TnoptError("--time-limit bounds the budgeted search: give --budget too")
     if eval_data is not None and data is None:
         raise TnoptError(
             "--eval-data needs --data too: tnopt would otherwise calibrate on the evaluation set"

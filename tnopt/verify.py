@@ -1,7 +1,7 @@
 """Search stages 3 and 4: price the swept options, allocate under τ, verify plans on the whole model.
 
     priced_options(ctx, measured, objective, latency) → [budget.Option], key = (method, rank)
-    search_tau(ctx, options, refine)                   → (best passing result | None, every result, curve)
+    search_tau(ctx, options, refine, grid_options)     → (best passing result | None, every result, curve)
     check_held_out(ctx, evaluation, final, best_pass)  → (drops on the evaluation split, miss reason)
 
 A verified result is {"plan", "value", "drop", "margin", "saving", "passed"}: the whole model under
@@ -16,8 +16,6 @@ from tnopt.metrics import paired_standard_error
 from tnopt.plan import Choice, Plan
 from tnopt.sweep import SWEEP_STOP_DROP
 
-# A rewrite must be at least this much faster than the dense node to pass the latency guard.
-LATENCY_MARGIN = 0.97
 # Relative weight error below which a rewrite counts as exact (float32 round-off of a planted rank).
 LOSSLESS_ERROR = 1e-6
 BISECTION_STEPS = 5
@@ -43,10 +41,12 @@ def priced_options(ctx, measured, objective, latency: dict | None) -> list[B.Opt
 
 
 def faster(impl, latency, name, method, rank) -> bool:
+    """The latency guard: the verdict of tnopt/latency.py (faster, or undecided by timing with a
+    large FLOPs cut)."""
     if getattr(impl, "folded_at_load", False):
         return True  # the runtime folds it back to the dense weight: same speed, smaller file
-    dense, rewritten = latency.get((name, None, None)), latency.get((name, method, rank))
-    return dense is not None and rewritten is not None and rewritten <= LATENCY_MARGIN * dense
+    verdict = getattr(latency, "verdicts", {}).get((name, method, rank))
+    return verdict is not None and verdict.accepted
 
 
 class _Verifier:
@@ -74,9 +74,7 @@ class _Verifier:
         value = ctx.metric(ctx.reference, outputs, ctx.calib.labels)
         # The empty plan is the original model itself: exact, no uncertainty to charge.
         margin = (
-            paired_standard_error(ctx.metric, ctx.reference, outputs, ctx.calib.labels)
-            if allocation
-            else 0.0
+            paired_standard_error(ctx.metric, ctx.reference, outputs, ctx.calib.labels) if allocation else 0.0
         )
         if ctx.drop_type == "relative" and ctx.baseline:
             margin /= abs(ctx.baseline)
@@ -112,13 +110,18 @@ class _Verifier:
         return result
 
 
-def search_tau(ctx, options, refine):
-    """τ on the grid, then bisection between the best passing τ and the first failing one above it."""
+def search_tau(ctx, options, refine, grid_options=None):
+    """τ on the grid, then bisection between the best passing τ and the first failing one above it.
+    `grid_options` (default `options`) span the grid: the search passes every option the sweep
+    priced, before the latency guard, so that the τ points a run verifies do not move with the
+    guard's timings (which follow machine load); the allocation still chooses among `options`."""
     verifier = _Verifier(ctx, refine)
-    grid = B.tau_grid(options)
+    grid = B.tau_grid(options if grid_options is None else grid_options)
     bar = ctx.bar(len(grid) + BISECTION_STEPS, "verify")
     best, best_tau, first_fail_tau = None, None, None
     for tau in grid:
+        if verifier.evaluated and ctx.out_of_time():
+            break  # --time-limit: keep the best plan verified so far
         result = verifier.try_tau(options, tau, bar)
         if result["passed"]:
             if best is None or result["saving"] > best["saving"]:
@@ -128,6 +131,8 @@ def search_tau(ctx, options, refine):
     if best is not None and first_fail_tau is not None and first_fail_tau > best_tau:
         low, high = best_tau, first_fail_tau
         for _ in range(BISECTION_STEPS):
+            if ctx.out_of_time():
+                break
             mid = (low * high) ** 0.5 if low > 0 else high / 4
             result = verifier.try_tau(options, mid, bar)
             if result["passed"]:
@@ -165,7 +170,10 @@ def _why_no_option(ctx, layer, measured, latency, latency_guard) -> str:
     if best > ctx.max_drop:
         return f"every rank alone exceeds the budget (smallest drop {best:.4f})"
     if latency_guard and latency:
-        return "no rank within budget runs faster than the dense node on this runtime"
+        return (
+            "no rank within budget runs faster than the dense node on this runtime "
+            "(timed slower, or undecided without a large FLOPs cut; see latency_verdicts)"
+        )
     return "no admissible option"
 
 
