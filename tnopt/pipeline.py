@@ -33,7 +33,7 @@ from tnopt.metrics import fidelity_report
 from tnopt.passes import METHODS
 from tnopt.plan import Plan
 from tnopt.profile import calibration_stats
-from tnopt.refine import apply_refiners, build_refiners
+from tnopt.refine import apply_refiners, build_refiners, cross_fitted_refiners
 from tnopt.report import LayerReport, ModelSummary, Report
 from tnopt.runner import PlanRunner
 from tnopt.runtime import Runtime, batch_size_for, batched_working_model
@@ -251,6 +251,12 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
 
     runner = PlanRunner(original, runtime, table)
     refiners = build_refiners(config, runner, targets, calib, correct=correct)
+    # The budget's gate scores each calibration sample under refits fitted without it.
+    cross_fit = (
+        cross_fitted_refiners(config, runner, targets, calib, correct=correct)
+        if config.budget is not None
+        else []
+    )
     decisions: dict[str, dict] = {}
     clock.begin("search" if config.budget is not None else "plan")
     # The sweep measures unrefined layers, so refined and unrefined runs share its cache.
@@ -273,6 +279,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
             say=say,
             stats=predictor_stats,
             deadline=None if config.time_limit is None else started + float(config.time_limit),
+            cross_fit=cross_fit,
         )
         return searched.run()
 

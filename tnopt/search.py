@@ -85,6 +85,8 @@ class SearchContext:
     prediction: dict = field(default_factory=dict)
     # perf_counter() time after which the search stops (--time-limit); None: none.
     deadline: float | None = None
+    # [(gate samples, refiners fitted on the others)]: the verification's cross-fitted gate.
+    cross_fit: list = field(default_factory=list)
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.perf_counter() >= self.deadline
@@ -122,10 +124,12 @@ class Search:
         say,
         stats=None,
         deadline=None,
+        cross_fit=(),
     ):
         """`config`: the RunConfig; `runner`: the run's PlanRunner; `candidates`: layer → methods
         that accept it; `refiners`: `refine(plan) -> plan` steps applied to every verified plan;
-        `deadline`: the perf_counter() time at which the search stops (--time-limit), or None."""
+        `deadline`: the perf_counter() time at which the search stops (--time-limit), or None;
+        `cross_fit`: refiners per calibration half, fitted on the other (tnopt/refine.py)."""
         self.config, self.runner, self.say = config, runner, say
         self.layers, self.candidates = layers, dict(candidates)
         self.evaluation, self.refiners = evaluation, list(refiners)
@@ -161,6 +165,7 @@ class Search:
             progress=config.progress,
             stats=dict(stats or {}),
             deadline=deadline,
+            cross_fit=list(cross_fit),
         )
 
     def refine(self, plan: Plan) -> Plan:
@@ -232,6 +237,10 @@ class Search:
             )
             or UNVERIFIED_EMPTY_PLAN
         )
+        if not final.get("refined", True):
+            # Verified cross-fitted; what is saved is refitted on all calibration samples.
+            final = dict(final, plan=self.refine(final["plan"]), refined=True)
+            best_pass = final if best_pass is not None else None
         steps.mark("verify")
         explain(ctx, final, options, measured, latency, latency_guard, decisions)
         held_out, miss = check_held_out(ctx, self.evaluation, final, best_pass)
@@ -268,6 +277,15 @@ class Search:
             # Wall time and ORT sample-forwards of each step of the search (the bench's pass-equivalents).
             "steps": steps.steps,
             "time_limit": time_limit,
+            # What the gate's fitted steps (the refits) were fitted on: never the samples they are scored on.
+            "gate": (
+                f"cross-fitted: each of {len(ctx.cross_fit)} parts of the {len(ctx.calib)} calibration "
+                "samples scored under refits fitted on the other parts"
+                if ctx.cross_fit
+                else "no fitted refits"
+                if not self.refiners
+                else "refits fitted on the gate's samples (too few samples to split)"
+            ),
             "miss_reason": miss or "",
         }
         if miss:

@@ -5,7 +5,10 @@
     check_held_out(ctx, evaluation, final, best_pass)  → (drops on the evaluation split, miss reason)
 
 A verified result is {"plan", "value", "drop", "margin", "saving", "passed"}: the whole model under
-the allocation's plan after the refiners, measured on all calibration samples.
+the allocation's plan after the refiners, measured on all calibration samples. With `ctx.cross_fit`
+(tnopt/refine.py) each part of them runs under the plan as refitted on the other parts, so no fitted
+step is gated on its own samples; the result's plan is then unrefined ("refined": False) and the
+search refits the plan it keeps on all samples.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from tnopt import budget as B
 from tnopt.gain import grows_file
 from tnopt.metrics import paired_standard_error
 from tnopt.plan import Choice, Plan
+from tnopt.refine import gated_outputs
 from tnopt.sweep import SWEEP_STOP_DROP
 
 # Relative weight error below which a rewrite counts as exact (float32 round-off of a planted rank).
@@ -68,9 +72,14 @@ class _Verifier:
                 for name, o in allocation.items()
             )
         )
-        if len(plan):
-            plan = self.refine(plan)
-        outputs = ctx.runner.run(plan, ctx.calib.inputs)
+        refined = True
+        if len(plan) and ctx.cross_fit:
+            outputs = gated_outputs(ctx.runner, plan, ctx.calib.inputs, ctx.cross_fit)
+            refined = False
+        else:
+            if len(plan):
+                plan = self.refine(plan)
+            outputs = ctx.runner.run(plan, ctx.calib.inputs)
         value = ctx.metric(ctx.reference, outputs, ctx.calib.labels)
         # The empty plan is the original model itself: exact, no uncertainty to charge.
         margin = (
@@ -90,6 +99,7 @@ class _Verifier:
             "saving": B.total_saving(allocation),
             "passed": drop + margin <= ctx.max_drop and not collapsed,
             "collapsed": collapsed,
+            "refined": refined,
         }
         self.evaluated[signature] = result
         return result
