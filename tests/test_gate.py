@@ -30,7 +30,9 @@ class Runner:
 
 def test_cross_fitted_gate_never_scores_a_fitted_sample(monkeypatch):
     monkeypatch.setattr(
-        refine, "build_refiners", lambda config, runner, layers, calib, correct: [Memorising(calib.inputs)]
+        refine,
+        "build_refiners",
+        lambda config, runner, layers, calib, correct, **kw: [Memorising(calib.inputs)],
     )
     ids = np.arange(11, dtype=np.float32)[:, None]
     calib = Dataset({"x": ids}, None, "ids")

@@ -63,8 +63,11 @@ class Corrector:
     layer whose upstream is already corrected refitted from it), else from the compressed model
     cut just after them (an export and a session per layer)."""
 
-    def __init__(self, runner, layers, inputs: dict[str, np.ndarray]):
+    def __init__(
+        self, runner, layers, inputs: dict[str, np.ndarray], max_held_bytes: int = MAX_HELD_TARGET_BYTES
+    ):
         self.runner, self.inputs = runner, inputs
+        self.max_held_bytes = max_held_bytes
         self.original, self.runtime, self.methods = runner.original, runner.runtime, runner.methods
         self.order = {layer.name: i for i, layer in enumerate(layers)}
         self.refittable = [
@@ -99,7 +102,7 @@ class Corrector:
     def target_batches(self):
         """A function rows → {output name: target rows}, called once per refit batch in order: the
         held targets sliced, or the original model run beside the refit, one batch at a time. The
-        first pass keeps what it computed while that stays under MAX_HELD_TARGET_BYTES."""
+        first pass keeps what it computed while that stays under `max_held_bytes`."""
         if self._targets is not None:
             held = self._targets
             return lambda rows: {name: value[rows] for name, value in held.items()}
@@ -119,7 +122,7 @@ class Corrector:
                 raise InternalError(f"correction: target batch {got} does not match hidden batch {rows}")
             if kept is not None:
                 size += sum(v.nbytes for v in values)
-                if size > MAX_HELD_TARGET_BYTES:
+                if size > self.max_held_bytes:
                     kept = None  # too big to hold: later passes recompute them too
                 else:
                     for name, value in zip(names, values):

@@ -217,7 +217,10 @@ def heal_budgeted_plan(runner, run_config, search_at, train, holdout, evaluation
     searched: dict[float, object] = {}
 
     def search_plan(factor: float) -> Plan:
-        searched[factor] = search_at({"max_drop": max_drop * factor, "drop_type": drop_type})
+        # Spelled as a percentage and capped below 100%: a bare fraction ≥ 0.1 is refused as ambiguous
+        # (2% × 16 = 0.32), a drop of 100% or more as one every model meets.
+        loose = min(max_drop * factor, 0.99)
+        searched[factor] = search_at({"max_drop": f"{loose * 100:.12g}%", "drop_type": drop_type})
         return searched[factor].plan
 
     def heal_plan(plan):

@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from tnopt.correct import Corrector
+from tnopt.correct import MAX_HELD_TARGET_BYTES, Corrector
 from tnopt.plan import Plan
 
 Refiner = Callable[[Plan], Plan]
@@ -45,12 +45,14 @@ MAX_REFIT_SAMPLES = 512
 CROSS_FIT_FOLDS = 4
 
 
-def build_refiners(config, runner, layers, calib, *, correct: bool) -> list[Refiner]:
+def build_refiners(
+    config, runner, layers, calib, *, correct: bool, max_held_bytes: int = MAX_HELD_TARGET_BYTES
+) -> list[Refiner]:
     """The run's refiners in the order they apply. `layers`: the layers plans may rewrite;
     `calib`: the calibration Dataset."""
     refiners: list[Refiner] = []
     if correct:
-        refiners.append(Corrector(runner, layers, calib.head(MAX_REFIT_SAMPLES).inputs))
+        refiners.append(Corrector(runner, layers, calib.head(MAX_REFIT_SAMPLES).inputs, max_held_bytes))
     return refiners
 
 
@@ -68,7 +70,18 @@ def cross_fitted_refiners(
     for start, stop in zip(edges, edges[1:]):
         rest = np.r_[0:start, stop:samples]
         result.append(
-            (slice(start, stop), build_refiners(config, runner, layers, calib.subset(rest), correct=correct))
+            (
+                slice(start, stop),
+                # The folds' targets together may be held no more than one full refit's.
+                build_refiners(
+                    config,
+                    runner,
+                    layers,
+                    calib.subset(rest),
+                    correct=correct,
+                    max_held_bytes=MAX_HELD_TARGET_BYTES // folds,
+                ),
+            )
         )
     return result
 
