@@ -32,6 +32,9 @@ MIN_ROWS_PER_UNKNOWN = 8
 # reused by every refit; above it they are recomputed batch by batch beside each refit pass, so
 # memory stays at one batch (one more original-model pass per refit wave instead).
 MAX_HELD_TARGET_BYTES = 1 << 30
+# Rows (output positions) per sample a refit keeps: far above MIN_ROWS_PER_UNKNOWN for any channel
+# count once samples number in the tens, and all of them at the reference models' 28x28.
+MAX_REFIT_ROWS_PER_SAMPLE = 1024
 
 
 def _rows(values: np.ndarray, channel_axis: int) -> np.ndarray:
@@ -40,13 +43,20 @@ def _rows(values: np.ndarray, channel_axis: int) -> np.ndarray:
 
 
 class _NormalEquations:
-    """HᵀH and HᵀT of one layer's refit, accumulated batch by batch."""
+    """HᵀH and HᵀT of one layer's refit, accumulated batch by batch. A conv layer gives a row per
+    output position: beyond MAX_REFIT_ROWS_PER_SAMPLE per sample a seeded random subset of them is
+    kept, so a refit at high resolution costs what it costs at low."""
 
     def __init__(self, spec):
         self.spec, self.gram, self.cross, self.rows = spec, None, None, 0
+        self.rng = np.random.default_rng(0)
 
     def add(self, hidden: np.ndarray, target: np.ndarray) -> None:
         h, t = _rows(hidden, self.spec.channel_axis), _rows(target, self.spec.channel_axis)
+        keep = MAX_REFIT_ROWS_PER_SAMPLE * max(int(np.shape(hidden)[0]), 1)
+        if len(h) > keep:
+            chosen = np.sort(self.rng.choice(len(h), size=keep, replace=False))
+            h, t = h[chosen], t[chosen]
         if self.spec.intercept:
             h = np.concatenate([h, np.ones((len(h), 1))], axis=1)
         self.gram = h.T @ h if self.gram is None else self.gram + h.T @ h
