@@ -1,7 +1,7 @@
 """Healing benchmark: the budgeted search without and with `--heal`, side by side, and deep-TN storage.
 
     python bench/heal.py [--models vgg,resnet] [--budgets 0.005,0.01,0.02] [--steps 200] [--calib 8192]
-                         [--heal-time 1080] [--deep-tn fc2,vgg] [--deep-tn-steps 3000] [--out FILE]
+                         [--heal-time 1080] [--deep-tn fc2,vgg] [--deep-tn-steps 1500] [--out FILE]
 
 Budget rows: same model, data and seed for both columns. Calibration = N Fashion-MNIST training
 images that cnn4/vgg/resnet never trained on (`--calib-source train`, the default; `committed` takes
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib", type=int, default=8192, help="calibration + healing images (≤ 8192)")
     p.add_argument("--calib-source", choices=("train", "committed"), default="train")
     p.add_argument("--deep-tn", default="fc2,vgg")
-    p.add_argument("--deep-tn-steps", type=int, default=3000)
+    p.add_argument("--deep-tn-steps", type=int, default=1500)
     p.add_argument("--deep-tn-batch", type=int, default=128)
     p.add_argument(
         "--deep-tn-calib", type=int, default=16384, help="labelled training images for the deep-TN rows"
