@@ -111,7 +111,7 @@ def test_subsample_is_stratified_along_the_output_spread():
 @pytest.mark.slow
 def test_predicted_search_spends_fewer_sample_forwards_and_meets_the_budget():
     with np.load(MODELS / "calib.npz") as a:
-        calib = {"input": a["input"][:256], "labels": a["labels"][:256]}
+        calib = {"input": a["input"][:512], "labels": a["labels"][:512]}
     with np.load(MODELS / "eval.npz") as a:
         evaluation = {"input": a["input"][:1024], "labels": a["labels"][:1024]}
     results = {}
