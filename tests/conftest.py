@@ -10,6 +10,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 REFERENCE_MODELS = ["fc2", "lenet5", "cnn4", "vgg", "resnet"]
 
+from contract import mlp, save  # noqa: E402  (tests/ is on sys.path only from here)
+
 
 def subset_npz(source: Path, target: Path, start: int, count: int) -> Path:
     with np.load(source) as archive:
@@ -25,3 +27,16 @@ def small_splits(tmp_path_factory):
         subset_npz(MODELS / "calib.npz", folder / "calib.npz", 0, 256),
         subset_npz(MODELS / "eval.npz", folder / "eval.npz", 0, 512),
     )
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    return save(mlp(), tmp_path)
+
+
+@pytest.fixture
+def labelled(tmp_path):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=rng.standard_normal((16, 32)).astype(np.float32), labels=rng.integers(0, 10, 16))
+    return path

@@ -4,16 +4,11 @@ import zipfile
 
 import numpy as np
 import pytest
-from contract import mlp, run_case, save
+from contract import mlp, run_case
 from helpers import cli
 
 import tnopt
 from tnopt.errors import DataError
-
-
-@pytest.fixture
-def model_path(tmp_path):
-    return save(mlp(), tmp_path)
 
 
 def good_x(n=16):

@@ -5,14 +5,9 @@ import json
 import numpy as np
 import onnx
 import pytest
-from contract import mlp, run_case, save, sha
+from contract import run_case, sha
 from helpers import cli
 from tnopt.passes import METHODS
-
-
-@pytest.fixture
-def model_path(tmp_path):
-    return save(mlp(), tmp_path)
 
 
 def test_unreadable_inputs(tmp_path):

@@ -13,19 +13,6 @@ from tnopt.budget import parse_budget
 from tnopt.errors import TnoptError
 
 
-@pytest.fixture
-def model_path(tmp_path):
-    return save(mlp(), tmp_path)
-
-
-@pytest.fixture
-def labelled(tmp_path):
-    rng = np.random.default_rng(1)
-    path = tmp_path / "d.npz"
-    np.savez(path, x=rng.standard_normal((16, 32)).astype(np.float32), labels=rng.integers(0, 10, 16))
-    return path
-
-
 @pytest.mark.parametrize(
     "args, fragment",
     [

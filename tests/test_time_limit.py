@@ -3,27 +3,13 @@ verified so far and says so; no plan verified within the budget is exit 3, as fo
 
 import json
 
-import numpy as np
 import pytest
 from conftest import MODELS
-from contract import mlp, run_case, save
+from contract import run_case
 
 import tnopt
 from tnopt import search as search_module
 from tnopt import verify
-
-
-@pytest.fixture
-def model_path(tmp_path):
-    return save(mlp(), tmp_path)
-
-
-@pytest.fixture
-def labelled(tmp_path):
-    rng = np.random.default_rng(1)
-    path = tmp_path / "d.npz"
-    np.savez(path, x=rng.standard_normal((16, 32)).astype(np.float32), labels=rng.integers(0, 10, 16))
-    return path
 
 
 @pytest.mark.parametrize(
