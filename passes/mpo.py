@@ -70,6 +70,18 @@ class MPO(Method):
         spectra = _tensor_train.tt_unfolding_spectra(matrix, *self._natural_modes(matrix.shape))
         return max(_linalg.rank_for_energy(s, energy) for s in spectra)
 
+    def candidate_ranks(self, layer) -> list:
+        """The base rule (fewer parameters than the dense layer), and in compute mode fewer FLOPs
+        too: the chain holds rows·∏_{j>k} i_j·∏_{j≤k} o_j·r_k values after core k, so a rank that
+        costs more FLOPs than the dense layer also holds intermediates far larger than its output
+        (a MatMul (…, 80)·(80, 6906): 6906 = 2·3·1151 puts the out mode 1151 first, and bond 90
+        holds ~270x the output per row) — never a compute saving, and memory a batch cannot
+        afford. A parameter saving at any FLOPs is what `mpo-storage` is for."""
+        ranks = super().candidate_ranks(layer)
+        if self.mode == "storage":
+            return ranks
+        return [r for r in ranks if self.cost(layer, r).flops < layer.flops]
+
     def cost(self, layer, rank) -> Cost:
         in_modes, out_modes = self._modes(layer)
         bonds = _tensor_train.tt_bonds(in_modes, out_modes, rank)

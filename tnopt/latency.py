@@ -1,10 +1,13 @@
 """Latency decisions that machine load moves little.
 
 Each candidate rewrite is timed against its dense node, alone, in onnxruntime on the target
-provider, at the input shape the layer really sees (captured from TIMING_BATCH real samples). The
-timings are paired and interleaved: every round runs the dense node and each candidate still under
-test once, in an order that alternates between rounds, and the decision reads the per-round ratio
-candidate / dense. Load that comes and goes slows both sides of a round alike, so the ratio keeps
+provider, at the input shape the layer really sees at the deployment batch (--latency-batch,
+default 1; captured from that many real samples). The timings are paired and interleaved: every
+round runs the dense node and the candidate once, in an order that alternates between rounds, and
+the decision reads the per-round ratio candidate / dense. Candidates are timed one after another
+against the layer's one dense session, so the guard holds one layer's dense node and one candidate
+(MAX_LIVE_SESSIONS) at a time; options no plan can choose, and rewrites whose intermediates are far
+larger than the dense layer's (tnopt.footprint), get a skip reason instead of a session. Load that comes and goes slows both sides of a round alike, so the ratio keeps
 still where the raw times follow the load. Timing sessions do not spin their worker threads between
 runs: interleaved, an idle session's spinning threads would take the cores from the timed one.
 
@@ -16,7 +19,7 @@ The decision has three outcomes, read from the exact sign-test interval of the m
                accepted when the rewrite's FLOPs are ≤ UNDECIDED_MAX_FLOP_RATIO × the dense layer's
 
 Undecided candidates get more rounds first (a look every LOOK_EVERY rounds, up to MAX_ROUNDS or
-LAYER_TIME seconds per layer); each look uses a 95% interval, so with at most five looks the chance
+LAYER_TIME seconds per candidate); each look uses a 95% interval, so with at most five looks the chance
 that a rewrite of equal speed is called faster (or slower) stays under 5 × 2.5%. A rewrite that
 timing shows slower is never applied ("fewer FLOPs often do not run faster"); one that timing cannot
 tell apart from the dense node is judged by what does not depend on the machine's load, its FLOPs,
@@ -39,32 +42,37 @@ import numpy as np
 from tnopt.data import as_feeds
 from tnopt.plan import Choice
 
-TIMING_BATCH = 32
 # Rounds of a paired comparison: a first look after MIN_ROUNDS, then one every LOOK_EVERY rounds
-# while some candidate is undecided, up to MAX_ROUNDS or LAYER_TIME seconds of timing per layer.
-MIN_ROUNDS, LOOK_EVERY, MAX_ROUNDS, LAYER_TIME = 9, 8, 41, 2.0
+# while the candidate is undecided, up to MAX_ROUNDS or LAYER_TIME seconds of timing per candidate
+# (the dense node's runs included).
+MIN_ROUNDS, LOOK_EVERY, MAX_ROUNDS, LAYER_TIME = 9, 8, 41, 1.0
 # Two-sided level of the median ratio's sign-test interval at each look.
 ALPHA = 0.05
 # A rewrite that timing calls faster must be at least this much faster (median ratio) to be worth it.
 LATENCY_MARGIN = 0.97
 # Undecided by timing: applied only when the cost model promises a large cut.
 UNDECIDED_MAX_FLOP_RATIO = 0.5
-FASTER, SLOWER, UNDECIDED = "faster", "slower", "undecided"
+FASTER, SLOWER, UNDECIDED, SKIPPED = "faster", "slower", "undecided", "skipped"
+# The guard's open sessions at any time: the dense node and one candidate.
+MAX_LIVE_SESSIONS = 2
 
 
 @dataclass(frozen=True)
 class Verdict:
     """The latency guard's decision on one rewrite, and why."""
 
-    outcome: str  # faster | slower | undecided
+    outcome: str  # faster | slower | undecided | skipped
     accepted: bool
     ratio: float  # median per-round time ratio rewritten / dense
     ratio_low: float
     ratio_high: float
     rounds: int
     flop_ratio: float
+    reason: str = ""  # why a skipped candidate was not timed
 
     def describe(self) -> str:
+        if self.outcome == SKIPPED:
+            return self.reason
         interval = f"[{self.ratio_low:.2f}, {self.ratio_high:.2f}]"
         timing = f"time ratio {self.ratio:.2f} {interval} in {self.rounds} rounds"
         if self.outcome == UNDECIDED:
@@ -77,7 +85,11 @@ class Verdict:
 
 
 def decide(summary: dict, flop_ratio: float) -> Verdict:
-    """The three-outcome rule of the module docstring on one candidate's round summary."""
+    """The three-outcome rule of the module docstring on one candidate's round summary; a
+    candidate that was not timed (`{"skipped": reason}`) is refused with its reason."""
+    if "skipped" in summary:
+        nan = math.nan
+        return Verdict(SKIPPED, False, nan, nan, nan, 0, float(flop_ratio), summary["skipped"])
     low, high, ratio = summary["ratio_low"], summary["ratio_high"], summary["ratio"]
     if high < 1.0 and ratio <= LATENCY_MARGIN:
         outcome, accepted = FASTER, True
@@ -182,13 +194,35 @@ def sequential_summaries(sessions, feed, flop_ratios, *, layer_time=LAYER_TIME) 
 
 
 def measure_latency(
-    runner, layers, options_by_layer, cache, factors_for, sample_inputs, bar, stop=None
+    runner,
+    layers,
+    options_by_layer,
+    cache,
+    factors_for,
+    sample_inputs,
+    bar,
+    stop=None,
+    *,
+    batch: int = 1,
+    saving=None,
 ) -> LatencyTable:
-    """Dense seconds per layer and each candidate's seconds and verdict (`LatencyTable`). `stop()`
-    true (the search's time limit) ends the timing before the next layer: layers not timed have no
-    verdicts, so the guard applies none of their rewrites."""
+    """Dense seconds per layer and each candidate's seconds and verdict (`LatencyTable`), at the
+    deployment `batch` (the layer's input captured from that many real samples). `saving(layer,
+    method, rank)`: the objective's saving (None where timing itself is the objective); an option
+    that saves nothing cannot be in any plan and is not timed. `stop()` true (the search's time
+    limit) ends the timing before the next layer: layers not timed have no verdicts, so the guard
+    applies none of their rewrites.
+
+    Memory is one layer and one candidate: the dense node's session is opened once per layer and
+    shared by its candidates (the paired baseline); each candidate's session is opened, timed
+    against it and released before the next one, so at most MAX_LIVE_SESSIONS sessions are open at
+    any time. A candidate whose subgraph holds an intermediate far larger than the dense layer's
+    (tnopt.footprint) gets a skip reason and no session."""
+    from tnopt.footprint import cannot_be_chosen, oversized_intermediate
+    from tnopt.layout import largest_tensor_bytes
+
     runtime = runner.runtime
-    first = as_feeds(sample_inputs).take(slice(0, TIMING_BATCH))
+    first = as_feeds(sample_inputs).take(slice(0, max(int(batch or 1), 1)))
     names = sorted({layer.input_name for layer in layers})
     shapes = runtime.capture_shapes(runner.original, names, first)
     result = LatencyTable()
@@ -198,32 +232,49 @@ def measure_latency(
         shape = shapes[layer.input_name]
         dtype = layer.weight.dtype
         feed = {"x": np.random.default_rng(0).standard_normal(shape).astype(dtype)}
-        prefix = f"lat3|{runtime.provider_name}|{layer.name}"
+        prefix = f"lat4|{runtime.provider_name}|{layer.name}"
         suffix = "x".join(map(str, shape))
         options = options_by_layer.get(layer.name, [])
         keys = [f"{prefix}|{m}|{runner.methods[m].rank_label(r)}|{suffix}" for m, r in options]
         flop_ratios = [runner.methods[m].cost(layer, r).flops / max(layer.flops, 1) for m, r in options]
-        missing = [i for i, key in enumerate(keys) if cache.get(key) is None]
+        dense_model = runner.isolated(layer, shape)
+        dense_largest = largest_tensor_bytes(dense_model)
         # Isolated layers and their rewrites are tnopt's graphs: a failure is an internal error.
-        sessions = [runtime.session(runner.isolated(layer, shape), own=True, timing=True)]
-        for i in missing:
-            method, rank = options[i]
-            rewritten = runner.isolated(
-                layer, shape, [Choice(layer, method, factors_for(layer, method, rank))]
-            )
-            sessions.append(runtime.session(rewritten, own=True, timing=True))
-        if missing:
-            summaries, dense_s = sequential_summaries(sessions, feed, [flop_ratios[i] for i in missing])
-            for i, summary in zip(missing, summaries):
-                cache.put(keys[i], summary)
+        dense = runtime.session(dense_model, own=True, timing=True)
+        del dense_model
+        dense_rounds: list[float] = []
+        for i, ((method, rank), key) in enumerate(zip(options, keys)):
+            if cache.get(key) is not None:
+                continue
+            reason = cannot_be_chosen(None if saving is None else saving(layer, method, rank))
+            rewritten = None
+            if reason is None:
+                choice = Choice(layer, method, factors_for(layer, method, rank))
+                rewritten = runner.isolated(layer, shape, [choice])
+                reason = oversized_intermediate(largest_tensor_bytes(rewritten), dense_largest)
+            if reason is not None:
+                cache.put(key, {"skipped": reason})
+                continue
+            candidate = runtime.session(rewritten, own=True, timing=True)
+            del rewritten
+            summaries, dense_s = sequential_summaries([dense, candidate], feed, [flop_ratios[i]])
+            del candidate  # released before the next candidate's session opens
+            dense_rounds.append(dense_s)
+            cache.put(key, summaries[0])
+        if dense_rounds:
+            dense_s = float(np.median(dense_rounds))
         else:
-            dense_s = float(np.median(paired_times(sessions, feed, min_rounds=5, budget_s=0.1)[:, 0]))
+            dense_s = float(np.median(paired_times([dense], feed, min_rounds=5, budget_s=0.1)[:, 0]))
+        del dense
         result[(layer.name, None, None)] = dense_s
         bar.update(1)
         for (method, rank), key, flop_ratio in zip(options, keys, flop_ratios):
             summary = cache.entries[key]
-            result[(layer.name, method, rank)] = dense_s * summary["ratio"]
-            result.verdicts[(layer.name, method, rank)] = decide(summary, flop_ratio)
+            verdict = decide(summary, flop_ratio)
+            result.verdicts[(layer.name, method, rank)] = verdict
+            # Not timed: no time either; as seconds (the latency objective) it saves nothing.
+            seconds = math.inf if verdict.outcome == SKIPPED else dense_s * summary["ratio"]
+            result[(layer.name, method, rank)] = seconds
             bar.update(1)
     return result
 

@@ -69,6 +69,34 @@ def activation_bytes(bound: onnx.ModelProto) -> int:
     return total
 
 
+def largest_tensor_bytes(model: onnx.ModelProto) -> int | None:
+    """Bytes of the largest data tensor (graph inputs, computed tensors, outputs; not weights) of a
+    model whose input shapes are all static, from its inferred shapes; None when inference fails
+    or leaves a computed tensor's size unknown."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # inference is a convenience: the caller then knows nothing
+        return None
+    constants = {i.name for i in inferred.graph.initializer}
+    values = list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)
+    computed = {name for node in inferred.graph.node for name in node.output if name}
+    if computed - {v.name for v in values}:
+        return None  # a tensor whose shape inference could not tell
+    largest = 0
+    for value in values:
+        if value.name in constants or not value.type.HasField("tensor_type"):
+            continue
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape") or not all(d.HasField("dim_value") for d in tensor.shape.dim):
+            return None
+        try:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).itemsize
+        except Exception:
+            itemsize = 4
+        largest = max(largest, prod(d.dim_value for d in tensor.shape.dim) * itemsize)
+    return largest
+
+
 def fixed_batch_size(model: onnx.ModelProto, feeds: Feeds) -> int | None:
     """The static size of the batch axis of the batched inputs, when the model fixes it."""
     by_name = {v.name: v for v in model.graph.input}

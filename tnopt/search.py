@@ -315,6 +315,10 @@ class Search:
             ctx.sweep_data.inputs,
             bar,
             stop=ctx.out_of_time,
+            batch=self.config.latency_batch or 1,
+            saving=None
+            if needs_latency(self.config.objective)
+            else make_objective(self.config.objective, ctx.methods).saving,
         )
         bar.close()
         ctx.cache.save()
