@@ -7,8 +7,9 @@ round runs the dense node and the candidate once, in an order that alternates be
 the decision reads the per-round ratio candidate / dense. Candidates are timed one after another
 against the layer's one dense session, so the guard holds one layer's dense node and one candidate
 (MAX_LIVE_SESSIONS) at a time; options no plan can choose, and rewrites whose intermediates are far
-larger than the dense layer's (tnopt.footprint), get a skip reason instead of a session. Load that comes and goes slows both sides of a round alike, so the ratio keeps
-still where the raw times follow the load. Timing sessions do not spin their worker threads between
+larger than the dense layer's (tnopt.footprint), get a skip reason instead of a session. Load that comes
+and goes slows both sides of a round alike, so the ratio keeps still where the raw times follow the
+load. Timing sessions do not spin their worker threads between
 runs: interleaved, an idle session's spinning threads would take the cores from the timed one.
 
 The decision has three outcomes, read from the exact sign-test interval of the median ratio:
