@@ -264,34 +264,51 @@ def _budget_loop(max_drop):
         return plans[factor]
 
     def heal_plan(plan):
+        from tnopt.heal import HealResult
+
         healed.add(id(plan))
-        return plan, None
+        return plan, HealResult("graph", steps=1)
 
     def gate(plan):
         factor = [f for f, p in plans.items() if p is plan][-1]
         return (factor / 200 if id(plan) in healed else factor / 100), 0.0
 
-    return budgeted_heal(search_at, heal_plan, gate, lambda p: 1.0, max_drop)
+    def saving(plan):  # a looser search cuts deeper
+        return [f for f, p in plans.items() if p is plan][-1]
+
+    return budgeted_heal(search_at, heal_plan, gate, saving, max_drop)
 
 
 def test_budgeted_heal_starts_loose_grows_while_healed_plans_pass_then_bisects():
-    # 2% budget: f ≤ 4 passes after healing. Tried: 4 (passes healed), 16 (fails), √(4·16) = 8.
-    best, trials = _budget_loop(0.02)
-    assert [t.looseness for t in trials] == [4.0, 16.0, 8.0]
-    assert [t.passed for t in trials] == [True, False, False]
-    assert best.looseness == 4.0 and all(t.drop_after <= t.drop_before for t in trials)
+    # Healing halves every drop (f/100 → f/200). 1% budget: f ≤ 2 passes healed.
+    # 0.5%: 4 fails healed (0.02); the failure says ×1 is the reach (4 · 0.005/0.02): straight to the floor.
+    best, trials = _budget_loop(0.005)
+    assert [t.looseness for t in trials] == [4.0, 1.0]
+    # 3%: 4 passes healed (0.02 ≤ 0.03), so it grows to the reach 4 · 0.03/0.02 = 6 (passes: 0.03),
+    # and stops there (the next step would be < MIN_STEP).
+    best, trials = _budget_loop(0.03)
+    assert [t.looseness for t in trials] == [4.0, 6.0]
+    assert [t.passed for t in trials] == [True, True]
+    assert best.looseness == 6.0 and all(t.drop_after <= t.drop_before for t in trials)
+    # 10%: grows ×4 at most (reach 20) and stops at the cap (16); nothing failed, nothing to bisect.
+    best, trials = _budget_loop(0.10)
+    assert [t.looseness for t in trials] == [4.0, 16.0] and best.looseness == 16.0
 
 
 def test_budgeted_heal_bisects_down_then_falls_back_to_the_plain_budget():
-    # 1%: 4 fails healed (0.02), √(1·4) = 2 passes healed (0.01).
+    # 1%: 4 fails healed (0.02); reach 2 = the geometric midpoint √(1·4): passes healed (0.01).
     best, trials = _budget_loop(0.01)
     assert [t.looseness for t in trials] == [4.0, 2.0] and best.looseness == 2.0
-    # 0.4%: 4 and 2 fail; the plain budget (×1) is tried last, and fails too (0.005 after healing):
-    # the smallest-drop trial is returned, not passed.
+    # 0.4%: 4 fails; its reach (0.8) is below the plain budget: the ×1 plan is tried next and last,
+    # and fails too (0.005 after healing): the smallest-drop trial is returned, not passed.
     best, trials = _budget_loop(0.004)
-    assert [t.looseness for t in trials] == [4.0, 2.0, 1.0]
+    assert [t.looseness for t in trials] == [4.0, 1.0]
     assert not best.passed and best.looseness == 1.0
-    # 4% ×1 passes unhealed: such a plan is not healed (healing would not change its saving).
+    # 2%: 4 passes healed exactly at the budget: no looser plan is within reach, no trial is spent.
+    _, trials = _budget_loop(0.02)
+    assert [t.looseness for t in trials] == [4.0]
+    # 4% ×4 passes unhealed: such a plan is not healed (healing would not change its saving); it
+    # grows to 16, which fails healed (0.08), and the midpoint 8 is within reach (16 · 0.04/0.08).
     _, trials = _budget_loop(0.04)
     assert [t.looseness for t in trials] == [4.0, 16.0, 8.0] and trials[0].heal == {}
 

@@ -2,10 +2,11 @@
 
 A plan searched under budget × looseness (4 first: healing exists to let the search cut deeper than
 the budget alone allows) is healed (`tnopt.heal.heal`), then gated on the held-out split; looseness
-grows ×4 while healed plans pass, then one geometric bisection step refines between the last pass and
-the first failure (down to ×1, the plain budget, when nothing looser passes). A plan already within
-budget before healing is not healed. Also the pipeline's two entry points: heal a fixed-rank
-plan, heal inside a budgeted search.
+grows (×4 at most) while healed plans pass, then one step refines between the last pass and the first
+failure (down to ×1, the plain budget, when nothing looser passes); each step aims where the last
+healed drop says the budget lies, so no trial is spent on a looseness that healing cannot reach.
+A plan already within budget before healing is not healed. Also the pipeline's two entry points:
+heal a fixed-rank plan, heal inside a budgeted search.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ def clone_config(config: HealConfig, **changes) -> HealConfig:
     values = asdict(config)
     values.update(changes)
     return HealConfig(**values)
+
+
+# A next looseness less than this factor from one already judged is not worth a trial (a search and a
+# healing run): its plan would differ in a layer or two.
+MIN_STEP = 1.15
 
 
 @dataclass
@@ -63,9 +69,12 @@ def budgeted_heal(
     cut deeper, trusting healing to recover); `heal_plan(choices)` → (choices, HealResult);
     `gate(choices)` → (drop, margin) on held-out calibration data neither the search's correction
     nor healing saw; `saving(choices)` → the objective's saving. Looseness starts at `start` and
-    grows ×4 (up to `max_looseness`) while healed plans pass, then bisects geometrically between the
+    grows (×4 at most, up to `max_looseness`) while healed plans pass, then takes one step between the
     last pass (or `floor`) and the first failure; when nothing passed, `floor` (the plain budget) is
-    tried last. A plan that already passes unhealed is not healed (its saving would not change).
+    tried last. Each step goes to the geometric midpoint or, where the last trial's healed drop says
+    that is out of reach (drops taken as proportional to the looseness), to the looseness that
+    would just pass; a step of less than `MIN_STEP` is not taken (a trial costs a search and a
+    healing run). A plan that already passes unhealed is not healed (its saving would not change).
     With `time_budget_s`, no trial starts that would end past it by the slowest trial so far,
     except that one passing plan is always looked for (the floor, when nothing passed).
     Returns (best passing trial or the smallest-drop one, all trials)."""
@@ -104,21 +113,36 @@ def budgeted_heal(
         trials.append(trial)
         return trial
 
+    def reachable(trial: Trial) -> float:
+        """The looseness at which a plan like `trial`'s would just pass after healing: drops grow
+        about in proportion to the proxy budget, and healing removes about the same share of them.
+        Unbounded when the trial was not healed (nothing is known about what healing removes)."""
+        if not trial.heal:
+            return math.inf
+        target = max(max_drop - trial.margin, 0.5 * max_drop)
+        return trial.looseness * target / max(trial.drop_after, 1e-12)
+
     low, high, factor = None, None, start
     while True:
-        if run(factor).passed:
-            low = factor
-            if factor * 4 > max_looseness or not time_left():
-                break
-            factor *= 4
-        else:
+        trial = run(factor)
+        if not trial.passed:
             high = factor
             break
+        low = factor
+        # Grow ×4 at most, less where the healed drop says the budget is near.
+        grown = min(factor * min(4.0, reachable(trial) / factor), max_looseness)
+        if grown < factor * MIN_STEP or not time_left():
+            break
+        factor = grown
     for _ in range(refine_steps):
         base = low if low is not None else floor
         if high is None or high / base < 1.5 or (low is not None and not time_left()):
             break
-        factor = math.sqrt(base * high)
+        failed = next(t for t in reversed(trials) if t.looseness == high)
+        # The geometric midpoint, or nearer the base where the failed trial says healing falls short.
+        factor = min(math.sqrt(base * high), reachable(failed))
+        if factor < base * MIN_STEP:
+            break  # nothing between the base and the failure is likely to pass: skip to the floor
         if run(factor).passed:
             low = factor
         else:
@@ -128,7 +152,6 @@ def budgeted_heal(
     passing = [t for t in trials if t.passed]
     best = max(passing, key=lambda t: t.saving) if passing else min(trials, key=lambda t: t.drop_after)
     return best, trials
-
 
 __all__ = ["Trial", "budgeted_heal", "clone_config", "config_from", "heal_fixed_plan", "heal_budgeted_plan"]
 
