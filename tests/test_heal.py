@@ -44,7 +44,9 @@ def compress_fc2(heal):
 
 @pytest.fixture(scope="module")
 def fc2_healed():
-    return compress_fc2(None), compress_fc2(HealConfig(steps=80, eval_every=20, seed=3))
+    # A rank-8 truncation is far from the original: larger steps than the default (tuned on plans
+    # near a budget, where 0.02 overshot) heal it in 80 steps.
+    return compress_fc2(None), compress_fc2(HealConfig(steps=80, eval_every=20, seed=3, lr=0.02))
 
 
 def test_healing_lowers_the_loss_and_raises_the_verified_metric(fc2_healed):
@@ -109,7 +111,7 @@ def test_only_factors_and_refitted_biases_change():
 def test_fixed_seed_gives_identical_factors():
     # Flips only: crops shift fc2's inputs so far that no crop-trained checkpoint beats the start,
     # and the selector (rightly) keeps the start for every seed.
-    config = HealConfig(steps=40, eval_every=10, seed=7, augment=("flip",))
+    config = HealConfig(steps=40, eval_every=10, seed=7, augment=("flip",), lr=0.02)  # see fc2_healed
     first, report = compress_fc2(config)
     assert report.heal["plans"][0]["heal"]["best_step"] > 0  # a trained checkpoint, not the start
     second, _ = compress_fc2(config)
@@ -120,7 +122,7 @@ def test_fixed_seed_gives_identical_factors():
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-6, err_msg=name)
-    other, _ = compress_fc2(HealConfig(steps=40, eval_every=10, seed=8, augment=("flip",)))
+    other, _ = compress_fc2(HealConfig(steps=40, eval_every=10, seed=8, augment=("flip",), lr=0.02))
     assert _initializers(first) != _initializers(other)
 
 
@@ -152,7 +154,8 @@ def test_a_graph_that_does_not_convert_heals_block_locally():
     ranks = {"fc1": 4, "fc2": 6}
     options = dict(ranks=ranks, data=data, provider="cpu", correct=False, data_aware=False)
     plain, _ = tnopt.compress(model, **options)
-    healed, report = tnopt.compress(model, heal=HealConfig(steps=150, eval_every=25), **options)
+    # Deliberately damaged: larger steps than the default (see fc2_healed).
+    healed, report = tnopt.compress(model, heal=HealConfig(steps=150, eval_every=25, lr=0.02), **options)
     result = report.heal["plans"][0]["heal"]
     assert result["path"] == "block" and "Softplus" in result["reason"]
     assert result["layers"] == ["fc1", "fc2"]

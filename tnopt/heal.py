@@ -19,9 +19,11 @@ already healed, it reproduces the original layer's output, on activations captur
 
 Part of the calibration data is held out for the budget gate, which healing never sees. A further
 slice of the training part (the selection split) picks the checkpoint and stops training early: the
-checkpoint kept is the one with the smallest drop in the charged metric there (drops within one
-sample's resolution are ties, broken by the smaller distillation loss), not merely the smallest loss
-(measured: the logit loss fell while agreement on held-out images did not improve). A fixed
+checkpoint kept is the one with the smallest drop in the charged metric there (drops within the
+unhealed plan's standard error on that split are ties, broken by the smaller distillation loss), not
+merely the smallest loss (measured with a squared logit loss: it fell while agreement on held-out
+images did not improve), nor merely the smallest drop (single flips among 768 samples picked an
+early checkpoint far worse on the gate). A fixed
 seed gives identical factors. The trained arrays replace the factors' arrays; the rewrite builds the
 same nodes from them, so every other initializer is byte-identical and the node list unchanged.
 """
@@ -236,7 +238,7 @@ class _EarlyStop:
 
 class CheckpointSelector:
     """Keeps the checkpoint with the smallest metric drop on the selection split; drops within
-    `tolerance` of the smallest seen (one sample's resolution for a counted metric) are ties, won by
+    `tolerance` of the smallest seen (the drop's standard error on that split) are ties, won by
     the smaller distillation loss. Stops after `patience` evaluations without a new best."""
 
     def __init__(self, patience: int, tolerance: float = 0.0):

@@ -45,18 +45,21 @@ def _effective_bias(layer, args):
 
 
 def _selection_scorer(runner, metric, select):
-    """drop(outputs) of the charged metric on the selection split, its resolution, and the teacher's
-    outputs there; (None, 0, reference) when no metric is given or it cannot be measured."""
+    """score(outputs) → (drop of the charged metric on the selection split, its paired standard
+    error), and the teacher's outputs there; (None, reference) when no metric is given or it cannot
+    be measured."""
+    from tnopt.metrics import paired_standard_error
+
     reference = runner.run(Plan(), select.inputs)
     if metric is None or (getattr(metric, "needs_labels", False) and select.labels is None):
-        return None, 0.0, reference
+        return None, reference
     baseline = metric(reference, reference, select.labels)
-    counted = metric.name in ("top1", "agreement")
 
-    def drop(outputs) -> float:
-        return float(metric.drop(metric(reference, outputs, select.labels), baseline, "absolute"))
+    def score(outputs) -> tuple[float, float]:
+        drop = float(metric.drop(metric(reference, outputs, select.labels), baseline, "absolute"))
+        return drop, paired_standard_error(metric, reference, outputs, select.labels)
 
-    return drop, (1.0 / max(len(select), 1) if counted else 0.0), reference
+    return score, reference
 
 
 def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
@@ -91,7 +94,7 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
     stream = _Stream()
     # The teacher: the original model in onnxruntime, its outputs and the rewritten layers' outputs.
     teacher = iter(runner.capture(Plan(), outputs + features, stream, board=False))
-    score, tolerance, select_reference = _selection_scorer(runner, metric, select)
+    score, select_reference = _selection_scorer(runner, metric, select)
     float_outputs = [i for i, r in enumerate(select_reference) if r.dtype.kind == "f"]
     kind = loss_kind(getattr(metric, "name", None))
     rng = np.random.default_rng(config.seed)
@@ -105,8 +108,9 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
             for i in float_outputs
         )
 
-    def evaluate() -> tuple[float | None, float]:
-        """(metric drop, distillation loss) of the current factors on the selection split."""
+    def evaluate() -> tuple[float | None, float, float]:
+        """(metric drop, its standard error, distillation loss) of the current factors on the
+        selection split."""
         total, pieces = 0.0, {name: [] for name in outputs}
         with torch.no_grad():
             for start in range(0, len(select), 256):
@@ -117,12 +121,15 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
                 total += float(output_loss(student, targets)) * n
                 for name in outputs:
                     pieces[name].append(student[name].numpy())
-        drop = score([np.concatenate(pieces[name]) for name in outputs]) if score else None
-        return drop, total / max(len(select), 1)
+        drop, error = score([np.concatenate(pieces[name]) for name in outputs]) if score else (None, 0.0)
+        return drop, error, total / max(len(select), 1)
 
     result = HealResult("graph", layers=[c.layer.name for c in plan], train_samples=len(train), loss=kind)
-    result.select_drop_before, result.holdout_loss_before = evaluate()
-    selector = CheckpointSelector(config.patience, tolerance)
+    result.select_drop_before, error, result.holdout_loss_before = evaluate()
+    # Drops within the unhealed plan's standard error on this split are ties, decided by the loss
+    # (which matches the charged metric): with 768 samples, single flips made the selection pick
+    # a step-25 checkpoint (2.7%) whose loss was far above the later ones.
+    selector = CheckpointSelector(config.patience, error)
     selector.update(result.select_drop_before, result.holdout_loss_before, 0)
     n = len(train)
     batch = min(config.batch_size, n, runner.runtime.batch_size)
@@ -152,7 +159,7 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
         trainer.step(loss)
         result.steps, result.sample_steps = step, result.sample_steps + batch
         if step % config.eval_every == 0 or step == config.steps:
-            drop, value = evaluate()
+            drop, _, value = evaluate()
             improved, stop = selector.update(drop, value, step)
             if improved:
                 trainer.best = trainer.snapshot()
