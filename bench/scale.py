@@ -318,6 +318,7 @@ def compile_row(name, model: Path, calib: dict, evaluation: dict, folder: Path, 
         "passes": {k: stages[k].get("sample_forwards", 0) / samples for k in STAGES if k in stages},
         "total_s": wall,
         "peak_gib": max(s["peak_rss_mb"] for s in stages.values()) / 1024,
+        "peak_mib_by_stage": {k: round(stages[k]["peak_rss_mb"]) for k in STAGES if k in stages},
         "flops_ratio": report["before"]["flops"] / max(report["after"]["flops"], 1),
         "drop": report["budget"].get("drop_evaluation"),
         "metric": report["budget"]["metric"],
@@ -385,6 +386,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--resnet-args", default="", help="extra tnopt options for the ResNet-50 row (a reduced run)"
     )
+    p.add_argument("--det-args", default="", help="extra tnopt options for the det-tiny row")
+    p.add_argument("--rec-args", default="", help="extra tnopt options for the rec-tiny row")
     p.add_argument("--depths", default="8,16,32,64")
     p.add_argument("--depth-samples", type=int, default=256)
     p.add_argument(
@@ -428,7 +431,7 @@ def main(argv=None) -> int:
                     {"x": pages[: args.det_pages]},
                     {"x": pages[args.det_pages :]},
                     folder,
-                    ["--metric", "cosine"],
+                    ["--metric", "cosine", *args.det_args.split()],
                     modes,
                 )
             )
@@ -445,7 +448,7 @@ def main(argv=None) -> int:
                     {"x": lines[: args.rec_lines]},
                     {"x": lines[args.rec_lines :]},
                     folder,
-                    ["--metric", "cosine"],
+                    ["--metric", "cosine", *args.rec_args.split()],
                     modes,
                 )
             )
