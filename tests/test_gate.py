@@ -1,52 +1,109 @@
 """The budget's gate never scores a calibration sample under a refit that was fitted on it
-(tnopt/refine.py: two-fold cross-fitting); the plan that is saved is refitted on all samples."""
+(tnopt/refine.py: four-fold cross-fitting from one correction run); the plan that is saved is refitted on all samples."""
 
 import numpy as np
 from conftest import MODELS
+from helpers import relative_difference
+from test_switchboard import RUNTIME, lower, widest_choices
 
 import tnopt
-from tnopt import refine
+from tnopt import correct, refine
+from tnopt.analyze import analyze
+from tnopt.correct import Corrector
 from tnopt.data import Dataset
-from tnopt.plan import Plan
+from tnopt.io import load_model
+from tnopt.runner import PlanRunner
+from tnopt.switchboard import Switchboard
 
 
-class Memorising:
-    """A refiner that remembers the samples it was fitted on (its `inputs`)."""
+def vgg_setup(samples=96):
+    model = load_model(str(MODELS / "vgg.onnx"))
+    layers = [layer for layer in analyze(model) if layer.candidate]
+    with np.load(MODELS / "calib.npz") as data:
+        inputs = {"input": data["input"][:samples]}
+    plan = [lower(c, 1) for c in widest_choices(layers, ["svd", "tucker2"])]
+    return model, layers, inputs, plan
 
-    def __init__(self, inputs):
-        self.seen = set(inputs["x"][:, 0].tolist())
 
-    def __call__(self, plan):
-        return ("fitted on", frozenset(self.seen))
+def board_runner(model, plan):
+    runner = PlanRunner(model, RUNTIME)
+    runner.board = Switchboard(model, plan, RUNTIME, Corrector.hidden_tensors(plan))
+    return runner
 
 
-class Runner:
-    """Scores each sample 0 when the plan's refit saw it (a memorised sample), else 1."""
+class Scores:
+    """A runner that tags each sample with the plan it ran under."""
 
     def run(self, plan, inputs):
-        _, seen = plan
-        return [np.array([0.0 if x in seen else 1.0 for x in inputs["x"][:, 0]])]
+        return [np.array([[plan, x] for x in inputs["x"][:, 0]], dtype=np.float64)]
 
 
-def test_cross_fitted_gate_never_scores_a_fitted_sample(monkeypatch):
-    monkeypatch.setattr(
-        refine,
-        "build_refiners",
-        lambda config, runner, layers, calib, correct, **kw: [Memorising(calib.inputs)],
-    )
+def test_gate_runs_each_sample_under_its_folds_plan_in_order():
     ids = np.arange(11, dtype=np.float32)[:, None]
+    outputs = refine.gated_outputs(Scores(), [10.0, 20.0, 30.0, 40.0], {"x": ids})[0]
+    assert outputs[:, 1].tolist() == list(range(11))  # every sample once, in order
+    assert outputs[:, 0].tolist() == [10.0 * (1 + i % 4) for i in range(11)]  # sample i: fold i mod 4
     calib = Dataset({"x": ids}, None, "ids")
-    folds = refine.cross_fitted_refiners(None, Runner(), [], calib, correct=True)
-    assert len(folds) == refine.CROSS_FIT_FOLDS
-    gates = [np.arange(11)[gate] for gate, _ in folds]
-    assert sorted(np.concatenate(gates).tolist()) == list(range(11))  # the parts cover every sample once
-    outputs = refine.gated_outputs(Runner(), Plan(()), calib.inputs, folds)
-    # Every sample was scored, in order, and none by a refit that had seen it.
-    assert outputs[0].tolist() == [1.0] * 11
-    # Without cross-fitting (a refit on all samples) every sample would score as memorised.
-    everything = Memorising(calib.inputs)
-    assert Runner().run(everything(Plan(())), calib.inputs)[0].tolist() == [0.0] * 11
-    assert refine.cross_fitted_refiners(None, Runner(), [], calib, correct=False) == []
+    assert refine.cross_fitted_refiners(None, None, [], calib, correct=False) == []
+
+
+def test_a_folds_refit_is_the_refit_on_the_other_folds_samples(monkeypatch):
+    """Moment subtraction: one capture, fold k solved with (total − fold k). With one wave (every
+    layer's H from the uncorrected plan) nothing upstream is fitted either, so each fold's factors
+    equal a correction run on the other folds' samples alone."""
+    monkeypatch.setattr(correct, "ENOUGH_ROWS_PER_UNKNOWN", 10**9)  # no early stop: same samples
+    model, layers, inputs, plan = vgg_setup()
+    runner = board_runner(model, plan)
+    fold_of = np.arange(96) % 4
+    corrector = Corrector(runner, layers, inputs, folds=4, fold_of_sample=fold_of, max_waves=1)
+    everything, by_fold = corrector.cross_fitted(plan)
+    assert corrector.last_waves == 1 and len(by_fold) == 4
+    direct_all = Corrector(runner, layers, inputs, max_waves=1)(plan)
+    for fold in range(4):
+        others = {"input": inputs["input"][fold_of != fold]}
+        direct = Corrector(runner, layers, others, max_waves=1)(plan)
+        refitted = 0
+        for a, b in zip(direct, by_fold[fold]):
+            assert a.layer.name == b.layer.name
+            refitted += bool(b.factors.notes.get("corrected"))
+            for key in a.factors.arrays:
+                assert relative_difference(a.factors.arrays[key], b.factors.arrays[key]) < 1e-4, key
+        assert refitted >= 3
+    for a, b in zip(direct_all, everything):
+        for key in a.factors.arrays:
+            assert relative_difference(a.factors.arrays[key], b.factors.arrays[key]) < 1e-4, key
+    # A fold's refit differs from the refit on all samples: it did not see its own samples.
+    changed = [
+        relative_difference(a.factors.arrays[k], b.factors.arrays[k])
+        for a, b in zip(everything, by_fold[0])
+        if a.factors.notes.get("corrected")
+        for k in a.factors.arrays
+    ]
+    assert max(changed) > 1e-3
+
+
+def test_verifying_a_plan_costs_a_bounded_number_of_passes_whatever_it_rewrites():
+    """VGG's rewritten layers form one chain: corrected one after the other they need a capture per
+    layer; the waves stay at MAX_CORRECTION_WAVES, and the ORT sample-forwards of a cross-fitted
+    verification (captures, targets, the gate's run) at a few passes, for 3 or all layers."""
+    model, layers, inputs, plan = vgg_setup()
+    assert len(plan) > correct.MAX_CORRECTION_WAVES + 1
+    runner = board_runner(model, plan)
+    calib = Dataset(inputs, None, "vgg")
+    costs = {}
+    for count in (3, len(plan)):
+        cross_fit = refine.cross_fitted_refiners(None, runner, layers, calib, correct=True)
+        before = RUNTIME.sample_forwards
+        outputs, refitted = cross_fit.gated(runner, plan[:count], inputs)
+        costs[count] = (RUNTIME.sample_forwards - before) / len(calib)
+        assert cross_fit.corrector.last_waves <= min(count, correct.MAX_CORRECTION_WAVES)
+        assert sum(bool(c.factors.notes.get("corrected")) for c in refitted) >= min(count, 3)
+        assert len(outputs[0]) == len(calib)
+    # Per wave: one capture and one pass for the targets (held after the first), plus the gate's run.
+    assert costs[len(plan)] <= 2 * correct.MAX_CORRECTION_WAVES + 1, costs
+    sequential = Corrector(runner, layers, inputs, max_waves=None)
+    sequential(plan)
+    assert sequential.last_waves == len(plan)  # what the bound saves: one wave per layer
 
 
 def test_budgeted_run_gates_cross_fitted_and_saves_a_plan_refitted_on_all(small_splits):

@@ -16,6 +16,7 @@ import functools
 
 import numpy as np
 
+from tnopt.data import as_feeds
 from tnopt.errors import InternalError
 from tnopt.graph import emitted_tensor, upstream_layers
 from tnopt.passes import METHODS, Factors
@@ -35,6 +36,18 @@ MAX_HELD_TARGET_BYTES = 1 << 30
 # Rows (output positions) per sample a refit keeps: far above MIN_ROWS_PER_UNKNOWN for any channel
 # count once samples number in the tens, and all of them at the reference models' 28x28.
 MAX_REFIT_ROWS_PER_SAMPLE = 1024
+# Rows decide a least-squares fit, not samples: a capture pass stops early once every layer it
+# refits has this many rows per unknown in each cross-fitted fold's refit (a 224x224 conv gives
+# 1024 rows per sample, so a few dozen samples fit it as well as 512), from at least
+# MIN_REFIT_SAMPLES samples (rows of one image are correlated: samples, not rows, carry its variety).
+ENOUGH_ROWS_PER_UNKNOWN = 64
+MIN_REFIT_SAMPLES = 128
+# Refit waves per plan. Each wave is one capture pass (and, when the targets are not held, one
+# original-model pass); a chain of L rewritten layers corrected one after the other needs L waves,
+# so above this many the layers are grouped in graph order and each group is refitted from one
+# capture with the groups before it already corrected (within a group: from the uncorrected
+# upstream, a Jacobi step). Keeps a verified plan's cost independent of how many layers it rewrites.
+MAX_CORRECTION_WAVES = 4
 
 
 def _rows(values: np.ndarray, channel_axis: int) -> np.ndarray:
@@ -43,41 +56,129 @@ def _rows(values: np.ndarray, channel_axis: int) -> np.ndarray:
 
 
 class _NormalEquations:
-    """HᵀH and HᵀT of one layer's refit, accumulated batch by batch. A conv layer gives a row per
-    output position: beyond MAX_REFIT_ROWS_PER_SAMPLE per sample a seeded random subset of them is
-    kept, so a refit at high resolution costs what it costs at low."""
+    """HᵀH and HᵀT of one layer's refit, accumulated batch by batch, per cross-fitting fold (the
+    fold of each sample given by the caller; one fold without cross-fitting). A conv layer gives a
+    row per output position: beyond MAX_REFIT_ROWS_PER_SAMPLE per sample a seeded random subset of
+    them is kept, so a refit at high resolution costs what it costs at low.
 
-    def __init__(self, spec):
-        self.spec, self.gram, self.cross, self.rows = spec, None, None, 0
+    Fold k's refit solves with the moments of every fold but k (total − fold k): one capture pass
+    serves every fold (moment subtraction), and its rows are exactly those of the other folds."""
+
+    def __init__(self, spec, folds: int = 1):
+        self.spec, self.folds = spec, folds
+        self.fold_gram: list = [None] * folds
+        self.fold_cross: list = [None] * folds
+        self.fold_rows = [0] * folds
+        self.samples = 0
+        # False once a batch's rows could not be told apart by sample (no fold per row).
+        self.splittable = True
         self.rng = np.random.default_rng(0)
 
-    def add(self, hidden: np.ndarray, target: np.ndarray) -> None:
+    @property
+    def gram(self):
+        return _total(self.fold_gram)
+
+    @property
+    def cross(self):
+        return _total(self.fold_cross)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.fold_rows)
+
+    def add(self, hidden: np.ndarray, target: np.ndarray, fold_of_sample=None) -> None:
         h, t = _rows(hidden, self.spec.channel_axis), _rows(target, self.spec.channel_axis)
-        keep = MAX_REFIT_ROWS_PER_SAMPLE * max(int(np.shape(hidden)[0]), 1)
+        samples = max(int(np.shape(hidden)[0]), 1)
+        self.samples += samples
+        per_sample = len(h) // samples if len(h) % samples == 0 else None
+        keep = MAX_REFIT_ROWS_PER_SAMPLE * samples
+        chosen = np.arange(len(h))
         if len(h) > keep:
             chosen = np.sort(self.rng.choice(len(h), size=keep, replace=False))
             h, t = h[chosen], t[chosen]
         if self.spec.intercept:
             h = np.concatenate([h, np.ones((len(h), 1))], axis=1)
-        self.gram = h.T @ h if self.gram is None else self.gram + h.T @ h
-        self.cross = h.T @ t if self.cross is None else self.cross + h.T @ t
-        self.rows += len(h)
+        if self.folds == 1 or fold_of_sample is None:
+            self._accumulate(0, h, t)
+            if self.folds > 1:
+                self.splittable = False
+            return
+        if per_sample is None:
+            self.splittable = False  # rows not sample-major: no fold can be told from the others
+            self._accumulate(0, h, t)
+            return
+        fold_of_row = np.asarray(fold_of_sample)[chosen // per_sample]
+        for fold in range(self.folds):
+            mask = fold_of_row == fold
+            if mask.any():
+                self._accumulate(fold, h[mask], t[mask])
+
+    def _accumulate(self, fold: int, h: np.ndarray, t: np.ndarray) -> None:
+        gram, cross = h.T @ h, h.T @ t
+        self.fold_gram[fold] = gram if self.fold_gram[fold] is None else self.fold_gram[fold] + gram
+        self.fold_cross[fold] = cross if self.fold_cross[fold] is None else self.fold_cross[fold] + cross
+        self.fold_rows[fold] += len(h)
+
+    def without(self, fold: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """(HᵀH, HᵀT, rows) of every fold but `fold`; None where the folds could not be split."""
+        if not self.splittable:
+            return None
+        gram, cross = self.gram, self.cross
+        if self.fold_gram[fold] is not None:
+            gram, cross = gram - self.fold_gram[fold], cross - self.fold_cross[fold]
+        return gram, cross, self.rows - self.fold_rows[fold]
+
+    def enough(self) -> bool:
+        """Whether more samples would barely change the refit: ENOUGH_ROWS_PER_UNKNOWN rows per
+        unknown in what each fold's refit keeps, from at least MIN_REFIT_SAMPLES samples."""
+        if self.gram is None or self.samples < MIN_REFIT_SAMPLES:
+            return False
+        unknowns = len(self.gram)
+        smallest = self.rows - max(self.fold_rows) if self.folds > 1 else self.rows
+        return smallest >= ENOUGH_ROWS_PER_UNKNOWN * unknowns
+
+
+def _total(parts):
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    total = present[0].copy()
+    for part in present[1:]:
+        total += part
+    return total
 
 
 class Corrector:
     """Refits plans against one fixed set of calibration inputs.
 
-    The original model's layer outputs (the targets) do not depend on the plan, so they are
-    captured once, on first use, and reused by every plan the search verifies. Each layer's hidden
-    activations come from the runner: where its board runs the plan, in waves (one run, every
-    layer whose upstream is already corrected refitted from it), else from the compressed model
-    cut just after them (an export and a session per layer)."""
+    The original model's layer outputs (the targets) do not depend on the plan: they are computed
+    beside the first capture and kept while they fit in `max_held_bytes`, then reused by every plan
+    the search verifies. Each layer's hidden activations come from the runner: where its board runs
+    the plan, in at most `max_waves` waves (one run, every layer of the wave refitted from it), else
+    from the compressed model cut just after them (an export and a session per layer).
+
+    With `folds` > 1 (`fold_of_sample`: each input sample's fold) `cross_fitted(plan)` also gives,
+    per fold, the plan refitted on every other fold's samples, from the same capture passes
+    (moment subtraction, `_NormalEquations.without`). What is still fitted on fold k's samples
+    there: the upstream layers' refits while a wave captures H are the ones fitted on all samples,
+    so fold k's refit of a layer saw fold-k-fitted upstream weights in its inputs (not fold k's
+    targets)."""
 
     def __init__(
-        self, runner, layers, inputs: dict[str, np.ndarray], max_held_bytes: int = MAX_HELD_TARGET_BYTES
+        self,
+        runner,
+        layers,
+        inputs: dict[str, np.ndarray],
+        max_held_bytes: int = MAX_HELD_TARGET_BYTES,
+        *,
+        folds: int = 1,
+        fold_of_sample=None,
+        max_waves: int | None = MAX_CORRECTION_WAVES,
     ):
         self.runner, self.inputs = runner, inputs
-        self.max_held_bytes = max_held_bytes
+        self.max_held_bytes, self.max_waves = max_held_bytes, max_waves
+        self.folds = folds
+        self.fold_of_sample = None if fold_of_sample is None else np.asarray(fold_of_sample)
         self.original, self.runtime, self.methods = runner.original, runner.runtime, runner.methods
         self.order = {layer.name: i for i, layer in enumerate(layers)}
         self.refittable = [
@@ -86,7 +187,12 @@ class Corrector:
             if any(m.refit_spec(layer) is not None for m in self.methods.values() if layer.op in m.op_types)
         ]
         self.layer_names = [layer.name for layer in layers]
-        self._targets: dict[str, np.ndarray] | None = None
+        self._held: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self._held_bytes = 0
+        self._held_full = False
+        # What the last calls cost: capture passes (waves) and the samples they ran.
+        self.last_waves = 0
+        self.last_samples = 0
 
     @functools.cached_property
     def upstream(self) -> dict[str, set[str]]:
@@ -103,108 +209,148 @@ class Corrector:
                 names.append(emitted_tensor(choice.layer.name, choice.method, spec.hidden_role))
         return names
 
-    def targets(self) -> dict[str, np.ndarray]:
-        if self._targets is None:
-            names = sorted({layer.output_name for layer in self.refittable})
-            self._targets = self.runtime.capture(self.original, names, self.inputs) if names else {}
-        return self._targets
+    @functools.cached_property
+    def _target_names(self) -> list[str]:
+        return sorted({layer.output_name for layer in self.refittable})
 
     def target_batches(self):
-        """A function rows → {output name: target rows}, called once per refit batch in order: the
-        held targets sliced, or the original model run beside the refit, one batch at a time. The
-        first pass keeps what it computed while that stays under `max_held_bytes`."""
-        if self._targets is not None:
-            held = self._targets
-            return lambda rows: {name: value[rows] for name, value in held.items()}
-        names = sorted({layer.output_name for layer in self.refittable})
+        """A function rows → {output name: target rows}, called once per refit batch in order (a
+        pass may stop early): held batches reused, the others computed by the original model beside
+        the refit, one batch at a time, and kept while the held ones stay under `max_held_bytes`."""
+        names = self._target_names
         if not names:
             return lambda rows: {}
-        stream = self.runtime.iter_batches(
-            self.runtime.with_outputs(self.original, names), self.inputs, names
-        )
-        kept: dict[str, list] | None = {name: [] for name in names}
-        size = 0
+        state = {"stream": None, "next": None}
 
         def at(rows):
-            nonlocal kept, size
-            got, values = next(stream)
-            if (got.start, got.stop) != (rows.start, rows.stop):
+            key = (rows.start, rows.stop)
+            if key in self._held:
+                return self._held[key]
+            if state["stream"] is None or state["next"] != rows.start:
+                state["stream"] = self.runtime.iter_batches(
+                    self.runtime.with_outputs(self.original, names),
+                    as_feeds(self.inputs).take(slice(rows.start, None)),
+                    names,
+                )
+            got, values = next(state["stream"])
+            got = slice(got.start + rows.start, got.stop + rows.start)
+            if (got.start, got.stop) != key:
                 raise InternalError(f"correction: target batch {got} does not match hidden batch {rows}")
-            if kept is not None:
-                size += sum(v.nbytes for v in values)
-                if size > self.max_held_bytes:
-                    kept = None  # too big to hold: later passes recompute them too
-                else:
-                    for name, value in zip(names, values):
-                        kept[name].append(value)
-            if kept is not None and rows.stop >= _samples(self.inputs):
-                self._targets = {name: np.concatenate(parts) for name, parts in kept.items()}
-            return dict(zip(names, values))
+            state["next"] = rows.stop
+            batch = dict(zip(names, values))
+            size = sum(v.nbytes for v in values)
+            if not self._held_full and self._held_bytes + size <= self.max_held_bytes:
+                self._held[key], self._held_bytes = batch, self._held_bytes + size
+            else:
+                self._held_full = True  # later batches are recomputed; the held prefix stays
+            return batch
 
         return at
 
     def __call__(self, plan) -> Plan:
+        return self.cross_fitted(plan)[0]
+
+    def cross_fitted(self, plan) -> tuple[Plan, list[Plan]]:
+        """(the plan refitted on all samples, [the plan refitted without fold k's samples] per fold;
+        [] without folds)."""
         ordered = sorted(plan, key=lambda c: self.order[c.layer.name])
+        self.last_waves = self.last_samples = 0
+        corrected = None
         if self.runner.expresses(ordered, self.hidden_tensors(ordered, self.methods)):
             corrected = self._on_board(ordered)
-            if corrected is not None:
-                return Plan(tuple(corrected))
-        corrected: list[Choice] = []
+        if corrected is None:
+            corrected = self._cut_one_by_one(ordered)
+        everything, by_fold = corrected
+        return Plan(tuple(everything)), [Plan(tuple(choices)) for choices in by_fold]
+
+    def waves(self, ordered: list[Choice]) -> list[list[Choice]]:
+        """The plan's refittable choices in waves: sequential (a layer after every rewritten layer
+        upstream of it) up to `max_waves`; beyond, consecutive levels merged into that many groups."""
+        refits = [c for c in ordered if self.methods[c.method].refit_spec(c.layer) is not None]
+        names = {c.layer.name for c in refits}
+        level: dict[str, int] = {}
+        for choice in refits:  # graph order: upstream layers come first
+            above = [level[u] for u in self.upstream[choice.layer.name] & names if u in level]
+            level[choice.layer.name] = 1 + max(above) if above else 0
+        levels = 1 + max(level.values()) if level else 0
+        groups = levels if self.max_waves is None else min(levels, self.max_waves)
+        waves: list[list[Choice]] = [[] for _ in range(groups)]
+        for choice in refits:
+            waves[level[choice.layer.name] * groups // levels].append(choice)
+        return [wave for wave in waves if wave]
+
+    def _on_board(self, ordered: list[Choice]):
+        """Refit wave by wave: one run of the board (plan = corrected so far + the rest as they
+        are) gives every layer of the wave its H."""
+        done: dict[str, Choice] = {}
+        done_by_fold: list[dict[str, Choice]] = [{} for _ in range(self._fold_count)]
+        for wave in self.waves(ordered):
+            specs = {c.layer.name: self.methods[c.method].refit_spec(c.layer) for c in wave}
+            plan = [done.get(c.layer.name, c) for c in ordered]
+            names = self.hidden_tensors(wave, self.methods)
+            if not self.runner.expresses(plan, names):
+                return None
+            equations = {c.layer.name: _NormalEquations(specs[c.layer.name], self._fold_count) for c in wave}
+            self._accumulate(self.runner.capture(plan, names, self.inputs), wave, names, equations)
+            for choice in wave:
+                self._solve_all(choice, equations[choice.layer.name], done, done_by_fold)
+        by_fold = [[fold.get(c.layer.name, c) for c in ordered] for fold in done_by_fold]
+        return [done.get(c.layer.name, c) for c in ordered], by_fold if self.folds > 1 else []
+
+    def _cut_one_by_one(self, ordered: list[Choice]):
+        """Off the board: each prefix of the plan exported and cut after the next layer's H."""
+        done: dict[str, Choice] = {}
+        done_by_fold: list[dict[str, Choice]] = [{} for _ in range(self._fold_count)]
         for choice in ordered:
             spec = self.methods[choice.method].refit_spec(choice.layer)
-            corrected.append(choice if spec is None else self._refit_cut(choice, spec, corrected))
-        return Plan(tuple(corrected))
+            if spec is None:
+                continue
+            name = emitted_tensor(choice.layer.name, choice.method, spec.hidden_role)
+            upstream = [done.get(c.layer.name, c) for c in ordered[: ordered.index(choice)]]
+            batches = self.runner.capture(upstream + [choice], [name], self.inputs, board=False)
+            equations = {choice.layer.name: _NormalEquations(spec, self._fold_count)}
+            self._accumulate(batches, [choice], [name], equations)
+            self._solve_all(choice, equations[choice.layer.name], done, done_by_fold)
+        by_fold = [[fold.get(c.layer.name, c) for c in ordered] for fold in done_by_fold]
+        return [done.get(c.layer.name, c) for c in ordered], by_fold if self.folds > 1 else []
 
-    def _on_board(self, ordered: list[Choice]) -> list[Choice] | None:
-        """Refit in waves: a layer is ready once no layer upstream of it awaits its refit; one run
-        of the board (plan = corrected so far + the rest as they are) gives every ready layer's H."""
-        done: dict[str, Choice] = {}
-        pending = list(ordered)
-        while pending:
-            waiting = {c.layer.name for c in pending}
-            ready = [c for c in pending if not (self.upstream[c.layer.name] & (waiting - {c.layer.name}))]
-            specs = {c.layer.name: self.methods[c.method].refit_spec(c.layer) for c in ready}
-            refits = [c for c in ready if specs[c.layer.name] is not None]
-            if refits:
-                plan = list(done.values()) + pending
-                names = self.hidden_tensors(refits, self.methods)
-                if not self.runner.expresses(plan, names):
-                    return None
-                batches = self.runner.capture(plan, names, self.inputs)
-                equations = {c.layer.name: _NormalEquations(specs[c.layer.name]) for c in refits}
-                targets_at = self.target_batches()
-                for rows, captured in batches:
-                    targets = targets_at(rows)
-                    for choice, name in zip(refits, names):
-                        spec = specs[choice.layer.name]
-                        width = spec.to_matrix(choice.factors.arrays[spec.factor_key]).shape[0]
-                        # The board runs the widest rank; the padded channels of H are zeros.
-                        hidden = np.take(captured[name], np.arange(width), axis=spec.channel_axis)
-                        equations[choice.layer.name].add(hidden, targets[choice.layer.output_name])
-                for choice in refits:
-                    done[choice.layer.name] = self._solve(choice, equations[choice.layer.name])
-            for choice in ready:
-                done.setdefault(choice.layer.name, choice)
-            pending = [c for c in pending if c.layer.name not in done]
-        return [done[c.layer.name] for c in ordered]
+    @property
+    def _fold_count(self) -> int:
+        return self.folds if self.folds > 1 and self.fold_of_sample is not None else 1
 
-    def _refit_cut(self, choice: Choice, spec, upstream: list[Choice]) -> Choice:
-        layer = choice.layer
-        hidden_name = emitted_tensor(layer.name, choice.method, spec.hidden_role)
+    def _accumulate(self, batches, choices, names, equations) -> None:
+        """One capture pass into the normal equations; it stops once every layer has enough rows."""
         targets_at = self.target_batches()
-        equations = _NormalEquations(spec)
-        # The one-layer-at-a-time path: each prefix of the plan exported and cut after H.
-        batches = self.runner.capture(upstream + [choice], [hidden_name], self.inputs, board=False)
+        total = _samples(self.inputs)
+        self.last_waves += 1
         for rows, captured in batches:
-            equations.add(captured[hidden_name], targets_at(rows)[layer.output_name])
-        return self._solve(choice, equations)
+            targets = targets_at(rows)
+            folds = None if self._fold_count == 1 else self.fold_of_sample[rows]
+            for choice, name in zip(choices, names):
+                spec = equations[choice.layer.name].spec
+                width = spec.to_matrix(choice.factors.arrays[spec.factor_key]).shape[0]
+                # The board runs the widest rank; the padded channels of H are zeros.
+                hidden = np.take(captured[name], np.arange(width), axis=spec.channel_axis)
+                equations[choice.layer.name].add(hidden, targets[choice.layer.output_name], folds)
+            self.last_samples += rows.stop - rows.start
+            if rows.stop < total and all(e.enough() for e in equations.values()):
+                break
+
+    def _solve_all(self, choice, equations, done, done_by_fold) -> None:
+        done[choice.layer.name] = self._solve(choice, equations, equations.gram, equations.cross, equations.rows)
+        if len(done_by_fold) > 1:
+            for fold, fold_done in enumerate(done_by_fold):
+                rest = equations.without(fold)
+                # Rows not told apart by sample: the fold is gated on the unrefitted layer (never on
+                # a refit that saw it).
+                fold_done[choice.layer.name] = choice if rest is None else self._solve(choice, equations, *rest)
 
     @staticmethod
-    def _solve(choice: Choice, equations: _NormalEquations) -> Choice:
+    def _solve(choice: Choice, equations: _NormalEquations, gram, cross, rows) -> Choice:
         spec = equations.spec
-        if MIN_ROWS_PER_UNKNOWN * len(equations.gram) > equations.rows:
+        if gram is None or MIN_ROWS_PER_UNKNOWN * len(gram) > rows:
             return choice  # too few rows per unknown: a refit would memorise the calibration set
-        solution = refit_last_factor(equations.gram, equations.cross)
+        solution = refit_last_factor(gram, cross)
         arrays = dict(choice.factors.arrays)
         last = arrays[spec.factor_key]
         arrays[spec.factor_key] = spec.from_matrix(solution[:-1] if spec.intercept else solution, last)
@@ -215,6 +361,4 @@ class Corrector:
 
 
 def _samples(inputs) -> int:
-    from tnopt.data import as_feeds
-
     return as_feeds(inputs).samples()

@@ -18,13 +18,17 @@ re-export. A refiner that reads intermediate tensors may declare them with
 correction (tnopt/correct.py), on when `config.correct` (default: with real data). A new refiner
 (e.g. healing by distillation) is one more entry there.
 
-The budget's gate never scores a sample that a refit was fitted on: `cross_fitted_refiners` cuts
-the calibration data into CROSS_FIT_FOLDS parts and gives each part refiners fitted on the others,
-and the search's verification (`gated_outputs`) runs each part through the plan as refitted without
-it (K-fold cross-fitting). The plan the search keeps is then refitted once on all of them
-(`build_refiners`), as a cross-validated estimate is followed by a fit on all the data. Measured on
-VGG at 1% (512 samples), one 2.94x-FLOPs plan: drop -0.2% in-sample, 0.8% at two folds (each refit
-on 256 samples, too few rows for the Gemm refits), 0.0% at four.
+The budget's gate never scores a sample under a refit fitted on it (K-fold cross-fitting):
+`cross_fitted_refiners` assigns calibration sample i to fold i mod CROSS_FIT_FOLDS and returns a
+`CrossFit`; the search's verification (`CrossFit.gated`) runs each fold's samples through the plan
+as refitted on the other folds' samples, and gets the plan refitted on all samples (what is saved)
+from the same passes. One correction run serves every fold: each capture pass accumulates the
+normal equations per fold, and fold k's refit solves with the total minus fold k's part (moment
+subtraction, tnopt/correct.py). What that leaves fitted on fold k: a wave's hidden activations are
+captured under the upstream refits fitted on all samples, so a downstream refit of fold k saw
+inputs shaped by upstream weights that fold k helped fit (never fold k's targets). Measured on VGG
+at 1% (512 samples) with one refit per fold, one 2.94x-FLOPs plan: drop -0.2% in-sample, 0.8% at two
+folds (each refit on 256 samples, too few rows for the Gemm refits), 0.0% at four.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Callable
 import numpy as np
 
 from tnopt.correct import MAX_HELD_TARGET_BYTES, Corrector
+from tnopt.data import as_feeds
 from tnopt.plan import Plan
 
 Refiner = Callable[[Plan], Plan]
@@ -41,7 +46,7 @@ Refiner = Callable[[Plan], Plan]
 MAX_REFIT_SAMPLES = 512
 # The gate's cross-fitting: each fold's samples are scored under refits fitted on the other folds.
 # More folds fit each refit on more samples (closer to the one saved, fitted on all: 3/4 of them
-# at 4 folds), at the price of more refits per verified plan.
+# at 4 folds); a fold costs one more least-squares solve per layer, no ORT pass.
 CROSS_FIT_FOLDS = 4
 
 
@@ -52,47 +57,65 @@ def build_refiners(
     `calib`: the calibration Dataset."""
     refiners: list[Refiner] = []
     if correct:
-        refiners.append(Corrector(runner, layers, calib.head(MAX_REFIT_SAMPLES).inputs, max_held_bytes))
+        refiners.append(Corrector(runner, layers, calib.subset(refit_indices(len(calib))).inputs, max_held_bytes))
     return refiners
 
 
-def cross_fitted_refiners(
-    config, runner, layers, calib, *, correct: bool, folds: int = CROSS_FIT_FOLDS
-) -> list[tuple[slice, list[Refiner]]]:
-    """[(gate samples, refiners fitted on all the other samples)] for `folds` contiguous parts of
-    `calib`; [] when nothing is fitted (no correction) or there are too few samples to split."""
+def cross_fitted_refiners(config, runner, layers, calib, *, correct: bool, folds: int = CROSS_FIT_FOLDS):
+    """The gate's `CrossFit` over `calib`; [] when nothing is fitted (no correction) or there are
+    too few samples to split."""
     samples = len(calib)
     if not correct or samples < 2:
         return []
     folds = min(folds, samples)
-    edges = [round(i * samples / folds) for i in range(folds + 1)]
-    result = []
-    for start, stop in zip(edges, edges[1:]):
-        rest = np.r_[0:start, stop:samples]
-        result.append(
-            (
-                slice(start, stop),
-                # The folds' targets together may be held no more than one full refit's.
-                build_refiners(
-                    config,
-                    runner,
-                    layers,
-                    calib.subset(rest),
-                    correct=correct,
-                    max_held_bytes=MAX_HELD_TARGET_BYTES // folds,
-                ),
-            )
-        )
-    return result
+    refit_samples = refit_indices(samples)
+    corrector = Corrector(
+        runner,
+        layers,
+        calib.subset(refit_samples).inputs,
+        folds=folds,
+        fold_of_sample=refit_samples % folds,
+    )
+    return CrossFit(corrector, folds)
 
 
-def gated_outputs(runner, plan: Plan, inputs, folds) -> list[np.ndarray]:
-    """The model's outputs on all of `inputs` (sample-major, in order), each fold's samples run
-    under `plan` as refined by that fold's refiners (fitted on the other samples)."""
-    parts = []
-    for gate, refiners in sorted(folds, key=lambda fold: fold[0].start):
-        parts.append(runner.run(apply_refiners(refiners, plan), inputs.take(gate)))
-    return [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]
+def refit_indices(samples: int) -> np.ndarray:
+    """The calibration samples the correction fits on: at most MAX_REFIT_SAMPLES, in a seeded
+    random order, so that a capture pass that stops early (rows enough) has seen a spread of the
+    data and every fold, not the first class of a sorted file."""
+    return np.random.default_rng(0).permutation(samples)[:MAX_REFIT_SAMPLES]
+
+
+class CrossFit:
+    """The cross-fitted gate: `gated(runner, plan, inputs)` → (the model outputs on every sample,
+    each under the plan refitted without its fold; the plan refitted on all refit samples)."""
+
+    def __init__(self, corrector: Corrector, folds: int):
+        self.corrector, self.folds = corrector, folds
+
+    def __len__(self) -> int:
+        return self.folds
+
+    def gated(self, runner, plan: Plan, inputs) -> tuple[list[np.ndarray], Plan]:
+        refitted, by_fold = self.corrector.cross_fitted(plan)
+        return gated_outputs(runner, by_fold, inputs), refitted
+
+
+def gated_outputs(runner, plans_by_fold: list[Plan], inputs) -> list[np.ndarray]:
+    """The model's outputs on all of `inputs` (sample-major, in order), sample i run under
+    `plans_by_fold[i mod folds]`."""
+    folds, samples = len(plans_by_fold), as_feeds(inputs).samples()
+    outputs = None
+    for fold, plan in enumerate(plans_by_fold):
+        index = np.arange(fold, samples, folds)
+        if not len(index):
+            continue
+        part = runner.run(plan, as_feeds(inputs).take(index))
+        if outputs is None:
+            outputs = [np.empty((samples,) + p.shape[1:], p.dtype) for p in part]
+        for whole, piece in zip(outputs, part):
+            whole[index] = piece
+    return outputs
 
 
 def apply_refiners(refiners: list[Refiner], plan: Plan) -> Plan:

@@ -85,8 +85,8 @@ class SearchContext:
     prediction: dict = field(default_factory=dict)
     # perf_counter() time after which the search stops (--time-limit); None: none.
     deadline: float | None = None
-    # [(gate samples, refiners fitted on the others)]: the verification's cross-fitted gate.
-    cross_fit: list = field(default_factory=list)
+    # The verification's cross-fitted gate (tnopt/refine.py CrossFit); falsy: none.
+    cross_fit: object = field(default_factory=list)
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.perf_counter() >= self.deadline
@@ -129,7 +129,7 @@ class Search:
         """`config`: the RunConfig; `runner`: the run's PlanRunner; `candidates`: layer → methods
         that accept it; `refiners`: `refine(plan) -> plan` steps applied to every verified plan;
         `deadline`: the perf_counter() time at which the search stops (--time-limit), or None;
-        `cross_fit`: refiners per calibration half, fitted on the other (tnopt/refine.py)."""
+        `cross_fit`: the gate's cross-fitted refits (tnopt/refine.py `CrossFit`)."""
         self.config, self.runner, self.say = config, runner, say
         self.layers, self.candidates = layers, dict(candidates)
         self.evaluation, self.refiners = evaluation, list(refiners)
@@ -165,7 +165,7 @@ class Search:
             progress=config.progress,
             stats=dict(stats or {}),
             deadline=deadline,
-            cross_fit=list(cross_fit),
+            cross_fit=cross_fit or [],
         )
 
     def refine(self, plan: Plan) -> Plan:
@@ -239,7 +239,8 @@ class Search:
         )
         if not final.get("refined", True):
             # Verified cross-fitted; what is saved is refitted on all calibration samples.
-            final = dict(final, plan=self.refine(final["plan"]), refined=True)
+            refitted = final.get("refitted") or self.refine(final["plan"])
+            final = dict(final, plan=refitted, refined=True)
             best_pass = final if best_pass is not None else None
         steps.mark("verify")
         explain(ctx, final, options, measured, latency, latency_guard, decisions)
@@ -280,7 +281,8 @@ class Search:
             # What the gate's fitted steps (the refits) were fitted on: never the samples they are scored on.
             "gate": (
                 f"cross-fitted: each of {len(ctx.cross_fit)} parts of the {len(ctx.calib)} calibration "
-                "samples scored under refits fitted on the other parts"
+                "samples scored under refits fitted on the other parts (one correction run for all "
+                "parts: the upstream refits under which a wave captured its inputs were fitted on all)"
                 if ctx.cross_fit
                 else "no fitted refits"
                 if not self.refiners

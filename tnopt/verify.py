@@ -17,7 +17,6 @@ from tnopt import budget as B
 from tnopt.gain import grows_file
 from tnopt.metrics import paired_standard_error
 from tnopt.plan import Choice, Plan
-from tnopt.refine import gated_outputs
 from tnopt.sweep import SWEEP_STOP_DROP
 
 # Relative weight error below which a rewrite counts as exact (float32 round-off of a planted rank).
@@ -59,6 +58,7 @@ class _Verifier:
         self.by_name = {layer.name: layer for layer in ctx.layers}
         self.evaluated: dict[tuple, dict] = {}
         self.curve: list[dict] = []
+        self.best_saving = float("-inf")
 
     def evaluate(self, allocation: dict[str, B.Option]) -> dict:
         """The whole model under `allocation` (refined), measured on the calibration data."""
@@ -72,13 +72,14 @@ class _Verifier:
                 for name, o in allocation.items()
             )
         )
-        refined = True
-        if len(plan) and ctx.cross_fit:
-            outputs = gated_outputs(ctx.runner, plan, ctx.calib.inputs, ctx.cross_fit)
+        refined, refitted = True, None
+        if not len(plan):
+            outputs = ctx.reference  # the original model: its outputs are the reference
+        elif ctx.cross_fit:
+            outputs, refitted = ctx.cross_fit.gated(ctx.runner, plan, ctx.calib.inputs)
             refined = False
         else:
-            if len(plan):
-                plan = self.refine(plan)
+            plan = self.refine(plan)
             outputs = ctx.runner.run(plan, ctx.calib.inputs)
         value = ctx.metric(ctx.reference, outputs, ctx.calib.labels)
         # The empty plan is the original model itself: exact, no uncertainty to charge.
@@ -101,6 +102,12 @@ class _Verifier:
             "collapsed": collapsed,
             "refined": refined,
         }
+        if refitted is not None and result["passed"] and result["saving"] > self.best_saving:
+            # The plan refitted on all samples, kept for the best passing plan only (it is what the
+            # search saves; the others' would only hold memory).
+            result["refitted"], self.best_saving = refitted, result["saving"]
+            for other in self.evaluated.values():
+                other.pop("refitted", None)
         self.evaluated[signature] = result
         return result
 
