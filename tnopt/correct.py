@@ -173,10 +173,12 @@ class Corrector:
         *,
         folds: int = 1,
         fold_of_sample=None,
-        max_waves: int | None = MAX_CORRECTION_WAVES,
+        max_waves: int | None | str = "default",
     ):
         self.runner, self.inputs = runner, inputs
-        self.max_held_bytes, self.max_waves = max_held_bytes, max_waves
+        self.max_held_bytes = max_held_bytes
+        # None: sequential, one wave per level of rewritten layers (no bound).
+        self.max_waves = MAX_CORRECTION_WAVES if max_waves == "default" else max_waves
         self.folds = folds
         self.fold_of_sample = None if fold_of_sample is None else np.asarray(fold_of_sample)
         self.original, self.runtime, self.methods = runner.original, runner.runtime, runner.methods
@@ -220,7 +222,7 @@ class Corrector:
         names = self._target_names
         if not names:
             return lambda rows: {}
-        state = {"stream": None, "next": None}
+        state = {"stream": None, "next": None, "origin": 0}
 
         def at(rows):
             key = (rows.start, rows.stop)
@@ -232,8 +234,9 @@ class Corrector:
                     as_feeds(self.inputs).take(slice(rows.start, None)),
                     names,
                 )
+                state["origin"] = rows.start
             got, values = next(state["stream"])
-            got = slice(got.start + rows.start, got.stop + rows.start)
+            got = slice(got.start + state["origin"], got.stop + state["origin"])
             if (got.start, got.stop) != key:
                 raise InternalError(f"correction: target batch {got} does not match hidden batch {rows}")
             state["next"] = rows.stop
