@@ -173,7 +173,7 @@ def test_unknown_sensitivity_mode_is_a_one_line_error():
 
     from tnopt.errors import TnoptError
 
-    with pytest.raises(TnoptError, match="--sensitivity 'guess': choose predicted or measured"):
+    with pytest.raises(TnoptError, match="--sensitivity 'guess': choose auto, predicted or measured"):
         tnopt.RunConfig(sensitivity="guess")
     result = cli(
         MODELS / "lenet5.onnx", "-o", "/nonexistent/x.onnx", "--budget", "1%", "--sensitivity", "guess"

@@ -131,7 +131,7 @@ def test_correction_on_the_board_equals_the_correction_on_cut_models():
         inputs = {"input": data["input"][:96]}
     plan = [lower(c, 2) for c in widest_choices(layers, ["tucker2"])[:9]]
     exported = PlanRunner(model, RUNTIME)
-    reference = Corrector(exported, layers, inputs)(plan)
+    reference = Corrector(exported, layers, inputs, max_waves=None)(plan)
     assert exported.board is None and exported.runs == {"switchboard": 0, "exported": 0}
     runner = PlanRunner(model, RUNTIME)
     runner.board = Switchboard(model, plan, RUNTIME, Corrector.hidden_tensors(plan))

@@ -81,8 +81,9 @@ def compress_parser():
         choices=SENSITIVITIES,
         default=None,
         help="how the search estimates each candidate's loss: predicted (local error from the "
-        "calibration moments, calibrated by a few whole-model runs on a subsample) or measured (a "
-        f"whole-model run per layer, method and rank); default {DEFAULT_SENSITIVITY}",
+        "calibration moments, calibrated by a few whole-model runs on a subsample), measured (a "
+        "whole-model run per layer, method and rank) or auto (measured unless its projected work, "
+        f"candidates x sweep samples x model FLOPs, is large); default {DEFAULT_SENSITIVITY}",
     )
     p.add_argument(
         "--no-latency-guard",

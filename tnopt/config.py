@@ -18,8 +18,8 @@ from tnopt.passes.mpo import MPO
 
 OBJECTIVES = ("flops", "params", "latency")
 # How the budgeted search estimates sensitivities: tnopt/predict.py or tnopt/sweep.py.
-SENSITIVITIES = ("predicted", "measured")
-DEFAULT_SENSITIVITY = "measured"
+SENSITIVITIES = ("auto", "predicted", "measured")
+DEFAULT_SENSITIVITY = "auto"
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,12 @@ class RunConfig:
     batch_axes: object = field(default=None, hash=False)
     # Time the whole model before and after at this batch (--latency-batch); None/0: not timed.
     latency_batch: int | None = None
-    # "predicted" (local errors calibrated on a subsample) or "measured" (one whole-model run per
-    # candidate): how the budgeted search gets each candidate's sensitivity.
+    # "predicted" (local errors calibrated on a subsample), "measured" (one whole-model run per
+    # candidate) or "auto" (measured where its projected ORT work is small, tnopt.predict.
+    # choose_sensitivity): how the budgeted search gets each candidate's sensitivity.
     sensitivity: str = DEFAULT_SENSITIVITY
+    # Why "auto" chose what it chose (filled by the pipeline; "" when the mode was given).
+    sensitivity_reason: str = field(default="", compare=False)
     # Seconds from the start of the run after which the budgeted search stops and keeps the best
     # plan it has verified so far (--time-limit); None: no limit.
     time_limit: float | None = None
@@ -127,7 +130,9 @@ class RunConfig:
         if self.objective not in OBJECTIVES:
             raise TnoptError(f"unknown objective {self.objective!r}; choose {', '.join(OBJECTIVES)}")
         if self.sensitivity not in SENSITIVITIES:
-            raise TnoptError(f"--sensitivity {self.sensitivity!r}: choose {' or '.join(SENSITIVITIES)}")
+            raise TnoptError(
+                f"--sensitivity {self.sensitivity!r}: choose {', '.join(SENSITIVITIES[:-1])} or {SENSITIVITIES[-1]}"
+            )
         if self.latency_batch is not None and int(self.latency_batch) < 0:
             raise TnoptError(f"--latency-batch must be 0 or more, got {self.latency_batch}")
         object.__setattr__(self, "batch_axes", parse_batch_axes(self.batch_axes))

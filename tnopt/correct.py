@@ -153,9 +153,9 @@ class Corrector:
 
     The original model's layer outputs (the targets) do not depend on the plan: they are computed
     beside the first capture and kept while they fit in `max_held_bytes`, then reused by every plan
-    the search verifies. Each layer's hidden activations come from the runner: where its board runs
-    the plan, in at most `max_waves` waves (one run, every layer of the wave refitted from it), else
-    from the compressed model cut just after them (an export and a session per layer).
+    the search verifies. Each layer's hidden activations come from the runner, in at most `max_waves`
+    waves (one run, every layer of the wave refitted from it): on its board where that runs the
+    plan, else from the compressed model cut just after them (an export and a session per wave).
 
     With `folds` > 1 (`fold_of_sample`: each input sample's fold) `cross_fitted(plan)` also gives,
     per fold, the plan refitted on every other fold's samples, from the same capture passes
@@ -260,9 +260,9 @@ class Corrector:
         self.last_waves = self.last_samples = 0
         corrected = None
         if self.runner.expresses(ordered, self.hidden_tensors(ordered, self.methods)):
-            corrected = self._on_board(ordered)
+            corrected = self._in_waves(ordered, board=True)
         if corrected is None:
-            corrected = self._cut_one_by_one(ordered)
+            corrected = self._in_waves(ordered, board=False)
         everything, by_fold = corrected
         return Plan(tuple(everything)), [Plan(tuple(choices)) for choices in by_fold]
 
@@ -282,38 +282,22 @@ class Corrector:
             waves[level[choice.layer.name] * groups // levels].append(choice)
         return [wave for wave in waves if wave]
 
-    def _on_board(self, ordered: list[Choice]):
-        """Refit wave by wave: one run of the board (plan = corrected so far + the rest as they
-        are) gives every layer of the wave its H."""
+    def _in_waves(self, ordered: list[Choice], board: bool):
+        """Refit wave by wave: one run of the plan (corrected so far + the rest as they are) gives
+        every layer of the wave its H: on the board, or exported and cut just after the wave's H
+        (an export and a session per wave). None: the board cannot run a wave's plan."""
         done: dict[str, Choice] = {}
         done_by_fold: list[dict[str, Choice]] = [{} for _ in range(self._fold_count)]
         for wave in self.waves(ordered):
             specs = {c.layer.name: self.methods[c.method].refit_spec(c.layer) for c in wave}
             plan = [done.get(c.layer.name, c) for c in ordered]
             names = self.hidden_tensors(wave, self.methods)
-            if not self.runner.expresses(plan, names):
+            if board and not self.runner.expresses(plan, names):
                 return None
             equations = {c.layer.name: _NormalEquations(specs[c.layer.name], self._fold_count) for c in wave}
-            self._accumulate(self.runner.capture(plan, names, self.inputs), wave, names, equations)
+            self._accumulate(self.runner.capture(plan, names, self.inputs, board=board), wave, names, equations)
             for choice in wave:
                 self._solve_all(choice, equations[choice.layer.name], done, done_by_fold)
-        by_fold = [[fold.get(c.layer.name, c) for c in ordered] for fold in done_by_fold]
-        return [done.get(c.layer.name, c) for c in ordered], by_fold if self.folds > 1 else []
-
-    def _cut_one_by_one(self, ordered: list[Choice]):
-        """Off the board: each prefix of the plan exported and cut after the next layer's H."""
-        done: dict[str, Choice] = {}
-        done_by_fold: list[dict[str, Choice]] = [{} for _ in range(self._fold_count)]
-        for choice in ordered:
-            spec = self.methods[choice.method].refit_spec(choice.layer)
-            if spec is None:
-                continue
-            name = emitted_tensor(choice.layer.name, choice.method, spec.hidden_role)
-            upstream = [done.get(c.layer.name, c) for c in ordered[: ordered.index(choice)]]
-            batches = self.runner.capture(upstream + [choice], [name], self.inputs, board=False)
-            equations = {choice.layer.name: _NormalEquations(spec, self._fold_count)}
-            self._accumulate(batches, [choice], [name], equations)
-            self._solve_all(choice, equations[choice.layer.name], done, done_by_fold)
         by_fold = [[fold.get(c.layer.name, c) for c in ordered] for fold in done_by_fold]
         return [done.get(c.layer.name, c) for c in ordered], by_fold if self.folds > 1 else []
 

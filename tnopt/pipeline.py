@@ -229,6 +229,12 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         }
     else:
         planned_methods = {candidates[n][0] for n in candidates}
+    if config.budget is not None and config.sensitivity == "auto":
+        from tnopt.predict import choose_sensitivity
+
+        mode, why = choose_sensitivity(targets, candidates, table, len(calib))
+        config = replace(config, sensitivity=mode, sensitivity_reason=why)
+        say(f"sensitivity: {mode} ({why})")
     stats = {}
     clock.begin("statistics")
     if data_aware and targets:
@@ -258,6 +264,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         else []
     )
     decisions: dict[str, dict] = {}
+    evaluated = None
     clock.begin("search" if config.budget is not None else "plan")
     # The sweep measures unrefined layers, so refined and unrefined runs share its cache.
     factor_mode = ("white" if stats else "weight") + config.method_options.cache_tag
@@ -290,6 +297,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     elif config.budget is not None:
         result = search_at(config.budget)
         plan, decisions = result.plan, result.decisions
+        evaluated = result.evaluation_outputs
         report.budget, report.budget_met, report.search = result.budget, result.budget_met, result.search
         report.warnings.extend(result.budget.get("metric_warnings", []))
         report.timings.update(result.timings)
@@ -316,8 +324,11 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         )
     clock.begin("validate")
     compressed_eval_start = time.perf_counter()
-    reference = runtime.run(original, evaluation.inputs)
-    outputs = runtime.run(runtime.session(compressed, own=True), evaluation.inputs)
+    if evaluated is not None and evaluated[0] is plan:
+        _, reference, outputs = evaluated  # the search's held-out check ran this plan, exported, on them
+    else:
+        reference = runtime.run(original, evaluation.inputs)
+        outputs = runtime.run(runtime.session(compressed, own=True), evaluation.inputs)
     report.metrics.update(fidelity_report(reference, outputs, evaluation.labels))
     add_output_figures(report, original, reference, outputs, config.metric, say)
     clock.end()

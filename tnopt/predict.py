@@ -38,7 +38,14 @@ from tnopt.passes import Refusal
 from tnopt.plan import Choice
 
 SUBSAMPLE = 64
+# The subsample's floor. A count metric (top-1, agreement) moves in steps of 1/n on n samples, so
+# its drop needs a few dozen; a continuous one (cosine, relative L2, task scores) is read on a
+# handful. Above the floor the anchors cost a fixed ANCHOR_PASSES whole-model passes, i.e. the
+# same work per candidate layer at any depth (at 16 samples a 64-block net paid 8x more per layer
+# than an 8-block one).
 MIN_SUBSAMPLE = 16
+MIN_SMOOTH_SUBSAMPLE = 4
+COUNT_METRICS = ("top1", "agreement")
 # The anchors together cost about this many whole-model passes over the calibration set (each anchor
 # runs the subsample once), so a deep model gets a smaller subsample rather than more passes.
 ANCHOR_PASSES = 4.0
@@ -54,6 +61,36 @@ FRONTIER_ROUNDS = 2
 LOCAL_STOP_ERROR = 0.5
 # Proxies below this are taken as this (a measured zero would make every rank of the layer free).
 PROXY_FLOOR = 1e-12
+
+
+# --sensitivity auto: the measured sweep where its projected ORT work is at most this many FLOPs
+# (every candidate (layer, method, rank) of the two screened methods once on the sweep samples, at
+# the model's FLOPs per sample): ~6 minutes at the ~80 GFLOP/s onnxruntime reaches on 2 cores, an
+# upper bound (its ranks stop at SWEEP_STOP_DROP). The reference models (VGG 2.4e12, ResNet-style
+# 1.1e13 at 512 samples) stay measured, where it was benchmarked against the prediction; ResNet-50
+# at 224x224 (4e15) or a 64-block net is predicted. FLOPs, not a timing: the same command makes
+# the same choice on a loaded machine.
+AUTO_MEASURED_MAX_FLOPS = 3e13
+
+
+def choose_sensitivity(layers, candidates, methods, samples: int) -> tuple[str, str]:
+    """("measured" | "predicted", why) for --sensitivity auto, from the projected work of the
+    measured sweep (module constant AUTO_MEASURED_MAX_FLOPS)."""
+    from tnopt.sweep import MAX_SWEEP_SAMPLES
+
+    per_sample = sum(max(int(layer.flops), 0) for layer in layers)
+    entries = 0
+    for layer in layers:
+        counts = sorted(
+            (len(methods[m].candidate_ranks(layer)) for m in candidates.get(layer.name, ()) if m in methods),
+            reverse=True,
+        )
+        entries += sum(counts[:2])  # the screen keeps two methods per layer
+    projected = float(entries) * min(samples, MAX_SWEEP_SAMPLES) * per_sample
+    words = f"measured sweep projected at {projected:.1e} FLOPs ({entries} candidates)"
+    if projected <= AUTO_MEASURED_MAX_FLOPS:
+        return "measured", f"auto: {words} <= {AUTO_MEASURED_MAX_FLOPS:.0e}"
+    return "predicted", f"auto: {words} > {AUTO_MEASURED_MAX_FLOPS:.0e}"
 
 
 def subsample_indices(reference: list[np.ndarray], n: int) -> np.ndarray:
@@ -138,7 +175,8 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
                     break  # lower ranks only lose more (and their fits cost the most)
     bar.close()
     pairs = sorted({(k[0], k[1]) for k in local})
-    size = int(min(SUBSAMPLE, max(MIN_SUBSAMPLE, ANCHOR_PASSES * len(ctx.calib) / max(len(pairs), 1))))
+    floor = MIN_SUBSAMPLE if getattr(ctx.metric, "name", "") in COUNT_METRICS else MIN_SMOOTH_SUBSAMPLE
+    size = int(min(SUBSAMPLE, max(floor, ANCHOR_PASSES * len(ctx.calib) / max(len(pairs), 1))))
     sub = _Subsample(ctx, size)
     points: dict[str, dict[tuple, dict]] = {layer.name: {} for layer in able}  # layer → key → entry
 

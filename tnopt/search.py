@@ -58,6 +58,9 @@ class SearchResult:
     budget_met: bool
     search: dict  # curve, measurement counts, cache use, plan runs, miss reason
     timings: dict = field(default_factory=dict)
+    # (plan, original outputs, outputs of the exported plan) on the evaluation split: the held-out
+    # check's runs, which the pipeline's validation of the same plan reuses.
+    evaluation_outputs: tuple | None = None
 
 
 @dataclass
@@ -87,6 +90,8 @@ class SearchContext:
     deadline: float | None = None
     # The verification's cross-fitted gate (tnopt/refine.py CrossFit); falsy: none.
     cross_fit: object = field(default_factory=list)
+    # (plan, original outputs, outputs under the exported plan) on the evaluation split, once measured.
+    evaluation_outputs: tuple | None = None
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.perf_counter() >= self.deadline
@@ -267,6 +272,7 @@ class Search:
             "objective_total": objective.dense_total(self.layers),
             "sweep_measurements": len(measured) - predicted,
             "sensitivity": config.sensitivity,
+            "sensitivity_reason": getattr(config, "sensitivity_reason", ""),
             "prediction": dict(ctx.prediction),
             "sweep_cache_hits": hits,
             "cache_file": str(ctx.cache.path) if ctx.cache.path else None,
@@ -296,7 +302,9 @@ class Search:
         if self.runner.timings:
             timings["plan_run_switchboard_s"] = self.runner.timings["switchboard"]
             timings["plan_run_exported_s"] = self.runner.timings["exported"]
-        return SearchResult(final["plan"], decisions, budget, miss is None, search, timings)
+        return SearchResult(
+            final["plan"], decisions, budget, miss is None, search, timings, ctx.evaluation_outputs
+        )
 
     def measure_latency(self, measured, decisions) -> dict:
         from tnopt.latency import measure_latency

@@ -22,6 +22,14 @@ from tnopt.sweep import SWEEP_STOP_DROP
 # Relative weight error below which a rewrite counts as exact (float32 round-off of a planted rank).
 LOSSLESS_ERROR = 1e-6
 BISECTION_STEPS = 5
+# When one pass over the calibration data costs more than this many FLOPs (the searched layers at
+# the data's shapes × samples), the τ points are verified on a stratified subsample of
+# VERIFY_SUBSAMPLE samples (with cross-fitted refits on it) and only the best plans that pass there
+# on every sample, at most FULL_CHECKS of them. ResNet-50 at 224x224 on 512 samples: 4e12 per pass
+# (~50 s on 2 cores); the reference models (3e10–8e10) keep every τ point on all samples.
+VERIFY_SUBSAMPLE_ABOVE_FLOPS = 5e11
+VERIFY_SUBSAMPLE = 64
+FULL_CHECKS = 3
 
 
 def priced_options(ctx, measured, objective, latency: dict | None) -> list[B.Option]:
@@ -131,7 +139,84 @@ def search_tau(ctx, options, refine, grid_options=None):
     """τ on the grid, then bisection between the best passing τ and the first failing one above it.
     `grid_options` (default `options`) span the grid: the search passes every option the sweep
     priced, before the latency guard, so that the τ points a run verifies do not move with the
-    guard's timings (which follow machine load); the allocation still chooses among `options`."""
+    guard's timings (which follow machine load); the allocation still chooses among `options`.
+
+    Where one pass over the calibration data is expensive (VERIFY_SUBSAMPLE_ABOVE_FLOPS) the τ
+    points run on a stratified subsample and only the plans that pass there are verified on every
+    sample (`_checked_on_all`)."""
+    sub = verification_subsample(ctx)
+    if sub is None:
+        return _search_tau(ctx, options, refine, grid_options)
+    _, on_sub, curve = _search_tau(sub, options, refine, grid_options)
+    for point in curve:
+        point["samples"] = len(sub.calib)
+    return _checked_on_all(ctx, refine, options, on_sub, curve)
+
+
+def verification_subsample(ctx):
+    """A copy of `ctx` on VERIFY_SUBSAMPLE stratified calibration samples (its own cross-fitted
+    refits on them), or None where a pass over all of them is cheap."""
+    per_pass = sum(max(int(layer.flops), 0) for layer in ctx.layers) * len(ctx.calib)
+    if per_pass <= VERIFY_SUBSAMPLE_ABOVE_FLOPS or len(ctx.calib) < 2 * VERIFY_SUBSAMPLE:
+        return None
+    import dataclasses
+
+    from tnopt.predict import subsample_indices
+    from tnopt.refine import cross_fitted_refiners
+
+    index = subsample_indices(ctx.reference, VERIFY_SUBSAMPLE)
+    calib = ctx.calib.subset(index, f"{ctx.calib.source}[stratified {len(index)}]")
+    reference = [r[index] for r in ctx.reference]
+    cross_fit = (
+        cross_fitted_refiners(None, ctx.runner, ctx.layers, calib, correct=True) if ctx.cross_fit else []
+    )
+    return dataclasses.replace(
+        ctx,
+        calib=calib,
+        reference=reference,
+        baseline=ctx.metric(reference, reference, calib.labels),
+        cross_fit=cross_fit,
+    )
+
+
+def _checked_on_all(ctx, refine, options, on_sub: dict, curve: list):
+    """The plans that passed on the subsample, most saving first, verified on every calibration
+    sample: a binary search down that list for the first that passes, at most FULL_CHECKS runs.
+    The subsample's margin (its standard error, √(all/subsample) times the full one) makes a pass
+    there a conservative guess of a pass on all."""
+    verifier = _Verifier(ctx, refine)
+    passing = sorted(
+        (r for r in on_sub.values() if r["passed"] and r["allocation"]), key=lambda r: -r["saving"]
+    )
+    best = None
+    low, high, checks = 0, len(passing) - 1, 0
+    while low <= high and checks < FULL_CHECKS and not (verifier.evaluated and ctx.out_of_time()):
+        index = low if checks == 0 else (low + high) // 2
+        result = verifier.evaluate(passing[index]["allocation"])
+        checks += 1
+        curve.append(
+            {
+                "tau": None,
+                "saving": result["saving"],
+                "drop": result["drop"],
+                "margin": result["margin"],
+                "passed": result["passed"],
+                "layers": len(result["allocation"]),
+                "samples": len(ctx.calib),
+            }
+        )
+        if result["passed"]:
+            best = result if best is None or result["saving"] > best["saving"] else best
+            high = index - 1
+        else:
+            low = index + 1
+    if best is None:
+        empty = verifier.evaluate({})  # the original model: always within the budget
+        best = empty if empty["passed"] else None
+    return best, verifier.evaluated, curve
+
+
+def _search_tau(ctx, options, refine, grid_options=None):
     verifier = _Verifier(ctx, refine)
     grid = B.tau_grid(options if grid_options is None else grid_options)
     bar = ctx.bar(len(grid) + BISECTION_STEPS, "verify")
@@ -203,6 +288,8 @@ def check_held_out(ctx, evaluation, final, best_pass) -> tuple[dict, str | None]
     baseline = metric(reference, reference, evaluation.labels) if measurable else None
     drop = ctx.drop_of(metric(reference, outputs, evaluation.labels), baseline) if measurable else None
     collapsed = metric.guard.check(reference, outputs)[0] if len(final["plan"]) else []
+    # The pipeline validates the saved model on the same split: it reuses these (one plan, one export).
+    ctx.evaluation_outputs = (final["plan"], reference, outputs)
     held_out = {
         "drop_calibration": final["drop"],
         "margin_calibration": final["margin"],

@@ -1,0 +1,55 @@
+"""What a budgeted search spends where passes are expensive: --sensitivity auto picks the predicted
+sweep from the projected work of the measured one, and τ points run on a subsample with only the
+best plans that pass there verified on every calibration sample."""
+
+import numpy as np
+from conftest import MODELS
+
+import tnopt
+from tnopt import predict, verify
+from tnopt.analyze import analyze
+from tnopt.passes import METHODS
+
+
+def test_auto_sensitivity_follows_the_projected_measured_sweep():
+    from tnopt.io import load_model
+
+    layers = [layer for layer in analyze(load_model(str(MODELS / "cnn4.onnx"))) if layer.candidate]
+    candidates = {
+        layer.name: [
+            m for m in ("svd", "tucker2", "cp") if layer.op in METHODS[m].op_types and METHODS[m].check(layer) is None
+        ]
+        for layer in layers
+    }
+    mode, why = predict.choose_sensitivity(layers, candidates, METHODS, 512)
+    assert mode == "measured" and why.startswith("auto:")
+    projected = float(why.split("projected at ")[1].split(" ")[0])
+    # More samples do not count beyond the sweep's cap; more layers do: past the threshold, predicted.
+    assert predict.choose_sensitivity(layers, candidates, METHODS, 10**9)[0] == "measured"
+    copies = int(np.ceil(predict.AUTO_MEASURED_MAX_FLOPS / projected)) + 1
+    mode, why = predict.choose_sensitivity(layers * copies, candidates, METHODS, 512)
+    assert mode == "predicted", why
+
+
+def test_expensive_passes_verify_tau_points_on_a_subsample_and_few_plans_on_all(monkeypatch, small_splits):
+    calib, evaluation = small_splits
+    monkeypatch.setattr(verify, "VERIFY_SUBSAMPLE_ABOVE_FLOPS", 0)  # every pass "expensive"
+    monkeypatch.setattr(verify, "VERIFY_SUBSAMPLE", 96)
+    _, report = tnopt.compress(
+        str(MODELS / "cnn4.onnx"),
+        budget="2%",
+        data=str(calib),
+        eval_data=str(evaluation),
+        provider="cpu",
+        cache_dir=None,
+        latency_guard=False,
+        sensitivity="measured",
+    )
+    curve = report.search["curve"]
+    on_sub = [p for p in curve if p.get("samples") == 96]
+    on_all = [p for p in curve if p.get("samples") == report.budget["calibration_samples"]]
+    assert len(on_sub) >= 5 and 1 <= len(on_all) <= verify.FULL_CHECKS
+    assert report.budget_met and report.rewritten
+    # The kept plan passed on every sample, not only on the subsample.
+    assert any(p["passed"] and p["layers"] == len(report.rewritten) for p in on_all)
+    assert report.budget["drop_evaluation"] <= 0.02
