@@ -1,5 +1,6 @@
 """The budget's gate never scores a calibration sample under a refit that was fitted on it
-(tnopt/refine.py: four-fold cross-fitting from one correction run); the plan that is saved is refitted on all samples."""
+(tnopt/refine.py: four-fold cross-fitting from one correction run); the plan that is saved is
+refitted on all samples."""
 
 import numpy as np
 from conftest import MODELS

@@ -4,11 +4,11 @@ best plans that pass there verified on every calibration sample."""
 
 import numpy as np
 from conftest import MODELS
+from tnopt.passes import METHODS
 
 import tnopt
 from tnopt import predict, verify
 from tnopt.analyze import analyze
-from tnopt.passes import METHODS
 
 
 def test_auto_sensitivity_follows_the_projected_measured_sweep():
@@ -17,7 +17,9 @@ def test_auto_sensitivity_follows_the_projected_measured_sweep():
     layers = [layer for layer in analyze(load_model(str(MODELS / "cnn4.onnx"))) if layer.candidate]
     candidates = {
         layer.name: [
-            m for m in ("svd", "tucker2", "cp") if layer.op in METHODS[m].op_types and METHODS[m].check(layer) is None
+            m
+            for m in ("svd", "tucker2", "cp")
+            if layer.op in METHODS[m].op_types and METHODS[m].check(layer) is None
         ]
         for layer in layers
     }

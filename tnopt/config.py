@@ -131,7 +131,8 @@ class RunConfig:
             raise TnoptError(f"unknown objective {self.objective!r}; choose {', '.join(OBJECTIVES)}")
         if self.sensitivity not in SENSITIVITIES:
             raise TnoptError(
-                f"--sensitivity {self.sensitivity!r}: choose {', '.join(SENSITIVITIES[:-1])} or {SENSITIVITIES[-1]}"
+                f"--sensitivity {self.sensitivity!r}: choose "
+                f"{', '.join(SENSITIVITIES[:-1])} or {SENSITIVITIES[-1]}"
             )
         if self.latency_batch is not None and int(self.latency_batch) < 0:
             raise TnoptError(f"--latency-batch must be 0 or more, got {self.latency_batch}")

@@ -295,7 +295,8 @@ class Corrector:
             if board and not self.runner.expresses(plan, names):
                 return None
             equations = {c.layer.name: _NormalEquations(specs[c.layer.name], self._fold_count) for c in wave}
-            self._accumulate(self.runner.capture(plan, names, self.inputs, board=board), wave, names, equations)
+            batches = self.runner.capture(plan, names, self.inputs, board=board)
+            self._accumulate(batches, wave, names, equations)
             for choice in wave:
                 self._solve_all(choice, equations[choice.layer.name], done, done_by_fold)
         by_fold = [[fold.get(c.layer.name, c) for c in ordered] for fold in done_by_fold]
@@ -324,13 +325,16 @@ class Corrector:
                 break
 
     def _solve_all(self, choice, equations, done, done_by_fold) -> None:
-        done[choice.layer.name] = self._solve(choice, equations, equations.gram, equations.cross, equations.rows)
+        everything = (equations.gram, equations.cross, equations.rows)
+        done[choice.layer.name] = self._solve(choice, equations, *everything)
         if len(done_by_fold) > 1:
             for fold, fold_done in enumerate(done_by_fold):
                 rest = equations.without(fold)
                 # Rows not told apart by sample: the fold is gated on the unrefitted layer (never on
                 # a refit that saw it).
-                fold_done[choice.layer.name] = choice if rest is None else self._solve(choice, equations, *rest)
+                fold_done[choice.layer.name] = (
+                    choice if rest is None else self._solve(choice, equations, *rest)
+                )
 
     @staticmethod
     def _solve(choice: Choice, equations: _NormalEquations, gram, cross, rows) -> Choice:

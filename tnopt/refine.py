@@ -57,7 +57,8 @@ def build_refiners(
     `calib`: the calibration Dataset."""
     refiners: list[Refiner] = []
     if correct:
-        refiners.append(Corrector(runner, layers, calib.subset(refit_indices(len(calib))).inputs, max_held_bytes))
+        inputs = calib.subset(refit_indices(len(calib))).inputs
+        refiners.append(Corrector(runner, layers, inputs, max_held_bytes))
     return refiners
 
 
