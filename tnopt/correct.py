@@ -69,6 +69,7 @@ class _NormalEquations:
         self.fold_gram: list = [None] * folds
         self.fold_cross: list = [None] * folds
         self.fold_rows = [0] * folds
+        self.fold_samples = [0] * folds
         self.samples = 0
         # False once a batch's rows could not be told apart by sample (no fold per row).
         self.splittable = True
@@ -98,6 +99,9 @@ class _NormalEquations:
             h, t = h[chosen], t[chosen]
         if self.spec.intercept:
             h = np.concatenate([h, np.ones((len(h), 1))], axis=1)
+        if fold_of_sample is not None:
+            for fold, count in zip(*np.unique(np.asarray(fold_of_sample), return_counts=True)):
+                self.fold_samples[int(fold)] += int(count)
         if self.folds == 1 or fold_of_sample is None:
             self._accumulate(0, h, t)
             if self.folds > 1:
@@ -128,14 +132,20 @@ class _NormalEquations:
             gram, cross = gram - self.fold_gram[fold], cross - self.fold_cross[fold]
         return gram, cross, self.rows - self.fold_rows[fold]
 
-    def enough(self) -> bool:
+    def enough(self, fold: int | None = None) -> bool:
         """Whether more samples would barely change the refit: ENOUGH_ROWS_PER_UNKNOWN rows per
-        unknown in what each fold's refit keeps, from at least MIN_REFIT_SAMPLES samples."""
-        if self.gram is None or self.samples < MIN_REFIT_SAMPLES:
+        unknown from at least MIN_REFIT_SAMPLES samples in every refit. `fold`: whether that fold
+        has its share of them (each fold's refit keeps the other folds' rows)."""
+        if self.gram is None:
             return False
         unknowns = len(self.gram)
-        smallest = self.rows - max(self.fold_rows) if self.folds > 1 else self.rows
-        return smallest >= ENOUGH_ROWS_PER_UNKNOWN * unknowns
+        if fold is not None and self.folds > 1:
+            share = self.folds - 1
+            return (
+                self.fold_samples[fold] * share >= MIN_REFIT_SAMPLES
+                and self.fold_rows[fold] * share >= ENOUGH_ROWS_PER_UNKNOWN * unknowns
+            )
+        return self.samples >= MIN_REFIT_SAMPLES and self.rows >= ENOUGH_ROWS_PER_UNKNOWN * unknowns
 
 
 def _total(parts):
@@ -157,12 +167,15 @@ class Corrector:
     waves (one run, every layer of the wave refitted from it): on its board where that runs the
     plan, else from the compressed model cut just after them (an export and a session per wave).
 
-    With `folds` > 1 (`fold_of_sample`: each input sample's fold) `cross_fitted(plan)` also gives,
-    per fold, the plan refitted on every other fold's samples, from the same capture passes
-    (moment subtraction, `_NormalEquations.without`). What is still fitted on fold k's samples
-    there: the upstream layers' refits while a wave captures H are the ones fitted on all samples,
-    so fold k's refit of a layer saw fold-k-fitted upstream weights in its inputs (not fold k's
-    targets)."""
+    With `folds` > 1 (`fold_of_sample`: each input sample's fold, the folds in contiguous blocks)
+    `cross_fitted(plan)` also gives, per fold, the plan refitted without that fold's samples, from
+    the same capture passes (moment subtraction, `_NormalEquations.without`): a wave runs each
+    fold's samples under that fold's own chain of upstream refits (fitted without them), so every
+    refit learns to absorb the upstream errors that samples its upstream did not see carry, the
+    errors the gate (and new data) will meet. What is still fitted on fold k's samples in fold k's
+    refit of a layer: the upstream refits that shaped the other folds' H saw fold k's targets of
+    those upstream layers (never this layer's targets, never fold k's H). The plan refitted on all
+    samples solves with every fold's moments."""
 
     def __init__(
         self,
@@ -181,6 +194,8 @@ class Corrector:
         self.max_waves = MAX_CORRECTION_WAVES if max_waves == "default" else max_waves
         self.folds = folds
         self.fold_of_sample = None if fold_of_sample is None else np.asarray(fold_of_sample)
+        if self.fold_of_sample is not None and np.any(np.diff(self.fold_of_sample) < 0):
+            raise InternalError("correction: the folds' samples must come in contiguous blocks")
         self.original, self.runtime, self.methods = runner.original, runner.runtime, runner.methods
         self.order = {layer.name: i for i, layer in enumerate(layers)}
         self.refittable = [
@@ -215,10 +230,11 @@ class Corrector:
     def _target_names(self) -> list[str]:
         return sorted({layer.output_name for layer in self.refittable})
 
-    def target_batches(self):
+    def target_batches(self, end: int | None = None):
         """A function rows → {output name: target rows}, called once per refit batch in order (a
         pass may stop early): held batches reused, the others computed by the original model beside
-        the refit, one batch at a time, and kept while the held ones stay under `max_held_bytes`."""
+        the refit, one batch at a time, and kept while the held ones stay under `max_held_bytes`.
+        `end`: the capture's last sample (+1), so that the batches fall where the capture's do."""
         names = self._target_names
         if not names:
             return lambda rows: {}
@@ -231,7 +247,7 @@ class Corrector:
             if state["stream"] is None or state["next"] != rows.start:
                 state["stream"] = self.runtime.iter_batches(
                     self.runtime.with_outputs(self.original, names),
-                    as_feeds(self.inputs).take(slice(rows.start, None)),
+                    as_feeds(self.inputs).take(slice(rows.start, end)),
                     names,
                 )
                 state["origin"] = rows.start
@@ -285,33 +301,47 @@ class Corrector:
     def _in_waves(self, ordered: list[Choice], board: bool):
         """Refit wave by wave: one run of the plan (corrected so far + the rest as they are) gives
         every layer of the wave its H: on the board, or exported and cut just after the wave's H
-        (an export and a session per wave). None: the board cannot run a wave's plan."""
+        (an export and a session per wave). With folds, each fold's samples run under that fold's
+        refits (one pass in all). None: the board cannot run a wave's plan."""
         done: dict[str, Choice] = {}
         done_by_fold: list[dict[str, Choice]] = [{} for _ in range(self._fold_count)]
         for wave in self.waves(ordered):
             specs = {c.layer.name: self.methods[c.method].refit_spec(c.layer) for c in wave}
-            plan = [done.get(c.layer.name, c) for c in ordered]
             names = self.hidden_tensors(wave, self.methods)
-            if board and not self.runner.expresses(plan, names):
-                return None
             equations = {c.layer.name: _NormalEquations(specs[c.layer.name], self._fold_count) for c in wave}
-            batches = self.runner.capture(plan, names, self.inputs, board=board)
-            self._accumulate(batches, wave, names, equations)
+            self.last_waves += 1
+            if self._fold_count == 1:
+                runs = [(done, slice(0, _samples(self.inputs)), None)]
+            else:
+                runs = [(done_by_fold[f], self._fold_rows(f), f) for f in range(self._fold_count)]
+            for chain, rows, fold in runs:
+                plan = [chain.get(c.layer.name, c) for c in ordered]
+                if board and not self.runner.expresses(plan, names):
+                    return None
+                if rows.stop <= rows.start:
+                    continue
+                inputs = as_feeds(self.inputs).take(rows) if fold is not None else self.inputs
+                batches = self.runner.capture(plan, names, inputs, board=board)
+                self._accumulate(batches, wave, names, equations, rows, fold)
             for choice in wave:
                 self._solve_all(choice, equations[choice.layer.name], done, done_by_fold)
         by_fold = [[fold.get(c.layer.name, c) for c in ordered] for fold in done_by_fold]
         return [done.get(c.layer.name, c) for c in ordered], by_fold if self.folds > 1 else []
 
+    def _fold_rows(self, fold: int) -> slice:
+        where = np.flatnonzero(self.fold_of_sample == fold)
+        return slice(int(where[0]), int(where[-1]) + 1) if len(where) else slice(0, 0)
+
     @property
     def _fold_count(self) -> int:
         return self.folds if self.folds > 1 and self.fold_of_sample is not None else 1
 
-    def _accumulate(self, batches, choices, names, equations) -> None:
-        """One capture pass into the normal equations; it stops once every layer has enough rows."""
-        targets_at = self.target_batches()
-        total = _samples(self.inputs)
-        self.last_waves += 1
+    def _accumulate(self, batches, choices, names, equations, span: slice, fold: int | None) -> None:
+        """One capture pass over the samples `span` into the normal equations (of `fold`, or split
+        by sample); it stops once every layer has enough rows."""
+        targets_at = self.target_batches(span.stop)
         for rows, captured in batches:
+            rows = slice(rows.start + span.start, rows.stop + span.start)
             targets = targets_at(rows)
             folds = None if self._fold_count == 1 else self.fold_of_sample[rows]
             for choice, name in zip(choices, names):
@@ -321,7 +351,7 @@ class Corrector:
                 hidden = np.take(captured[name], np.arange(width), axis=spec.channel_axis)
                 equations[choice.layer.name].add(hidden, targets[choice.layer.output_name], folds)
             self.last_samples += rows.stop - rows.start
-            if rows.stop < total and all(e.enough() for e in equations.values()):
+            if rows.stop < span.stop and all(e.enough(fold) for e in equations.values()):
                 break
 
     def _solve_all(self, choice, equations, done, done_by_fold) -> None:

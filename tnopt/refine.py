@@ -24,9 +24,10 @@ The budget's gate never scores a sample under a refit fitted on it (K-fold cross
 as refitted on the other folds' samples, and gets the plan refitted on all samples (what is saved)
 from the same passes. One correction run serves every fold: each capture pass accumulates the
 normal equations per fold, and fold k's refit solves with the total minus fold k's part (moment
-subtraction, tnopt/correct.py). What that leaves fitted on fold k: a wave's hidden activations are
-captured under the upstream refits fitted on all samples, so a downstream refit of fold k saw
-inputs shaped by upstream weights that fold k helped fit (never fold k's targets). Measured on VGG
+subtraction, tnopt/correct.py); a wave runs each fold's samples under that fold's own upstream
+refits. What that leaves fitted on fold k: fold k's refit of a layer used the other folds' hidden
+activations, shaped by their upstream refits, which fold k's samples helped fit (upstream targets
+only; never this layer's targets on fold k). Measured on VGG
 at 1% (512 samples) with one refit per fold, one 2.94x-FLOPs plan: drop -0.2% in-sample, 0.8% at two
 folds (each refit on 256 samples, too few rows for the Gemm refits), 0.0% at four.
 """
@@ -70,6 +71,9 @@ def cross_fitted_refiners(config, runner, layers, calib, *, correct: bool, folds
         return []
     folds = min(folds, samples)
     refit_samples = refit_indices(samples)
+    # The folds in contiguous blocks (each fold's samples run under its own refits), in random order
+    # within each.
+    refit_samples = refit_samples[np.argsort(refit_samples % folds, kind="stable")]
     corrector = Corrector(
         runner,
         layers,

@@ -288,7 +288,8 @@ class Search:
             "gate": (
                 f"cross-fitted: each of {len(ctx.cross_fit)} parts of the {len(ctx.calib)} calibration "
                 "samples scored under refits fitted on the other parts (one correction run for all "
-                "parts: the upstream refits under which a wave captured its inputs were fitted on all)"
+                "parts; a part's refits used the other parts' activations under their upstream refits, "
+                "which this part helped fit)"
                 if ctx.cross_fit
                 else "no fitted refits"
                 if not self.refiners
