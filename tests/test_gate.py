@@ -136,3 +136,23 @@ def test_budgeted_run_gates_cross_fitted_and_saves_a_plan_refitted_on_all(small_
         correct=False,
     )
     assert unrefined.search["gate"] == "no fitted refits"
+
+
+def test_exact_cross_fitting_equals_a_correction_on_the_other_folds_in_every_wave(monkeypatch):
+    """Without the shared capture each fold's chain of refits runs the other folds' samples: with
+    two sequential waves, fold k's plan is the correction of the other folds' samples alone."""
+    monkeypatch.setattr(correct, "ENOUGH_ROWS_PER_UNKNOWN", 10**9)
+    model, layers, inputs, plan = vgg_setup()
+    plan = plan[:3]
+    runner = board_runner(model, plan)
+    fold_of = np.repeat(np.arange(4), 24)
+    options = {"max_waves": 2, "shared_capture": False}
+    corrector = Corrector(runner, layers, inputs, folds=4, fold_of_sample=fold_of, **options)
+    _, by_fold = corrector.cross_fitted(plan)
+    assert corrector.last_waves == 2
+    for fold in (0, 3):
+        others = {"input": inputs["input"][fold_of != fold]}
+        direct = Corrector(runner, layers, others, max_waves=2)(plan)
+        for a, b in zip(direct, by_fold[fold]):
+            for key in a.factors.arrays:
+                assert relative_difference(a.factors.arrays[key], b.factors.arrays[key]) < 1e-4, key

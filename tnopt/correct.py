@@ -48,6 +48,10 @@ MIN_REFIT_SAMPLES = 128
 # capture with the groups before it already corrected (within a group: from the uncorrected
 # upstream, a Jacobi step). Keeps a verified plan's cost independent of how many layers it rewrites.
 MAX_CORRECTION_WAVES = 4
+# Cross-fitted refits: True, one capture per wave serves every fold (each fold's samples under its
+# own upstream refits; fold k solves with the other folds' moments); False, each fold's chain runs
+# the other folds' samples (exact cross-fitting, `folds` passes per wave).
+SHARED_FOLD_CAPTURE = True
 
 
 def _rows(values: np.ndarray, channel_axis: int) -> np.ndarray:
@@ -187,11 +191,13 @@ class Corrector:
         folds: int = 1,
         fold_of_sample=None,
         max_waves: int | None | str = "default",
+        shared_capture: bool | str = "default",
     ):
         self.runner, self.inputs = runner, inputs
         self.max_held_bytes = max_held_bytes
         # None: sequential, one wave per level of rewritten layers (no bound).
         self.max_waves = MAX_CORRECTION_WAVES if max_waves == "default" else max_waves
+        self.shared_capture = SHARED_FOLD_CAPTURE if shared_capture == "default" else shared_capture
         self.folds = folds
         self.fold_of_sample = None if fold_of_sample is None else np.asarray(fold_of_sample)
         if self.fold_of_sample is not None and np.any(np.diff(self.fold_of_sample) < 0):
@@ -301,20 +307,36 @@ class Corrector:
     def _in_waves(self, ordered: list[Choice], board: bool):
         """Refit wave by wave: one run of the plan (corrected so far + the rest as they are) gives
         every layer of the wave its H: on the board, or exported and cut just after the wave's H
-        (an export and a session per wave). With folds, each fold's samples run under that fold's
-        refits (one pass in all). None: the board cannot run a wave's plan."""
+        (an export and a session per wave). With folds, `shared_capture`: each fold's samples run
+        under that fold's refits (one pass in all); else each fold's chain runs every other fold's
+        samples and the plan refitted on all runs all of them (folds passes per wave). None: the
+        board cannot run a wave's plan."""
         done: dict[str, Choice] = {}
-        done_by_fold: list[dict[str, Choice]] = [{} for _ in range(self._fold_count)]
+        folds = self._fold_count
+        done_by_fold: list[dict[str, Choice]] = [{} for _ in range(folds)]
+        everything = slice(0, _samples(self.inputs))
         for wave in self.waves(ordered):
             specs = {c.layer.name: self.methods[c.method].refit_spec(c.layer) for c in wave}
             names = self.hidden_tensors(wave, self.methods)
-            equations = {c.layer.name: _NormalEquations(specs[c.layer.name], self._fold_count) for c in wave}
             self.last_waves += 1
-            if self._fold_count == 1:
-                runs = [(done, slice(0, _samples(self.inputs)), None)]
+
+            def new_equations():
+                return {c.layer.name: _NormalEquations(specs[c.layer.name], folds) for c in wave}
+
+            shared = new_equations()
+            if folds == 1:
+                runs = [(done, everything, None, shared)]
+            elif self.shared_capture:
+                runs = [(done_by_fold[f], self._fold_rows(f), f, shared) for f in range(folds)]
             else:
-                runs = [(done_by_fold[f], self._fold_rows(f), f) for f in range(self._fold_count)]
-            for chain, rows, fold in runs:
+                per_chain = [new_equations() for _ in range(folds)]
+                runs = [(done, self._fold_rows(j), j, shared) for j in range(folds)] + [
+                    (done_by_fold[k], self._fold_rows(j), j, per_chain[k])
+                    for k in range(folds)
+                    for j in range(folds)
+                    if j != k
+                ]
+            for chain, rows, fold, equations in runs:
                 plan = [chain.get(c.layer.name, c) for c in ordered]
                 if board and not self.runner.expresses(plan, names):
                     return None
@@ -324,7 +346,14 @@ class Corrector:
                 batches = self.runner.capture(plan, names, inputs, board=board)
                 self._accumulate(batches, wave, names, equations, rows, fold)
             for choice in wave:
-                self._solve_all(choice, equations[choice.layer.name], done, done_by_fold)
+                name = choice.layer.name
+                self._solve_all(choice, shared[name], done, done_by_fold if self.shared_capture else [])
+                if folds > 1 and not self.shared_capture:
+                    for k in range(folds):
+                        equations = per_chain[k][name]
+                        done_by_fold[k][name] = self._solve(
+                            choice, equations, equations.gram, equations.cross, equations.rows
+                        )
         by_fold = [[fold.get(c.layer.name, c) for c in ordered] for fold in done_by_fold]
         return [done.get(c.layer.name, c) for c in ordered], by_fold if self.folds > 1 else []
 
