@@ -2,6 +2,8 @@
 (tnopt/refine.py: four-fold cross-fitting from one correction run); the plan that is saved is
 refitted on all samples."""
 
+import dataclasses
+
 import numpy as np
 from conftest import MODELS
 from helpers import relative_difference
@@ -83,10 +85,22 @@ def test_a_folds_refit_is_the_refit_on_the_other_folds_samples(monkeypatch):
     assert max(changed) > 1e-3
 
 
-def test_verifying_a_plan_costs_a_bounded_number_of_passes_whatever_it_rewrites():
+def test_the_reference_models_keep_the_exact_correction_and_big_work_economises():
+    model, layers, inputs, plan = vgg_setup()
+    runner = board_runner(model, plan)
+    exact = correct.correction_mode(runner, layers, 512, refine.CROSS_FIT_FOLDS)
+    assert exact == {"max_waves": None, "shared_capture": False, "early_stop": False}
+    heavy = [dataclasses.replace(layer, flops=layer.flops * 1000) for layer in layers]
+    economy = correct.correction_mode(runner, heavy, 512, refine.CROSS_FIT_FOLDS)
+    assert economy["max_waves"] == correct.MAX_CORRECTION_WAVES and economy["shared_capture"]
+
+
+def test_verifying_a_plan_costs_a_bounded_number_of_passes_whatever_it_rewrites(monkeypatch):
     """VGG's rewritten layers form one chain: corrected one after the other they need a capture per
-    layer; the waves stay at MAX_CORRECTION_WAVES, and the ORT sample-forwards of a cross-fitted
-    verification (captures, targets, the gate's run) at a few passes, for 3 or all layers."""
+    layer; economising, the waves stay at MAX_CORRECTION_WAVES, and the ORT sample-forwards of a
+    cross-fitted verification (captures, targets, the gate's run) at a few passes, for 3 or all
+    layers."""
+    monkeypatch.setattr(correct, "ECONOMY_ABOVE_FLOPS", 0)
     model, layers, inputs, plan = vgg_setup()
     assert len(plan) > correct.MAX_CORRECTION_WAVES + 1
     runner = board_runner(model, plan)

@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from tnopt.correct import MAX_HELD_TARGET_BYTES, Corrector
+from tnopt.correct import MAX_HELD_TARGET_BYTES, Corrector, correction_mode
 from tnopt.data import as_feeds
 from tnopt.plan import Plan
 
@@ -58,8 +58,9 @@ def build_refiners(
     `calib`: the calibration Dataset."""
     refiners: list[Refiner] = []
     if correct:
-        inputs = calib.subset(refit_indices(len(calib))).inputs
-        refiners.append(Corrector(runner, layers, inputs, max_held_bytes))
+        index = refit_indices(len(calib))
+        mode = correction_mode(runner, layers, len(index), 1)
+        refiners.append(Corrector(runner, layers, calib.subset(index).inputs, max_held_bytes, **mode))
     return refiners
 
 
@@ -80,6 +81,7 @@ def cross_fitted_refiners(config, runner, layers, calib, *, correct: bool, folds
         calib.subset(refit_samples).inputs,
         folds=folds,
         fold_of_sample=refit_samples % folds,
+        **correction_mode(runner, layers, len(refit_samples), folds),
     )
     return CrossFit(corrector, folds)
 
