@@ -335,7 +335,15 @@ def compile_row(name, model: Path, calib: dict, evaluation: dict, folder: Path, 
         },
         "sweep": report["search"].get("prediction")
         or {"measured": report["search"].get("sweep_measurements")},
+        # What --sensitivity auto resolved to (the report's sensitivity is the mode that ran).
+        "resolved": report["search"].get("sensitivity", ""),
+        "verifications": report["search"].get("verifications"),
     }
+
+
+def _mode(row) -> str:
+    mode, resolved = row.get("mode", ""), row.get("resolved", "")
+    return f"{mode} → {resolved}" if resolved and resolved != mode else mode
 
 
 def steps_cell(row) -> str:
@@ -362,7 +370,7 @@ def row_line(row) -> list[str]:
     drop = "" if row["drop"] is None else f"{row['drop']:.4f} ({row['metric']})"
     return [
         row["name"],
-        row.get("mode", ""),
+        _mode(row),
         steps_cell(row),
         f"{row['rewritten']}/{row['candidates']}",
         f"{row['samples']}+{row['eval_samples']}",
@@ -392,8 +400,9 @@ def main(argv=None) -> int:
     p.add_argument("--depth-samples", type=int, default=256)
     p.add_argument(
         "--sensitivity",
-        default="predicted",
-        help="comma list of tnopt --sensitivity modes; each row runs once per mode (e.g. predicted,measured)",
+        default="auto",
+        help="comma list of tnopt --sensitivity modes; each row runs once per mode (e.g. predicted,measured; "
+        "default auto, tnopt's default)",
     )
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     p.add_argument("--note", default="", help="what else was running (goes into RESULTS)")
@@ -532,7 +541,7 @@ def main(argv=None) -> int:
             lines.append(
                 [
                     r["name"].split()[1],
-                    r.get("mode", ""),
+                    _mode(r),
                     steps_cell(r),
                     str(r["candidates"]),
                     f"{r['total_s']:.0f}",
