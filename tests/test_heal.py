@@ -404,3 +404,27 @@ def test_budgeted_heal_tries_no_plan_past_its_time_budget():
     assert loop(None) == [4.0, 16.0]
     assert loop(250.0) == [4.0, 16.0]  # 100 s spent + 100 s for the next ≤ 250
     assert loop(150.0) == [4.0]  # the second trial would end at 200 s
+
+
+def test_checkpoint_ties_span_the_drops_standard_error_on_the_selection_split():
+    # 400 selection samples, 36 of them flipped: a checkpoint within about one standard error
+    # (√36/400 = 1.5%) of the best drop is a tie for the loss to decide, not one sample (0.25%).
+    from types import SimpleNamespace
+
+    from tnopt.heal_paths import _selection_scorer
+    from tnopt.metrics import METRICS
+
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((400, 10)).astype(np.float32)
+    runner = SimpleNamespace(run=lambda plan, inputs: [reference])
+    select = SimpleNamespace(inputs={"x": reference}, labels=None)
+    score, teacher = _selection_scorer(runner, METRICS["agreement"], select)
+    assert teacher[0] is reference
+    flipped = reference.copy()
+    flipped[:36] = -flipped[:36]  # the argmax moves on every flipped row
+    drop, error = score([flipped])
+    assert drop == pytest.approx(36 / 400)
+    assert error == pytest.approx(np.std(np.r_[np.ones(36), np.zeros(364)], ddof=1) / 20, rel=1e-6)
+    assert 0.013 < error < 0.016
+    assert score([reference]) == (0.0, 1 / 400)  # no flips: one sample's resolution
+    assert _selection_scorer(runner, None, select)[0] is None
