@@ -71,10 +71,11 @@ def budgeted_heal(
     nor healing saw; `saving(choices)` → the objective's saving. Looseness starts at `start` and
     grows (×4 at most, up to `max_looseness`) while healed plans pass, then takes one step between the
     last pass (or `floor`) and the first failure; when nothing passed, `floor` (the plain budget) is
-    tried last. Each step goes to the geometric midpoint or, where the last trial's healed drop says
-    that is out of reach (drops taken as proportional to the looseness), to the looseness that
-    would just pass; a step of less than `MIN_STEP` is not taken (a trial costs a search and a
-    healing run). A plan that already passes unhealed is not healed (its saving would not change).
+    tried, and when it passed only after healing, one step is taken from it toward the failure.
+    Each step goes to the geometric midpoint or, where the last trial's healed drop says that is
+    out of reach (drops taken as proportional to the looseness), to the looseness that would just
+    pass; a step of less than `MIN_STEP` is not taken (a trial costs a search and a healing run).
+    A plan that already passes unhealed is not healed (its saving would not change).
     With `time_budget_s`, no trial starts that would end past it by the slowest trial so far,
     except that one passing plan is always looked for (the floor, when nothing passed).
     Returns (best passing trial or the smallest-drop one, all trials)."""
@@ -148,10 +149,16 @@ def budgeted_heal(
         else:
             high = factor
     if low is None and all(t.looseness > floor for t in trials):
-        run(floor)
+        plain = run(floor)
+        # Healed and passing with room left: one step toward the failure, as far as that room reaches.
+        if plain.passed and plain.heal and high is not None and time_left():
+            factor = min(math.sqrt(floor * high), reachable(plain))
+            if factor >= floor * MIN_STEP:
+                run(factor)
     passing = [t for t in trials if t.passed]
     best = max(passing, key=lambda t: t.saving) if passing else min(trials, key=lambda t: t.drop_after)
     return best, trials
+
 
 __all__ = ["Trial", "budgeted_heal", "clone_config", "config_from", "heal_fixed_plan", "heal_budgeted_plan"]
 
