@@ -55,3 +55,25 @@ def test_statistics_pass_peak_allocation_is_one_batch():
     np.testing.assert_allclose(stats["conv1"].input_moment, rows.T @ rows / len(rows), rtol=1e-9)
     assert stats["conv2"].patch_moment.shape == (CHANNELS * 9, CHANNELS * 9)
     assert stats["conv1"].rows == SAMPLES * SIDE * SIDE
+
+
+def test_a_data_fingerprint_never_copies_the_data_set(monkeypatch):
+    """The cache keys hash the calibration data: in chunks, to the digest of the whole bytes."""
+    import hashlib
+
+    from tnopt import data as D
+    from tnopt.data import Dataset, Feeds
+
+    monkeypatch.setattr(D, "HASH_CHUNK_BYTES", 2**20)
+
+    x = np.random.default_rng(0).standard_normal((96, 3, 160, 160)).astype(np.float32)
+    strided = np.ascontiguousarray(np.moveaxis(x, 1, 0)).transpose(1, 0, 2, 3)  # same values, not C-order
+    for array in (x, strided):
+        whole = hashlib.sha256(b"x:0" + np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+        data = Dataset(Feeds({"x": array}), None, "test")
+        tracemalloc.start()
+        digest = data.fingerprint()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert digest == whole
+        assert peak <= 2 * 2**20 < array.nbytes / 8
