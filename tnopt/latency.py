@@ -46,7 +46,7 @@ from tnopt.plan import Choice
 # Rounds of a paired comparison: a first look after MIN_ROUNDS, then one every LOOK_EVERY rounds
 # while the candidate is undecided, up to MAX_ROUNDS or LAYER_TIME seconds of timing per candidate
 # (the dense node's runs included).
-MIN_ROUNDS, LOOK_EVERY, MAX_ROUNDS, LAYER_TIME = 9, 8, 41, 1.0
+MIN_ROUNDS, LOOK_EVERY, MAX_ROUNDS, LAYER_TIME = 9, 8, 41, 0.5
 # Two-sided level of the median ratio's sign-test interval at each look.
 ALPHA = 0.05
 # A rewrite that timing calls faster must be at least this much faster (median ratio) to be worth it.
@@ -54,6 +54,9 @@ LATENCY_MARGIN = 0.97
 # Undecided by timing: applied only when the cost model promises a large cut.
 UNDECIDED_MAX_FLOP_RATIO = 0.5
 FASTER, SLOWER, UNDECIDED, SKIPPED = "faster", "slower", "undecided", "skipped"
+# One timed sample lasts about MIN_SAMPLE_S seconds: a faster node is run back to back up to
+# MAX_REPEATS times per sample (the same count on both sides of a pair).
+MIN_SAMPLE_S, MAX_REPEATS = 0.002, 64
 # The guard's open sessions at any time: the dense node and one candidate.
 MAX_LIVE_SESSIONS = 2
 
@@ -110,24 +113,42 @@ class LatencyTable(dict):
         self.verdicts: dict[tuple, Verdict] = {}
 
 
-def _round(sessions, feed, active, rows) -> float:
+def _round(sessions, feed, active, rows, repeats: int = 1) -> float:
     """One round over the `active` session indices (index 0, the dense node, always first in the
     list): the order is reversed on every other round, so that neither side always runs first
-    (warm caches) or last. Appends the round's times (NaN for inactive) to `rows`; returns seconds."""
+    (warm caches) or last. Each session runs `repeats` times back to back and its time is their
+    mean. Appends the round's times (NaN for inactive) to `rows`; returns seconds spent."""
     order = active if len(rows) % 2 == 0 else active[::-1]
     row = [math.nan] * len(sessions)
+    spent = 0.0
     for index in order:
         start = time.perf_counter()
-        sessions[index].run(None, feed)
-        row[index] = time.perf_counter() - start
+        for _ in range(repeats):
+            sessions[index].run(None, feed)
+        elapsed = time.perf_counter() - start
+        row[index] = elapsed / repeats
+        spent += elapsed
     rows.append(row)
-    return sum(row[i] for i in active)
+    return spent
 
 
-def _warm(sessions, feed) -> None:
-    for session in sessions:
+def _warm(sessions, feed) -> float:
+    """Two runs of each session; returns the first session's second run, in seconds."""
+    last = 0.0
+    for position, session in enumerate(sessions):
         for _ in range(2):
+            start = time.perf_counter()
             session.run(None, feed)
+            if position == 0:
+                last = time.perf_counter() - start
+    return last
+
+
+def repeats_for(run_s: float) -> int:
+    """Back-to-back runs per timed sample so that one sample lasts about MIN_SAMPLE_S: a 30 µs
+    conv at batch 1 is timed as the mean of many runs, where one run alone is mostly the timer's
+    and the scheduler's noise."""
+    return int(min(MAX_REPEATS, max(1, int(MIN_SAMPLE_S / max(run_s, 1e-9)))))
 
 
 def paired_times(sessions, feed, *, min_rounds=MIN_ROUNDS, max_rounds=MAX_ROUNDS, budget_s=0.4):
@@ -174,12 +195,12 @@ def sequential_summaries(sessions, feed, flop_ratios, *, layer_time=LAYER_TIME) 
     """Round summaries of sessions[1:] against sessions[0], and sessions[0]'s median seconds: a
     candidate leaves the rounds once a look decides it (faster or slower); undecided ones keep
     being timed."""
-    _warm(sessions, feed)
+    repeats = repeats_for(_warm(sessions, feed))
     rows: list = []
     active, spent = list(range(len(sessions))), 0.0
     summaries: dict[int, dict] = {}
     while True:
-        spent += _round(sessions, feed, active, rows)
+        spent += _round(sessions, feed, active, rows, repeats)
         n = len(rows)
         if n < MIN_ROUNDS or (n - MIN_ROUNDS) % LOOK_EVERY:
             continue
