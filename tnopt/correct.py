@@ -68,16 +68,23 @@ def correction_mode(runner, layers, samples: int, folds: int) -> dict:
     """The Corrector's options for this model and data: exact, or the economy above (and why)."""
     names = [layer.name for layer in layers]
     upstream = upstream_layers(runner.original, names) if names else {}
-    level: dict[str, int] = {}
-    for name in names:  # graph order
-        above = [level[u] for u in upstream.get(name, ()) if u in level]
-        level[name] = 1 + max(above) if above else 0
+    level = chain_levels(names, upstream)
     levels = 1 + max(level.values()) if level else 0
     per_pass = sum(max(int(layer.flops), 0) for layer in layers) * samples
     projected = float(levels) * max(folds, 1) * per_pass
     if projected > ECONOMY_ABOVE_FLOPS:
         return {"max_waves": MAX_CORRECTION_WAVES, "shared_capture": True, "early_stop": True}
     return {"max_waves": None, "shared_capture": False, "early_stop": False}
+
+
+def chain_levels(names: list[str], upstream: dict[str, set[str]]) -> dict[str, int]:
+    """Each of `names` (in graph order) → its depth in the chain of `names` alone: 0 with none of
+    them upstream, else one more than the deepest of them upstream of it."""
+    level: dict[str, int] = {}
+    for name in names:  # graph order: upstream layers come first
+        above = [level[u] for u in upstream.get(name, ()) if u in level]
+        level[name] = 1 + max(above) if above else 0
+    return level
 
 
 def _rows(values: np.ndarray, channel_axis: int) -> np.ndarray:
@@ -320,11 +327,7 @@ class Corrector:
         """The plan's refittable choices in waves: sequential (a layer after every rewritten layer
         upstream of it) up to `max_waves`; beyond, consecutive levels merged into that many groups."""
         refits = [c for c in ordered if self.methods[c.method].refit_spec(c.layer) is not None]
-        names = {c.layer.name for c in refits}
-        level: dict[str, int] = {}
-        for choice in refits:  # graph order: upstream layers come first
-            above = [level[u] for u in self.upstream[choice.layer.name] & names if u in level]
-            level[choice.layer.name] = 1 + max(above) if above else 0
+        level = chain_levels([c.layer.name for c in refits], self.upstream)
         levels = 1 + max(level.values()) if level else 0
         groups = levels if self.max_waves is None else min(levels, self.max_waves)
         waves: list[list[Choice]] = [[] for _ in range(groups)]
