@@ -55,3 +55,33 @@ def test_expensive_passes_verify_tau_points_on_a_subsample_and_few_plans_on_all(
     # The kept plan passed on every sample, not only on the subsample.
     assert any(p["passed"] and p["layers"] == len(report.rewritten) for p in on_all)
     assert report.budget["drop_evaluation"] <= 0.02
+
+
+def test_a_pass_beyond_the_first_failing_tau_is_not_kept(monkeypatch):
+    """True drops grow with τ; a plan that passes after a less aggressive one failed passed by the
+    noise of a few samples. The grid stops at its first failure and bisects below it."""
+    from types import SimpleNamespace
+
+    from tnopt import budget as B
+
+    # One option per layer, each layer's proxy 4x the previous: τ adds layers one by one.
+    options = [B.Option(f"L{i}", ("svd", 1), saving=10.0 * (i + 1), proxy=4.0**i * 1e-4) for i in range(8)]
+    # Measured drop by the number of rewritten layers: the 4-layer plan fails, the 5-layer one "passes".
+    drops = {0: 0.0, 1: 0.002, 2: 0.004, 3: 0.006, 4: 0.02, 5: 0.003, 6: 0.04, 7: 0.05, 8: 0.06}
+    seen = []
+
+    def evaluate(self, allocation):
+        seen.append(len(allocation))
+        drop = drops[len(allocation)]
+        return {"allocation": allocation, "drop": drop, "margin": 0.0, "saving": B.total_saving(allocation),
+                "passed": drop <= 0.01}
+
+    monkeypatch.setattr(verify._Verifier, "evaluate", evaluate)
+    bar = SimpleNamespace(update=lambda n: None, close=lambda: None)
+    ctx = SimpleNamespace(layers=[], bar=lambda total, desc: bar, out_of_time=lambda: False)
+    best, _, curve = verify._search_tau(ctx, options, refine=None)
+    assert len(best["allocation"]) == 3
+    # Nothing beyond the first failing τ was verified (that work only fed the winner's curse).
+    first_fail = next(p["tau"] for p in curve if not p["passed"])
+    assert all(p["tau"] <= first_fail for p in curve)
+    assert 5 not in seen

@@ -228,8 +228,13 @@ def _search_tau(ctx, options, refine, grid_options=None):
         if result["passed"]:
             if best is None or result["saving"] > best["saving"]:
                 best, best_tau = result, tau
-        elif tau > 0 and first_fail_tau is None and best is not None:
+        elif tau > 0 and best is not None:
+            # The first failure ends the grid. A larger τ allocates more and lower ranks, so its true
+            # drop is no smaller; a pass measured there is the noise of a few flipped samples, and
+            # keeping it is the winner's curse (ResNet-style at 1%, 512 samples: τ points measured
+            # 0.78% ✗, 1.37% ✗, then 0.39% ✓ at 12 layers, which lost 1.22% on held-out data).
             first_fail_tau = tau
+            break
     if best is not None and first_fail_tau is not None and first_fail_tau > best_tau:
         low, high = best_tau, first_fail_tau
         for _ in range(BISECTION_STEPS):
