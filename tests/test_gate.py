@@ -40,6 +40,9 @@ class Scores:
     def run(self, plan, inputs):
         return [np.array([[plan, x] for x in inputs["x"][:, 0]], dtype=np.float64)]
 
+    def lift(self, plan, tensor_names=(), board=True):
+        pass
+
 
 def test_gate_runs_each_sample_under_its_folds_plan_in_order():
     ids = np.arange(11, dtype=np.float32)[:, None]
@@ -170,3 +173,35 @@ def test_exact_cross_fitting_equals_a_correction_on_the_other_folds_in_every_wav
         for a, b in zip(direct, by_fold[fold]):
             for key in a.factors.arrays:
                 assert relative_difference(a.factors.arrays[key], b.factors.arrays[key]) < 1e-4, key
+
+
+def test_off_the_board_the_folds_of_a_wave_share_one_session(monkeypatch):
+    """Without a board every plan is exported: the folds' plans of a wave (and of the gate's run)
+    differ in factor values only, so one lifted graph serves them all (one per wave, one for the
+    gate, instead of one per fold), with the same outputs."""
+    from tnopt import runner as runner_module
+
+    monkeypatch.setattr(correct, "ECONOMY_ABOVE_FLOPS", 0)
+    model, layers, inputs, plan = vgg_setup()
+    plan = plan[:3]
+    calib = Dataset(inputs, None, "vgg")
+    splice, lift = runner_module.splice_plan, runner_module.lift_factors
+    results = {}
+    for lifting in (True, False):
+        graphs = []
+        monkeypatch.setattr(runner_module, "splice_plan", lambda *a: graphs.append(1) or splice(*a))
+        monkeypatch.setattr(runner_module, "lift_factors", lambda *a: graphs.append(1) or lift(*a))
+        runner = PlanRunner(model, RUNTIME)  # no board
+        if not lifting:
+            monkeypatch.setattr(runner, "lift", lambda *a, **k: None)
+        cross_fit = refine.cross_fitted_refiners(None, runner, layers, calib, correct=True)
+        outputs, refitted = cross_fit.gated(runner, plan, inputs)
+        results[lifting] = (outputs[0], len(graphs), cross_fit.corrector.last_waves, refitted)
+    waves = results[True][2]
+    assert waves >= 2 and results[False][2] == waves
+    assert results[True][1] == waves + 1, results[True][1]
+    assert results[False][1] == (waves + 1) * refine.CROSS_FIT_FOLDS
+    assert relative_difference(results[False][0], results[True][0]) < 1e-5
+    for a, b in zip(results[False][3], results[True][3]):
+        for key in a.factors.arrays:
+            assert relative_difference(a.factors.arrays[key], b.factors.arrays[key]) < 1e-4, key

@@ -138,3 +138,40 @@ def test_own_graph_failures_are_internal_errors_and_user_model_failures_are_not(
     with pytest.raises(InternalError):
         RUNTIME.run(RUNTIME.session(broken, own=True), feeds)
     assert not issubclass(InternalError, TnoptError)
+
+
+def test_a_lifted_capture_reads_new_factor_values_without_a_new_export(monkeypatch):
+    model, layers, feeds = mlp()
+    runner = PlanRunner(model, RUNTIME)
+    first = Plan((svd_choice(layers[0], 4), svd_choice(layers[1], 3)))
+    hidden = ["fc1/svd/factor_a_out"]
+    runner.lift(first, hidden)
+    exports = []
+    splice = runner_module.splice_plan
+    monkeypatch.setattr(runner_module, "splice_plan", lambda *a: exports.append(a) or splice(*a))
+    scaled = first.replaced(
+        first.choices[0].with_factors(
+            Factors({k: v * 0.5 for k, v in first.choices[0].factors.arrays.items()}, 4, 0.0)
+        )
+    )
+    for plan in (first, scaled):
+        got = np.concatenate([values[hidden[0]] for _, values in runner.capture(plan, hidden, feeds)])
+        assert not exports  # captured on the lifted session
+        expected = RUNTIME.run(runner_module.truncate(splice(model, plan, METHODS), hidden), feeds)[0]
+        assert relative_difference(expected, got) < 1e-5
+    # The lifted capture is not the lifted run (other outputs): a run of the plan is exported.
+    runner.run(scaled, feeds)
+    assert len(exports) == 1
+    # Another factor layout (a refitted intercept) is another graph: exported as usual.
+    arrays = dict(first.choices[1].factors.arrays, bias=np.zeros(10, np.float32))
+    with_bias = first.replaced(first.choices[1].with_factors(Factors(arrays, 3, 0.0)))
+    list(runner.capture(with_bias, hidden, feeds))
+    assert len(exports) == 2
+
+
+def test_lifted_sessions_are_bounded():
+    model, layers, feeds = mlp()
+    runner = PlanRunner(model, RUNTIME)
+    for rank in (2, 3, 4, 5):
+        runner.lift(Plan((svd_choice(layers[0], rank),)))
+    assert len(runner._lifted) == runner_module.MAX_LIFTED_SESSIONS

@@ -373,6 +373,9 @@ class Corrector:
                     return None
                 if rows.stop <= rows.start:
                     continue
+                if len(runs) > 1:
+                    # The folds' chains differ in factor values only: one session for the wave.
+                    self.runner.lift(plan, names, board=board)
                 inputs = as_feeds(self.inputs).take(rows) if fold is not None else self.inputs
                 batches = self.runner.capture(plan, names, inputs, board=board)
                 self._accumulate(batches, wave, names, equations, rows, fold)

@@ -112,6 +112,8 @@ def gated_outputs(runner, plans_by_fold: list[Plan], inputs) -> list[np.ndarray]
     """The model's outputs on all of `inputs` (sample-major, in order), sample i run under
     `plans_by_fold[i mod folds]`."""
     folds, samples = len(plans_by_fold), as_feeds(inputs).samples()
+    if folds > 1:
+        runner.lift(plans_by_fold[0])  # the folds' plans differ in factor values only
     outputs = None
     for fold, plan in enumerate(plans_by_fold):
         index = np.arange(fold, samples, folds)
