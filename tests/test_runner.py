@@ -175,3 +175,30 @@ def test_lifted_sessions_are_bounded():
     for rank in (2, 3, 4, 5):
         runner.lift(Plan((svd_choice(layers[0], rank),)))
     assert len(runner._lifted) == runner_module.MAX_LIFTED_SESSIONS
+
+
+def test_a_board_slower_at_the_prepared_count_runs_plans_on_few_samples(monkeypatch):
+    """The board costs more per sample, an export a fixed graph export and session: a board timed
+    slower on the prepared samples still runs plans on few samples (a sweep's subsample), and the
+    outputs are the exported plan's."""
+    model, layers, feeds = mlp()
+    widest = [svd_choice(layers[0], 8)]
+    timings = {"switchboard": 4.0, "exported": 3.0, "export_fixed": 2.0}  # on 40 samples
+    monkeypatch.setattr(runner_module, "time_plan_runs", lambda *a: dict(timings))
+    assert runner_module.board_wins_below(timings, 40) == pytest.approx(2 / (0.1 - 0.025))
+    runner = PlanRunner(model, RUNTIME)
+    runner.prepare(widest, feeds)
+    assert runner.board is None and runner.few_board is not None
+    plan = Plan((svd_choice(layers[0], 4),))
+    few = {"x": feeds["x"][:8]}
+    got = runner.run(plan, few)[0]
+    assert runner.runs == {"switchboard": 1, "exported": 0}
+    assert relative_difference(RUNTIME.run(runner.export(plan), few)[0], got) < 1e-5
+    timings["export_fixed"] = 0.1  # now the board wins below ~4 samples only: 8 are exported
+    runner.prepare(widest, feeds)
+    runner.run(plan, few)
+    assert runner.few_samples == pytest.approx(0.1 / (0.1 - 2.9 / 40))
+    assert runner.runs["exported"] == 1
+    assert runner_module.board_wins_below({"switchboard": 1.0, "exported": 3.0, "export_fixed": 0.5}, 10) == (
+        float("inf")
+    )
