@@ -176,3 +176,32 @@ def test_search_times_and_rewrites_a_convtranspose():
     (entry,) = report.layers
     assert entry.latency_before_ms is not None and entry.latency_before_ms > 0
     assert entry.decision in ("rewritten", "kept") and entry.reason
+
+
+def test_the_search_runs_numpy_on_one_blas_thread(monkeypatch):
+    """Beside onnxruntime's worker threads a multi-threaded BLAS fights it for the cores (measured
+    10-50x slower solves on 2 busy cores): the whole search, correction included, runs on one."""
+    import numpy as np
+    from helpers import init, make_model, planted_matrix, tensor
+    from onnx import helper
+    from threadpoolctl import threadpool_info
+
+    from tnopt import search
+
+    seen = []
+    run = search.Search.run
+
+    def recorded(self):
+        seen.extend(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+        return run(self)
+
+    monkeypatch.setattr(search.Search, "run", recorded)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")],
+        [tensor("x", ["N", 32])],
+        [tensor("y", ["N", 24])],
+        [init("w", planted_matrix(32, 24, 24))],
+    )
+    data = {"x": np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)}
+    tnopt.compress(model, budget=0.05, data=data, provider="cpu", cache_dir=None, latency_guard=False)
+    assert seen and set(seen) == {1}, seen

@@ -288,7 +288,12 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
             deadline=None if config.time_limit is None else started + float(config.time_limit),
             cross_fit=cross_fit,
         )
-        return searched.run()
+        # One BLAS thread for the whole search (the correction's normal equations and solves, local
+        # errors, metrics), as for the factorizations and statistics: beside onnxruntime's worker
+        # threads, numpy's 2-thread OpenBLAS on 2 busy cores ran a refit's 145x145 solve 10-50x
+        # slower (1.4 ms alone, 13-69 ms) — 127 of MiniLM's 730 s were grams and solves.
+        with threadpool_limits(1, user_api="blas"):
+            return searched.run()
 
     if config.budget is not None and heal_config is not None:
         plan, decisions = heal_budget.heal_budgeted_plan(
