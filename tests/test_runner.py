@@ -184,7 +184,11 @@ def test_a_board_slower_at_the_prepared_count_runs_plans_on_few_samples(monkeypa
     model, layers, feeds = mlp()
     widest = [svd_choice(layers[0], 8)]
     timings = {"switchboard": 4.0, "exported": 3.0, "export_fixed": 2.0}  # on 40 samples
-    monkeypatch.setattr(runner_module, "time_plan_runs", lambda *a: dict(timings))
+    timed = []
+    monkeypatch.setattr(runner_module, "TIMING_SAMPLES", 40)
+    monkeypatch.setattr(
+        runner_module, "time_plan_runs", lambda *a: timed.append(len(a[3]["x"])) or dict(timings)
+    )
     assert runner_module.board_wins_below(timings, 40) == pytest.approx(2 / (0.1 - 0.025))
     runner = PlanRunner(model, RUNTIME)
     runner.prepare(widest, feeds)
@@ -202,3 +206,12 @@ def test_a_board_slower_at_the_prepared_count_runs_plans_on_few_samples(monkeypa
     assert runner_module.board_wins_below({"switchboard": 1.0, "exported": 3.0, "export_fixed": 0.5}, 10) == (
         float("inf")
     )
+    # Timed on 10 of the 40 samples, extrapolated: per sample 0.4 on the board, 0.1 + 2 fixed
+    # exported, so the board wins below ~6.7 samples; at 40 it is not the prepared board.
+    monkeypatch.setattr(runner_module, "TIMING_SAMPLES", 10)
+    timings.update(switchboard=4.0, exported=3.0, export_fixed=2.0)
+    runner.prepare(widest, feeds)
+    assert timed[-1] == 10 and runner.board is None and runner.few_samples == pytest.approx(2 / 0.3)
+    timings.update(switchboard=0.5)  # 0.05 per sample: wins at any count
+    runner.prepare(widest, feeds)
+    assert runner.board is not None and runner.few_board is None
