@@ -548,6 +548,19 @@ def test_default_is_ctc_with_the_dominant_class_as_blank_and_per_class_groups_ot
     destroyed = rare.copy()
     destroyed[..., 3] = destroyed[..., 3].mean()
     assert any("p[3]" in reason for reason in guard.check([rare], [destroyed])[0])
+    # Held-out samples that use the class the calibration data never showed: an error small beside
+    # what the class varies by there is no collapse (it was one against the calibration floor) ...
+    used = flat[0].copy()
+    used[..., 0] = np.linspace(0.0, 0.3, used[..., 0].size).reshape(used[..., 0].shape)
+    used /= used.sum(axis=-1, keepdims=True)
+    slightly = used.copy()
+    slightly[..., 0] += 0.01 * np.where(np.arange(used[..., 0].size).reshape(used[..., 0].shape) % 2, 1, -1)
+    assert 1 - np.mean((used[..., 0] - slightly[..., 0]) ** 2) / 0.01**2 < 0.5  # against the floor
+    assert guard.check([used], [slightly])[0] == []
+    # ... but the class destroyed there still is.
+    flattened = used.copy()
+    flattened[..., 0] = used[..., 0].mean()
+    assert any("p[0]" in reason for reason in guard.check([used], [flattened])[0])
 
 
 def test_default_for_a_sigmoid_probability_map_is_the_worst_iou_over_thresholds():

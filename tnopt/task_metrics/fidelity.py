@@ -96,6 +96,16 @@ class GroupLayout:
             return array.reshape(len(array), 1, -1)
         return _channel_view(array, axis)
 
+    def spread_on(self, reference, group) -> float:
+        """The original's spread of one group on `reference` (any samples), unfloored: only that
+        group's channels are read."""
+        array = np.asarray(reference[group.output])
+        axis = self.axes[group.output]
+        values = array if axis == -1 else np.take(array, range(group.start, group.stop), axis=axis)
+        values = values.astype(np.float64)
+        mean = float(values.mean()) if values.size else 0.0
+        return float(np.sqrt(max(float((values * values).mean()) - mean * mean, 0.0))) if values.size else 0.0
+
     def _group_means(self, index: int, per_channel: np.ndarray) -> np.ndarray:
         """[n, C] per-channel means -> [n, G_index] means over each group's channels (vectorised: a
         softmax over 6906 classes is 6906 groups)."""
