@@ -582,3 +582,19 @@ def test_default_for_a_sigmoid_probability_map_is_the_worst_iou_over_thresholds(
     # not written by a Sigmoid (a regression map), or empty at 0.5: the fidelity default
     assert choose(None, None, False, [maps], "Conv").name == "fidelity"
     assert choose(None, None, False, [maps * 0.4], "Sigmoid").name == "fidelity"
+
+
+def test_group_errors_are_the_same_a_chunk_of_samples_at_a_time(monkeypatch):
+    from tnopt.task_metrics import fidelity
+
+    rng = np.random.default_rng(0)
+    reference = [rng.random((37, 5, 9)).astype(np.float32), rng.standard_normal((37, 3)).astype(np.float32)]
+    outputs = [r + np.float32(0.05) * rng.standard_normal(r.shape).astype(np.float32) for r in reference]
+    guard = CollapseGuard(
+        [OutputInfo("a", reference[0].shape), OutputInfo("b", reference[1].shape)], reference, [0, 1], {}
+    )
+    whole = guard.layout.squared_errors(reference, outputs)
+    monkeypatch.setattr(fidelity, "ERROR_CHUNK", 4)
+    chunked = guard.layout.squared_errors(reference, outputs)
+    assert whole.shape == chunked.shape == (37, len(guard.layout.groups))
+    np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=0)

@@ -24,6 +24,8 @@ def _channel_view(array: np.ndarray, axis: int) -> np.ndarray:
 # this on the calibration data never carries a decision, and its round-off must not count as a collapse
 # (a recognizer's 6906-class softmax has thousands of classes the data never shows).
 PROBABILITY_SPREAD_FLOOR = 0.01
+# Samples whose group errors are computed at once (float64 views of this many samples' outputs).
+ERROR_CHUNK = 16
 
 
 def _default_axis(info, array: np.ndarray) -> int | None:
@@ -134,11 +136,19 @@ class GroupLayout:
                 g.spread = max(g.spread, floor)
 
     def squared_errors(self, reference, outputs) -> np.ndarray:
-        """[n, G]: each sample's mean squared error in each group, over that group's spread squared."""
+        """[n, G]: each sample's mean squared error in each group, over that group's spread squared.
+        ERROR_CHUNK samples at a time: the float64 views are of one chunk, not of every output (256
+        rec-tiny lines: 566 MB per view, three of them on every verified plan)."""
         columns = []
         for index in dict.fromkeys(g.output for g in self.groups):
-            diff = self.view(index, reference[index]) - self.view(index, outputs[index])
-            columns.append(self._group_means(index, (diff * diff).mean(axis=2)))
+            samples = len(reference[index])
+            per_channel = []
+            for start in range(0, samples, ERROR_CHUNK):
+                rows = slice(start, start + ERROR_CHUNK)
+                diff = self.view(index, reference[index][rows]) - self.view(index, outputs[index][rows])
+                per_channel.append((diff * diff).mean(axis=2))
+            if per_channel:
+                columns.append(self._group_means(index, np.concatenate(per_channel)))
         if not columns:
             return np.zeros((len(reference[0]), 0))
         spreads = np.array([g.spread for g in self.groups])
