@@ -81,7 +81,11 @@ def leading_left_vectors(matrix: np.ndarray, rank: int) -> np.ndarray:
 def partial_tucker(weight: np.ndarray, ranks: tuple[int, int], n_iter: int = 10, tol: float = 1e-10):
     """Tucker-2 of a kernel (O, I, *k) on modes O and I: W ≈ core ×_0 U_out ×_1 U_in.
 
-    HOSVD initialisation (exact when the planted rank is reached) refined by HOOI; deterministic.
+    HOSVD initialisation (exact when the planted rank is reached) refined by up to `n_iter` HOOI
+    sweeps; deterministic. `n_iter=0` is the truncated HOSVD: its factors are the leading singular
+    vectors of the two unfoldings, which the memoised `svd` computes once for every rank, so a
+    whole rank ladder costs two SVDs (HOOI costs two SVDs per sweep per rank); HOOI only lowers the
+    residual from there (the search estimates every rank by truncation, fits the few it uses).
     Returns (U_out (O, r_o), core (r_o, r_i, *k), U_in (I, r_i), relative error).
     """
     w = np.asarray(weight, dtype=np.float64)
@@ -187,17 +191,40 @@ def whitened_svd(matrix: np.ndarray, moment: np.ndarray, rank: int, damping: flo
 
 
 def whitened_partial_tucker(
-    weight: np.ndarray, ranks: tuple[int, int], input_moment: np.ndarray, damping: float = DEFAULT_DAMPING
+    weight: np.ndarray,
+    ranks: tuple[int, int],
+    input_moment: np.ndarray,
+    damping: float = DEFAULT_DAMPING,
+    n_iter: int = 10,
 ):
     """Tucker-2 in the input-covariance-weighted norm: factorize W̃ = W ×_I Sᵀ, then map the
     input factor back, U_in = S⁻ᵀŨ_in, so the in-1x1 conv projects onto the directions that carry
-    output energy on real inputs rather than weight energy."""
+    output energy on real inputs rather than weight energy. `n_iter` HOOI sweeps after the HOSVD
+    start (0: the HOSVD truncation itself, see `partial_tucker`)."""
     w = np.asarray(weight, dtype=np.float64)
     s = whitening(input_moment, damping)
-    u_out, core, u_in_white, _ = partial_tucker(mode_product(w, s.T, 1), ranks)
+    u_out, core, u_in_white, _ = partial_tucker(_whitened_kernel(w, s), ranks, n_iter=n_iter)
     u_in = unwhiten(s, u_in_white)
     approx = mode_product(mode_product(core, u_out, 0), u_in, 1)
     return u_out, core, u_in, relative_error(w, approx)
+
+
+_WHITENED_KERNEL_CACHE: OrderedDict = OrderedDict()
+
+
+def _whitened_kernel(w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """W ×_I Sᵀ, memoised for the last few (W, S): a layer's every candidate rank whitens the same
+    kernel, and the SVD memo behind the HOSVD start keys on these exact bytes."""
+    key = (w.shape, hashlib.sha1(np.ascontiguousarray(w).tobytes()).hexdigest(), id(s))
+    hit = _WHITENED_KERNEL_CACHE.get(key)
+    if hit is None or hit[0] is not s:
+        hit = (s, mode_product(w, s.T, 1))
+        _WHITENED_KERNEL_CACHE[key] = hit
+        if len(_WHITENED_KERNEL_CACHE) > 4:
+            _WHITENED_KERNEL_CACHE.popitem(last=False)
+    else:
+        _WHITENED_KERNEL_CACHE.move_to_end(key)
+    return hit[1]
 
 
 def refit_last_factor(hidden_gram: np.ndarray, hidden_target: np.ndarray, ridge: float = 1e-6) -> np.ndarray:

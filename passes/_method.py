@@ -109,6 +109,14 @@ class Method:
         `rank`, whitened by the calibration `stats` when given, or a Refusal."""
         raise NotImplementedError
 
+    def estimate(self, layer, rank, stats=None) -> Factors | Refusal:
+        """Factors of `decompose`'s shapes whose error approximates its fit's, cheap enough to take
+        at every candidate rank: what the search reads local errors, weight errors and subgraph
+        shapes from before it knows which ranks it will use (it fits those with `decompose`).
+        A method whose fit is itself a truncation (SVD, TT-SVD) or has no cheaper form returns
+        `decompose`; one that returns something else marks it `notes["estimate"] = True`."""
+        return self.decompose(layer, rank, stats)
+
     def build(self, emit, layer, factors: Factors) -> None:
         raise NotImplementedError
 

@@ -62,14 +62,19 @@ class CP(Method):
         return Cost(params, flops)
 
     def decompose(self, layer, rank: int, stats=None) -> Factors | Refusal:
+        return self._fit(layer, rank, stats)
+
+    def _fit(self, layer, rank: int, stats=None, n_refine: int = 10) -> Factors | Refusal:
         weight = layer.weight
         if stats is None:
-            (a_out, a_in, a_h, a_w), err, notes = _cp_als.cp_als(weight, rank)
+            (a_out, a_in, a_h, a_w), err, notes = _cp_als.cp_als(weight, rank, n_refine=n_refine)
         else:
             # CP of W ×_I Sᵀ (C = SSᵀ the channel moment), then a_in = S⁻ᵀ·ã_in: the fit is weighted
             # by the input directions real data excites.
             s = _linalg.whitening(stats.input_moment)
-            (a_out, a_in, a_h, a_w), _, notes = _cp_als.cp_als(_linalg.mode_product(weight, s.T, 1), rank)
+            (a_out, a_in, a_h, a_w), _, notes = _cp_als.cp_als(
+                _linalg.mode_product(weight, s.T, 1), rank, n_refine=n_refine
+            )
             a_in = _linalg.unwhiten(s, a_in)
             err = _linalg.relative_error(weight, _cp_als.cp_reconstruct([a_out, a_in, a_h, a_w]))
             notes["data_aware"] = True
@@ -77,6 +82,29 @@ class CP(Method):
             return Refusal(notes.pop("refused"), err, notes)
         arrays = {"A_out": a_out, "A_in": a_in, "A_h": a_h, "A_w": a_w}
         return Factors({k: v.astype(weight.dtype) for k, v in arrays.items()}, int(rank), err, notes)
+
+    def estimate(self, layer, rank: int, stats=None) -> Factors | Refusal:
+        weight = layer.weight
+        o, i, kh, kw = weight.shape
+        if kh * kw == 1 and rank <= min(o, i):
+            # A 1x1 kernel's rank-r CP is a rank-r matrix, whose best fit (in the whitened norm
+            # with statistics) is the truncated SVD that ALS only approaches: one SVD for all ranks.
+            matrix = np.asarray(weight[:, :, 0, 0], dtype=np.float64).T  # (I, O): y = x·M
+            if stats is not None:
+                a_in, b, _, _ = _linalg.whitened_svd(matrix, stats.input_moment, rank)
+            else:
+                a_in, b, _ = _linalg.truncated_svd(matrix, rank)
+            r = a_in.shape[1]
+            factors = [b.T, a_in, np.ones((1, r)), np.ones((1, r))]
+            err = _linalg.relative_error(weight, _cp_als.cp_reconstruct(factors))
+            arrays = dict(zip(("A_out", "A_in", "A_h", "A_w"), factors))
+            notes = {"estimate": True}
+            return Factors({k: v.astype(weight.dtype) for k, v in arrays.items()}, int(r), err, notes)
+        # Larger kernels: the ALS on the HOSVD-compressed kernel, without the sweeps on the full
+        # kernel that refine it (they cost most of a fit: each touches every weight at every rank).
+        factors = self._fit(layer, rank, stats, n_refine=0)
+        factors.notes["estimate"] = True
+        return factors
 
     def build(self, emit, layer, factors: Factors) -> None:
         a = factors.arrays

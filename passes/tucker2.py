@@ -19,6 +19,10 @@ from . import _linalg
 from ._method import Cost, Factors, Method, RefitSpec, scaled_rank
 
 
+# HOOI sweeps of a fit after its HOSVD start (_linalg.partial_tucker stops earlier once converged).
+HOOI_SWEEPS = 10
+
+
 class Tucker2(Method):
     name = "tucker2"
     zero_paddable = True
@@ -53,11 +57,23 @@ class Tucker2(Method):
         return Cost(first + core + last, flops)
 
     def decompose(self, layer, rank: tuple[int, int], stats=None) -> Factors:
+        return self._fit(layer, rank, stats, HOOI_SWEEPS)
+
+    def estimate(self, layer, rank: tuple[int, int], stats=None) -> Factors:
+        # The truncated HOSVD: the two mode SVDs are shared by every rank (memoised), where HOOI
+        # pays two SVDs per sweep per rank; HOOI starts there and only lowers the residual.
+        factors = self._fit(layer, rank, stats, 0)
+        factors.notes["estimate"] = True
+        return factors
+
+    def _fit(self, layer, rank: tuple[int, int], stats, n_iter: int) -> Factors:
         weight = layer.weight
         if stats is not None:
-            u_out, core, u_in, err = _linalg.whitened_partial_tucker(weight, rank, stats.input_moment)
+            u_out, core, u_in, err = _linalg.whitened_partial_tucker(
+                weight, rank, stats.input_moment, n_iter=n_iter
+            )
         else:
-            u_out, core, u_in, err = _linalg.partial_tucker(weight, rank)
+            u_out, core, u_in, err = _linalg.partial_tucker(weight, rank, n_iter=n_iter)
         return Factors(
             {
                 "U_out": u_out.astype(weight.dtype),
@@ -152,8 +168,11 @@ class Tucker2Transposed(Tucker2):
         return Cost(first + core + last, flops)
 
     def decompose(self, layer, rank: tuple[int, int], stats=None) -> Factors:
+        return self._fit(layer, rank, stats, HOOI_SWEEPS)
+
+    def _fit(self, layer, rank: tuple[int, int], stats, n_iter: int) -> Factors:
         weight = layer.weight
-        u_in, core, u_out, err = _linalg.partial_tucker(weight, rank)
+        u_in, core, u_out, err = _linalg.partial_tucker(weight, rank, n_iter=n_iter)
         arrays = {
             "U_in": u_in.astype(weight.dtype),
             "core": core.astype(weight.dtype),

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _linalg
 from ._method import Cost, Factors, Method, scaled_rank
-from .tucker2 import spatial_conv_attrs
+from .tucker2 import HOOI_SWEEPS, spatial_conv_attrs
 
 
 class GroupedRank(NamedTuple):
@@ -74,6 +74,15 @@ class GroupedTucker2(Method):
         return Cost(first + core + last, flops)
 
     def decompose(self, layer, rank, stats=None) -> Factors:
+        return self._fit(layer, rank, stats, HOOI_SWEEPS)
+
+    def estimate(self, layer, rank, stats=None) -> Factors:
+        # Each group's truncated HOSVD (see Tucker2.estimate).
+        factors = self._fit(layer, rank, stats, 0)
+        factors.notes["estimate"] = True
+        return factors
+
+    def _fit(self, layer, rank, stats, n_iter: int) -> Factors:
         if len(rank) != 2:
             raise ValueError(f"tucker2-grouped rank is (r_out, r_in), got {rank!r}")
         weight, g = layer.weight, layer.group
@@ -87,9 +96,11 @@ class GroupedTucker2(Method):
         for j, block in enumerate(np.split(np.asarray(weight, dtype=np.float64), g, axis=0)):
             if stats is not None:
                 moment = stats.input_moment[j * i : (j + 1) * i, j * i : (j + 1) * i]
-                u_out, core, u_in, _ = _linalg.whitened_partial_tucker(block, (r_out, r_in), moment)
+                u_out, core, u_in, _ = _linalg.whitened_partial_tucker(
+                    block, (r_out, r_in), moment, n_iter=n_iter
+                )
             else:
-                u_out, core, u_in, _ = _linalg.partial_tucker(block, (r_out, r_in))
+                u_out, core, u_in, _ = _linalg.partial_tucker(block, (r_out, r_in), n_iter=n_iter)
             u_outs.append(u_out)
             cores.append(core)
             u_ins.append(u_in)

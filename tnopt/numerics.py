@@ -26,9 +26,10 @@ def refused(rank, reason: str) -> Refusal:
     return Refusal(reason)
 
 
-def guarded_decompose(method, layer, rank, stats=None):
+def guarded_decompose(method, layer, rank, stats=None, *, estimate: bool = False):
     """`method.decompose(layer, rank, stats)` that converges or returns a Refusal (never hangs);
-    any other failure is an InternalError naming the layer and method."""
+    any other failure is an InternalError naming the layer and method. `estimate`: the method's
+    cheap `estimate` instead of its fit, under the same guards."""
     weight = layer.weight
     if weight is None:
         raise InternalError("asked to factorize a layer without a constant weight", layer.name, method.name)
@@ -41,7 +42,7 @@ def guarded_decompose(method, layer, rank, stats=None):
         # Activations overflowed on the calibration data: whitening by them would be garbage.
         stats, notes = None, {"data_aware_skipped": "calibration moments are not finite"}
     try:
-        factors = method.decompose(layer, rank, stats)
+        factors = (method.estimate if estimate else method.decompose)(layer, rank, stats)
     except np.linalg.LinAlgError as exc:
         return refused(rank, f"the decomposition did not converge ({exc})")
     except (ValueError, ArithmeticError, IndexError, TypeError, AssertionError) as exc:

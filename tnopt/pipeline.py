@@ -89,11 +89,11 @@ def summarize(model: onnx.ModelProto, feeds=None) -> ModelSummary:
     return ModelSummary(op_counts(model), parameter_count(model), flops, model.ByteSize())
 
 
-def factorize(layer: Layer, method: str, rank, stats=None, table=None):
+def factorize(layer: Layer, method: str, rank, stats=None, table=None, *, estimate: bool = False):
     # One BLAS thread: these matrices are small, and a multi-threaded OpenBLAS fighting
     # onnxruntime's spinning worker threads for 2 cores was measured 200x slower (1.5 s per SVD).
     with threadpool_limits(1):
-        return numerics.guarded_decompose((table or METHODS)[method], layer, rank, stats)
+        return numerics.guarded_decompose((table or METHODS)[method], layer, rank, stats, estimate=estimate)
 
 
 def compress(
@@ -255,6 +255,9 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     def factor_fn(layer, method, rank):
         return factorize(layer, method, rank, stats.get(layer.name), table)
 
+    def estimate_fn(layer, method, rank):
+        return factorize(layer, method, rank, stats.get(layer.name), table, estimate=True)
+
     runner = PlanRunner(original, runtime, table)
     refiners = build_refiners(config, runner, targets, calib, correct=correct)
     # The budget's gate scores each calibration sample under refits fitted without it.
@@ -281,6 +284,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
             calib,
             evaluation,
             factorize=factor_fn,
+            estimate=estimate_fn,
             refiners=refiners,
             factor_mode=factor_mode,
             say=say,

@@ -140,6 +140,7 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
     from tnopt.sweep import sweep
 
     stats = getattr(ctx, "stats", None) or {}
+    fits_before, estimates_before = ctx.fits, ctx.estimates
     able = [layer for layer in layers if predictable(layer, stats.get(layer.name))]
     rest = [layer for layer in layers if layer not in able]
     measured: dict[tuple, dict] = {}
@@ -150,6 +151,7 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
         return measured, hits
     # Local errors of every candidate: math only.
     local: dict[tuple, float] = {}
+    weight_errors: dict[tuple, float] = {}
     bar = ctx.bar(
         sum(len(ctx.methods[m].candidate_ranks(a)) for a in able for m in candidates[a.name]), "predict"
     )
@@ -159,7 +161,9 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
             impl = ctx.methods[method]
             ranks = sorted(impl.candidate_ranks(layer), key=lambda r: -impl.cost(layer, r).params)
             for rank in ranks:
-                factors = ctx.factors_for(layer, method, rank)
+                # The method's estimate (a truncated HOSVD for Tucker-2: no HOOI per rank); only
+                # the ranks measured below or put in a plan are fitted.
+                factors = ctx.estimate_for(layer, method, rank)
                 key = (layer.name, method, rank)
                 if isinstance(factors, Refusal):
                     measured[key] = {
@@ -170,6 +174,7 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
                     }
                 else:
                     local[key] = local_error(layer, stats[layer.name], impl, factors, dense_energy)
+                    weight_errors[key] = factors.rel_error
                 bar.update(1)
                 if local.get(key, 0.0) > LOCAL_STOP_ERROR:
                     break  # lower ranks only lose more (and their fits cost the most)
@@ -216,7 +221,8 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
             proxy, drop = _predict(e, key[1], points[key[0]], slope)
             entry = {"drop": drop, "proxy": proxy, "local_error": e}
         entry["predicted"] = key not in points[key[0]]
-        entry["weight_error"] = ctx.factors_for(by_name[key[0]], key[1], key[2]).rel_error
+        fitted = ctx.factors_memo.get(key)  # a measured rank's fit; else its estimate's error
+        entry["weight_error"] = weight_errors[key] if fitted is None else fitted.rel_error
         measured[key] = entry
     for (name, method, rank), entry in measured.items():
         label = f"{method}:{ctx.methods[method].rank_label(rank)}"
@@ -229,6 +235,9 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
         "measured_layers": len(rest),
         "slope": slope,
         "plans_on_subsample": sub.plans,
+        # Factor fits (HOOI, CP-ALS, …) against cheap estimates read for local errors and shapes.
+        "fits": ctx.fits - fits_before,
+        "estimates": ctx.estimates - estimates_before,
     }
     return measured, hits + ctx.cache.hits
 

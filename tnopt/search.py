@@ -82,6 +82,12 @@ class SearchContext:
     factorize: object
     progress: bool = False
     factors_memo: dict = field(default_factory=dict)
+    # (layer, method, rank) → the method's cheap estimate (tnopt.passes Method.estimate): same shapes,
+    # error near the fit's. None: every read is a fit (the measured sweep fits every rank it runs).
+    estimate: object = None
+    # How many fits (`factorize` calls) and estimates this search made: the predicted sweep's work.
+    fits: int = 0
+    estimates: int = 0
     # Layer name → calibration moments (tnopt.profile.LayerStats): what the predicted sweep reads.
     stats: dict = field(default_factory=dict)
     # What the predicted sweep did (subsample size, measured and predicted entries); empty otherwise.
@@ -101,10 +107,26 @@ class SearchContext:
         return self.runner.methods
 
     def factors_for(self, layer, method, rank):
+        """The method's fitted factors (memoised): what a measured, verified or saved plan runs."""
         key = (layer.name, method, rank)
         if key not in self.factors_memo:
             self.factors_memo[key] = self.factorize(layer, method, rank)
+            self.fits += 1
         return self.factors_memo[key]
+
+    def estimate_for(self, layer, method, rank):
+        """Factors to read errors and shapes from: the fit when there is one already, else the
+        method's estimate. An estimate that is not the fit (notes["estimate"]) is not kept: it is
+        cheap to redo and would hold every rank's arrays; one that is (a truncation method's) is
+        memoised as the fit."""
+        key = (layer.name, method, rank)
+        if self.estimate is None or key in self.factors_memo:
+            return self.factors_for(layer, method, rank)
+        factors = self.estimate(layer, method, rank)
+        self.estimates += 1
+        if not getattr(factors, "notes", {}).get("estimate"):
+            self.factors_memo[key] = factors
+        return factors
 
     def drop_of(self, value, baseline) -> float:
         return self.metric.drop(value, baseline, self.drop_type)
@@ -124,6 +146,7 @@ class Search:
         evaluation,
         *,
         factorize,
+        estimate=None,
         refiners,
         factor_mode,
         say,
@@ -167,6 +190,8 @@ class Search:
             drop_type=drop_type,
             cache=cache,
             factorize=factorize,
+            # Estimates stand in for fits only where the sweep does not run every rank anyway.
+            estimate=estimate if config.sensitivity == "predicted" else None,
             progress=config.progress,
             stats=dict(stats or {}),
             deadline=deadline,
@@ -322,7 +347,7 @@ class Search:
             self.layers,
             timed,
             ctx.cache,
-            ctx.factors_for,
+            ctx.estimate_for,  # timing reads the subgraph's shapes, not its values
             ctx.sweep_data.inputs,
             bar,
             stop=ctx.out_of_time,

@@ -30,7 +30,7 @@ def screen(ctx, layers, candidates: dict[str, list[str]]) -> dict[str, list[str]
         key = f"screen|{layer.name}|{','.join(methods)}"
         # The screen fits every method; a rerun takes its verdict from the cache instead.
         kept[layer.name] = ctx.cache.entries.get(key) or screen_methods(
-            layer, methods, ctx.factors_for, ctx.methods
+            layer, methods, ctx.estimate_for, ctx.methods
         )
         ctx.cache.put(key, kept[layer.name])
     return kept
@@ -46,7 +46,8 @@ def widest_paths(ctx, layers, candidates) -> list[Choice]:
             if not impl.zero_paddable or not ranks:
                 continue
             rank = max(ranks, key=lambda r: impl.cost(layer, r).params)
-            factors = ctx.factors_for(layer, method, rank)
+            # The board reads the widest subgraph's shapes; plans feed their own factors.
+            factors = ctx.estimate_for(layer, method, rank)
             if not isinstance(factors, Refusal):
                 widest.append(Choice(layer, method, factors))
     return widest
