@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import MODELS
+from conftest import MODELS, subset_npz
 from helpers import init, make_model, tensor
 from onnx import helper
 from tnopt.passes import METHODS, _linalg
@@ -94,7 +94,7 @@ def test_a_rank_ladder_of_estimates_costs_two_svds_where_fits_cost_many(monkeypa
 
 def test_methods_without_a_cheaper_form_estimate_by_their_fit():
     layer, stats = _conv_with_stats(seed=2)
-    for name in ("cut-o", "cp"):
+    for name in ("cut-o", "cut-i", "cut-spatial"):
         method = METHODS[name]
         rank = method.candidate_ranks(layer)[0]
         fit, estimate = method.decompose(layer, rank, stats), method.estimate(layer, rank, stats)
@@ -103,10 +103,36 @@ def test_methods_without_a_cheaper_form_estimate_by_their_fit():
             np.testing.assert_array_equal(array, estimate.arrays[key])
 
 
-def test_a_predicted_search_fits_only_the_ranks_it_measures_or_runs_in_a_plan(monkeypatch, small_splits):
+def test_cp_estimate_of_a_1x1_conv_is_the_optimal_truncation():
+    """A rank-r CP of a 1x1 kernel is a rank-r matrix: the (whitened) truncated SVD is the best one,
+    so the estimate's whitened error is at most the ALS fit's, and its local error too."""
+    rng = np.random.default_rng(4)
+    o, i = 20, 24
+    weight = (rng.standard_normal((o, 6)) @ rng.standard_normal((6, i)) + 0.3 * rng.standard_normal((o, i)))
+    node = helper.make_node("Conv", ["x", "W"], ["y"], kernel_shape=[1, 1])
+    model = make_model(
+        [node], [tensor("x", [None, i, 6, 6])], [tensor("y", 4)], [init("W", weight[:, :, None, None])]
+    )
+    mixing = rng.standard_normal((i, i)) * np.linspace(3, 0.1, i)
+    x = np.einsum("nchw,cd->ndhw", rng.standard_normal((40, i, 6, 6)), mixing).astype(np.float32)
+    (layer,) = analyze(model)
+    stats = collect_stats(model, [layer], {"x": x}, Runtime("cpu"), want_patches=True)[layer.name]
+    method = METHODS["cp"]
+    for rank in method.candidate_ranks(layer):
+        fit, estimate = method.decompose(layer, rank, stats), method.estimate(layer, rank, stats)
+        assert estimate.notes.get("estimate") and estimate.rank == fit.rank
+        assert {k: v.shape for k, v in estimate.arrays.items()} == {k: v.shape for k, v in fit.arrays.items()}
+        local_fit = local_error(layer, stats, method, fit)
+        local_est = local_error(layer, stats, method, estimate)
+        assert local_est <= local_fit * (1 + 1e-3) + 1e-7, (rank, local_est, local_fit)
+
+
+@pytest.mark.slow
+def test_a_predicted_search_fits_only_the_ranks_it_measures_or_runs_in_a_plan(monkeypatch, tmp_path):
     """The predicted sweep and the latency guard read estimates; fits happen only for the ranks that
     run on data (anchors, frontier plans, verified plans). Before, every candidate rank was fitted."""
-    calib, evaluation = small_splits
+    calib = subset_npz(MODELS / "calib.npz", tmp_path / "calib.npz", 0, 96)
+    evaluation = subset_npz(MODELS / "eval.npz", tmp_path / "eval.npz", 0, 128)
     fitted, estimated, used = [], [], set()
     real_factorize = pipeline.factorize
 
@@ -160,5 +186,5 @@ def test_a_predicted_search_fits_only_the_ranks_it_measures_or_runs_in_a_plan(mo
     assert prediction["fits"] == len(fitted_in_sweep)
     # Far fewer fits than candidate ranks, each of which was estimated.
     candidates = {k for k in estimated if k[1] == "tucker2"}
-    assert len({k for k in fitted if k[1] == "tucker2"}) < len(candidates) / 2
+    assert len({k for k in fitted_in_sweep if k[1] == "tucker2"}) < len(candidates) / 2
     assert report.rewritten and report.after.flops < report.before.flops

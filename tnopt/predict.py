@@ -18,6 +18,12 @@ frontier (the largest τ of the verification grid whose predicted plan, run unre
 stays within the budget, and the next τ) pick an option far in e from the layer's measured points or of
 a method not measured there.
 
+Local errors, the screen and the latency guard read each candidate's estimate (tnopt.passes
+Method.estimate: the truncated HOSVD for Tucker-2, whose two mode SVDs serve every rank), not its fit:
+only the ranks that run on data (the measured points, the frontier plans, verified plans) are fitted,
+so a layer costs two SVDs plus a few fits instead of a HOOI per rank. A measured point's e is its
+estimate's too, so the map goes from the estimate's e to the fitted factors' proxy throughout.
+
 Measurements run on at most SUBSAMPLE samples chosen by stratifying the calibration set along the first
 principal direction of the original model's outputs (the direction along which they vary most), fewer
 when the layers are many (ANCHOR_PASSES). Plans are still verified on every calibration sample
