@@ -18,7 +18,6 @@ import numpy as np
 from . import _linalg
 from ._method import Cost, Factors, Method, RefitSpec, scaled_rank
 
-
 # HOOI sweeps of a fit after its HOSVD start (_linalg.partial_tucker stops earlier once converged).
 HOOI_SWEEPS = 10
 

@@ -108,7 +108,7 @@ def test_cp_estimate_of_a_1x1_conv_is_the_optimal_truncation():
     so the estimate's whitened error is at most the ALS fit's, and its local error too."""
     rng = np.random.default_rng(4)
     o, i = 20, 24
-    weight = (rng.standard_normal((o, 6)) @ rng.standard_normal((6, i)) + 0.3 * rng.standard_normal((o, i)))
+    weight = rng.standard_normal((o, 6)) @ rng.standard_normal((6, i)) + 0.3 * rng.standard_normal((o, i))
     node = helper.make_node("Conv", ["x", "W"], ["y"], kernel_shape=[1, 1])
     model = make_model(
         [node], [tensor("x", [None, i, 6, 6])], [tensor("y", 4)], [init("W", weight[:, :, None, None])]
