@@ -13,6 +13,21 @@ import numpy as np
 
 _SVD_CACHE: OrderedDict = OrderedDict()
 _SVD_CACHE_SIZE = 64
+# ... and at most this many bytes per memo (ResNet-50's patch whitenings are 170 MB each: 64 of
+# them would hold gigabytes); the oldest entries go first.
+_CACHE_BYTES = 512 * 2**20
+
+
+def _nbytes(value) -> int:
+    return sum(_nbytes(v) for v in value) if isinstance(value, tuple) else getattr(value, "nbytes", 0)
+
+
+def _bound(cache: OrderedDict) -> None:
+    """Drop the oldest entries beyond _SVD_CACHE_SIZE entries or _CACHE_BYTES (keeps the newest)."""
+    while len(cache) > 1 and (
+        len(cache) > _SVD_CACHE_SIZE or sum(_nbytes(v) for v in cache.values()) > _CACHE_BYTES
+    ):
+        cache.popitem(last=False)
 
 
 def svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -24,8 +39,7 @@ def svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if hit is None:
         hit = np.linalg.svd(w, full_matrices=False)
         _SVD_CACHE[key] = hit
-        if len(_SVD_CACHE) > _SVD_CACHE_SIZE:
-            _SVD_CACHE.popitem(last=False)
+        _bound(_SVD_CACHE)
     else:
         _SVD_CACHE.move_to_end(key)
     return hit
@@ -156,8 +170,9 @@ def whitening(moment: np.ndarray, damping: float = DEFAULT_DAMPING) -> np.ndarra
     key = (c.shape, damping, hashlib.sha1(c.tobytes()).hexdigest())
     if key not in _WHITENING_CACHE:
         _WHITENING_CACHE[key] = _damped_cholesky(c, damping)
-        if len(_WHITENING_CACHE) > _SVD_CACHE_SIZE:
-            _WHITENING_CACHE.popitem(last=False)
+        _bound(_WHITENING_CACHE)
+    else:
+        _WHITENING_CACHE.move_to_end(key)
     return _WHITENING_CACHE[key]
 
 

@@ -188,3 +188,21 @@ def test_a_predicted_search_fits_only_the_ranks_it_measures_or_runs_in_a_plan(mo
     candidates = {k for k in estimated if k[1] == "tucker2"}
     assert len({k for k in fitted_in_sweep if k[1] == "tucker2"}) < len(candidates) / 2
     assert report.rewritten and report.after.flops < report.before.flops
+
+
+def test_factorization_memos_stay_under_their_byte_bound(monkeypatch):
+    """The SVD and whitening memos drop their oldest entries past _CACHE_BYTES (ResNet-50's patch
+    whitenings are 170 MB each), keeping the newest, which the next rank of the same layer reuses."""
+    monkeypatch.setattr(_linalg, "_CACHE_BYTES", 1_500_000)  # one SVD (0.96 MB), four whitenings
+    _linalg._SVD_CACHE.clear()
+    _linalg._WHITENING_CACHE.clear()
+    rng = np.random.default_rng(5)
+    for _ in range(6):
+        x = rng.standard_normal((400, 200))
+        _linalg.svd(x)
+        _linalg.whitening(x.T @ x / 400)
+    for cache in (_linalg._SVD_CACHE, _linalg._WHITENING_CACHE):
+        assert 1 <= len(cache) < 6
+        assert sum(_linalg._nbytes(v) for v in cache.values()) <= _linalg._CACHE_BYTES
+    last = _linalg.svd(x)
+    assert last is next(reversed(_linalg._SVD_CACHE.values()))  # the newest stays memoised
