@@ -94,7 +94,7 @@ def test_a_rank_ladder_of_estimates_costs_two_svds_where_fits_cost_many(monkeypa
 
 def test_methods_without_a_cheaper_form_estimate_by_their_fit():
     layer, stats = _conv_with_stats(seed=2)
-    for name in ("cut-o", "cut-i", "cut-spatial"):
+    for name in ("cut-o", "cut-i", "cut-spatial", "cp"):  # CP of a 3x3 kernel: the ALS fit
         method = METHODS[name]
         rank = method.candidate_ranks(layer)[0]
         fit, estimate = method.decompose(layer, rank, stats), method.estimate(layer, rank, stats)
