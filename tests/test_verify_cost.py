@@ -31,6 +31,13 @@ def test_auto_sensitivity_follows_the_projected_measured_sweep():
     copies = int(np.ceil(predict.AUTO_MEASURED_MAX_FLOPS / projected)) + 1
     mode, why = predict.choose_sensitivity(layers * copies, candidates, METHODS, 512)
     assert mode == "predicted", why
+    # A memory-bound model (depthwise convs at high resolution) costs more than its FLOPs say: its
+    # activation bytes per sample count too, enough of them and the same layers are predicted.
+    per_sample = sum(layer.flops for layer in layers)
+    assert predict.choose_sensitivity(layers, candidates, METHODS, 512, per_sample // 100)[0] == "measured"
+    heavy = int(copies * per_sample / predict.FLOPS_PER_ACTIVATION_BYTE)
+    mode, why = predict.choose_sensitivity(layers, candidates, METHODS, 512, heavy)
+    assert mode == "predicted", why
 
 
 def test_expensive_passes_verify_tau_points_on_a_subsample_and_few_plans_on_all(monkeypatch, small_splits):

@@ -232,7 +232,9 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     if config.budget is not None and config.sensitivity == "auto":
         from tnopt.predict import choose_sensitivity
 
-        mode, why = choose_sensitivity(targets, candidates, table, len(calib))
+        mode, why = choose_sensitivity(
+            targets, candidates, table, len(calib), report.batching["sample_activation_bytes"]
+        )
         config = replace(config, sensitivity=mode, sensitivity_reason=why)
         say(f"sensitivity: {mode} ({why})")
     stats = {}

@@ -77,14 +77,25 @@ PROXY_FLOOR = 1e-12
 # at 224x224 (4e15) or a 64-block net is predicted. FLOPs, not a timing: the same command makes
 # the same choice on a loaded machine.
 AUTO_MEASURED_MAX_FLOPS = 3e13
+# What a sample costs beyond its FLOPs: onnxruntime also moves every activation through memory, and
+# a net of depthwise convs at high resolution is bound by that. Each activation byte counts as this
+# many FLOPs (the CPU's FLOP rate over its activation bandwidth, fitted on 2 cores: VGG/ResNet-style
+# and a 16-block conv net ran 33-41 GFLOP/s with 0.4-0.7 GB/s of activations, PP-OCR det-tiny at
+# 736x736 11 GFLOP/s with 3.0 GB/s; t ≈ FLOPs/40e9 + bytes/4e9 fits all five within 15%). It adds
+# ~13% to the reference models and 3.7x to det-tiny, whose FLOPs alone said 0.3 of its time.
+FLOPS_PER_ACTIVATION_BYTE = 10.0
 
 
-def choose_sensitivity(layers, candidates, methods, samples: int) -> tuple[str, str]:
+def choose_sensitivity(
+    layers, candidates, methods, samples: int, sample_activation_bytes: int = 0
+) -> tuple[str, str]:
     """("measured" | "predicted", why) for --sensitivity auto, from the projected work of the
-    measured sweep (module constant AUTO_MEASURED_MAX_FLOPS)."""
+    measured sweep (module constant AUTO_MEASURED_MAX_FLOPS): its FLOPs plus the memory traffic of
+    `sample_activation_bytes` per sample, in FLOP equivalents (FLOPS_PER_ACTIVATION_BYTE)."""
     from tnopt.sweep import MAX_SWEEP_SAMPLES
 
     per_sample = sum(max(int(layer.flops), 0) for layer in layers)
+    per_sample += FLOPS_PER_ACTIVATION_BYTE * max(int(sample_activation_bytes), 0)
     entries = 0
     for layer in layers:
         counts = sorted(
@@ -93,7 +104,7 @@ def choose_sensitivity(layers, candidates, methods, samples: int) -> tuple[str, 
         )
         entries += sum(counts[:2])  # the screen keeps two methods per layer
     projected = float(entries) * min(samples, MAX_SWEEP_SAMPLES) * per_sample
-    words = f"measured sweep projected at {projected:.1e} FLOPs ({entries} candidates)"
+    words = f"measured sweep projected at {projected:.1e} FLOP-equivalents ({entries} candidates)"
     if projected <= AUTO_MEASURED_MAX_FLOPS:
         return "measured", f"auto: {words} <= {AUTO_MEASURED_MAX_FLOPS:.0e}"
     return "predicted", f"auto: {words} > {AUTO_MEASURED_MAX_FLOPS:.0e}"
