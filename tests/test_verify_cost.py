@@ -80,8 +80,13 @@ def test_a_pass_beyond_the_first_failing_tau_is_not_kept(monkeypatch):
     def evaluate(self, allocation):
         seen.append(len(allocation))
         drop = drops[len(allocation)]
-        return {"allocation": allocation, "drop": drop, "margin": 0.0, "saving": B.total_saving(allocation),
-                "passed": drop <= 0.01}
+        return {
+            "allocation": allocation,
+            "drop": drop,
+            "margin": 0.0,
+            "saving": B.total_saving(allocation),
+            "passed": drop <= 0.01,
+        }
 
     monkeypatch.setattr(verify._Verifier, "evaluate", evaluate)
     bar = SimpleNamespace(update=lambda n: None, close=lambda: None)
