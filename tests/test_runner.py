@@ -64,11 +64,13 @@ def test_outputs_and_capture_come_one_batch_at_a_time():
     assert len(captured) == 3 and captured[0][1][hidden].shape == (16, 4)
 
 
-def test_a_lifted_plan_runs_new_factor_values_without_a_new_export(monkeypatch):
+def _lifted_mlp(monkeypatch, hidden=()):
+    """An MLP's two-layer SVD plan lifted (cut after `hidden` when given), a copy of it with other
+    factor values, and the list every later export is recorded in."""
     model, layers, feeds = mlp()
     runner = PlanRunner(model, RUNTIME)
     first = Plan((svd_choice(layers[0], 4), svd_choice(layers[1], 3)))
-    runner.lift(first)
+    runner.lift(first, hidden)
     exports = []
     splice = runner_module.splice_plan
     monkeypatch.setattr(runner_module, "splice_plan", lambda *a: exports.append(a) or splice(*a))
@@ -77,6 +79,11 @@ def test_a_lifted_plan_runs_new_factor_values_without_a_new_export(monkeypatch):
             Factors({k: v * 0.5 for k, v in first.choices[0].factors.arrays.items()}, 4, 0.0)
         )
     )
+    return model, layers, feeds, runner, first, scaled, exports, splice
+
+
+def test_a_lifted_plan_runs_new_factor_values_without_a_new_export(monkeypatch):
+    model, layers, feeds, runner, first, scaled, exports, splice = _lifted_mlp(monkeypatch)
     for plan in (first, scaled):
         got = runner.run(plan, feeds)[0]
         assert not exports  # fed to the lifted session
@@ -141,19 +148,8 @@ def test_own_graph_failures_are_internal_errors_and_user_model_failures_are_not(
 
 
 def test_a_lifted_capture_reads_new_factor_values_without_a_new_export(monkeypatch):
-    model, layers, feeds = mlp()
-    runner = PlanRunner(model, RUNTIME)
-    first = Plan((svd_choice(layers[0], 4), svd_choice(layers[1], 3)))
     hidden = ["fc1/svd/factor_a_out"]
-    runner.lift(first, hidden)
-    exports = []
-    splice = runner_module.splice_plan
-    monkeypatch.setattr(runner_module, "splice_plan", lambda *a: exports.append(a) or splice(*a))
-    scaled = first.replaced(
-        first.choices[0].with_factors(
-            Factors({k: v * 0.5 for k, v in first.choices[0].factors.arrays.items()}, 4, 0.0)
-        )
-    )
+    model, _, feeds, runner, first, scaled, exports, splice = _lifted_mlp(monkeypatch, hidden)
     for plan in (first, scaled):
         got = np.concatenate([values[hidden[0]] for _, values in runner.capture(plan, hidden, feeds)])
         assert not exports  # captured on the lifted session
