@@ -121,18 +121,21 @@ class _Verifier:
 
     def try_tau(self, options, tau, bar) -> dict:
         result = self.evaluate(B.allocate(options, tau))
-        self.curve.append(
-            {
-                "tau": tau,
-                "saving": result["saving"],
-                "drop": result["drop"],
-                "margin": result["margin"],
-                "passed": result["passed"],
-                "layers": len(result["allocation"]),
-            }
-        )
+        self.curve.append(curve_point(tau, result))
         bar.update(1)
         return result
+
+
+def curve_point(tau, result: dict) -> dict:
+    """One verified plan as the report's search curve shows it."""
+    return {
+        "tau": tau,
+        "saving": result["saving"],
+        "drop": result["drop"],
+        "margin": result["margin"],
+        "passed": result["passed"],
+        "layers": len(result["allocation"]),
+    }
 
 
 def search_tau(ctx, options, refine, grid_options=None):
@@ -194,17 +197,7 @@ def _checked_on_all(ctx, refine, options, on_sub: dict, curve: list):
         index = low if checks == 0 else (low + high) // 2
         result = verifier.evaluate(passing[index]["allocation"])
         checks += 1
-        curve.append(
-            {
-                "tau": None,
-                "saving": result["saving"],
-                "drop": result["drop"],
-                "margin": result["margin"],
-                "passed": result["passed"],
-                "layers": len(result["allocation"]),
-                "samples": len(ctx.calib),
-            }
-        )
+        curve.append(dict(curve_point(None, result), samples=len(ctx.calib)))
         if result["passed"]:
             best = result if best is None or result["saving"] > best["saving"] else best
             high = index - 1
