@@ -56,6 +56,7 @@ class PlanRunner:
         # (the export's fixed cost, a graph export and a session, spread over fewer samples).
         self.few_board: Switchboard | None = None
         self.few_samples = 0.0
+        self.prepared_samples = 0  # the sample count `prepare` chose the board for
         self.timings: dict[str, float] = {}  # seconds for one plan on the board and exported
         self.runs = {"switchboard": 0, "exported": 0}  # how plans ran
         # (structure, factor names, captured tensors) → (session, {input: (shape, dtype)})
@@ -79,6 +80,7 @@ class PlanRunner:
             inputs = as_feeds(inputs).take(slice(0, timed))
         self.timings = time_plan_runs(board, self, widest[0], inputs)
         self.few_samples = board_wins_below(self.timings, timed)
+        self.prepared_samples = samples
         if self.few_samples > samples:
             self.board = board
         elif self.few_samples > 1:

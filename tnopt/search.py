@@ -328,6 +328,10 @@ class Search:
         if self.runner.timings:
             timings["plan_run_switchboard_s"] = self.runner.timings["switchboard"]
             timings["plan_run_exported_s"] = self.runner.timings["exported"]
+            # What decided how plans ran (tnopt/runner.py prepare): the board for every run where
+            # it wins below more samples than were prepared, for runs on few samples otherwise.
+            timings["plan_run_board_wins_below_samples"] = self.runner.few_samples
+            timings["plan_run_prepared_samples"] = self.runner.prepared_samples
         return SearchResult(
             final["plan"], decisions, budget, miss is None, search, timings, ctx.evaluation_outputs
         )
