@@ -135,6 +135,12 @@ class Method:
         """None: this method's last factor is not a plain linear map the correction can refit."""
         return None
 
+    def input_map(self, layer, factors: Factors) -> np.ndarray | None:
+        """The matrix A with H = x·A (x the layer's input along its last axis, H the refit's hidden
+        tensor), where H is that plain a map of the input; else None. With it the correction can
+        rebuild H under other first factors from a captured x (the cross-fitted gate's folds)."""
+        return None
+
     @staticmethod
     def bias_input(emit, factors: Factors):
         """The refitted bias when the correction produced one, else the original bias tensor."""

@@ -73,6 +73,11 @@ class SVD(Method):
             return a @ (b @ x)
         return (x @ a) @ b
 
+    def input_map(self, layer, factors: Factors):
+        if layer.attr("weight_side") == "left" or (layer.op == "Gemm" and layer.attr("transA")):
+            return None
+        return factors.arrays["A"]  # H = x·A: MatMul(x, A), or Gemm(x, A) without transA
+
     def refit_spec(self, layer) -> RefitSpec | None:
         if layer.attr("weight_side") == "left":
             return None  # A·(B·x): the last factor multiplies from the left; not refitted

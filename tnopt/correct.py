@@ -195,6 +195,66 @@ def _total(parts):
     return total
 
 
+class _InputSpaceEquations(_NormalEquations):
+    """The normal equations of a refit whose hidden tensor is a plain map of the layer's input,
+    H = x·A (`Method.input_map`), where the folds' plans carry different first factors A_k (each
+    whitened without its fold, tnopt/fold_stats.py). One shared capture pass still serves every
+    fold: it captures x, and each refit rebuilds its own H from it — the plan refitted on all samples
+    H = x·A on every row, fold k's refit H = x·A_k on the other folds' rows. Rows not told apart by
+    sample leave the folds unrefitted (`without` → None), as in `_NormalEquations`."""
+
+    def __init__(self, spec, folds: int, map_all: np.ndarray, maps_by_fold: list[np.ndarray]):
+        super().__init__(spec, folds)
+        self.maps = [np.asarray(map_all, np.float64)] + [np.asarray(m, np.float64) for m in maps_by_fold]
+        # parts[0]: every row under A; parts[1 + k]: the rows of every fold but k under A_k.
+        self.parts = [_NormalEquations(spec, 1) for _ in self.maps]
+
+    @property
+    def gram(self):
+        return self.parts[0].gram
+
+    @property
+    def cross(self):
+        return self.parts[0].cross
+
+    @property
+    def rows(self) -> int:
+        return self.parts[0].rows
+
+    def add(self, inputs: np.ndarray, target: np.ndarray, fold_of_sample=None) -> None:
+        x, t = _rows(inputs, -1), _rows(target, self.spec.channel_axis)
+        samples = max(int(np.shape(inputs)[0]), 1)
+        self.samples += samples
+        per_sample = len(x) // samples if len(x) % samples == 0 else None
+        keep = MAX_REFIT_ROWS_PER_SAMPLE * samples
+        chosen = np.arange(len(x))
+        if len(x) > keep:
+            chosen = np.sort(self.rng.choice(len(x), size=keep, replace=False))
+            x, t = x[chosen], t[chosen]
+        fold_of_row = None
+        if fold_of_sample is not None and per_sample is not None:
+            fold_of_row = np.asarray(fold_of_sample)[chosen // per_sample]
+            for fold, count in zip(*np.unique(np.asarray(fold_of_sample), return_counts=True)):
+                self.fold_samples[int(fold)] += int(count)
+                self.fold_rows[int(fold)] += int(np.sum(fold_of_row == fold))
+        else:
+            self.splittable = False
+        for index, a in enumerate(self.maps):
+            if index > 0 and fold_of_row is None:
+                continue
+            rows = slice(None) if index == 0 else fold_of_row != index - 1
+            h = x[rows] @ a
+            if self.spec.intercept:
+                h = np.concatenate([h, np.ones((len(h), 1))], axis=1)
+            self.parts[index]._accumulate(0, h, t[rows])
+
+    def without(self, fold: int):
+        if not self.splittable:
+            return None
+        part = self.parts[1 + fold]
+        return part.gram, part.cross, part.rows
+
+
 class Corrector:
     """Refits plans against one fixed set of calibration inputs.
 
@@ -310,18 +370,73 @@ class Corrector:
     def __call__(self, plan) -> Plan:
         return self.cross_fitted(plan)[0]
 
-    def cross_fitted(self, plan) -> tuple[Plan, list[Plan]]:
+    def cross_fitted(self, plan, bases_by_fold: list[Plan] | None = None) -> tuple[Plan, list[Plan]]:
         """(the plan refitted on all samples, [the plan refitted without fold k's samples] per fold;
-        [] without folds)."""
+        [] without folds). `bases_by_fold`: fold k's refits start from that plan's factors (the same
+        layers, methods and ranks: factors whitened without fold k, tnopt/fold_stats.py) instead of
+        `plan`'s; in a shared capture only where `refits_fold_factors` allows."""
         ordered = sorted(plan, key=lambda c: self.order[c.layer.name])
+        bases = None
+        if bases_by_fold is not None and self._fold_count > 1:
+            bases = [{c.layer.name: c for c in base} for base in bases_by_fold]
         self.last_waves = self.last_samples = 0
         corrected = None
-        if self.runner.expresses(ordered, self.hidden_tensors(ordered, self.methods)):
-            corrected = self._in_waves(ordered, board=True)
+        if self.runner.expresses(ordered, self._capture_names(ordered, bases)):
+            corrected = self._in_waves(ordered, board=True, bases=bases)
         if corrected is None:
-            corrected = self._in_waves(ordered, board=False)
+            corrected = self._in_waves(ordered, board=False, bases=bases)
         everything, by_fold = corrected
         return Plan(tuple(everything)), [Plan(tuple(choices)) for choices in by_fold]
+
+    def refits_fold_factors(self, choice: Choice) -> bool:
+        """Whether fold plans may carry their own factors for `choice` (cross-fitted whitening):
+        always where each fold's chain is captured on its own (exact cross-fitting) or the layer is
+        not refitted; in a shared capture only where the refit can rebuild H from the layer's input
+        (`Method.input_map`) and that input is an intermediate tensor the capture can read."""
+        method = self.methods[choice.method]
+        if self._fold_count == 1 or not self.shared_capture or method.refit_spec(choice.layer) is None:
+            return True
+        return self._input_space(choice)
+
+    def _input_space(self, choice: Choice) -> bool:
+        method = self.methods[choice.method]
+        return (
+            method.refit_spec(choice.layer) is not None
+            and method.input_map(choice.layer, choice.factors) is not None
+            and choice.layer.input_name not in self._graph_inputs
+        )
+
+    @functools.cached_property
+    def _graph_inputs(self) -> set[str]:
+        return {value.name for value in self.original.graph.input}
+
+    def input_space_tensors(self, choices) -> list[str]:
+        """The layer inputs a shared capture reads to refit fold factors of these choices."""
+        if self._fold_count == 1 or not self.shared_capture:
+            return []
+        return sorted({c.layer.input_name for c in choices if self._input_space(c)})
+
+    def _in_space(self, wave, bases) -> set[str]:
+        """The wave's layers refitted from their input (shared capture, folds with own factors)."""
+        if bases is None or not self.shared_capture:
+            return set()
+        return {
+            c.layer.name
+            for c in wave
+            if self._input_space(c) and any(base[c.layer.name] is not c for base in bases)
+        }
+
+    def _capture_names(self, choices, bases, in_space=None) -> list[str]:
+        """What a capture of `choices` reads: each refit's hidden tensor, or its layer's input
+        where it is refitted in input space."""
+        in_space = self._in_space(choices, bases) if in_space is None else in_space
+        names = []
+        for choice in choices:
+            if choice.layer.name in in_space:
+                names.append(choice.layer.input_name)
+            else:
+                names.extend(self.hidden_tensors([choice], self.methods))
+        return list(dict.fromkeys(names))
 
     def waves(self, ordered: list[Choice]) -> list[list[Choice]]:
         """The plan's refittable choices in waves: sequential (a layer after every rewritten layer
@@ -335,40 +450,52 @@ class Corrector:
             waves[level[choice.layer.name] * groups // levels].append(choice)
         return [wave for wave in waves if wave]
 
-    def _in_waves(self, ordered: list[Choice], board: bool):
+    def _in_waves(self, ordered: list[Choice], board: bool, bases=None):
         """Refit wave by wave: one run of the plan (corrected so far + the rest as they are) gives
         every layer of the wave its H: on the board, or exported and cut just after the wave's H
         (an export and a session per wave). With folds, `shared_capture`: each fold's samples run
         under that fold's refits (one pass in all); else each fold's chain runs every other fold's
-        samples and the plan refitted on all runs all of them (folds passes per wave). None: the
+        samples and the plan refitted on all runs all of them (folds passes per wave). `bases`:
+        per fold, layer → the choice its chain starts from (default: `ordered`'s). None: the
         board cannot run a wave's plan."""
         done: dict[str, Choice] = {}
         folds = self._fold_count
         done_by_fold: list[dict[str, Choice]] = [{} for _ in range(folds)]
+        base_of = [ordered] * folds if bases is None else [[b[c.layer.name] for c in ordered] for b in bases]
         everything = slice(0, _samples(self.inputs))
         for wave in self.waves(ordered):
             specs = {c.layer.name: self.methods[c.method].refit_spec(c.layer) for c in wave}
-            names = self.hidden_tensors(wave, self.methods)
+            in_space = self._in_space(wave, bases)
+            names = self._capture_names(wave, bases, in_space)
             self.last_waves += 1
 
             def new_equations():
                 return {c.layer.name: _NormalEquations(specs[c.layer.name], folds) for c in wave}
 
             shared = new_equations()
+            for choice in wave:
+                if choice.layer.name in in_space:
+                    method = self.methods[choice.method]
+                    shared[choice.layer.name] = _InputSpaceEquations(
+                        specs[choice.layer.name],
+                        folds,
+                        method.input_map(choice.layer, choice.factors),
+                        [method.input_map(b.layer, b.factors) for b in (x[choice.layer.name] for x in bases)],
+                    )
             if folds == 1:
-                runs = [(done, everything, None, shared)]
+                runs = [(done, ordered, everything, None, shared)]
             elif self.shared_capture:
-                runs = [(done_by_fold[f], self._fold_rows(f), f, shared) for f in range(folds)]
+                runs = [(done_by_fold[f], base_of[f], self._fold_rows(f), f, shared) for f in range(folds)]
             else:
                 per_chain = [new_equations() for _ in range(folds)]
-                runs = [(done, self._fold_rows(j), j, shared) for j in range(folds)] + [
-                    (done_by_fold[k], self._fold_rows(j), j, per_chain[k])
+                runs = [(done, ordered, self._fold_rows(j), j, shared) for j in range(folds)] + [
+                    (done_by_fold[k], base_of[k], self._fold_rows(j), j, per_chain[k])
                     for k in range(folds)
                     for j in range(folds)
                     if j != k
                 ]
-            for chain, rows, fold, equations in runs:
-                plan = [chain.get(c.layer.name, c) for c in ordered]
+            for chain, base, rows, fold, equations in runs:
+                plan = [chain.get(c.layer.name, c) for c in base]
                 if board and not self.runner.expresses(plan, names):
                     return None
                 if rows.stop <= rows.start:
@@ -378,17 +505,21 @@ class Corrector:
                     self.runner.lift(plan, names, board=board)
                 inputs = as_feeds(self.inputs).take(rows) if fold is not None else self.inputs
                 batches = self.runner.capture(plan, names, inputs, board=board)
-                self._accumulate(batches, wave, names, equations, rows, fold)
+                self._accumulate(batches, wave, equations, rows, fold, in_space)
+            position = {c.layer.name: i for i, c in enumerate(ordered)}
             for choice in wave:
                 name = choice.layer.name
-                self._solve_all(choice, shared[name], done, done_by_fold if self.shared_capture else [])
+                fold_bases = [b[position[name]] for b in base_of]
+                self._solve_all(
+                    choice, shared[name], done, done_by_fold if self.shared_capture else [], fold_bases
+                )
                 if folds > 1 and not self.shared_capture:
                     for k in range(folds):
                         equations = per_chain[k][name]
                         done_by_fold[k][name] = self._solve(
-                            choice, equations, equations.gram, equations.cross, equations.rows
+                            fold_bases[k], equations, equations.gram, equations.cross, equations.rows
                         )
-        by_fold = [[fold.get(c.layer.name, c) for c in ordered] for fold in done_by_fold]
+        by_fold = [[fold.get(c.layer.name, c) for c in base] for fold, base in zip(done_by_fold, base_of)]
         return [done.get(c.layer.name, c) for c in ordered], by_fold if self.folds > 1 else []
 
     def _fold_rows(self, fold: int) -> slice:
@@ -399,15 +530,23 @@ class Corrector:
     def _fold_count(self) -> int:
         return self.folds if self.folds > 1 and self.fold_of_sample is not None else 1
 
-    def _accumulate(self, batches, choices, names, equations, span: slice, fold: int | None) -> None:
+    def _accumulate(self, batches, choices, equations, span: slice, fold: int | None, in_space=()) -> None:
         """One capture pass over the samples `span` into the normal equations (of `fold`, or split
-        by sample); it stops once every layer has enough rows."""
+        by sample); it stops once every layer has enough rows. `in_space`: layers whose equations
+        read the layer's input (`_InputSpaceEquations`), not the hidden tensor."""
         targets_at = self.target_batches(span.stop)
+        hidden_names = {c.layer.name: self.hidden_tensors([c], self.methods) for c in choices}
         for rows, captured in batches:
             rows = slice(rows.start + span.start, rows.stop + span.start)
             targets = targets_at(rows)
             folds = None if self._fold_count == 1 else self.fold_of_sample[rows]
-            for choice, name in zip(choices, names):
+            for choice in choices:
+                if choice.layer.name in in_space:
+                    equations[choice.layer.name].add(
+                        captured[choice.layer.input_name], targets[choice.layer.output_name], folds
+                    )
+                    continue
+                name = hidden_names[choice.layer.name][0]
                 spec = equations[choice.layer.name].spec
                 width = spec.to_matrix(choice.factors.arrays[spec.factor_key]).shape[0]
                 # The board runs the widest rank; the padded channels of H are zeros.
@@ -417,17 +556,16 @@ class Corrector:
             if self.early_stop and rows.stop < span.stop and all(e.enough(fold) for e in equations.values()):
                 break
 
-    def _solve_all(self, choice, equations, done, done_by_fold) -> None:
+    def _solve_all(self, choice, equations, done, done_by_fold, fold_bases) -> None:
         everything = (equations.gram, equations.cross, equations.rows)
         done[choice.layer.name] = self._solve(choice, equations, *everything)
         if len(done_by_fold) > 1:
             for fold, fold_done in enumerate(done_by_fold):
                 rest = equations.without(fold)
+                base = fold_bases[fold]
                 # Rows not told apart by sample: the fold is gated on the unrefitted layer (never on
                 # a refit that saw it).
-                fold_done[choice.layer.name] = (
-                    choice if rest is None else self._solve(choice, equations, *rest)
-                )
+                fold_done[choice.layer.name] = base if rest is None else self._solve(base, equations, *rest)
 
     @staticmethod
     def _solve(choice: Choice, equations: _NormalEquations, gram, cross, rows) -> Choice:

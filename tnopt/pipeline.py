@@ -33,7 +33,7 @@ from tnopt.metrics import fidelity_report
 from tnopt.passes import METHODS
 from tnopt.plan import Plan
 from tnopt.profile import calibration_stats
-from tnopt.refine import apply_refiners, build_refiners, cross_fitted_refiners
+from tnopt.refine import CROSS_FIT_FOLDS, apply_refiners, build_refiners, cross_fitted_refiners
 from tnopt.report import LayerReport, ModelSummary, Report
 from tnopt.runner import PlanRunner
 from tnopt.runtime import Runtime, batch_size_for, batched_working_model
@@ -94,6 +94,19 @@ def factorize(layer: Layer, method: str, rank, stats=None, table=None, *, estima
     # onnxruntime's spinning worker threads for 2 cores was measured 200x slower (1.5 s per SVD).
     with threadpool_limits(1):
         return numerics.guarded_decompose((table or METHODS)[method], layer, rank, stats, estimate=estimate)
+
+
+def fold_factors(stats: dict, table=None):
+    """The gate's fold factors (tnopt/fold_stats.py) where the statistics kept per-fold moments."""
+    with_folds = [item for item in stats.values() if item.fold_moments]
+    if not with_folds:
+        return None
+    from tnopt.fold_stats import FoldFactors
+
+    def fit(layer, method, rank, layer_stats):
+        return factorize(layer, method, rank, layer_stats, table)
+
+    return FoldFactors(stats, fit, len(with_folds[0].fold_moments))
 
 
 def compress(
@@ -241,7 +254,16 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     clock.begin("statistics")
     if data_aware and targets:
         stats = calibration_stats(
-            original, targets, calib, runtime, config.cache_dir, planned_methods, report, say
+            original,
+            targets,
+            calib,
+            runtime,
+            config.cache_dir,
+            planned_methods,
+            report,
+            say,
+            # The budget's gate fits each fold's whitened factors without that fold's samples.
+            folds=CROSS_FIT_FOLDS if config.budget is not None else None,
         )
     clock.end()
     report.factors = {"data_aware": bool(stats), "correct": bool(correct)}
@@ -264,7 +286,9 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     refiners = build_refiners(config, runner, targets, calib, correct=correct)
     # The budget's gate scores each calibration sample under refits fitted without it.
     cross_fit = (
-        cross_fitted_refiners(config, runner, targets, calib, correct=correct)
+        cross_fitted_refiners(
+            config, runner, targets, calib, correct=correct, fold_factors=fold_factors(stats, table)
+        )
         if config.budget is not None
         else []
     )

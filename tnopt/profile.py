@@ -51,6 +51,12 @@ ECONOMY_ROWS_PER_FEATURE = 256
 # ... and a patch moment this many rows per feature (a 3x3 conv on 512 channels: 4608 features, 18k
 # rows: 4e11 FLOPs, where MAX_PATCH_ROWS cost 4e12).
 ECONOMY_PATCH_ROWS_PER_FEATURE = 4
+# The cross-fitted gate's per-fold moment sums (float32, folds × features² per layer, and the patch
+# moment's when collected) are kept for the layers in graph order while they fit in this many bytes;
+# a layer past it keeps only its all-sample moments, and the gate runs its all-sample (whitened)
+# factors in every fold: for it the whitening is not cross-fitted (the report counts such layers).
+# MiniLM: ~300 MB at 4 folds; ResNet-50's channel moments ~0.8 GB (the later, wider layers fall back).
+FOLD_MOMENT_MAX_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -58,6 +64,13 @@ class LayerStats:
     rows: int  # how many input rows (pixels, tokens, samples) the moments average over
     input_moment: np.ndarray  # (K, K) or (I, I): E[x xᵀ] over rows
     patch_moment: np.ndarray | None = None  # Conv 2-D: (I·kh·kw)² moment of the im2col rows
+    # The cross-fitted gate's folds (tnopt/fold_stats.py): per fold (calibration sample i in fold
+    # i mod folds) the *sums* of x xᵀ over its rows (float32) and its row counts; None where the
+    # folds could not be told apart or did not fit the byte cap.
+    fold_moments: list | None = None
+    fold_rows: list | None = None
+    fold_patch_moments: list | None = None
+    fold_patch_rows: list | None = None
 
     def fingerprint(self) -> str:
         return f"{self.rows}-{float(np.trace(self.input_moment)):.6e}"
@@ -83,35 +96,53 @@ class _Accumulator:
         self.keep: float | None = None
         self.max_patch_rows = MAX_PATCH_ROWS
         self.patch_rows_per_batch = MAX_PATCH_ROWS_PER_BATCH
+        # Per-fold sums for the cross-fitted gate (set by collect_stats: the fold count, or None).
+        self.folds: int | None = None
+        self.fold_sums = self.fold_patch_sums = None
 
-    def add(self, activations: np.ndarray, shared: dict | None = None) -> None:
+    def add(self, activations: np.ndarray, shared: dict | None = None, sample_folds=None) -> None:
         """Accumulate one batch. `shared`: this batch's channel moments by (input, row layout), so
         layers reading the same tensor the same way (a block's first conv and its shortcut) share
-        one product."""
-        key = (self.layer.input_name, _row_layout(self.layer))
+        one product. `sample_folds`: each sample's cross-fitting fold (kept per fold when the
+        accumulator has `folds`)."""
+        folds = self.folds if sample_folds is not None else None
+        if folds and not _batch_first(self.layer, activations, len(sample_folds)):
+            folds = None  # rows cannot be told apart by sample: this layer keeps no fold moments
+        key = (self.layer.input_name, _row_layout(self.layer), folds)
         if shared is not None and key in shared:
-            gram, count = shared[key]
+            gram, count, fold_grams = shared[key]
         else:
             if self.keep is None:
                 rows = _rows(self.layer, activations)
-                gram, count = chunked_gram(rows), len(rows)
+                samples = (
+                    _row_samples(self.layer, activations, len(rows), len(sample_folds)) if folds else None
+                )
+                dtype = np.float64
             else:
-                rows = _sampled_rows(self.layer, activations, self.keep, self.rng)
-                gram, count = chunked_gram(rows, np.float32), len(rows)
+                n = len(sample_folds) if folds else 0
+                rows, samples = _sampled_rows(self.layer, activations, self.keep, self.rng, n)
+                dtype = np.float32
+            gram, count, fold_grams = _fold_grams(rows, samples, sample_folds, folds, dtype)
             if shared is not None:
-                shared[key] = (gram, count)
+                shared[key] = (gram, count, fold_grams)
         self.moment = gram if self.moment is None else self.moment + gram
         self.rows += count
+        self.fold_sums = _add_folds(self.fold_sums, fold_grams, count) if self.folds else None
         if self.want_patches and self.patch_rows < self.max_patch_rows:
             features = activations.shape[1] * int(np.prod(self.layer.attr("kernel_shape")))
             limit = min(MAX_PATCH_ROWS_PER_BATCH, max(1, MAX_PATCH_BYTES_PER_BATCH // (4 * features)))
             if self.keep is not None:  # economy: its cap spread over the batches
                 limit = min(limit, self.patch_rows_per_batch, self.max_patch_rows - self.patch_rows)
-            patches = _patches(self.layer, activations, limit, self.rng)
+            patches, samples = _patches(self.layer, activations, limit, self.rng, with_samples=True)
             # float32 products, float64 sums across batches: the moment only feeds a damped whitening.
-            gram = (patches.T @ patches).astype(np.float64)
+            gram, count, fold_grams = _fold_grams(patches, samples, sample_folds, folds, np.float32)
             self.patch_moment = gram if self.patch_moment is None else self.patch_moment + gram
-            self.patch_rows += len(patches)
+            self.patch_rows += count
+            self.fold_patch_sums = _add_folds(self.fold_patch_sums, fold_grams, count) if self.folds else None
+            if self.fold_patch_sums is None:
+                self.fold_sums = None  # a cut-o factor of a fold needs both moments without the fold
+        if self.folds and self.fold_sums is None:
+            self.folds = None  # rows not told apart by sample once: no fold moments for this layer
 
     def result(self) -> LayerStats:
         patch = (
@@ -119,7 +150,67 @@ class _Accumulator:
             if self.patch_moment is None
             else shrunk(self.patch_moment / max(self.patch_rows, 1), self.patch_rows)
         )
-        return LayerStats(self.rows, shrunk(self.moment / max(self.rows, 1), self.rows), patch)
+        stats = LayerStats(self.rows, shrunk(self.moment / max(self.rows, 1), self.rows), patch)
+        if self.folds and self.fold_sums is not None:
+            stats.fold_moments, stats.fold_rows = self.fold_sums
+            if self.fold_patch_sums is not None:
+                stats.fold_patch_moments, stats.fold_patch_rows = self.fold_patch_sums
+        return stats
+
+
+def _fold_grams(rows: np.ndarray, samples, sample_folds, folds: int | None, dtype):
+    """(rowsᵀrows in float64, rows, [per-fold float64 grams, per-fold rows] or None): with `folds`
+    and each row's sample known, the gram is the sum of the folds' (same products, split)."""
+    if not folds or samples is None:
+        return chunked_gram(rows, dtype), len(rows), None
+    row_folds = np.asarray(sample_folds)[samples]
+    grams, counts = [], []
+    for fold in range(folds):
+        index = np.flatnonzero(row_folds == fold)
+        grams.append(chunked_gram(rows, dtype, index))
+        counts.append(len(index))
+    return _sum(grams), len(rows), (grams, counts)
+
+
+def _sum(arrays):
+    total = arrays[0].copy()
+    for a in arrays[1:]:
+        total += a
+    return total
+
+
+def _add_folds(sums, fold_grams, count):
+    """Per-fold running sums (float32: they only feed a damped whitening) plus this batch's; None
+    once a batch could not be split by fold."""
+    if fold_grams is None:
+        return None if count else sums
+    grams, counts = fold_grams
+    if sums is None:
+        return [g.astype(np.float32) for g in grams], list(counts)
+    moments, rows = sums
+    for k, (g, c) in enumerate(zip(grams, counts)):
+        moments[k] += g.astype(np.float32)
+        rows[k] += c
+    return moments, rows
+
+
+def _batch_first(layer: Layer, x: np.ndarray, batch_samples: int) -> bool:
+    """Whether the layer's input has the batch's samples on the axis its rows start from."""
+    shape = np.shape(x)
+    if layer.op == "Gemm" and layer.attr("transA"):
+        return len(shape) == 2 and shape[1] == batch_samples
+    return len(shape) >= 2 and shape[0] == batch_samples
+
+
+def _row_samples(layer: Layer, x: np.ndarray, count: int, batch_samples: int) -> np.ndarray | None:
+    """The sample of each of `_rows(layer, x)`'s rows, where the layout tells (batch on axis 0, rows
+    sample-major); None otherwise (e.g. a recurrent state with its batch on axis 1)."""
+    x = np.asarray(x)
+    if layer.op == "Gemm" and layer.attr("transA"):
+        return np.arange(count) if x.ndim == 2 and x.shape[1] == batch_samples else None
+    if x.ndim < 2 or x.shape[0] != batch_samples or count % max(batch_samples, 1):
+        return None
+    return np.repeat(np.arange(batch_samples), count // batch_samples)
 
 
 def shrunk(moment: np.ndarray, rows: int) -> np.ndarray:
@@ -137,12 +228,14 @@ def shrunk(moment: np.ndarray, rows: int) -> np.ndarray:
     return moment + (dim / rows - 1.0) * scale * np.eye(dim)
 
 
-def chunked_gram(rows: np.ndarray, dtype=np.float64) -> np.ndarray:
-    """rowsᵀ·rows summed in float64, ROW_CHUNK rows converted to `dtype` at a time for the product
-    (never the whole matrix)."""
+def chunked_gram(rows: np.ndarray, dtype=np.float64, index: np.ndarray | None = None) -> np.ndarray:
+    """rowsᵀ·rows (only rows[index] when given) summed in float64, ROW_CHUNK rows converted to
+    `dtype` at a time for the product (never the whole matrix)."""
     gram = np.zeros((rows.shape[1], rows.shape[1]))
-    for start in range(0, len(rows), ROW_CHUNK):
-        chunk = np.asarray(rows[start : start + ROW_CHUNK], dtype=dtype)
+    count = len(rows) if index is None else len(index)
+    for start in range(0, count, ROW_CHUNK):
+        part = slice(start, start + ROW_CHUNK)
+        chunk = np.asarray(rows[part] if index is None else rows[index[part]], dtype=dtype)
         gram += chunk.T @ chunk
     return gram
 
@@ -154,8 +247,9 @@ def _row_layout(layer: Layer) -> tuple:
     return (layer.op, bool(layer.op == "Gemm" and layer.attr("transA")))
 
 
-def _sampled_rows(layer: Layer, x: np.ndarray, keep: float, rng) -> np.ndarray:
-    """A random `keep` fraction of `_rows(layer, x)` (at least one row), copying only those rows."""
+def _sampled_rows(layer: Layer, x: np.ndarray, keep: float, rng, batch_samples: int = 0):
+    """(A random `keep` fraction of `_rows(layer, x)` (at least one row), copying only those rows;
+    each row's sample, or None without `batch_samples` or where the layout does not tell)."""
     x = np.asarray(x)
     if layer.op in ("Conv", "ConvTranspose"):
         flat = x.reshape(x.shape[0], x.shape[1], -1)  # (N, C, positions): a view
@@ -163,10 +257,12 @@ def _sampled_rows(layer: Layer, x: np.ndarray, keep: float, rng) -> np.ndarray:
         count = min(total, max(1, int(round(keep * total))))
         picked = np.sort(rng.choice(total, size=count, replace=False))
         sample, position = np.divmod(picked, flat.shape[2])
-        return flat[sample, :, position]  # (count, C)
+        return flat[sample, :, position], sample  # (count, C)
     rows = _rows(layer, x)
     count = min(len(rows), max(1, int(round(keep * len(rows)))))
-    return rows[np.sort(rng.choice(len(rows), size=count, replace=False))]
+    picked = np.sort(rng.choice(len(rows), size=count, replace=False))
+    samples = _row_samples(layer, x, len(rows), batch_samples) if batch_samples else None
+    return rows[picked], None if samples is None else samples[picked]
 
 
 def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
@@ -180,10 +276,11 @@ def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])  # MatMul, weight on the right
 
 
-def _patches(layer: Layer, x: np.ndarray, limit: int | None = None, rng=None) -> np.ndarray:
+def _patches(layer: Layer, x: np.ndarray, limit: int | None = None, rng=None, with_samples: bool = False):
     """im2col rows (positions, I·kh·kw) in the (I, kh, kw) order of a reshaped Conv weight: numpy
     strided windows (a view; only the final rows are copied), no deep-learning framework needed.
-    With `limit`, at most that many positions, drawn at random from the batch's (sample, y, x)."""
+    With `limit`, at most that many positions, drawn at random from the batch's (sample, y, x).
+    `with_samples`: (rows, each row's sample)."""
     pads = layer.attr("pads")
     (kh, kw), (dh, dw), (sh, sw) = layer.attr("kernel_shape"), layer.attr("dilations"), layer.attr("strides")
     padded = np.pad(np.asarray(x, dtype=np.float32), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
@@ -198,15 +295,23 @@ def _patches(layer: Layer, x: np.ndarray, limit: int | None = None, rng=None) ->
         sample, rest = np.divmod(picked, out_h * out_w)
         y, x_pos = np.divmod(rest, out_w)
         # Fancy indexing on the strided view copies only the picked windows: (limit, I, kh, kw).
-        return windows[sample, :, y, x_pos].reshape(limit, channels * kh * kw)
-    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(positions, channels * kh * kw)
+        rows = windows[sample, :, y, x_pos].reshape(limit, channels * kh * kw)
+        return (rows, sample) if with_samples else rows
+    rows = windows.transpose(0, 2, 3, 1, 4, 5).reshape(positions, channels * kh * kw)
+    return (rows, np.repeat(np.arange(n), out_h * out_w)) if with_samples else rows
 
 
 def collect_stats(
-    model, layers: list[Layer], inputs: dict[str, np.ndarray], runtime, want_patches: bool = False
+    model,
+    layers: list[Layer],
+    inputs: dict[str, np.ndarray],
+    runtime,
+    want_patches: bool = False,
+    folds: int | None = None,
 ) -> dict[str, LayerStats]:
     """Input moments of every layer whose weight sits on the right of its product (all but
-    left-weight MatMuls), from one pass of the original model over `inputs`."""
+    left-weight MatMuls), from one pass of the original model over `inputs`. `folds`: also each
+    cross-fitting fold's sums (sample i in fold i mod folds), within FOLD_MOMENT_MAX_BYTES."""
     eligible = [layer for layer in layers if layer.attr("weight_side", "right") == "right"]
     if not eligible:
         return {}
@@ -219,13 +324,31 @@ def collect_stats(
         values = dict(zip(names, outputs))
         if first:
             _plan_economy(accumulators.values(), values, samples, batch.stop - batch.start)
+            if folds and folds > 1:
+                plan_fold_moments(list(accumulators.values()), values, folds)
             first = False
         shared: dict = {}
+        sample_folds = np.arange(batch.start, batch.stop) % folds if folds and folds > 1 else None
         # One BLAS thread beside onnxruntime's spinning workers (see pipeline.factorize).
         with threadpool_limits(1):
             for layer in eligible:
-                accumulators[layer.name].add(values[layer.input_name], shared)
+                accumulators[layer.name].add(values[layer.input_name], shared, sample_folds)
     return {name: acc.result() for name, acc in accumulators.items()}
+
+
+def plan_fold_moments(accumulators, values: dict, folds: int, max_bytes: int | None = None) -> None:
+    """Give each accumulator `folds` (per-fold sums) in order while their bytes fit in
+    `max_bytes` (FOLD_MOMENT_MAX_BYTES)."""
+    budget = FOLD_MOMENT_MAX_BYTES if max_bytes is None else max_bytes
+    for acc in accumulators:
+        x = np.asarray(values[acc.layer.input_name])
+        features = x.shape[1] if acc.layer.op in ("Conv", "ConvTranspose") else _rows(acc.layer, x).shape[1]
+        size = features**2
+        if acc.want_patches:
+            size += (features * int(np.prod(acc.layer.attr("kernel_shape")))) ** 2
+        size *= 4 * folds
+        if size <= budget:
+            acc.folds, budget = folds, budget - size
 
 
 def _plan_economy(accumulators, values: dict, samples: int, batch_samples: int) -> bool:
@@ -267,7 +390,11 @@ def save_stats(path, stats: dict[str, LayerStats]) -> None:
         arrays[f"m{i}"] = item.input_moment
         if item.patch_moment is not None:
             arrays[f"p{i}"] = item.patch_moment
-        index.append([name, item.rows])
+        for k, moment in enumerate(item.fold_moments or []):
+            arrays[f"f{i}_{k}"] = moment
+        for k, moment in enumerate(item.fold_patch_moments or []):
+            arrays[f"q{i}_{k}"] = moment
+        index.append([name, item.rows, item.fold_rows, item.fold_patch_rows])
     arrays["index"] = np.frombuffer(json.dumps(index).encode(), dtype=np.uint8)
     tmp = f"{path}.tmp.npz"
     try:
@@ -285,24 +412,35 @@ def load_stats(path) -> dict[str, LayerStats]:
             index = json.loads(archive["index"].tobytes().decode())
             return {
                 name: LayerStats(
-                    rows, archive[f"m{i}"], archive[f"p{i}"] if f"p{i}" in archive.files else None
+                    rows,
+                    archive[f"m{i}"],
+                    archive[f"p{i}"] if f"p{i}" in archive.files else None,
+                    [archive[f"f{i}_{k}"] for k in range(len(fold_rows))] if fold_rows else None,
+                    fold_rows,
+                    [archive[f"q{i}_{k}"] for k in range(len(patch_rows))] if patch_rows else None,
+                    patch_rows,
                 )
-                for i, (name, rows) in enumerate(index)
+                for i, (name, rows, fold_rows, patch_rows) in enumerate(index)
             }
     except (OSError, ValueError, KeyError):
         return {}
 
 
-def calibration_stats(original, targets, calib, runtime, cache_dir, planned_methods, report, say) -> dict:
+def calibration_stats(
+    original, targets, calib, runtime, cache_dir, planned_methods, report, say, folds: int | None = None
+) -> dict:
     """Moments of every target layer from the first MAX_STATS_SAMPLES calibration samples, read from
-    and saved to `cache_dir` when given; times and cache use go to `report.timings`."""
+    and saved to `cache_dir` when given; times and cache use go to `report.timings`. `folds`: the
+    cross-fitted gate's fold count (per-fold moments too; tnopt/fold_stats.py)."""
     stats_start = time.perf_counter()
     stats_data = calib.head(MAX_STATS_SAMPLES)
+    folds = min(folds, len(stats_data)) if folds and folds > 1 else None
     want_patches = any(m in planned_methods for m in PATCH_METHODS)
     stats, stats_file = {}, None
     if cache_dir:
         model_hash = hashlib.sha256(original.SerializeToString()).hexdigest()[:16]
-        stats_file = Path(cache_dir) / f"{model_hash}-{stats_data.fingerprint()}-stats2.npz"
+        tag = f"-f{folds}" if folds else ""
+        stats_file = Path(cache_dir) / f"{model_hash}-{stats_data.fingerprint()}{tag}-stats3.npz"
         stats = load_stats(stats_file) if stats_file.exists() else {}
     missing = [
         layer
@@ -311,7 +449,11 @@ def calibration_stats(original, targets, calib, runtime, cache_dir, planned_meth
         or (want_patches and layer.op == "Conv" and stats[layer.name].patch_moment is None)
     ]
     if missing:
-        stats.update(collect_stats(original, missing, stats_data.inputs, runtime, want_patches=want_patches))
+        stats.update(
+            collect_stats(
+                original, missing, stats_data.inputs, runtime, want_patches=want_patches, folds=folds
+            )
+        )
         if stats_file is not None:
             stats_file.parent.mkdir(parents=True, exist_ok=True)
             save_stats(stats_file, stats)

@@ -64,26 +64,45 @@ def build_refiners(
     return refiners
 
 
-def cross_fitted_refiners(config, runner, layers, calib, *, correct: bool, folds: int = CROSS_FIT_FOLDS):
-    """The gate's `CrossFit` over `calib`; [] when nothing is fitted (no correction) or there are
-    too few samples to split."""
+def cross_fitted_refiners(
+    config,
+    runner,
+    layers,
+    calib,
+    *,
+    correct: bool,
+    folds: int = CROSS_FIT_FOLDS,
+    fold_factors=None,
+    fold_of_sample=None,
+):
+    """The gate's `CrossFit` over `calib`; [] when nothing is fitted (no correction and no fold
+    factors) or there are too few samples to split. `fold_factors` (tnopt/fold_stats.py
+    FoldFactors): each fold's data-aware factors, whitened without it. `fold_of_sample`: each
+    calibration sample's fold (default i mod folds, the statistics' folds)."""
     samples = len(calib)
-    if not correct or samples < 2:
+    if samples < 2 or not (correct or fold_factors is not None):
         return []
     folds = min(folds, samples)
-    refit_samples = refit_indices(samples)
-    # The folds in contiguous blocks (each fold's samples run under its own refits), in random order
-    # within each.
-    refit_samples = refit_samples[np.argsort(refit_samples % folds, kind="stable")]
-    corrector = Corrector(
-        runner,
-        layers,
-        calib.subset(refit_samples).inputs,
-        folds=folds,
-        fold_of_sample=refit_samples % folds,
-        **correction_mode(runner, layers, len(refit_samples), folds),
-    )
-    return CrossFit(corrector, folds)
+    fold_of = np.arange(samples) % folds if fold_of_sample is None else np.asarray(fold_of_sample)
+    if fold_factors is not None and fold_factors.folds != folds:
+        fold_factors = None  # the statistics' folds are not the gate's: nothing to subtract
+        if not correct:
+            return []
+    corrector = None
+    if correct:
+        refit_samples = refit_indices(samples)
+        # The folds in contiguous blocks (each fold's samples run under its own refits), in random
+        # order within each.
+        refit_samples = refit_samples[np.argsort(fold_of[refit_samples], kind="stable")]
+        corrector = Corrector(
+            runner,
+            layers,
+            calib.subset(refit_samples).inputs,
+            folds=folds,
+            fold_of_sample=fold_of[refit_samples],
+            **correction_mode(runner, layers, len(refit_samples), folds),
+        )
+    return CrossFit(corrector, folds, fold_of, fold_factors)
 
 
 def refit_indices(samples: int) -> np.ndarray:
@@ -95,28 +114,63 @@ def refit_indices(samples: int) -> np.ndarray:
 
 class CrossFit:
     """The cross-fitted gate: `gated(runner, plan, inputs)` → (the model outputs on every sample,
-    each under the plan refitted without its fold; the plan refitted on all refit samples)."""
+    each under the plan fitted without its fold: factors whitened without it (`fold_factors`) and
+    refits fitted without it (`corrector`); the plan refitted on all refit samples)."""
 
-    def __init__(self, corrector: Corrector, folds: int):
-        self.corrector, self.folds = corrector, folds
+    def __init__(self, corrector: Corrector | None, folds: int, fold_of_sample=None, fold_factors=None):
+        self.corrector, self.folds, self.fold_factors = corrector, folds, fold_factors
+        self.fold_of_sample = fold_of_sample
 
     def __len__(self) -> int:
         return self.folds
 
+    def hidden_tensors(self, choices) -> list[str]:
+        """Tensors a board must expose besides the refits' hidden ones: the inputs the correction's
+        shared capture reads to refit fold factors (`Corrector.input_space_tensors`)."""
+        if self.corrector is None or self.fold_factors is None:
+            return []
+        return self.corrector.input_space_tensors(choices)
+
     def gated(self, runner, plan: Plan, inputs) -> tuple[list[np.ndarray], Plan]:
-        refitted, by_fold = self.corrector.cross_fitted(plan)
-        return gated_outputs(runner, by_fold, inputs), refitted
+        bases = None
+        if self.fold_factors is not None:
+            eligible = None if self.corrector is None else self.corrector.refits_fold_factors
+            bases = self.fold_factors.plans(plan, eligible)
+        if self.corrector is None:
+            return gated_outputs(runner, bases, inputs, self.fold_of_sample), plan
+        refitted, by_fold = self.corrector.cross_fitted(plan, bases)
+        return gated_outputs(runner, by_fold, inputs, self.fold_of_sample), refitted
+
+    def describe(self) -> str:
+        """What the gate's fitted steps were fitted on, for the report."""
+        parts = []
+        if self.corrector is not None:
+            parts.append(
+                "refits fitted on the other parts (one correction run for all parts; a part's refits "
+                "used the other parts' activations under their upstream refits, which this part "
+                "helped fit)"
+            )
+        if self.fold_factors is not None:
+            covered, fallbacks = self.fold_factors.covered, self.fold_factors.fallbacks
+            text = f"data-aware factors whitened on the other parts' input moments ({len(covered)} layers"
+            if fallbacks:
+                text += f"; {len(set(fallbacks) - covered)} on all samples' moments: " + "; ".join(
+                    f"{name}: {why}" for name, why in sorted(fallbacks.items()) if name not in covered
+                )
+            parts.append(text + ")")
+        return "; ".join(parts) if parts else "nothing fitted"
 
 
-def gated_outputs(runner, plans_by_fold: list[Plan], inputs) -> list[np.ndarray]:
+def gated_outputs(runner, plans_by_fold: list[Plan], inputs, fold_of_sample=None) -> list[np.ndarray]:
     """The model's outputs on all of `inputs` (sample-major, in order), sample i run under
-    `plans_by_fold[i mod folds]`."""
+    `plans_by_fold[fold_of_sample[i]]` (default i mod folds)."""
     folds, samples = len(plans_by_fold), as_feeds(inputs).samples()
+    fold_of = np.arange(samples) % folds if fold_of_sample is None else np.asarray(fold_of_sample)
     if folds > 1:
         runner.lift(plans_by_fold[0])  # the folds' plans differ in factor values only
     outputs = None
     for fold, plan in enumerate(plans_by_fold):
-        index = np.arange(fold, samples, folds)
+        index = np.flatnonzero(fold_of == fold)
         if not len(index):
             continue
         part = runner.run(plan, as_feeds(inputs).take(index))

@@ -223,6 +223,8 @@ class Search:
         widest = widest_paths(ctx, self.layers, candidates)
         # Refiners that read intermediate tensors (the correction's hidden activations) get them on the board.
         hidden = [n for r in self.refiners if hasattr(r, "hidden_tensors") for n in r.hidden_tensors(widest)]
+        if hasattr(ctx.cross_fit, "hidden_tensors"):  # inputs the gate's fold refits read
+            hidden += [n for n in ctx.cross_fit.hidden_tensors(widest) if n not in hidden]
         self.runner.prepare(widest, ctx.sweep_data.inputs, hidden)
         decisions = {layer.name: {"sensitivity": {}} for layer in self.layers}
         steps.mark("screen+board")
@@ -312,9 +314,7 @@ class Search:
             # What the gate's fitted steps (the refits) were fitted on: never the samples they are scored on.
             "gate": (
                 f"cross-fitted: each of {len(ctx.cross_fit)} parts of the {len(ctx.calib)} calibration "
-                "samples scored under refits fitted on the other parts (one correction run for all "
-                "parts; a part's refits used the other parts' activations under their upstream refits, "
-                "which this part helped fit)"
+                f"samples scored under a plan fitted on the other parts: {ctx.cross_fit.describe()}"
                 if ctx.cross_fit
                 else "no fitted refits"
                 if not self.refiners

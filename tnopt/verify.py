@@ -13,6 +13,8 @@ search refits the plan it keeps on all samples.
 
 from __future__ import annotations
 
+import numpy as np
+
 from tnopt import budget as B
 from tnopt.gain import grows_file
 from tnopt.metrics import paired_standard_error
@@ -170,9 +172,20 @@ def verification_subsample(ctx):
     index = subsample_indices(ctx.reference, VERIFY_SUBSAMPLE)
     calib = ctx.calib.subset(index, f"{ctx.calib.source}[stratified {len(index)}]")
     reference = [r[index] for r in ctx.reference]
-    cross_fit = (
-        cross_fitted_refiners(None, ctx.runner, ctx.layers, calib, correct=True) if ctx.cross_fit else []
-    )
+    cross_fit = []
+    if ctx.cross_fit:
+        # The subsample keeps each sample's fold (its calibration index mod folds): the fold
+        # factors' moments were summed by those folds.
+        cross_fit = cross_fitted_refiners(
+            None,
+            ctx.runner,
+            ctx.layers,
+            calib,
+            correct=ctx.cross_fit.corrector is not None,
+            folds=ctx.cross_fit.folds,
+            fold_factors=ctx.cross_fit.fold_factors,
+            fold_of_sample=np.asarray(index) % ctx.cross_fit.folds,
+        )
     return dataclasses.replace(
         ctx,
         calib=calib,
