@@ -27,7 +27,9 @@ normal equations per fold, and fold k's refit solves with the total minus fold k
 subtraction, tnopt/correct.py); a wave runs each fold's samples under that fold's own upstream
 refits. What that leaves fitted on fold k: fold k's refit of a layer used the other folds' hidden
 activations, shaped by their upstream refits, which fold k's samples helped fit (upstream targets
-only; never this layer's targets on fold k). Measured on VGG
+only; never this layer's targets on fold k). The data-aware factors are cross-fitted the same way
+(tnopt/fold_stats.py): fold k's plan starts from factors whitened without fold k's input moments,
+and its refits from those factors. Measured on VGG
 at 1% (512 samples) with one refit per fold, one 2.94x-FLOPs plan: drop -0.2% in-sample, 0.8% at two
 folds (each refit on 256 samples, too few rows for the Gemm refits), 0.0% at four.
 """

@@ -6,9 +6,9 @@
 
 A verified result is {"plan", "value", "drop", "margin", "saving", "passed"}: the whole model under
 the allocation's plan after the refiners, measured on all calibration samples. With `ctx.cross_fit`
-(tnopt/refine.py) each part of them runs under the plan as refitted on the other parts, so no fitted
-step is gated on its own samples; the result's plan is then unrefined ("refined": False) and the
-search refits the plan it keeps on all samples.
+(tnopt/refine.py) each part of them runs under the plan as whitened and refitted on the other parts
+(tnopt/fold_stats.py), so no fitted step is gated on its own samples; the result's plan is then
+unrefined ("refined": False) and the search refits the plan it keeps on all samples.
 """
 
 from __future__ import annotations
