@@ -319,6 +319,7 @@ def collect_stats(
     session = runtime.with_outputs(model, names)
     accumulators = {layer.name: _Accumulator(layer, want_patches) for layer in eligible}
     samples = as_feeds(inputs).samples()
+    last_reader = {(layer.input_name, _row_layout(layer)): i for i, layer in enumerate(eligible)}
     first = True
     for batch, outputs in runtime.iter_batches(session, inputs, output_names=names):
         values = dict(zip(names, outputs))
@@ -331,8 +332,13 @@ def collect_stats(
         sample_folds = np.arange(batch.start, batch.stop) % folds if folds and folds > 1 else None
         # One BLAS thread beside onnxruntime's spinning workers (see pipeline.factorize).
         with threadpool_limits(1):
-            for layer in eligible:
+            for index, layer in enumerate(eligible):
                 accumulators[layer.name].add(values[layer.input_name], shared, sample_folds)
+                if last_reader[(layer.input_name, _row_layout(layer))] == index:
+                    # No later layer reads this product: drop it (with folds, each key holds folds + 1
+                    # grams: MiniLM's 1536² FFN inputs held 0.5 GB more for the whole batch).
+                    for key in [k for k in shared if k[:2] == (layer.input_name, _row_layout(layer))]:
+                        del shared[key]
     return {name: acc.result() for name, acc in accumulators.items()}
 
 
