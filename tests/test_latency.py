@@ -146,3 +146,30 @@ def test_timing_sessions_do_not_spin():
     key = "session.intra_op.allow_spinning"
     with pytest.raises(RuntimeError):  # not set: onnxruntime's default (spinning) applies
         _quiet_options().get_session_config_entry(key)
+
+
+def test_preemptions_inside_a_repeated_sample_do_not_flip_verdicts(clock):
+    """A 30 µs node is timed as many back-to-back runs per round; under load a 4-12 ms preemption
+    falls inside most samples. Each round reads the fastest run, so a rewrite 0.7x the dense time
+    stays faster and one 1.3x stays slower for every seed, as on a quiet machine — where the mean of
+    the sample made the verdicts a draw of the preemptions (undecided, or faster/slower at random).
+    The FLOP ratio is above the undecided rule's cut, so only a timed "faster" applies a rewrite."""
+    quiet = run_guard(clock, [30e-6, 21e-6, 39e-6], seed=0, jitter=0.05, flop_ratios=[0.8, 0.8])[0]
+    assert [L.decide(s, 0.8).outcome for s in quiet] == [L.FASTER, L.SLOWER]
+    for seed in range(10):
+        summaries, sessions, _ = run_guard(
+            clock, [30e-6, 21e-6, 39e-6], seed=seed, p=0.05, jitter=0.05, flop_ratios=[0.8, 0.8]
+        )
+        assert sessions[0].calls > 2 + L.MIN_ROUNDS * 10  # several runs per timed sample
+        fast, slow = (L.decide(s, 0.8) for s in summaries)
+        assert fast.outcome == L.FASTER and fast.accepted, (seed, summaries)
+        assert slow.outcome == L.SLOWER and not slow.accepted, (seed, summaries)
+        assert summaries[0]["ratio"] == pytest.approx(0.7, rel=0.1)
+
+
+def test_a_ratio_near_one_is_left_to_the_flops_rule():
+    # Significant but within the margin on either side: the machine-independent rule decides.
+    for ratio in (0.99, 1.01):
+        near = L.decide(summary(ratio, ratio - 0.005, ratio + 0.005), flop_ratio=0.4)
+        assert near.outcome == L.UNDECIDED and near.accepted
+    assert L.decide(summary(1.05, 1.04, 1.06), flop_ratio=0.4).outcome == L.SLOWER
