@@ -16,19 +16,30 @@ fastest run, not the mean: load only adds time, and one preemption (milliseconds
 (VGG on Fashion-MNIST, 2 cores). Timing sessions do not spin their worker threads between
 runs: interleaved, an idle session's spinning threads would take the cores from the timed one.
 
-The decision has three outcomes, read from the exact sign-test interval of the median ratio:
+The timing has three outcomes, read from the exact sign-test interval of the median ratio:
 
-    faster     the interval lies below 1 and the median ratio ≤ LATENCY_MARGIN   → accepted
-    slower     the interval lies above 1 and the median ratio ≥ 1 / LATENCY_MARGIN → refused
-    undecided  anything else (a noisy or a small difference)                     → the cost model:
-               accepted when the rewrite's FLOPs are ≤ UNDECIDED_MAX_FLOP_RATIO × the dense layer's
+    faster     the interval lies below 1 and the median ratio ≤ LATENCY_MARGIN
+    slower     the interval lies above 1 and the median ratio ≥ 1 / LATENCY_MARGIN
+    undecided  anything else (a noisy or a small difference)
+
+and the rule that applies a rewrite reads FLOPs first: a rewrite is applied when its FLOPs are
+≤ MAX_FLOP_RATIO × the dense layer's and timing did not call it slower. Timing vetoes; it does not
+admit. Load does not only add noise that a significance test can absorb, it biases the ratio: on 2
+cores beside a busy loop (VGG at 28x28, batch 1) multi-node rewrites of 100 µs convs read 0.2-0.35
+higher than on the quieter machine minutes before (0.79 → 1.13, 0.72 → 0.94; median shift +14% over
+85 candidates), so "faster" admitting rewrites above the FLOPs cut made the plan follow the load
+(2.04x vs 1.58x FLOPs). A veto needs a rewrite with half the FLOPs to read slower, which load did
+not produce there, while the cases the guard exists for (MPO chains of a Gemm read 10-170x
+slower) stay refused. Under the FLOPs objective a rewrite above the cut cannot be applied, so it is
+not timed either (a skip reason in the report).
 
 Undecided candidates get more rounds first (a look every LOOK_EVERY rounds, up to MAX_ROUNDS or
 LAYER_TIME seconds per candidate); each look uses a 95% interval, so with at most five looks the chance
 that a rewrite of equal speed is called faster (or slower) stays under 5 × 2.5%. A rewrite that
 timing shows slower is never applied ("fewer FLOPs often do not run faster"); one that timing cannot
-tell apart from the dense node is judged by what does not depend on the machine's load, its FLOPs,
-and only a large cut (half) counts. So load changes a verdict only where timing and FLOPs disagree.
+tell apart from the dense node, or that it times faster, is judged by what does not depend on the
+machine's load, its FLOPs, and only a large cut (half) counts. So load changes a decision only where a
+rewrite with half the FLOPs reads slower.
 The summary of the rounds is what the cache keeps; absolute times are re-derived from the dense
 time of this run.
 
@@ -57,8 +68,8 @@ ALPHA = 0.05
 # one called slower at least 1 / LATENCY_MARGIN slower: between the two, the FLOPs rule decides, so a
 # tight interval around a ratio near 1 does not flip a verdict with the run.
 LATENCY_MARGIN = 0.97
-# Undecided by timing: applied only when the cost model promises a large cut.
-UNDECIDED_MAX_FLOP_RATIO = 0.5
+# Applied only when the cost model promises a large cut (and timing did not call it slower).
+MAX_FLOP_RATIO = 0.5
 FASTER, SLOWER, UNDECIDED, SKIPPED = "faster", "slower", "undecided", "skipped"
 # One timed sample lasts about MIN_SAMPLE_S seconds: a faster node is run back to back up to
 # MAX_REPEATS times per sample (the same count on both sides of a pair).
@@ -85,28 +96,30 @@ class Verdict:
             return self.reason
         interval = f"[{self.ratio_low:.2f}, {self.ratio_high:.2f}]"
         timing = f"time ratio {self.ratio:.2f} {interval} in {self.rounds} rounds"
-        if self.outcome == UNDECIDED:
-            rule = "≤" if self.accepted else ">"
-            return (
-                f"undecided ({timing}); FLOPs {self.flop_ratio:.2f}x {rule} {UNDECIDED_MAX_FLOP_RATIO:g}x: "
-                + ("applied" if self.accepted else "kept dense")
-            )
-        return f"{self.outcome} ({timing})"
+        if self.outcome == SLOWER:
+            return f"slower ({timing})"
+        rule = "≤" if self.flop_ratio <= MAX_FLOP_RATIO else ">"
+        return (
+            f"{self.outcome} ({timing}); FLOPs {self.flop_ratio:.2f}x {rule} {MAX_FLOP_RATIO:g}x: "
+            + ("applied" if self.accepted else "kept dense")
+        )
 
 
 def decide(summary: dict, flop_ratio: float) -> Verdict:
-    """The three-outcome rule of the module docstring on one candidate's round summary; a
-    candidate that was not timed (`{"skipped": reason}`) is refused with its reason."""
+    """The timing's outcome and the rule of the module docstring (FLOPs admit, timing vetoes) on one
+    candidate's round summary; a candidate that was not timed (`{"skipped": reason}`) is refused
+    with its reason."""
     if "skipped" in summary:
         nan = math.nan
         return Verdict(SKIPPED, False, nan, nan, nan, 0, float(flop_ratio), summary["skipped"])
     low, high, ratio = summary["ratio_low"], summary["ratio_high"], summary["ratio"]
     if high < 1.0 and ratio <= LATENCY_MARGIN:
-        outcome, accepted = FASTER, True
+        outcome = FASTER
     elif low > 1.0 and ratio * LATENCY_MARGIN >= 1.0:
-        outcome, accepted = SLOWER, False
+        outcome = SLOWER
     else:
-        outcome, accepted = UNDECIDED, flop_ratio <= UNDECIDED_MAX_FLOP_RATIO
+        outcome = UNDECIDED
+    accepted = outcome != SLOWER and flop_ratio <= MAX_FLOP_RATIO
     return Verdict(outcome, accepted, ratio, low, high, int(summary["rounds"]), float(flop_ratio))
 
 
@@ -281,6 +294,11 @@ def measure_latency(
             if cache.get(key) is not None:
                 continue
             reason = cannot_be_chosen(None if saving is None else saving(layer, method, rank))
+            if reason is None and saving is not None and flop_ratios[i] > MAX_FLOP_RATIO:
+                # Only the latency objective reads the seconds of a rewrite the guard cannot apply.
+                reason = (
+                    f"FLOPs {flop_ratios[i]:.2f}x > {MAX_FLOP_RATIO:g}x of the dense layer: not timed, kept dense"
+                )
             rewritten = None
             if reason is None:
                 choice = Choice(layer, method, factors_for(layer, method, rank))
