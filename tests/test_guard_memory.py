@@ -151,3 +151,37 @@ def test_peak_memory_of_the_guard_stays_under_its_bound():
     guard(model, [("mpo", 90), ("svd", 16)], runtime, batch=4)
     grown_mib = (_status_kib("VmHWM") - before) / 1024
     assert grown_mib < 256, grown_mib
+
+
+def test_a_skip_of_this_runs_objective_is_not_cached_for_another_objective():
+    """Under the FLOPs objective a rewrite above the FLOPs cut is not timed; that skip follows from
+    the objective, so a later run on the same cache whose objective reads its seconds times it."""
+    model = classifier()
+    runner = PlanRunner(model, Runtime("cpu"))
+    (layer,) = analyze(model)
+    x = np.random.default_rng(1).standard_normal((8, 40, 80)).astype(np.float32)
+    cache = SensitivityCache(None, "shared")
+    rank = 64  # (80 + 6906)·64 / (80·6906) ≈ 0.81 of the dense FLOPs: above the 0.5 cut
+
+    def run(saving, flop_cut=L.MAX_FLOP_RATIO):
+        return L.measure_latency(
+            runner,
+            [layer],
+            {layer.name: [("svd", rank)]},
+            cache,
+            lambda layer, method, rank: METHODS[method].decompose(layer, rank),
+            {"x": x},
+            Bar(),
+            saving=saving,
+            flop_cut=flop_cut,
+        ).verdicts[(layer.name, "svd", rank)]
+
+    flops_run = run(lambda layer, method, rank: 1.0)
+    assert flops_run.outcome == L.SKIPPED and "not timed" in flops_run.reason
+    latency_run = run(None)  # the latency objective: timing is the objective
+    assert latency_run.outcome != L.SKIPPED and latency_run.rounds > 0
+    # the params objective: no FLOPs cut; a rewrite timed not slower is applied
+    params_run = run(lambda layer, method, rank: 1.0, flop_cut=None)
+    assert params_run.outcome != L.SKIPPED
+    assert params_run.accepted == (params_run.outcome != L.SLOWER)
+    assert "not slower" in params_run.describe() or params_run.outcome == L.SLOWER

@@ -90,6 +90,7 @@ class Verdict:
     rounds: int
     flop_ratio: float
     reason: str = ""  # why a skipped candidate was not timed
+    cut: float | None = MAX_FLOP_RATIO  # the FLOPs cut that admits (None: timing only vetoes)
 
     def describe(self) -> str:
         if self.outcome == SKIPPED:
@@ -98,20 +99,21 @@ class Verdict:
         timing = f"time ratio {self.ratio:.2f} {interval} in {self.rounds} rounds"
         if self.outcome == SLOWER:
             return f"slower ({timing})"
-        rule = "≤" if self.flop_ratio <= MAX_FLOP_RATIO else ">"
-        return (
-            f"{self.outcome} ({timing}); FLOPs {self.flop_ratio:.2f}x {rule} {MAX_FLOP_RATIO:g}x: "
-            + ("applied" if self.accepted else "kept dense")
-        )
+        verdict = "applied" if self.accepted else "kept dense"
+        if self.cut is None:
+            return f"{self.outcome} ({timing}); not slower: {verdict}"
+        rule = "≤" if self.flop_ratio <= self.cut else ">"
+        return f"{self.outcome} ({timing}); FLOPs {self.flop_ratio:.2f}x {rule} {self.cut:g}x: {verdict}"
 
 
-def decide(summary: dict, flop_ratio: float) -> Verdict:
+def decide(summary: dict, flop_ratio: float, flop_cut: float | None = MAX_FLOP_RATIO) -> Verdict:
     """The timing's outcome and the rule of the module docstring (FLOPs admit, timing vetoes) on one
     candidate's round summary; a candidate that was not timed (`{"skipped": reason}`) is refused
-    with its reason."""
+    with its reason. `flop_cut` None (the params objective: a rewrite may cost FLOPs to save
+    values): timing only vetoes, nothing is admitted by FLOPs."""
     if "skipped" in summary:
         nan = math.nan
-        return Verdict(SKIPPED, False, nan, nan, nan, 0, float(flop_ratio), summary["skipped"])
+        return Verdict(SKIPPED, False, nan, nan, nan, 0, float(flop_ratio), summary["skipped"], flop_cut)
     low, high, ratio = summary["ratio_low"], summary["ratio_high"], summary["ratio"]
     if high < 1.0 and ratio <= LATENCY_MARGIN:
         outcome = FASTER
@@ -119,8 +121,9 @@ def decide(summary: dict, flop_ratio: float) -> Verdict:
         outcome = SLOWER
     else:
         outcome = UNDECIDED
-    accepted = outcome != SLOWER and flop_ratio <= MAX_FLOP_RATIO
-    return Verdict(outcome, accepted, ratio, low, high, int(summary["rounds"]), float(flop_ratio))
+    accepted = outcome != SLOWER and (flop_cut is None or flop_ratio <= flop_cut)
+    rounds = int(summary["rounds"])
+    return Verdict(outcome, accepted, ratio, low, high, rounds, float(flop_ratio), cut=flop_cut)
 
 
 class LatencyTable(dict):
@@ -252,6 +255,7 @@ def measure_latency(
     *,
     batch: int = 1,
     saving=None,
+    flop_cut: float | None = MAX_FLOP_RATIO,
 ) -> LatencyTable:
     """Dense seconds per layer and each candidate's seconds and verdict (`LatencyTable`), at the
     deployment `batch` (the layer's input captured from that many real samples). `saving(layer,
@@ -290,15 +294,21 @@ def measure_latency(
         dense = runtime.session(dense_model, own=True, timing=True)
         del dense_model
         dense_rounds: list[float] = []
+        # Skips that follow from this run's objective, not from the rewrite: kept out of the cache,
+        # which is shared by runs of other objectives (a later --objective latency run must time them).
+        untimed: dict[str, dict] = {}
         for i, ((method, rank), key) in enumerate(zip(options, keys)):
             if cache.get(key) is not None:
                 continue
             reason = cannot_be_chosen(None if saving is None else saving(layer, method, rank))
-            if reason is None and saving is not None and flop_ratios[i] > MAX_FLOP_RATIO:
+            if reason is None and saving is not None and flop_cut is not None and flop_ratios[i] > flop_cut:
                 # Only the latency objective reads the seconds of a rewrite the guard cannot apply.
                 reason = (
-                    f"FLOPs {flop_ratios[i]:.2f}x > {MAX_FLOP_RATIO:g}x of the dense layer: not timed, kept dense"
+                    f"FLOPs {flop_ratios[i]:.2f}x > {flop_cut:g}x of the dense layer: not timed, kept dense"
                 )
+            if reason is not None:
+                untimed[key] = {"skipped": reason}
+                continue
             rewritten = None
             if reason is None:
                 choice = Choice(layer, method, factors_for(layer, method, rank))
@@ -321,8 +331,8 @@ def measure_latency(
         result[(layer.name, None, None)] = dense_s
         bar.update(1)
         for (method, rank), key, flop_ratio in zip(options, keys, flop_ratios):
-            summary = cache.entries[key]
-            verdict = decide(summary, flop_ratio)
+            summary = untimed.get(key) or cache.entries[key]
+            verdict = decide(summary, flop_ratio, flop_cut)
             result.verdicts[(layer.name, method, rank)] = verdict
             # Not timed: no time either; as seconds (the latency objective) it saves nothing.
             seconds = math.inf if verdict.outcome == SKIPPED else dense_s * summary["ratio"]

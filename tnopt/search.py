@@ -337,7 +337,7 @@ class Search:
         )
 
     def measure_latency(self, measured, decisions) -> dict:
-        from tnopt.latency import measure_latency
+        from tnopt.latency import MAX_FLOP_RATIO, measure_latency
         from tnopt.sweep import SWEEP_STOP_DROP
 
         ctx = self.ctx
@@ -359,6 +359,9 @@ class Search:
             saving=None
             if needs_latency(self.config.objective)
             else make_objective(self.config.objective, ctx.methods).saving,
+            # Saving values may cost FLOPs (README: the params objective accepts growth): there the
+            # guard only vetoes what runs slower.
+            flop_cut=None if self.config.objective == "params" else MAX_FLOP_RATIO,
         )
         bar.close()
         ctx.cache.save()
