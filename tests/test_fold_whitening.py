@@ -192,3 +192,17 @@ def test_exact_cross_fitting_starts_each_folds_chain_from_its_own_factors(monkey
             assert b.factors.notes.get("corrected")
             for key in a.factors.arrays:
                 assert relative_difference(a.factors.arrays[key], b.factors.arrays[key]) < 1e-4, key
+
+
+def test_the_gate_line_says_when_the_whitening_could_not_be_cross_fitted():
+    """A layer without statistics (not data-aware) is neither cross-fitted nor a fallback; a gate
+    whose statistics kept no fold moments says its factors were whitened on the scored samples."""
+    _, (layer,) = matmul_chain()
+    plan = Plan((Choice(layer, "svd", factorize(layer, "svd", 12, None)),))
+    folds = FoldFactors({}, fit, 4)
+    by_fold = folds.plans(plan)
+    assert all(p.choices == plan.choices for p in by_fold)
+    assert not folds.covered and not folds.fallbacks
+    gate = refine.CrossFit(None, 4, None, None, "no layer kept per-fold moments")
+    assert "whitened on all samples" in gate.describe() and "no layer kept" in gate.describe()
+    assert "whitened on all samples" not in refine.CrossFit(None, 4, None, folds, "x").describe()

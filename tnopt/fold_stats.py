@@ -85,6 +85,10 @@ class FoldFactors:
         for choice in plan:
             name = choice.layer.name
             why = None
+            if self.stats.get(name) is None:  # not data-aware: nothing was whitened to cross-fit
+                for k in range(self.folds):
+                    by_fold[k].append(choice)
+                continue
             if not self.available(choice):
                 why = "no per-fold moments (rows not split by sample, or past the byte cap)"
             elif eligible is not None and not eligible(choice):

@@ -97,7 +97,8 @@ def factorize(layer: Layer, method: str, rank, stats=None, table=None, *, estima
 
 
 def fold_factors(stats: dict, table=None):
-    """The gate's fold factors (tnopt/fold_stats.py) where the statistics kept per-fold moments."""
+    """The gate's fold factors (tnopt/fold_stats.py) where the statistics kept per-fold moments;
+    None when no layer has them."""
     with_folds = [item for item in stats.values() if item.fold_moments]
     if not with_folds:
         return None
@@ -287,7 +288,15 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     # The budget's gate scores each calibration sample under refits fitted without it.
     cross_fit = (
         cross_fitted_refiners(
-            config, runner, targets, calib, correct=correct, fold_factors=fold_factors(stats, table)
+            config,
+            runner,
+            targets,
+            calib,
+            correct=correct,
+            fold_factors=fold_factors(stats, table),
+            whitening_note="no layer kept per-fold moments (rows not split by sample, or past the byte cap)"
+            if stats
+            else "",
         )
         if config.budget is not None
         else []

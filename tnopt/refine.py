@@ -76,18 +76,23 @@ def cross_fitted_refiners(
     folds: int = CROSS_FIT_FOLDS,
     fold_factors=None,
     fold_of_sample=None,
+    whitening_note: str = "",
 ):
     """The gate's `CrossFit` over `calib`; [] when nothing is fitted (no correction and no fold
     factors) or there are too few samples to split. `fold_factors` (tnopt/fold_stats.py
     FoldFactors): each fold's data-aware factors, whitened without it. `fold_of_sample`: each
-    calibration sample's fold (default i mod folds, the statistics' folds)."""
+    calibration sample's fold (default i mod folds, the statistics' folds). `whitening_note`: why
+    data-aware factors could not be whitened without each fold (the report says so)."""
     samples = len(calib)
     if samples < 2 or not (correct or fold_factors is not None):
         return []
     folds = min(folds, samples)
     fold_of = np.arange(samples) % folds if fold_of_sample is None else np.asarray(fold_of_sample)
+    unwhitened = whitening_note
     if fold_factors is not None and fold_factors.folds != folds:
-        fold_factors = None  # the statistics' folds are not the gate's: nothing to subtract
+        # The statistics' folds are not the gate's: nothing to subtract.
+        unwhitened = f"the statistics' {fold_factors.folds} folds are not the gate's {folds}"
+        fold_factors = None
         if not correct:
             return []
     corrector = None
@@ -104,7 +109,7 @@ def cross_fitted_refiners(
             fold_of_sample=fold_of[refit_samples],
             **correction_mode(runner, layers, len(refit_samples), folds),
         )
-    return CrossFit(corrector, folds, fold_of, fold_factors)
+    return CrossFit(corrector, folds, fold_of, fold_factors, "" if fold_factors is not None else unwhitened)
 
 
 def refit_indices(samples: int) -> np.ndarray:
@@ -119,9 +124,12 @@ class CrossFit:
     each under the plan fitted without its fold: factors whitened without it (`fold_factors`) and
     refits fitted without it (`corrector`); the plan refitted on all refit samples)."""
 
-    def __init__(self, corrector: Corrector | None, folds: int, fold_of_sample=None, fold_factors=None):
+    def __init__(
+        self, corrector: Corrector | None, folds: int, fold_of_sample=None, fold_factors=None, unwhitened=""
+    ):
         self.corrector, self.folds, self.fold_factors = corrector, folds, fold_factors
         self.fold_of_sample = fold_of_sample
+        self.unwhitened = unwhitened  # why data-aware factors ran whitened on every sample, if they did
 
     def __len__(self) -> int:
         return self.folds
@@ -160,6 +168,10 @@ class CrossFit:
                     f"{name}: {why}" for name, why in sorted(fallbacks.items()) if name not in covered
                 )
             parts.append(text + ")")
+        elif self.unwhitened:
+            parts.append(
+                f"data-aware factors whitened on all samples, the scored ones too ({self.unwhitened})"
+            )
         return "; ".join(parts) if parts else "nothing fitted"
 
 
