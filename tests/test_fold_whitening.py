@@ -44,6 +44,18 @@ def fit(layer, method, rank, stats):
     return factorize(layer, method, rank, stats)
 
 
+def _chain_setup(layers_count, seed, samples=96, folds=4):
+    """A MatMul chain, its calibration tokens with fold moments, the rank-10 SVD plan of every layer,
+    a runner, each sample's fold and the fold-major sample order."""
+    model, layers = matmul_chain(layers_count)
+    calib = tokens(samples, seed)
+    stats = collect_stats(model, layers, {"x": calib}, RUNTIME, folds=folds)
+    plan = Plan(tuple(Choice(layer, "svd", fit(layer, "svd", 10, stats[layer.name])) for layer in layers))
+    fold_of = np.arange(samples) % folds
+    order = np.argsort(fold_of, kind="stable")
+    return model, layers, samples, calib, stats, plan, PlanRunner(model, RUNTIME), fold_of, order
+
+
 def test_fold_moments_are_the_moments_of_each_folds_samples():
     """Sample i's rows go to fold i mod 4, and the moments without fold k are those of a pass over
     the other folds' samples alone (exact statistics)."""
@@ -123,14 +135,7 @@ def test_a_shared_capture_refits_each_folds_own_first_factors_from_the_layer_inp
     from the captured input on the other folds' rows; it equals the least squares on those rows
     directly, and the plan refitted on all samples is the correction's usual refit."""
     monkeypatch.setattr(correct, "ENOUGH_ROWS_PER_UNKNOWN", 10**9)  # no early stop
-    model, layers = matmul_chain(2)
-    samples = 96
-    calib = tokens(samples, 3)
-    stats = collect_stats(model, layers, {"x": calib}, RUNTIME, folds=4)
-    plan = Plan(tuple(Choice(layer, "svd", fit(layer, "svd", 10, stats[layer.name])) for layer in layers))
-    runner = PlanRunner(model, RUNTIME)
-    fold_of = np.arange(samples) % 4
-    order = np.argsort(fold_of, kind="stable")
+    model, layers, samples, calib, stats, plan, runner, fold_of, order = _chain_setup(2, seed=3)
     options = {"max_waves": 1, "shared_capture": True}
     inputs = {"x": calib[order]}
     corrector = Corrector(runner, layers, inputs, folds=4, fold_of_sample=fold_of[order], **options)
@@ -171,14 +176,7 @@ def test_exact_cross_fitting_starts_each_folds_chain_from_its_own_factors(monkey
     """Exact cross-fitting (each fold's chain runs the other folds' samples): fold k's plan is the
     correction, on the other folds' samples alone, of the plan whitened without fold k."""
     monkeypatch.setattr(correct, "ENOUGH_ROWS_PER_UNKNOWN", 10**9)
-    model, layers = matmul_chain(3)
-    samples = 96
-    calib = tokens(samples, 4)
-    stats = collect_stats(model, layers, {"x": calib}, RUNTIME, folds=4)
-    plan = Plan(tuple(Choice(layer, "svd", fit(layer, "svd", 10, stats[layer.name])) for layer in layers))
-    runner = PlanRunner(model, RUNTIME)
-    fold_of = np.arange(samples) % 4
-    order = np.argsort(fold_of, kind="stable")
+    model, layers, samples, calib, stats, plan, runner, fold_of, order = _chain_setup(3, seed=4)
     options = {"max_waves": None, "shared_capture": False}
     corrector = Corrector(
         runner, layers, {"x": calib[order]}, folds=4, fold_of_sample=fold_of[order], **options
