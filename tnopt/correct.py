@@ -124,16 +124,22 @@ class _NormalEquations:
     def rows(self) -> int:
         return sum(self.fold_rows)
 
+    def _kept_rows(self, rows: np.ndarray, target: np.ndarray, samples: int):
+        """(rows, target, the kept rows' indices, rows per sample or None where the rows are not
+        sample-major): at most MAX_REFIT_ROWS_PER_SAMPLE rows per sample of this batch, a seeded
+        random subset beyond that."""
+        self.samples += samples
+        per_sample = len(rows) // samples if len(rows) % samples == 0 else None
+        keep = MAX_REFIT_ROWS_PER_SAMPLE * samples
+        chosen = np.arange(len(rows))
+        if len(rows) > keep:
+            chosen = np.sort(self.rng.choice(len(rows), size=keep, replace=False))
+            rows, target = rows[chosen], target[chosen]
+        return rows, target, chosen, per_sample
+
     def add(self, hidden: np.ndarray, target: np.ndarray, fold_of_sample=None) -> None:
         h, t = _rows(hidden, self.spec.channel_axis), _rows(target, self.spec.channel_axis)
-        samples = max(int(np.shape(hidden)[0]), 1)
-        self.samples += samples
-        per_sample = len(h) // samples if len(h) % samples == 0 else None
-        keep = MAX_REFIT_ROWS_PER_SAMPLE * samples
-        chosen = np.arange(len(h))
-        if len(h) > keep:
-            chosen = np.sort(self.rng.choice(len(h), size=keep, replace=False))
-            h, t = h[chosen], t[chosen]
+        h, t, chosen, per_sample = self._kept_rows(h, t, max(int(np.shape(hidden)[0]), 1))
         if self.spec.intercept:
             h = np.concatenate([h, np.ones((len(h), 1))], axis=1)
         if fold_of_sample is not None:
@@ -223,14 +229,7 @@ class _InputSpaceEquations(_NormalEquations):
 
     def add(self, inputs: np.ndarray, target: np.ndarray, fold_of_sample=None) -> None:
         x, t = _rows(inputs, -1), _rows(target, self.spec.channel_axis)
-        samples = max(int(np.shape(inputs)[0]), 1)
-        self.samples += samples
-        per_sample = len(x) // samples if len(x) % samples == 0 else None
-        keep = MAX_REFIT_ROWS_PER_SAMPLE * samples
-        chosen = np.arange(len(x))
-        if len(x) > keep:
-            chosen = np.sort(self.rng.choice(len(x), size=keep, replace=False))
-            x, t = x[chosen], t[chosen]
+        x, t, chosen, per_sample = self._kept_rows(x, t, max(int(np.shape(inputs)[0]), 1))
         fold_of_row = None
         if fold_of_sample is not None and per_sample is not None:
             fold_of_row = np.asarray(fold_of_sample)[chosen // per_sample]
