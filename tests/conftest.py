@@ -13,6 +13,21 @@ REFERENCE_MODELS = ["fc2", "lenet5", "cnn4", "vgg", "resnet"]
 from contract import mlp, save  # noqa: E402  (tests/ is on sys.path only from here)
 
 
+def budgeted_cnn4(calib: Path, evaluation: Path, **options):
+    """tnopt.compress of cnn4 at a 2% budget on these calibration / evaluation files, CPU, no cache."""
+    import tnopt
+
+    return tnopt.compress(
+        str(MODELS / "cnn4.onnx"),
+        budget="2%",
+        data=str(calib),
+        eval_data=str(evaluation),
+        provider="cpu",
+        cache_dir=None,
+        **options,
+    )
+
+
 def subset_npz(source: Path, target: Path, start: int, count: int) -> Path:
     with np.load(source) as archive:
         np.savez(target, **{k: archive[k][start : start + count] for k in archive.files})

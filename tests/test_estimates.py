@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import MODELS, subset_npz
+from conftest import MODELS, budgeted_cnn4, subset_npz
 from helpers import init, make_model, tensor
 from onnx import helper
 from tnopt.passes import METHODS, _linalg
 
-import tnopt
 from tnopt import latency, pipeline, predict
 from tnopt.analyze import analyze
 from tnopt.local_error import local_error
@@ -170,16 +169,7 @@ def test_a_predicted_search_fits_only_the_ranks_it_measures_or_runs_in_a_plan(mo
 
     monkeypatch.setattr(predict, "predicted_sweep", sweep)
     monkeypatch.setattr(latency, "measure_latency", guard)
-    _, report = tnopt.compress(
-        str(MODELS / "cnn4.onnx"),
-        budget="2%",
-        data=str(calib),
-        eval_data=str(evaluation),
-        provider="cpu",
-        cache_dir=None,
-        sensitivity="predicted",
-        methods="tucker2,svd",
-    )
+    _, report = budgeted_cnn4(calib, evaluation, sensitivity="predicted", methods="tucker2,svd")
     prediction = report.search["prediction"]
     assert fitted_in_sweep, "the sweep measured nothing"
     assert set(fitted_in_sweep) <= used, set(fitted_in_sweep) - used

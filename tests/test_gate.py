@@ -5,11 +5,10 @@ refitted on all samples."""
 import dataclasses
 
 import numpy as np
-from conftest import MODELS
+from conftest import MODELS, budgeted_cnn4
 from helpers import relative_difference
 from test_switchboard import RUNTIME, lower, widest_choices
 
-import tnopt
 from tnopt import correct, refine
 from tnopt.analyze import analyze
 from tnopt.correct import Corrector
@@ -126,15 +125,7 @@ def test_verifying_a_plan_costs_a_bounded_number_of_passes_whatever_it_rewrites(
 
 def test_budgeted_run_gates_cross_fitted_and_saves_a_plan_refitted_on_all(small_splits):
     calib, evaluation = small_splits
-    _, report = tnopt.compress(
-        str(MODELS / "cnn4.onnx"),
-        budget="2%",
-        data=str(calib),
-        eval_data=str(evaluation),
-        provider="cpu",
-        cache_dir=None,
-        latency_guard=False,
-    )
+    _, report = budgeted_cnn4(calib, evaluation, latency_guard=False)
     assert report.search["gate"].startswith("cross-fitted")
     assert report.rewritten and report.budget_met
     # The saved layers carry the refit on all samples (the verified plans were unrefined until the
@@ -142,16 +133,7 @@ def test_budgeted_run_gates_cross_fitted_and_saves_a_plan_refitted_on_all(small_
     assert any(layer.factor_notes.get("corrected") for layer in report.rewritten), [
         (layer.name, layer.method, layer.factor_notes) for layer in report.rewritten
     ]
-    _, unrefined = tnopt.compress(
-        str(MODELS / "cnn4.onnx"),
-        budget="2%",
-        data=str(calib),
-        eval_data=str(evaluation),
-        provider="cpu",
-        cache_dir=None,
-        latency_guard=False,
-        correct=False,
-    )
+    _, unrefined = budgeted_cnn4(calib, evaluation, latency_guard=False, correct=False)
     # Without refits the data-aware factors are still the gate's fitted step: cross-fitted alone.
     gate = unrefined.search["gate"]
     assert gate.startswith("cross-fitted") and "whitened on the other parts" in gate, gate

@@ -3,10 +3,9 @@ sweep from the projected work of the measured one, and τ points run on a subsam
 best plans that pass there verified on every calibration sample."""
 
 import numpy as np
-from conftest import MODELS
+from conftest import MODELS, budgeted_cnn4
 from tnopt.passes import METHODS
 
-import tnopt
 from tnopt import predict, verify
 from tnopt.analyze import analyze
 
@@ -44,16 +43,7 @@ def test_expensive_passes_verify_tau_points_on_a_subsample_and_few_plans_on_all(
     calib, evaluation = small_splits
     monkeypatch.setattr(verify, "VERIFY_SUBSAMPLE_ABOVE_FLOPS", 0)  # every pass "expensive"
     monkeypatch.setattr(verify, "VERIFY_SUBSAMPLE", 96)
-    _, report = tnopt.compress(
-        str(MODELS / "cnn4.onnx"),
-        budget="2%",
-        data=str(calib),
-        eval_data=str(evaluation),
-        provider="cpu",
-        cache_dir=None,
-        latency_guard=False,
-        sensitivity="measured",
-    )
+    _, report = budgeted_cnn4(calib, evaluation, latency_guard=False, sensitivity="measured")
     curve = report.search["curve"]
     on_sub = [p for p in curve if p.get("samples") == 96]
     on_all = [p for p in curve if p.get("samples") == report.budget["calibration_samples"]]
