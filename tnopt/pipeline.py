@@ -18,7 +18,7 @@ from typing import Callable
 import onnx
 from threadpoolctl import threadpool_limits
 
-from tnopt import gain, heal_budget, io, numerics, validate
+from tnopt import gain, heal_budget, io, numerics, threads, validate
 from tnopt import heal as healing
 from tnopt.analyze import Layer, analyze, at_data_shapes
 from tnopt.config import RunConfig, resolve_methods
@@ -38,6 +38,7 @@ from tnopt.report import LayerReport, ModelSummary, Report
 from tnopt.runner import PlanRunner
 from tnopt.runtime import Runtime, batch_size_for, batched_working_model
 from tnopt.stages import StageClock
+from tnopt.threads import math_threads
 
 DEFAULT_RANDOM_SAMPLES = 64
 
@@ -90,9 +91,9 @@ def summarize(model: onnx.ModelProto, feeds=None) -> ModelSummary:
 
 
 def factorize(layer: Layer, method: str, rank, stats=None, table=None, *, estimate: bool = False):
-    # One BLAS thread: these matrices are small, and a multi-threaded OpenBLAS fighting
-    # onnxruntime's spinning worker threads for 2 cores was measured 200x slower (1.5 s per SVD).
-    with threadpool_limits(1):
+    # One BLAS thread unless the machine has idle cores (tnopt/threads.py): a multi-threaded
+    # OpenBLAS fighting onnxruntime's spinning worker threads for 2 cores was measured 200x slower.
+    with math_threads():
         return numerics.guarded_decompose((table or METHODS)[method], layer, rank, stats, estimate=estimate)
 
 
@@ -173,6 +174,7 @@ def _splits(original, config: RunConfig, report: Report, say):
 
 def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     started = time.perf_counter()
+    math_before = dict(threads.counts)
     if config.budget is None:
         config.check_rank_rule()
     clock = StageClock()
@@ -388,6 +390,11 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     _fill_layers(report, layers, candidates, by_name, plan, decisions, table)
     report.after = summarize(compressed, calib.inputs)
     report.timings["total_s"] = time.perf_counter() - started
+    # How tnopt's own math ran (tnopt/threads.py): sections on one BLAS thread / on every core.
+    for count, key in ((1, "math_sections_one_thread"), (None, "math_sections_all_cores")):
+        report.timings[key] = sum(
+            n - math_before.get(t, 0) for t, n in threads.counts.items() if (t == 1) == (count == 1)
+        )
     report.stages = clock.stages
     return compressed, report
 

@@ -42,6 +42,7 @@ from tnopt.local_error import dense_weight, local_error, output_energy, predicta
 from tnopt.metric_choice import smooth_proxy
 from tnopt.passes import Refusal
 from tnopt.plan import Choice
+from tnopt.threads import math_threads
 
 SUBSAMPLE = 64
 # The subsample's floor. A count metric (top-1, agreement) moves in steps of 1/n on n samples, so
@@ -173,28 +174,8 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
         sum(len(ctx.methods[m].candidate_ranks(a)) for a in able for m in candidates[a.name]), "predict"
     )
     for layer in able:
-        dense_energy = output_energy(layer, stats[layer.name], dense_weight(layer))
-        for method in candidates[layer.name]:
-            impl = ctx.methods[method]
-            ranks = sorted(impl.candidate_ranks(layer), key=lambda r: -impl.cost(layer, r).params)
-            for rank in ranks:
-                # The method's estimate (a truncated HOSVD for Tucker-2: no HOOI per rank); only
-                # the ranks measured below or put in a plan are fitted.
-                factors = ctx.estimate_for(layer, method, rank)
-                key = (layer.name, method, rank)
-                if isinstance(factors, Refusal):
-                    measured[key] = {
-                        "drop": float("inf"),
-                        "proxy": float("inf"),
-                        "weight_error": factors.rel_error,
-                        "refused": factors.reason,
-                    }
-                else:
-                    local[key] = local_error(layer, stats[layer.name], impl, factors, dense_energy)
-                    weight_errors[key] = factors.rel_error
-                bar.update(1)
-                if local.get(key, 0.0) > LOCAL_STOP_ERROR:
-                    break  # lower ranks only lose more (and their fits cost the most)
+        with math_threads():  # the (O, d)·(d, d) products: every core where the machine is idle
+            _local_errors(ctx, layer, stats[layer.name], candidates, local, weight_errors, measured, bar)
     bar.close()
     pairs = sorted({(k[0], k[1]) for k in local})
     floor = MIN_SUBSAMPLE if getattr(ctx.metric, "name", "") in COUNT_METRICS else MIN_SMOOTH_SUBSAMPLE
@@ -257,6 +238,33 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
         "estimates": ctx.estimates - estimates_before,
     }
     return measured, hits + ctx.cache.hits
+
+
+def _local_errors(ctx, layer, layer_stats, candidates, local, weight_errors, measured, bar) -> None:
+    """Local errors of every candidate (method, rank) of `layer` into `local` (math only), high
+    ranks first, each method stopping past LOCAL_STOP_ERROR; refusals go to `measured`."""
+    dense_energy = output_energy(layer, layer_stats, dense_weight(layer))
+    for method in candidates[layer.name]:
+        impl = ctx.methods[method]
+        ranks = sorted(impl.candidate_ranks(layer), key=lambda r: -impl.cost(layer, r).params)
+        for rank in ranks:
+            # The method's estimate (a truncated HOSVD for Tucker-2: no HOOI per rank); only
+            # the ranks measured below or put in a plan are fitted.
+            factors = ctx.estimate_for(layer, method, rank)
+            key = (layer.name, method, rank)
+            if isinstance(factors, Refusal):
+                measured[key] = {
+                    "drop": float("inf"),
+                    "proxy": float("inf"),
+                    "weight_error": factors.rel_error,
+                    "refused": factors.reason,
+                }
+            else:
+                local[key] = local_error(layer, layer_stats, impl, factors, dense_energy)
+                weight_errors[key] = factors.rel_error
+            bar.update(1)
+            if local.get(key, 0.0) > LOCAL_STOP_ERROR:
+                break  # lower ranks only lose more (and their fits cost the most)
 
 
 def _frontier_allocations(ctx, sub, options, by_name) -> list[dict]:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 from scipy.linalg import blas as _blas
-from threadpoolctl import threadpool_limits
 
 from tnopt.analyze import Layer
 from tnopt.data import as_feeds
+from tnopt.threads import math_threads
 
 # Calibration moments converge long before this many samples.
 MAX_STATS_SAMPLES = 2048
@@ -394,8 +394,8 @@ def collect_stats(
             first = False
         shared: dict = {}
         sample_folds = np.arange(batch.start, batch.stop) % folds if folds and folds > 1 else None
-        # One BLAS thread beside onnxruntime's spinning workers (see pipeline.factorize).
-        with threadpool_limits(1):
+        # One BLAS thread unless the machine has idle cores (tnopt/threads.py).
+        with math_threads():
             for index, layer in enumerate(eligible):
                 accumulators[layer.name].add(values[layer.input_name], shared, sample_folds)
                 if last_reader[(layer.input_name, _row_layout(layer))] == index:
