@@ -84,6 +84,7 @@ class PlanRunner:
         if self.few_samples > samples:
             self.board = board
         elif self.few_samples > 1:
+            board.release()  # reopened by the first run on few samples, if any comes
             self.few_board = board
 
     def expresses(self, plan, tensor_names=()) -> bool:
