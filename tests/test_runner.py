@@ -211,3 +211,19 @@ def test_a_board_slower_at_the_prepared_count_runs_plans_on_few_samples(monkeypa
     timings.update(switchboard=0.5)  # 0.05 per sample: wins at any count
     runner.prepare(widest, feeds)
     assert runner.board is not None and runner.few_board is None
+
+
+def test_a_board_kept_for_few_samples_holds_no_session_until_it_runs(monkeypatch):
+    """The few-sample board is timed (its session opened) and then released: idle through the search
+    it would hold the model's weights, kernels and arena (ResNet-50: ~0.7 GB, never run). A run on
+    few samples reopens it and gives the exported plan's outputs."""
+    model, layers, feeds = mlp()
+    monkeypatch.setattr(runner_module, "board_wins_below", lambda timings, samples: 12.0)
+    runner = PlanRunner(model, RUNTIME)
+    runner.prepare([svd_choice(layers[0], 8)], feeds)
+    assert runner.board is None and runner.few_board is not None
+    assert runner.few_board._session is None
+    plan, few = Plan((svd_choice(layers[0], 4),)), {"x": feeds["x"][:8]}
+    got = runner.run(plan, few)[0]
+    assert runner.runs["switchboard"] == 1 and runner.few_board._session is not None
+    assert relative_difference(RUNTIME.run(runner.export(plan), few)[0], got) < 1e-5
