@@ -131,7 +131,9 @@ def test_statistics_end_holds_the_moments_once():
     x = rng.standard_normal((samples, channels, side, side)).astype(np.float32)
     tracemalloc.start()
     try:
-        stats = collect_stats(model, analyze(model), {"x": x}, Runtime("cpu", batch_size=8), want_patches=True)
+        stats = collect_stats(
+            model, analyze(model), {"x": x}, Runtime("cpu", batch_size=8), want_patches=True
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

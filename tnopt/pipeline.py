@@ -216,12 +216,14 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         say(f"batching: {batching}")
     bound = bind_dims(original, calib.inputs)
     layers = at_data_shapes(analyze(original), analyze(bound) if bound is not original else [])
-    runtime.batch_size = batch_size_for(activation_bytes(bound))
+    sample_bytes = activation_bytes(bound)
+    del bound  # a copy of the model (its weights too): read for its shapes only
+    runtime.batch_size = batch_size_for(sample_bytes)
     candidates = _candidates(layers, config, report)
     report.before = summarize(interface, calib.inputs)
     report.batching = {
         "batch_size": runtime.batch_size,
-        "sample_activation_bytes": activation_bytes(bound),
+        "sample_activation_bytes": sample_bytes,
         "batch_axes": dict(calib.inputs.axes),
         "fixed_batch": batching,
     }

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from tnopt import budget as B
@@ -63,6 +64,14 @@ class SearchResult:
     evaluation_outputs: tuple | None = None
 
 
+# Bytes of the estimates kept as fits (SearchContext.estimates_memo): a layer's ranks in a row.
+MAX_ESTIMATE_MEMO_BYTES = 128 * 2**20
+
+
+def _nbytes(factors) -> int:
+    return sum(int(a.nbytes) for a in getattr(factors, "arrays", {}).values())
+
+
 @dataclass
 class SearchContext:
     """What every stage reads: the runner, the metric and its references, data, cache, factors."""
@@ -82,6 +91,12 @@ class SearchContext:
     factorize: object
     progress: bool = False
     factors_memo: dict = field(default_factory=dict)
+    # Estimates that are the fit (a truncation method's), least recently read dropped first beyond
+    # MAX_ESTIMATE_MEMO_BYTES: the predicted sweep reads every rank of every layer once, and kept
+    # as fits they held the whole model's factorizations at every rank (ResNet-50: 0.5 GB and
+    # growing). A dropped one is redone from the memoised SVD where read again.
+    estimates_memo: OrderedDict = field(default_factory=OrderedDict)
+    estimates_memo_bytes: int = 0
     # (layer, method, rank) → the method's cheap estimate (tnopt.passes Method.estimate): same shapes,
     # error near the fit's. None: every read is a fit (the measured sweep fits every rank it runs).
     estimate: object = None
@@ -110,8 +125,12 @@ class SearchContext:
         """The method's fitted factors (memoised): what a measured, verified or saved plan runs."""
         key = (layer.name, method, rank)
         if key not in self.factors_memo:
-            self.factors_memo[key] = self.factorize(layer, method, rank)
-            self.fits += 1
+            fitted = self.estimates_memo.pop(key, None)  # an estimate that is the fit
+            self.estimates_memo_bytes -= _nbytes(fitted)
+            if fitted is None:
+                fitted = self.factorize(layer, method, rank)
+                self.fits += 1
+            self.factors_memo[key] = fitted
         return self.factors_memo[key]
 
     def estimate_for(self, layer, method, rank):
@@ -122,10 +141,16 @@ class SearchContext:
         key = (layer.name, method, rank)
         if self.estimate is None or key in self.factors_memo:
             return self.factors_for(layer, method, rank)
+        if key in self.estimates_memo:
+            self.estimates_memo.move_to_end(key)
+            return self.estimates_memo[key]
         factors = self.estimate(layer, method, rank)
         self.estimates += 1
         if not getattr(factors, "notes", {}).get("estimate"):
-            self.factors_memo[key] = factors
+            self.estimates_memo[key] = factors
+            self.estimates_memo_bytes += _nbytes(factors)
+            while len(self.estimates_memo) > 1 and self.estimates_memo_bytes > MAX_ESTIMATE_MEMO_BYTES:
+                self.estimates_memo_bytes -= _nbytes(self.estimates_memo.popitem(last=False)[1])
         return factors
 
     def drop_of(self, value, baseline) -> float:
