@@ -31,8 +31,12 @@ from tnopt.plan import Choice, Plan
 MIN_ROWS_PER_UNKNOWN = 8
 # The targets (original layer outputs on the refit's samples) are kept in memory up to this size and
 # reused by every refit; above it they are recomputed batch by batch beside each refit pass, so
-# memory stays at one batch (one more original-model pass per refit wave instead).
-MAX_HELD_TARGET_BYTES = 1 << 30
+# memory stays at one batch (one more original-model pass per refit wave instead). Per Corrector,
+# and a budgeted run has two (the gate's cross-fitted one and the saved plan's): at 1 GiB each they
+# held 2 GiB of ResNet-50's 42 MB-per-sample targets (24 of a pass's ≥ 128 samples each, the rest
+# recomputed anyway); 512 MiB still holds the reference models' 512 samples whole (ResNet-style:
+# 430 MB).
+MAX_HELD_TARGET_BYTES = 512 * 2**20
 # Rows (output positions) per sample a refit keeps: far above MIN_ROWS_PER_UNKNOWN for any channel
 # count once samples number in the tens, and all of them at the reference models' 28x28.
 MAX_REFIT_ROWS_PER_SAMPLE = 1024
