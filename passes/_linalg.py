@@ -30,6 +30,14 @@ def _bound(cache: OrderedDict) -> None:
         cache.popitem(last=False)
 
 
+def clear_memos() -> None:
+    """Empty the SVD, whitening and whitened-kernel memos (up to ~1 GB): for when no more factors
+    of this model will be fitted (the search is over)."""
+    _SVD_CACHE.clear()
+    _WHITENING_CACHE.clear()
+    _WHITENED_KERNEL_CACHE.clear()
+
+
 def svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Thin SVD in float64, memoised: the search factorizes one weight at many ranks, and every
     rank of a truncated SVD (and every HOSVD start) reuses the same decomposition."""

@@ -58,3 +58,48 @@ def test_estimates_that_are_fits_are_kept_within_a_byte_bound(monkeypatch):
     # A dropped one is fitted when a plan needs it, and kept as the fit from then on.
     fitted = ctx.factors_for(layers[0], "svd", 8)
     assert calls["fit"] == 1 and ctx.fits == 1 and ctx.estimate_for(layers[0], "svd", 8) is fitted
+
+
+def test_nothing_the_search_kept_outlives_it(tmp_path, monkeypatch):
+    """When the plan is chosen, the sessions the runner kept (lifted plans, boards), the factorization
+    memos and the calibration moments are released: the stages after the search (export, validation,
+    latency) start from what they need, not from the search's peak."""
+    import gc
+    import weakref
+
+    from conftest import MODELS, budgeted_cnn4, subset_npz
+    from tnopt.passes import _linalg
+
+    from tnopt import pipeline
+    from tnopt.runtime import Runtime
+
+    opened = []
+    session = Runtime.session
+
+    def tracked(self, model, **options):
+        made = session(self, model, **options)
+        opened.append(weakref.ref(made))
+        return made
+
+    seen = {}
+    release = pipeline._release_search_memory
+
+    def released(runner, *moments):
+        seen["moments"] = [len(m) for m in moments]
+        release(runner, *moments)
+        gc.collect()
+        seen["sessions"] = sum(ref() is not None for ref in opened)
+        seen["lifted"], seen["memos"] = (
+            len(runner._lifted),
+            len(_linalg._SVD_CACHE) + len(_linalg._WHITENING_CACHE),
+        )
+        seen["left"] = [len(m) for m in moments]
+
+    monkeypatch.setattr(Runtime, "session", tracked)
+    monkeypatch.setattr(pipeline, "_release_search_memory", released)
+    calib = subset_npz(MODELS / "calib.npz", tmp_path / "c.npz", 0, 96)
+    evaluation = subset_npz(MODELS / "eval.npz", tmp_path / "e.npz", 0, 96)
+    _, report = budgeted_cnn4(calib, evaluation)
+    assert report.search["verifications"] > 0 and len(opened) > 3
+    assert seen["moments"][0] > 0, "the run had calibration moments to release"
+    assert seen == dict(seen, sessions=0, lifted=0, memos=0, left=[0] * len(seen["moments"]))

@@ -117,6 +117,14 @@ class PlanRunner:
         while len(self._lifted) > MAX_LIFTED_SESSIONS:
             self._lifted.popitem(last=False)
 
+    def release(self) -> None:
+        """Close every session the runner keeps (lifted plans, the boards'): the search is over, and
+        what follows (export, validation, latency) opens its own. A later run reopens them."""
+        self._lifted.clear()
+        for board in (self.board, self.few_board):
+            if board is not None:
+                board.release()
+
     # -- running ----------------------------------------------------------------------------------------
     def export(self, plan) -> onnx.ModelProto:
         """The original model with `plan` spliced in (a copy of it for an empty plan)."""
