@@ -151,3 +151,28 @@ def test_statistics_end_holds_the_moments_once():
         / rows,
         rtol=1e-9,
     )
+
+
+def test_a_view_of_rows_runs_as_its_copy_and_copies_one_batch_at_a_time():
+    """The correction's refit order over the calibration data is a view (tnopt.data.IndexedRows):
+    runs and slices give what a copy of those rows gives, and running it copies a batch, not the set."""
+    from tnopt.data import Feeds, IndexedRows
+
+    model = wide_convnet()
+    x = np.random.default_rng(2).standard_normal((64, 3, SIDE, SIDE)).astype(np.float32)
+    order = np.random.default_rng(0).permutation(64)
+    view, copy = Feeds({"x": x}).view(order), Feeds({"x": x}).take(order)
+    assert isinstance(view["x"], IndexedRows) and view.samples() == 64 and view["x"].shape == x.shape
+    runtime = Runtime("cpu", batch_size=8)
+    np.testing.assert_array_equal(runtime.run(model, view)[0], runtime.run(model, copy)[0])
+    np.testing.assert_array_equal(np.asarray(view.take(slice(5, 20))["x"]), copy["x"][5:20])
+    np.testing.assert_array_equal(view.take(np.arange(3, 9))["x"], copy["x"][3:9])
+    tracemalloc.start()
+    try:
+        for _ in runtime.iter_batches(model, view.take(slice(8, 64))):
+            pass
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Two batches of rows (0.9 MiB each) at most; a copy of the slice would be 5.9 MiB.
+    assert peak < x.nbytes / 3, f"{peak / 2**20:.1f} MiB traced for {x.nbytes / 2**20:.1f} MiB of rows"

@@ -55,6 +55,44 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+class IndexedRows:
+    """Rows `index` (axis 0) of `base`, not copied: a slice of it is another such view, and its
+    values are copied out only when asked for as an array (a batch, `Feeds.take` with an index
+    array). The correction's seeded sample order over the calibration data without a second copy
+    of the data set (ResNet-50, 512 crops: 308 MB per Corrector, two per run)."""
+
+    def __init__(self, base: np.ndarray, index):
+        self.base, self.index = base, np.asarray(index, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.index), *self.base.shape[1:])
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.base.ndim
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.index) * (self.base.nbytes // max(len(self.base), 1))
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return IndexedRows(self.base, self.index[key])
+        return self.base[self.index[key]]
+
+    def __array__(self, dtype=None, copy=None):
+        rows = self.base[self.index]
+        return rows if dtype is None else rows.astype(dtype, copy=False)
+
+
 class Feeds(dict):
     """Model inputs by name, sample-major: each batched array has its samples on axis 0, and
     `axes[name]` is the model's batch axis it came from (None: a constant fed whole every batch)."""
@@ -74,6 +112,14 @@ class Feeds(dict):
     def take(self, index) -> Feeds:
         """The samples `index` (a slice or an index array) of every batched array; constants kept."""
         return Feeds({k: (v[index] if self.axes[k] is not None else v) for k, v in self.items()}, self.axes)
+
+    def view(self, index) -> Feeds:
+        """As `take`, without copying the samples (IndexedRows): they are copied a batch at a time
+        where they are run."""
+        return Feeds(
+            {k: (IndexedRows(v, index) if self.axes[k] is not None else v) for k, v in self.items()},
+            self.axes,
+        )
 
     def for_model(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A sample-major batch in the model's layout: each batch axis moved back where it belongs."""

@@ -62,7 +62,8 @@ def build_refiners(
     if correct:
         index = refit_indices(len(calib))
         mode = correction_mode(runner, layers, len(index), 1)
-        refiners.append(Corrector(runner, layers, calib.subset(index).inputs, max_held_bytes, **mode))
+        # A view in the refit order: the data set is not copied (runs copy a batch at a time).
+        refiners.append(Corrector(runner, layers, calib.inputs.view(index), max_held_bytes, **mode))
     return refiners
 
 
@@ -104,7 +105,7 @@ def cross_fitted_refiners(
         corrector = Corrector(
             runner,
             layers,
-            calib.subset(refit_samples).inputs,
+            calib.inputs.view(refit_samples),
             folds=folds,
             fold_of_sample=fold_of[refit_samples],
             **correction_mode(runner, layers, len(refit_samples), folds),

@@ -177,7 +177,8 @@ class Runtime:
             whole = {k: chunk[k] for k in chunk if k not in batched}
             n = chunk.samples()
             for offset in range(0, n, step):
-                batch = {k: chunk[k][offset : offset + step] for k in batched}
+                # np.asarray: a view of rows (tnopt.data.IndexedRows) is copied here, a batch at a time.
+                batch = {k: np.asarray(chunk[k][offset : offset + step]) for k in batched}
                 short = len(next(iter(batch.values())))
                 if short < step and fixed:
                     # A model with a fixed batch dim gets the last chunk padded, then trimmed.
