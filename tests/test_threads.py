@@ -55,3 +55,14 @@ def test_no_session_spins_between_runs():
     for timing in (False, True):
         options = runtime.session(probe_model(), timing=timing).get_session_options()
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_small_matrices_stay_on_one_thread(fake_proc, monkeypatch):
+    monkeypatch.setattr(threads, "counts", {})
+    threads.choose_threads()
+    fake_proc.update(machine=(100, 200), own=100, now=1.0)  # the others idle: every core
+    with threads.math_threads(threads.MIN_PARALLEL_SIZE - 1):
+        pass
+    with threads.math_threads(threads.MIN_PARALLEL_SIZE):
+        pass
+    assert threads.counts == {1: 1, 2: 1}

@@ -93,7 +93,7 @@ def summarize(model: onnx.ModelProto, feeds=None) -> ModelSummary:
 def factorize(layer: Layer, method: str, rank, stats=None, table=None, *, estimate: bool = False):
     # One BLAS thread unless the machine has idle cores (tnopt/threads.py): a multi-threaded
     # OpenBLAS fighting onnxruntime's spinning worker threads for 2 cores was measured 200x slower.
-    with math_threads():
+    with math_threads(int(getattr(layer.weight, "size", 0) or 0)):
         return numerics.guarded_decompose((table or METHODS)[method], layer, rank, stats, estimate=estimate)
 
 

@@ -174,7 +174,8 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
         sum(len(ctx.methods[m].candidate_ranks(a)) for a in able for m in candidates[a.name]), "predict"
     )
     for layer in able:
-        with math_threads():  # the (O, d)·(d, d) products: every core where the machine is idle
+        # The (O, d)·(d, d) products: every core where the machine is idle and the layer is large.
+        with math_threads(int(getattr(layer.weight, "size", 0) or 0)):
             _local_errors(ctx, layer, stats[layer.name], candidates, local, weight_errors, measured, bar)
     bar.close()
     pairs = sorted({(k[0], k[1]) for k in local})

@@ -410,9 +410,12 @@ def collect_stats(
                 plan_fold_moments(list(accumulators.values()), values, folds)
             first = False
         shared: dict = {}
+        largest_moment = max(
+            (max(v.shape[1], v.shape[-1]) ** 2 for v in values.values() if np.ndim(v) >= 2), default=0
+        )
         sample_folds = np.arange(batch.start, batch.stop) % folds if folds and folds > 1 else None
         # One BLAS thread unless the machine has idle cores (tnopt/threads.py).
-        with math_threads():
+        with math_threads(largest_moment):
             for index, layer in enumerate(eligible):
                 accumulators[layer.name].add(values[layer.input_name], shared, sample_folds)
                 if last_reader[(layer.input_name, _row_layout(layer))] == index:

@@ -24,6 +24,11 @@ from threadpoolctl import threadpool_limits
 # The rest of the machine may use up to this many cores, on average since the last look, for the
 # math to take every core.
 OTHERS_MAX_CORES = 0.5
+# Only math on matrices of at least this many entries takes more than one thread: small products
+# and solves gain little from a second thread and pay its synchronisation. ResNet-50 at 224²: its 18
+# convs from 256x256x3x3 (590k weights, 2304² patch moments) up; the reference models' layers
+# (VGG ≤ 295k, ResNet-style ≤ 147k weights, cnn4 ≤ 37k) stay on one thread.
+MIN_PARALLEL_SIZE = 500_000
 # A look older than this is taken again (/proc reads cost ~50 µs); newer ones reuse the decision.
 LOOK_EVERY_S = 0.5
 
@@ -94,8 +99,9 @@ def choose_threads() -> int:
     return threads
 
 
-def math_threads():
-    """A context in which BLAS runs on `choose_threads()` threads."""
-    threads = choose_threads()
+def math_threads(size: int = 0):
+    """A context in which BLAS runs on `choose_threads()` threads where the work's largest matrix
+    has at least MIN_PARALLEL_SIZE entries (`size`), on one thread otherwise."""
+    threads = choose_threads() if size >= MIN_PARALLEL_SIZE else 1
     counts[threads] = counts.get(threads, 0) + 1
     return threadpool_limits(threads)
