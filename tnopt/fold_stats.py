@@ -18,10 +18,9 @@ whitening is not cross-fitted; `FoldFactors.fallbacks` names such layers for the
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 
+from tnopt.memo import FactorsMemo
 from tnopt.passes import Factors
 from tnopt.plan import Choice, Plan
 from tnopt.profile import LayerStats, shrunk
@@ -68,8 +67,7 @@ class FoldFactors:
 
     def __init__(self, stats: dict, fit, folds: int):
         self.stats, self.fit, self.folds = stats, fit, folds
-        self._memo: OrderedDict = OrderedDict()
-        self._bytes = 0
+        self._memo = FactorsMemo(lambda: MAX_FOLD_FACTOR_BYTES)
         self.covered: set[str] = set()  # layers a gated plan ran with cross-fitted whitening
         self.fallbacks: dict[str, str] = {}  # layer → why its all-sample factors ran in every fold
 
@@ -108,8 +106,7 @@ class FoldFactors:
     def _fold_choice(self, choice: Choice, fold: int) -> Choice | None:
         key = (choice.layer.name, choice.method, _hashable(choice.factors.rank), fold)
         if key in self._memo:
-            self._memo.move_to_end(key)
-            factors = self._memo[key]
+            factors = self._memo.recent(key)
         else:
             stats = held_out(self.stats.get(choice.layer.name), fold)
             factors = (
@@ -117,11 +114,7 @@ class FoldFactors:
             )
             if not _same_shapes(factors, choice.factors):
                 factors = None
-            self._memo[key] = factors
-            self._bytes += _nbytes(factors)
-            while self._bytes > MAX_FOLD_FACTOR_BYTES and len(self._memo) > 1:
-                _, dropped = self._memo.popitem(last=False)
-                self._bytes -= _nbytes(dropped)
+            self._memo.put(key, factors)
         return None if factors is None else choice.with_factors(factors)
 
 
@@ -131,10 +124,6 @@ def _same_shapes(factors, like: Factors) -> bool:
     if set(factors.arrays) != set(like.arrays):
         return False
     return all(np.shape(factors.arrays[k]) == np.shape(like.arrays[k]) for k in like.arrays)
-
-
-def _nbytes(factors) -> int:
-    return sum(a.nbytes for a in factors.arrays.values()) if isinstance(factors, Factors) else 0
 
 
 def _hashable(rank):

@@ -29,12 +29,12 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from tnopt import budget as B
 from tnopt.cache import SensitivityCache
 from tnopt.graph import output_producer
+from tnopt.memo import FactorsMemo
 from tnopt.metric_choice import announce
 from tnopt.metrics import choose_metric
 from tnopt.objective import make_objective, needs_latency
@@ -68,10 +68,6 @@ class SearchResult:
 MAX_ESTIMATE_MEMO_BYTES = 128 * 2**20
 
 
-def _nbytes(factors) -> int:
-    return sum(int(a.nbytes) for a in getattr(factors, "arrays", {}).values())
-
-
 @dataclass
 class SearchContext:
     """What every stage reads: the runner, the metric and its references, data, cache, factors."""
@@ -95,8 +91,7 @@ class SearchContext:
     # MAX_ESTIMATE_MEMO_BYTES: the predicted sweep reads every rank of every layer once, and kept
     # as fits they held the whole model's factorizations at every rank (ResNet-50: 0.5 GB and
     # growing). A dropped one is redone from the memoised SVD where read again.
-    estimates_memo: OrderedDict = field(default_factory=OrderedDict)
-    estimates_memo_bytes: int = 0
+    estimates_memo: FactorsMemo = field(default_factory=lambda: FactorsMemo(lambda: MAX_ESTIMATE_MEMO_BYTES))
     # (layer, method, rank) → the method's cheap estimate (tnopt.passes Method.estimate): same shapes,
     # error near the fit's. None: every read is a fit (the measured sweep fits every rank it runs).
     estimate: object = None
@@ -125,13 +120,16 @@ class SearchContext:
         """The method's fitted factors (memoised): what a measured, verified or saved plan runs."""
         key = (layer.name, method, rank)
         if key not in self.factors_memo:
-            fitted = self.estimates_memo.pop(key, None)  # an estimate that is the fit
-            self.estimates_memo_bytes -= _nbytes(fitted)
+            fitted = self.estimates_memo.take(key)  # an estimate that is the fit
             if fitted is None:
                 fitted = self.factorize(layer, method, rank)
                 self.fits += 1
             self.factors_memo[key] = fitted
         return self.factors_memo[key]
+
+    @property
+    def estimates_memo_bytes(self) -> int:
+        return self.estimates_memo.bytes
 
     def estimate_for(self, layer, method, rank):
         """Factors to read errors and shapes from: the fit when there is one already, else the
@@ -142,15 +140,11 @@ class SearchContext:
         if self.estimate is None or key in self.factors_memo:
             return self.factors_for(layer, method, rank)
         if key in self.estimates_memo:
-            self.estimates_memo.move_to_end(key)
-            return self.estimates_memo[key]
+            return self.estimates_memo.recent(key)
         factors = self.estimate(layer, method, rank)
         self.estimates += 1
         if not getattr(factors, "notes", {}).get("estimate"):
-            self.estimates_memo[key] = factors
-            self.estimates_memo_bytes += _nbytes(factors)
-            while len(self.estimates_memo) > 1 and self.estimates_memo_bytes > MAX_ESTIMATE_MEMO_BYTES:
-                self.estimates_memo_bytes -= _nbytes(self.estimates_memo.popitem(last=False)[1])
+            self.estimates_memo.put(key, factors)
         return factors
 
     def drop_of(self, value, baseline) -> float:
