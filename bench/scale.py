@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "models"))
 
 from methods import append_results  # noqa: E402
+from task_check import describe, detection_check, recognition_check  # noqa: E402
 from tinyocr import tinyocr_assets  # noqa: E402
 
 STAGES = ("load", "data", "statistics", "search", "rewrite", "validate", "latency")
@@ -341,6 +342,14 @@ def compile_row(name, model: Path, calib: dict, evaluation: dict, folder: Path, 
     }
 
 
+def _task_checks(results, name, original, evaluation, folder, check) -> None:
+    """What the application reads from the held-out outputs (bench/task_check.py), after the compile
+    (not in its time): the compressed file is that of the last compile of `name`, so its row gets it."""
+    rows = [row for row in results if row.get("name") == name]
+    if rows and "error" not in rows[-1]:
+        rows[-1]["task"] = describe(check(original, folder / f"{name}-small.onnx", evaluation))
+
+
 def _mode(row) -> str:
     mode, resolved = row.get("mode", ""), row.get("resolved", "")
     return f"{mode} → {resolved}" if resolved and resolved != mode else mode
@@ -353,7 +362,7 @@ def steps_cell(row) -> str:
 
 def row_line(row) -> list[str]:
     if "error" in row:
-        return [row["name"], row.get("mode", ""), f"failed: {row['error'][:80]}"] + [""] * 8
+        return [row["name"], row.get("mode", ""), f"failed: {row['error'][:80]}"] + [""] * 10
     stage = " / ".join(f"{row['stages'].get(k, 0):.0f}" for k in STAGES)
     passes = " / ".join(f"{row['passes'].get(k, 0):.1f}" for k in STAGES)
     target = TARGETS.get(row["name"])
@@ -380,6 +389,7 @@ def row_line(row) -> list[str]:
         passes,
         f"{row['flops_ratio']:.2f}x",
         drop + ("" if row["exit"] == 0 else " (exit 3: budget missed)"),
+        row.get("task", ""),
         verdict,
     ]
 
@@ -444,6 +454,7 @@ def main(argv=None) -> int:
                     modes,
                 )
             )
+            _task_checks(results, "det-tiny", det, {"x": pages[args.det_pages :]}, folder, detection_check)
             del pages
         elif row == "rec":
             _, rec = tinyocr(folder)
@@ -460,6 +471,9 @@ def main(argv=None) -> int:
                     ["--metric", "cosine", *args.rec_args.split()],
                     modes,
                 )
+            )
+            _task_checks(
+                results, "rec-tiny (batch 1)", fixed, {"x": lines[args.rec_lines :]}, folder, recognition_check
             )
         elif row == "minilm":
             from data_aware import minilm_dataset
@@ -509,6 +523,7 @@ def main(argv=None) -> int:
         "ORT pass-equivalents: " + " / ".join(STAGES),
         "FLOPs ratio",
         "held-out drop",
+        "task check (held-out, original vs compressed)",
         "target",
     ]
     body = []
