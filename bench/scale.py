@@ -473,7 +473,12 @@ def main(argv=None) -> int:
                 )
             )
             _task_checks(
-                results, "rec-tiny (batch 1)", fixed, {"x": lines[args.rec_lines :]}, folder, recognition_check
+                results,
+                "rec-tiny (batch 1)",
+                fixed,
+                {"x": lines[args.rec_lines :]},
+                folder,
+                recognition_check,
             )
         elif row == "minilm":
             from data_aware import minilm_dataset
