@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from tnopt.data import as_feeds
 from tnopt.errors import InternalError, TnoptError
+from tnopt.session_weights import weightless_payload
 
 # onnxruntime logs provider-library load failures (no CUDA here) to stderr on its own; tnopt reports
 # the provider it got itself, in one line, so only fatal runtime messages may pass.
@@ -107,18 +108,31 @@ class Runtime:
         batch 16 5.6 vs 8.9 ms a run, at 256 103 vs 108 ms, ResNet-50 at 5 crops 0.49 s both ways).
         Above 2 GiB a model cannot be serialized into one message: it is staged as a file with
         external data."""
-        if isinstance(model, onnx.ModelProto) and model.ByteSize() > SESSION_BYTES_LIMIT:
+        # The large weights go to onnxruntime as arrays beside a skeleton graph, never through
+        # protobuf's size check and encoding (tnopt/session_weights.py).
+        staged = weightless_payload(model) if isinstance(model, onnx.ModelProto) else None
+        if staged is not None:
+            payload, weights = staged
+            if len(payload) > SESSION_BYTES_LIMIT:
+                return self._session_from_files(model, own, timing)
+        elif isinstance(model, onnx.ModelProto) and model.ByteSize() > SESSION_BYTES_LIMIT:
             return self._session_from_files(model, own, timing)
-        payload = model if isinstance(model, (bytes, str)) else model.SerializeToString()
+        else:
+            payload, weights = (model if isinstance(model, (bytes, str)) else model.SerializeToString()), {}
         where = _rewrites(model) if own else ""
         try:
             # No session spins: timing sessions run interleaved, and work sessions alternate with
             # tnopt's numpy work, which may run on every core (tnopt/threads.py).
             options = _quiet_options(spinning=False)
+            values = [ort.OrtValue.ortvalue_from_numpy(v) for v in weights.values()]
+            if weights:
+                options.add_external_initializers(list(weights), values)
             session = ort.InferenceSession(payload, options, providers=self.providers)
         except Exception as exc:
             raise _failure(own, "cannot load", exc, where) from None
         session.tnopt_own, session.tnopt_where = own, where
+        # onnxruntime reads the staged weights in place: they live as long as the session.
+        session.tnopt_weights = (weights, values)
         return session
 
     def _session_from_files(self, model: onnx.ModelProto, own: bool, timing: bool) -> ort.InferenceSession:
