@@ -28,13 +28,23 @@ def cp_reconstruct(factors: list[np.ndarray]) -> np.ndarray:
     return (factors[0] @ khatri_rao(factors[1:]).T).reshape(shape)
 
 
-def _mttkrp(x: np.ndarray, factors: list[np.ndarray], mode: int) -> np.ndarray:
+def _mttkrp(x: np.ndarray, factors: list[np.ndarray], mode: int, memo: list | None = None) -> np.ndarray:
     """unfold(x, mode) · khatri_rao(other factors), without forming the Khatri-Rao product: the
     largest other mode is contracted first by one GEMM, leaving an intermediate |x|·r/d_max small
-    enough for the remaining (Hadamard-shared) contractions; a kernel's kh, kw modes are tiny."""
+    enough for the remaining (Hadamard-shared) contractions; a kernel's kh, kw modes are tiny.
+    `memo` (a list the caller keeps across modes): that GEMM's result, reused while the factor it
+    contracted is the same array — within an ALS sweep of a 4-way kernel, modes 1, 2 and 3 all
+    contract the output mode first with the factor updated at mode 0, so one GEMM serves three
+    (the same values: the same product, computed once)."""
     others = [m for m in range(x.ndim) if m != mode]
     big = max(others, key=lambda m: x.shape[m])
-    y = np.tensordot(x, factors[big], axes=([big], [0]))  # axes: x's without `big`, then r
+    if memo and memo[0] == big and memo[1] is factors[big]:
+        y = memo[2]
+    else:
+        y = np.tensordot(x, factors[big], axes=([big], [0]))  # axes: x's without `big`, then r
+        if memo is not None:
+            # One entry: holding the factor keeps `is` exact (its id cannot be reused while held).
+            memo[:] = [big, factors[big], y]
     axes = [m for m in range(x.ndim) if m != big]
     for m in others:
         if m == big:
@@ -55,13 +65,14 @@ def _cp_sweeps(x: np.ndarray, factors: list[np.ndarray], n_iter: int, tol: float
     norm2 = float(np.sum(x * x))
     grams = [f.T @ f for f in factors]
     history = []
+    memo: list = []  # the last big contraction (_mttkrp), shared by the modes that repeat it
     for _ in range(n_iter):
         for n in range(x.ndim):
             others = [m for m in range(x.ndim) if m != n]
             v = np.ones((rank, rank))
             for m in others:
                 v = v * grams[m]
-            mttkrp = _mttkrp(x, factors, n)
+            mttkrp = _mttkrp(x, factors, n, memo)
             scale = max(float(np.trace(v)) / rank, 1e-300)
             mu = damping * scale
             lhs = v + (mu + 1e-12 * scale) * np.eye(rank)
