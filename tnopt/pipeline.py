@@ -33,6 +33,7 @@ from tnopt.metrics import fidelity_report
 from tnopt.passes import METHODS
 from tnopt.plan import Plan
 from tnopt.profile import calibration_stats
+from tnopt.reference_tap import tapped_reference
 from tnopt.refine import CROSS_FIT_FOLDS, apply_refiners, build_refiners, cross_fitted_refiners
 from tnopt.report import LayerReport, ModelSummary, Report
 from tnopt.runner import PlanRunner
@@ -256,6 +257,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         config = replace(config, sensitivity=mode, sensitivity_reason=why)
         say(f"sensitivity: {mode} ({why})")
     stats = {}
+    tapped: list = []  # the original's outputs per batch of the statistics pass (tnopt/reference_tap.py)
     clock.begin("statistics")
     if data_aware and targets:
         stats = calibration_stats(
@@ -269,6 +271,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
             say,
             # The budget's gate fits each fold's whitened factors without that fold's samples.
             folds=CROSS_FIT_FOLDS if config.budget is not None else None,
+            outputs_into=tapped if config.budget is not None else None,
         )
     clock.end()
     report.factors = {"data_aware": bool(stats), "correct": bool(correct)}
@@ -277,7 +280,15 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     if config.budget is not None and config.sensitivity == "predicted" and not stats and targets:
         clock.begin("statistics")
         predictor_stats = calibration_stats(
-            original, targets, calib, runtime, config.cache_dir, planned_methods, report, say
+            original,
+            targets,
+            calib,
+            runtime,
+            config.cache_dir,
+            planned_methods,
+            report,
+            say,
+            outputs_into=tapped,
         )
         clock.end()
 
@@ -308,6 +319,8 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     decisions: dict[str, dict] = {}
     evaluated = None
     clock.begin("search" if config.budget is not None else "plan")
+    reference = tapped_reference(tapped, original, calib.inputs, len(calib), runtime)
+    del tapped
     # The sweep measures unrefined layers, so refined and unrefined runs share its cache.
     factor_mode = ("white" if stats else "weight") + config.method_options.cache_tag
 
@@ -330,6 +343,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
             stats=predictor_stats,
             deadline=None if config.time_limit is None else started + float(config.time_limit),
             cross_fit=cross_fit,
+            reference=reference,
         )
         # One BLAS thread for the whole search (the correction's normal equations and solves, local
         # errors, metrics), as for the factorizations and statistics: beside onnxruntime's worker
@@ -359,6 +373,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         if heal_config is not None and len(plan):
             plan = heal_budget.heal_fixed_plan(runner, config, plan, calib, heal_holdout, report, say)
     clock.end()
+    reference = None  # the searches have it; the later stages do not hold it
     _release_search_memory(runner, stats, predictor_stats)
     report.timings["plan_s"] = time.perf_counter() - started
 

@@ -19,6 +19,7 @@ from scipy.linalg import blas as _blas
 
 from tnopt.analyze import Layer
 from tnopt.data import as_feeds
+from tnopt.reference_tap import tap_names, tap_sink
 from tnopt.threads import math_threads
 
 # Calibration moments converge long before this many samples.
@@ -389,21 +390,29 @@ def collect_stats(
     runtime,
     want_patches: bool = False,
     folds: int | None = None,
+    outputs_into: list | None = None,
 ) -> dict[str, LayerStats]:
     """Input moments of every layer whose weight sits on the right of its product (all but
     left-weight MatMuls), from one pass of the original model over `inputs`. `folds`: also each
-    cross-fitting fold's sums (sample i in fold i mod folds), within FOLD_MOMENT_MAX_BYTES."""
+    cross-fitting fold's sums (sample i in fold i mod folds), within FOLD_MOMENT_MAX_BYTES.
+    `outputs_into`: a list that gets the model's own outputs of each batch (onnxruntime computes
+    them in this pass anyway; tnopt/reference_tap.py)."""
     eligible = [layer for layer in layers if layer.attr("weight_side", "right") == "right"]
     if not eligible:
         return {}
     names = sorted({layer.input_name for layer in eligible})
     session = runtime.with_outputs(model, names)
+    if outputs_into is not None:
+        # The batch's values keep only the layer inputs, as without the tap.
+        names, outputs_into = tap_names(model, names), tap_sink(model, names, outputs_into)
     accumulators = {layer.name: _Accumulator(layer, want_patches) for layer in eligible}
     samples = as_feeds(inputs).samples()
     last_reader = {(layer.input_name, _row_layout(layer)): i for i, layer in enumerate(eligible)}
     first = True
     for batch, outputs in runtime.iter_batches(session, inputs, output_names=names):
         values = dict(zip(names, outputs))
+        if outputs_into is not None:
+            outputs_into(values)
         if first:
             _plan_economy(accumulators.values(), values, samples, batch.stop - batch.start)
             if folds and folds > 1:
@@ -518,11 +527,21 @@ def load_stats(path) -> dict[str, LayerStats]:
 
 
 def calibration_stats(
-    original, targets, calib, runtime, cache_dir, planned_methods, report, say, folds: int | None = None
+    original,
+    targets,
+    calib,
+    runtime,
+    cache_dir,
+    planned_methods,
+    report,
+    say,
+    folds: int | None = None,
+    outputs_into: list | None = None,
 ) -> dict:
     """Moments of every target layer from the first MAX_STATS_SAMPLES calibration samples, read from
     and saved to `cache_dir` when given; times and cache use go to `report.timings`. `folds`: the
-    cross-fitted gate's fold count (per-fold moments too; tnopt/fold_stats.py)."""
+    cross-fitted gate's fold count (per-fold moments too; tnopt/fold_stats.py). `outputs_into`: see
+    `collect_stats` (left empty when no pass runs)."""
     stats_start = time.perf_counter()
     stats_data = calib.head(MAX_STATS_SAMPLES)
     folds = min(folds, len(stats_data)) if folds and folds > 1 else None
@@ -542,7 +561,13 @@ def calibration_stats(
     if missing:
         stats.update(
             collect_stats(
-                original, missing, stats_data.inputs, runtime, want_patches=want_patches, folds=folds
+                original,
+                missing,
+                stats_data.inputs,
+                runtime,
+                want_patches=want_patches,
+                folds=folds,
+                outputs_into=outputs_into,
             )
         )
         if stats_file is not None:

@@ -172,18 +172,21 @@ class Search:
         stats=None,
         deadline=None,
         cross_fit=(),
+        reference=None,
     ):
         """`config`: the RunConfig; `runner`: the run's PlanRunner; `candidates`: layer → methods
         that accept it; `refiners`: `refine(plan) -> plan` steps applied to every verified plan;
         `deadline`: the perf_counter() time at which the search stops (--time-limit), or None;
-        `cross_fit`: the gate's cross-fitted refits (tnopt/refine.py `CrossFit`)."""
+        `cross_fit`: the gate's cross-fitted refits (tnopt/refine.py `CrossFit`); `reference`: the
+        original model's outputs on `calib` when already computed (tnopt/reference_tap.py)."""
         self.config, self.runner, self.say = config, runner, say
         self.layers, self.candidates = layers, dict(candidates)
         self.evaluation, self.refiners = evaluation, list(refiners)
         original = runner.original
         max_drop, drop_type = B.parse_budget(config.budget)
         sweep_data = calib.head(MAX_SWEEP_SAMPLES)
-        reference = runner.runtime.run(original, calib.inputs)
+        if reference is None:
+            reference = runner.runtime.run(original, calib.inputs)
         sweep_reference = [r[: len(sweep_data)] for r in reference]
         metric = choose_metric(
             config.metric, calib.labels, calib.synthetic, reference, output_producer(original), model=original
