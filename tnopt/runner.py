@@ -215,7 +215,10 @@ def time_plan_runs(board: Switchboard, runner: PlanRunner, choice: Choice, input
     widest paths on each run, so it only pays where an export and a session cost more than that
     extra work: big models on little data (MiniLM on 32 sentences: 0.71 s against 1.20 s), not a
     small conv net on 512 images (ResNet-style: 1.72 s against 0.64 s)."""
-    board.run([], inputs)  # opens its session once
+    # Opens its session and sizes its arena: one batch does it (the timed run below repeats that
+    # batch's shapes); a warm-up on every timed sample cost ResNet-50 a 32-crop run (~5 s quiet).
+    warm = as_feeds(inputs).take(slice(0, runner.runtime.batch_size)) if isinstance(inputs, dict) else inputs
+    board.run([], warm)
     start = time.perf_counter()
     board.run([choice], inputs)
     on_board = time.perf_counter() - start
