@@ -40,6 +40,11 @@ def held_out(stats: LayerStats | None, fold: int) -> LayerStats | None:
     if moment is None:
         return None
     patch = None
+    if stats.patch_moment is not None and stats.patch_moment is stats.input_moment:
+        # A pointwise conv's patch moment is its channel moment (profile.share_pointwise_patches).
+        held = LayerStats(rows, shrunk(moment / rows, rows))
+        held.patch_moment = held.input_moment
+        return held
     if stats.patch_moment is not None:
         patch, patch_rows = _without(stats.fold_patch_moments, stats.fold_patch_rows, fold)
         if patch is None:

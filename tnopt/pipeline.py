@@ -18,7 +18,7 @@ from typing import Callable
 import onnx
 from threadpoolctl import threadpool_limits
 
-from tnopt import gain, heal_budget, io, numerics, threads, validate
+from tnopt import allocator, gain, heal_budget, io, numerics, threads, validate
 from tnopt import heal as healing
 from tnopt.analyze import Layer, analyze, at_data_shapes
 from tnopt.config import RunConfig, resolve_methods
@@ -427,6 +427,9 @@ def _release_search_memory(runner: PlanRunner, *stats: dict) -> None:
     clear_memos()
     for moments in stats:
         moments.clear()
+    # What was freed below glibc's mmap threshold (or before the CLI fixed it) stays in the heap
+    # unless handed back: the stages after the search would start from the search's high-water mark.
+    allocator.trim()
 
 
 def _prepare_for_refiners(runner: PlanRunner, plan: Plan, refiners, table) -> None:
