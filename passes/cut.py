@@ -78,7 +78,10 @@ def input_side_moment(weight_shape, cut: str, stats) -> np.ndarray:
             return patch
         kh, kw = kernel
         blocks = patch.reshape(i, kh, kw, i, kh, kw)
-        return np.mean([blocks[:, h, :, :, h, :] for h in range(kh)], axis=0).reshape(i * kw, i * kw)
+        # Averaged in float64 (a stored patch moment is float32).
+        return np.mean([blocks[:, h, :, :, h, :] for h in range(kh)], axis=0, dtype=np.float64).reshape(
+            i * kw, i * kw
+        )
     return np.kron(stats.input_moment, np.eye(taps))
 
 

@@ -55,6 +55,11 @@ ECONOMY_ROWS_PER_FEATURE = 256
 # ... and a patch moment this many rows per feature (a 3x3 conv on 512 channels: 4608 features, 18k
 # rows: 4e11 FLOPs, where MAX_PATCH_ROWS cost 4e12).
 ECONOMY_PATCH_ROWS_PER_FEATURE = 4
+# Patch moments are stored in this dtype: their sums are float32 products (the rounding of the
+# division and shrinkage to float32 is ~1e-7 of each entry, far below the sums' own), the users widen
+# them to float64 where they compute, and float64 copies held for the whole search were ResNet-50's
+# largest single item (0.9 GB).
+PATCH_MOMENT_DTYPE = np.float32
 # The cross-fitted gate's per-fold moment sums (float32, folds × features² per layer, and the patch
 # moment's when collected) are kept for the layers in graph order while they fit in this many bytes;
 # a layer past it keeps only its all-sample moments, and the gate runs its all-sample (whitened)
@@ -67,7 +72,9 @@ FOLD_MOMENT_MAX_BYTES = 512 * 2**20
 class LayerStats:
     rows: int  # how many input rows (pixels, tokens, samples) the moments average over
     input_moment: np.ndarray  # (K, K) or (I, I): E[x xᵀ] over rows
-    patch_moment: np.ndarray | None = None  # Conv 2-D: (I·kh·kw)² moment of the im2col rows
+    # Conv 2-D: (I·kh·kw)² moment of the im2col rows (PATCH_MOMENT_DTYPE; a pointwise conv's is its
+    # input_moment itself, see share_pointwise_patches)
+    patch_moment: np.ndarray | None = None
     # The cross-fitted gate's folds (tnopt/fold_stats.py): per fold (calibration sample i in fold
     # i mod folds) the *sums* of x xᵀ over its rows (float32) and its row counts; None where the
     # folds could not be told apart or did not fit the byte cap.
@@ -176,7 +183,9 @@ class _Accumulator:
             patch_rows, patch = self.patch_rows, self.patches.total()
             self.patches = None
             patch /= max(patch_rows, 1)
-            patch = shrunk(patch, patch_rows)
+            # Kept in float32 (PATCH_MOMENT_DTYPE): its sums are float32 products already, and it is
+            # the largest thing the search holds (ResNet-50: 0.9 GB of patch moments in float64).
+            patch = shrunk(patch, patch_rows).astype(PATCH_MOMENT_DTYPE)
         rows, moment = self.rows, self.channel.total()
         self.channel = None  # (another layer reading the same tensor keeps the shared sums)
         moment /= max(rows, 1)

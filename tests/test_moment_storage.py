@@ -1,5 +1,7 @@
-"""A pointwise (1x1, unit stride, no padding) conv's patch moment is its channel moment: the statistics
-keep one array for both (and one set of fold sums), equal to the moment collected separately."""
+"""How the calibration moments are stored for the search (their bytes are what it holds longest): a
+pointwise (1x1, unit stride, no padding) conv's patch moment is its channel moment (one array for both,
+one set of fold sums, equal to the moment collected separately); patch moments in float32; the
+whitening's damping added without an identity matrix beside the moment."""
 
 from __future__ import annotations
 
@@ -88,3 +90,33 @@ def test_saved_statistics_keep_the_sharing(tmp_path):
         assert again.fold_patch_rows == item.fold_patch_rows
         for a, b in zip(again.fold_patch_moments, item.fold_patch_moments):
             np.testing.assert_array_equal(a, b)
+
+
+def test_patch_moments_are_kept_in_float32_and_equal_the_float64_im2col_moment():
+    from passes.cut import input_side_moment
+
+    model, layers = convnet()
+    x = np.random.default_rng(1).standard_normal((SAMPLES, C, SIDE, SIDE)).astype(np.float32) + 0.3
+    stats = collect_stats(model, layers[:1], {"x": x}, Runtime("cpu", batch_size=6), want_patches=True)
+    patch = stats["conv3"].patch_moment
+    assert patch.dtype == np.float32  # half the bytes of float64 for the search's largest arrays
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))
+    rows = windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, C * 9)
+    assert relative_difference(rows.T @ rows / len(rows), patch) < 1e-6
+    # The spatial cut's row-segment moment is averaged in float64.
+    segment = input_side_moment((C, C, 3, 3), "spatial", stats["conv3"])
+    assert segment.dtype == np.float64 and segment.shape == (C * 3, C * 3)
+
+
+def test_whitening_adds_the_damping_without_an_identity_and_the_same_sums(monkeypatch):
+    from passes import _linalg
+
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((40, 30))
+    moment = rows.T @ rows / 40
+    expected = np.linalg.cholesky(moment + 1e-3 * np.mean(np.diag(moment)) * np.eye(30))
+    made = []
+    monkeypatch.setattr(_linalg.np, "eye", lambda *a, **k: made.append(a) or np.eye(*a, **k))
+    np.testing.assert_array_equal(_linalg._damped_cholesky(moment, 1e-3), expected)
+    assert made == []
