@@ -35,7 +35,7 @@ MIN_ROWS_PER_UNKNOWN = 8
 # and a budgeted run has two (the gate's cross-fitted one and the saved plan's): at 1 GiB each they
 # held 2 GiB of ResNet-50's 42 MB-per-sample targets (24 of a pass's ≥ 128 samples each, the rest
 # recomputed anyway); 512 MiB still holds the reference models' 512 samples whole (ResNet-style:
-# 430 MB).
+# 430 MB). Targets that do not fit whole are not held at all (`Corrector._fits_whole`).
 MAX_HELD_TARGET_BYTES = 512 * 2**20
 # Rows (output positions) per sample a refit keeps: far above MIN_ROWS_PER_UNKNOWN for any channel
 # count once samples number in the tens, and all of them at the reference models' 28x28.
@@ -337,7 +337,8 @@ class Corrector:
     def target_batches(self, end: int | None = None):
         """A function rows → {output name: target rows}, called once per refit batch in order (a
         pass may stop early): held batches reused, the others computed by the original model beside
-        the refit, one batch at a time, and kept while the held ones stay under `max_held_bytes`.
+        the refit, one batch at a time, and kept while the held ones stay under `max_held_bytes`
+        (none where a pass's samples do not fit whole, `_fits_whole`).
         `end`: the capture's last sample (+1), so that the batches fall where the capture's do."""
         names = self._target_names
         if not names:
@@ -362,6 +363,8 @@ class Corrector:
             state["next"] = rows.stop
             batch = dict(zip(names, values))
             size = sum(v.nbytes for v in values)
+            if not self._held and not self._held_full and not self._fits_whole(size, got.stop - got.start):
+                self._held_full = True  # a held prefix would spare a sliver of each pass, at the cap's bytes
             if not self._held_full and self._held_bytes + size <= self.max_held_bytes:
                 self._held[key], self._held_bytes = batch, self._held_bytes + size
             else:
@@ -369,6 +372,17 @@ class Corrector:
             return batch
 
         return at
+
+    def _fits_whole(self, batch_bytes: int, batch_samples: int) -> bool:
+        """Whether the targets of every sample a capture pass reads at least (all of them, or
+        MIN_REFIT_SAMPLES where passes stop early) fit in `max_held_bytes`. Where they do not, none
+        are held: each pass recomputes the samples past the held prefix anyway, so the prefix saved a
+        fraction of one original-model pass per wave (ResNet-50 at 224²: ~12 of ≥ 128 samples, 42 MB
+        of targets each) for up to `max_held_bytes` per Corrector (two in a budgeted run) held
+        through the search."""
+        samples = as_feeds(self.inputs).samples()
+        read = min(samples, MIN_REFIT_SAMPLES) if self.early_stop else samples
+        return batch_bytes / max(batch_samples, 1) * read <= self.max_held_bytes
 
     def __call__(self, plan) -> Plan:
         return self.cross_fitted(plan)[0]
