@@ -70,7 +70,7 @@ def test_nothing_the_search_kept_outlives_it(tmp_path, monkeypatch):
     from conftest import MODELS, budgeted_cnn4, subset_npz
     from tnopt.passes import _linalg
 
-    from tnopt import pipeline
+    from tnopt import allocator, pipeline
     from tnopt.runtime import Runtime
 
     opened = []
@@ -94,7 +94,10 @@ def test_nothing_the_search_kept_outlives_it(tmp_path, monkeypatch):
             len(_linalg._SVD_CACHE) + len(_linalg._WHITENING_CACHE),
         )
         seen["left"] = [len(m) for m in moments]
+        seen["trimmed"] = len(trims)
 
+    trims = []  # the heap's freed pages handed back after the release (tnopt/allocator.py)
+    monkeypatch.setattr(allocator, "trim", lambda: trims.append(1) or True)
     monkeypatch.setattr(Runtime, "session", tracked)
     monkeypatch.setattr(pipeline, "_release_search_memory", released)
     calib = subset_npz(MODELS / "calib.npz", tmp_path / "c.npz", 0, 96)
@@ -102,4 +105,4 @@ def test_nothing_the_search_kept_outlives_it(tmp_path, monkeypatch):
     _, report = budgeted_cnn4(calib, evaluation)
     assert report.search["verifications"] > 0 and len(opened) > 3
     assert seen["moments"][0] > 0, "the run had calibration moments to release"
-    assert seen == dict(seen, sessions=0, lifted=0, memos=0, left=[0] * len(seen["moments"]))
+    assert seen == dict(seen, sessions=0, lifted=0, memos=0, left=[0] * len(seen["moments"]), trimmed=1)
