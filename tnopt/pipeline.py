@@ -421,10 +421,12 @@ def _release_search_memory(runner: PlanRunner, *stats: dict) -> None:
     """The plan is chosen and fitted: the runner's kept sessions, the factorizations' memos and the
     calibration moments (ResNet-50: 1.6 GB; the gate's fold factors and closures share the dicts)
     go, so that the stages after the search (export, validation, latency) start from what they need."""
+    from tnopt.local_error import clear_widened
     from tnopt.passes._linalg import clear_memos
 
     runner.release()
     clear_memos()
+    clear_widened()
     for moments in stats:
         moments.clear()
     # What was freed below glibc's mmap threshold (or before the CLI fixed it) stays in the heap
