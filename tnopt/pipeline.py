@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import replace
+from functools import partial
 from typing import Callable
 
 import onnx
@@ -258,17 +259,13 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         say(f"sensitivity: {mode} ({why})")
     stats = {}
     tapped: list = []  # the original's outputs per batch of the statistics pass (tnopt/reference_tap.py)
+    # The statistics pass of this run (the data-aware factors' or the predictor's, below).
+    statistics = partial(
+        calibration_stats, original, targets, calib, runtime, config.cache_dir, planned_methods, report, say
+    )
     clock.begin("statistics")
     if data_aware and targets:
-        stats = calibration_stats(
-            original,
-            targets,
-            calib,
-            runtime,
-            config.cache_dir,
-            planned_methods,
-            report,
-            say,
+        stats = statistics(
             # The budget's gate fits each fold's whitened factors without that fold's samples.
             folds=CROSS_FIT_FOLDS if config.budget is not None else None,
             outputs_into=tapped if config.budget is not None else None,
@@ -279,17 +276,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     predictor_stats = stats
     if config.budget is not None and config.sensitivity == "predicted" and not stats and targets:
         clock.begin("statistics")
-        predictor_stats = calibration_stats(
-            original,
-            targets,
-            calib,
-            runtime,
-            config.cache_dir,
-            planned_methods,
-            report,
-            say,
-            outputs_into=tapped,
-        )
+        predictor_stats = statistics(outputs_into=tapped)
         clock.end()
 
     def factor_fn(layer, method, rank):
