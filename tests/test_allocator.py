@@ -1,5 +1,5 @@
 """tnopt/allocator.py: the command line fixes glibc's mmap threshold, so freed large arrays go back to
-the system instead of staying resident after glibc's dynamic threshold has risen past them."""
+the system instead of staying resident after glibc's dynamic thresholds have risen past them."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from tnopt import allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# In a fresh process: free one 24 MiB array (glibc's dynamic threshold rises to 24 MiB; it stops at
-# 32 MiB), then hold a 16 MiB one: without a fixed threshold it comes from the heap, with it from its
-# own mapping.
+# In a fresh process: free one 24 MiB array (glibc's dynamic thresholds rise: mmap to 24 MiB, trim to
+# 48 MiB), then allocate and free a 16 MiB one, which comes from the heap either way. With the fixed
+# threshold the heap hands it back when it is freed; with glibc's dynamic one the heap keeps it.
 PROBE = """
 import ctypes, sys
 import numpy as np
@@ -30,9 +30,11 @@ class Info(ctypes.Structure):
 libc = ctypes.CDLL(None); libc.mallinfo2.restype = Info
 fixed = allocator.return_freed_memory() if sys.argv[1] == "fixed" else False
 big = np.ones(24 << 17); del big
-before = libc.mallinfo2().hblkhd
+before = libc.mallinfo2().arena
 held = np.ones(16 << 17)
-print(int(fixed), libc.mallinfo2().hblkhd - before)
+heap_grew = libc.mallinfo2().arena - before
+del held
+print(int(fixed), heap_grew, libc.mallinfo2().arena - before)
 """
 
 
@@ -43,21 +45,23 @@ def _glibc_with_mallinfo2() -> bool:
         return False
 
 
-def _probe(mode: str) -> tuple[int, int]:
+def _probe(mode: str) -> tuple[int, int, int]:
     env = {k: v for k, v in os.environ.items() if k != allocator.ENV_VARIABLE}
     out = subprocess.run(
         [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, cwd=ROOT, env=env, check=True
     ).stdout.split()
-    return int(out[0]), int(out[1])
+    return int(out[0]), int(out[1]), int(out[2])
 
 
 @pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="glibc's mallopt/mallinfo2 only (not this C library)")
-def test_fixed_threshold_maps_large_arrays_after_a_larger_one_was_freed():
-    fixed, mapped = _probe("fixed")
+def test_fixed_threshold_returns_a_freed_heap_array_after_a_larger_one_was_freed():
+    fixed, grew, kept = _probe("fixed")
     assert fixed == 1
-    assert mapped >= 16 << 20  # its own mapping: unmapped (returned) when freed
-    unset, mapped = _probe("default")
-    assert unset == 0 and mapped == 0  # glibc's dynamic threshold: the heap holds it (and keeps it)
+    assert grew >= 16 << 20  # below the fixed threshold: from the heap ...
+    assert kept < 1 << 20  # ... and given back when freed
+    unset, grew, kept = _probe("default")
+    assert unset == 0 and grew >= 16 << 20
+    assert kept >= 16 << 20  # glibc's dynamic trim threshold (48 MiB by now): the heap keeps it
 
 
 def test_the_users_own_setting_wins(monkeypatch):

@@ -2,15 +2,21 @@
 
 glibc serves a block of at least M_MMAP_THRESHOLD bytes with its own mmap and unmaps it on free; the
 threshold starts at 128 KiB but is *dynamic*: each mmapped block freed raises it to that block's size
-(up to 32 MiB on 64-bit). After the first few big numpy temporaries are freed, arrays of that size come
-from the heap instead, and freed heap memory goes back to the system only from the heap's top — so a
-run keeps the high-water mark of its freed arrays as resident memory. Measured on the ResNet-50 row
-(session 8, bench/RESULTS.md): with the threshold fixed at 1 MiB (MALLOC_MMAP_THRESHOLD_=1048576) the
-search's peak fell 6.60 → 6.20 GiB and the stages after it 3.5–3.7 → 1.5–1.7 GiB, the same plan.
+(up to 32 MiB on 64-bit), and the heap's trim threshold (free memory at the heap's top kept rather than
+returned) rises with it to twice that. After the first big numpy temporaries are freed, arrays up to that
+size come from the heap, and up to 64 MiB of freed heap stays resident at its top; memory below the top
+goes back only through malloc_trim.
 
-Setting the threshold explicitly (mallopt) also turns the dynamic adjustment off, and blocks below it
-(Python objects, small arrays) stay on the heap as before. The cost is one mmap/munmap and fresh
-(zeroed) pages per large allocation; bench/RESULTS.md (session 9, memx10) has its measured time.
+Setting the threshold explicitly (mallopt) turns both adjustments off: blocks from MMAP_THRESHOLD_BYTES up
+are mapped on their own and returned on free, the trim threshold stays at glibc's 128 KiB, and
+`trim` (malloc_trim) after the search's release returns what is free below the heap's top.
+
+Why 32 MiB, not lower. A lower threshold maps more arrays on their own and returns them at once, but every
+such allocation then costs an mmap/munmap and fresh zeroed pages. Measured on the ResNet-50 row, same
+command and files, quiet (bench/RESULTS.md, session 9): fixed at 1 MiB, 642 s and a 4.31 GiB peak; at
+32 MiB, 542 s and 4.55 GiB; session 8 (dynamic threshold, no trim) had a 6.60 GiB peak. 32 MiB is the
+ceiling glibc's own dynamic threshold stops at, so the allocation pattern is glibc's steady state, without
+its 64 MiB trim threshold.
 
 Process-wide, so only the command line (which owns its process) calls `return_freed_memory`, at start;
 a library caller keeps its allocator as it is. A no-op where the C library is not glibc, where it has
@@ -25,9 +31,9 @@ import os
 
 # glibc's mallopt parameter number for the mmap threshold (malloc.h: #define M_MMAP_THRESHOLD -3).
 M_MMAP_THRESHOLD = -3
-# Blocks from this size up are mapped on their own and unmapped on free: every activation batch,
-# moment and factor of a real model, while Python's small objects and small arrays stay on the heap.
-MMAP_THRESHOLD_BYTES = 1 << 20
+# Blocks from this size up are mapped on their own and unmapped on free (the big activation batches and
+# moments of a real model); smaller ones come from the heap, which the trim threshold and `trim` return.
+MMAP_THRESHOLD_BYTES = 32 << 20
 # The environment variable glibc reads for the same setting at start.
 ENV_VARIABLE = "MALLOC_MMAP_THRESHOLD_"
 
