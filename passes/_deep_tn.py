@@ -1,21 +1,33 @@
 """Deep tensor network of a weight (the ADTN form, Qing et al.): pure math, numpy or torch, no onnx.
 
-The weight, as the matrix M (rows = its first axis, cols = the rest), is zero-padded to 2^a × 2^b and
-read as a tensor of n = a + b binary indices ("sites"), row and column bits interleaved from the most
-significant (r1 c1 r2 c2 …), so neighbouring sites describe the same scale of rows and columns:
+The weight is read as a tensor of axes (A_1, …, A_m) — its own axes, or a geometry the caller knows
+(a conv's (O, I, kh, kw); a Gemm's (C, H, W, N) when its K inputs are a flattened (C, H, W) map) —
+each axis zero-padded on its own to 2^{b_i} and split into b_i binary digits, most significant first.
+The n = Σ b_i bits are the sites, ordered by groups of axes: inside a group the axes' bits interleave
+by scale (coarsest first), groups follow one another. E.g. fc2's 784×300 Gemm, axes (28, 28, 300),
+groups ((H, W), (N,)):
 
-    vec(M̃)[s_1 … s_n] = Σ  (L_D ⋯ L_1) · G_1[s_1] G_2[s_2] ⋯ G_n[s_n]
+    sites:  h1 w1 h2 w2 h3 w3 h4 w4 h5 w5 | n1 n2 … n9        (h1 = the top bit of the row index)
+    vec(W̃)[s_1 … s_n] = Σ  (L_D ⋯ L_1) · G_1[s_1] G_2[s_2] ⋯ G_n[s_n]
     layer 0 : a tensor train (MPS), cores G_k (χ_{k-1}, 2, χ_k), bonds ≤ χ
     layer ℓ : a brick wall of two-site gates U (4×4) on sites (k, k+1), k ≡ ℓ−1 (mod 2)
 
-Stored numbers ≈ 2nχ² + D·(n−1)/2·16 against 2^n for the weight: exponentially fewer. A TT is the
+so neighbouring sites describe the same scale of the image's rows and columns: a smooth filter is
+low-rank across every cut, which it is not when the flat index 28·r + c is split into bits as a
+whole (the bits of a flat index mix rows and columns). The matrix layout (rows = first axis, cols =
+the rest, two axes interleaved) is the case axes = (rows, cols), groups = ((rows, cols),).
+
+Stored numbers ≈ 2nχ² + D·(n−1)/2·16 against ∏ A_i for the weight: exponentially fewer. A TT is the
 depth-0 case; TT-SVD initialises it and the gates start as identities, so before training the network
-is exactly the truncated TT, and gradient training (healing) moves every tensor.
+is exactly the truncated TT, and gradient training (healing) moves every tensor. Padded entries are
+sliced away by the contraction: their values are free; the TT-SVD start fills them by repeating each
+axis's last entry (smoother than zeros, so lower rank across the cuts).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,21 +39,54 @@ def matrix_shape(weight_shape) -> tuple[int, int]:
 
 
 def bits_for(size: int) -> int:
-    return max(1, math.ceil(math.log2(size))) if size > 1 else 1
+    """Binary digits of an axis index: 0 for an axis of size 1 (it holds no site)."""
+    return math.ceil(math.log2(size)) if size > 1 else 0
 
 
-def site_layout(weight_shape) -> tuple[int, int, list[int]]:
-    """(row bits a, column bits b, site order): site j holds axis site_order[j] of the (2,)*(a+b)
-    tensor whose first a axes are the row bits and last b the column bits, most significant first."""
-    rows, cols = matrix_shape(weight_shape)
-    a, b = bits_for(rows), bits_for(cols)
+@dataclass(frozen=True)
+class SiteLayout:
+    """How the weight's entries map to sites. The bit tensor has axis 0's bits (most significant
+    first), then axis 1's, …; site j holds bit `order[j]` of it."""
+
+    weight_shape: tuple[int, ...]
+    axes: tuple[int, ...]
+    bits: tuple[int, ...]
+    order: tuple[int, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.order)
+
+    @property
+    def padded(self) -> tuple[int, ...]:
+        return tuple(2**b for b in self.bits)
+
+    def site_names(self, names: str = "abcdefghijklmnopqrstuvwxyz") -> list[str]:
+        """'a1', 'b1', … per site (axis letter, bit from the most significant): for tests and reports."""
+        labels = [f"{names[axis]}{bit + 1}" for axis, b in enumerate(self.bits) for bit in range(b)]
+        return [labels[j] for j in self.order]
+
+
+def site_layout(weight_shape, axes=None, groups=None) -> SiteLayout:
+    """The layout of a weight read as `axes` (sizes, product = the weight's size; default the matrix
+    (rows, cols)), with `groups` (tuples of axis indices covering every axis once; default one group
+    of all axes): each group's bits interleave by scale, coarsest first, groups in order."""
+    weight_shape = tuple(int(d) for d in weight_shape)
+    axes = tuple(int(a) for a in (axes if axes is not None else matrix_shape(weight_shape)))
+    if math.prod(axes) != math.prod(weight_shape):
+        raise ValueError(f"axes {axes} do not hold a weight of shape {weight_shape}")
+    groups = tuple(tuple(g) for g in (groups if groups is not None else (tuple(range(len(axes))),)))
+    if sorted(i for g in groups for i in g) != list(range(len(axes))):
+        raise ValueError(f"groups {groups} must name each of the {len(axes)} axes once")
+    bits = [bits_for(a) for a in axes]
+    if sum(bits) == 0:
+        bits[0] = 1  # a one-entry weight still needs one site
+    offsets = np.concatenate([[0], np.cumsum(bits)[:-1]]).astype(int)
     order = []
-    for k in range(max(a, b)):
-        if k < a:
-            order.append(k)
-        if k < b:
-            order.append(a + k)
-    return a, b, order
+    for group in groups:
+        for level in range(max((bits[i] for i in group), default=0)):
+            order += [int(offsets[i]) + level for i in group if level < bits[i]]
+    return SiteLayout(weight_shape, axes, tuple(bits), tuple(order))
 
 
 def bond_caps(n: int) -> list[int]:
@@ -54,32 +99,59 @@ def bonds(n: int, chi: int) -> list[int]:
     return [1] + [max(1, min(int(chi), cap)) for cap in bond_caps(n)] + [1]
 
 
+def mps_params(chain) -> int:
+    return int(sum(chain[k] * 2 * chain[k + 1] for k in range(len(chain) - 1)))
+
+
+def spectral_bonds(spectra, budget: int) -> list[int]:
+    """Bonds (1, χ_1, …, χ_{n-1}, 1) whose cores fit `budget` numbers, spread by the unfoldings'
+    spectra: greedily raise the bond whose next singular value buys the most squared norm per
+    stored number (Σ_k of the discarded σ² bounds the TT-SVD error). A bond above twice a
+    neighbour's is never raised: the core between them could not use it."""
+    n = len(spectra) + 1
+    chain = [1] * (n + 1)
+    squares = [np.asarray(s, np.float64) ** 2 for s in spectra]
+    while True:
+        best, best_gain = None, 0.0
+        for k in range(1, n):
+            r = chain[k]
+            if r >= len(squares[k - 1]) or r + 1 > 2 * min(chain[k - 1], chain[k + 1]):
+                continue
+            extra = 2 * (chain[k - 1] + chain[k + 1])
+            if mps_params(chain) + extra > budget:
+                continue
+            gain = squares[k - 1][r] / extra
+            if gain > best_gain:
+                best, best_gain = k, gain
+        if best is None:
+            return chain
+        chain[best] += 1
+
+
 def gate_sites(n: int, depth: int) -> list[list[int]]:
     """For each gate layer, the first site of each two-site gate (brick wall, alternating offsets)."""
     return [list(range(layer % 2, n - 1, 2)) for layer in range(depth)]
 
 
-def param_count(weight_shape, chi: int, depth: int) -> int:
-    a, b, _ = site_layout(weight_shape)
-    n = a + b
-    chain = bonds(n, chi)
-    mps = sum(chain[k] * 2 * chain[k + 1] for k in range(n))
-    return int(mps + 16 * sum(len(sites) for sites in gate_sites(n, depth)))
+def param_count(layout: SiteLayout, chi: int, depth: int) -> int:
+    n = layout.n
+    return int(mps_params(bonds(n, chi)) + 16 * sum(len(sites) for sites in gate_sites(n, depth)))
 
 
-def site_tensor(weight: np.ndarray) -> np.ndarray:
-    """The weight as the zero-padded (2,)*n tensor in site order."""
-    rows, cols = matrix_shape(weight.shape)
-    a, b, order = site_layout(weight.shape)
-    padded = np.zeros((2**a, 2**b), dtype=np.float64)
-    padded[:rows, :cols] = np.asarray(weight, dtype=np.float64).reshape(rows, cols)
-    return padded.reshape((2,) * (a + b)).transpose(order)
+def site_tensor(weight: np.ndarray, layout: SiteLayout, pad: str = "edge") -> np.ndarray:
+    """The weight as the padded (2,)*n tensor in site order (`pad`: "edge" repeats each axis's last
+    entry, "zero" fills zeros; the contraction slices the padding away either way)."""
+    w = np.asarray(weight, dtype=np.float64).reshape(layout.axes)
+    widths = [(0, p - a) for p, a in zip(layout.padded, layout.axes)]
+    padded = np.pad(w, widths, mode="edge" if pad == "edge" else "constant")
+    return padded.reshape((2,) * layout.n).transpose(layout.order)
 
 
-def tt_svd_sites(tensor: np.ndarray, chi: int) -> list[np.ndarray]:
-    """TT-SVD (Oseledets) of a (2,)*n tensor with every bond ≤ χ: cores (χ_{k-1}, 2, χ_k)."""
+def tt_svd_sites(tensor: np.ndarray, chi) -> list[np.ndarray]:
+    """TT-SVD (Oseledets) of a (2,)*n tensor with every bond ≤ χ (an int), or with the bonds of a
+    full chain (1, χ_1, …, 1): cores (χ_{k-1}, 2, χ_k)."""
     n = tensor.ndim
-    chain = bonds(n, chi)
+    chain = list(chi) if isinstance(chi, (list, tuple)) else bonds(n, chi)
     cores, rest = [], tensor.reshape(2, -1)
     for k in range(n - 1):
         u, s, vt = svd(rest)
@@ -91,9 +163,9 @@ def tt_svd_sites(tensor: np.ndarray, chi: int) -> list[np.ndarray]:
     return cores
 
 
-def unfolding_spectra(weight: np.ndarray) -> list[np.ndarray]:
+def unfolding_spectra(weight: np.ndarray, layout: SiteLayout) -> list[np.ndarray]:
     """Singular values of the n-1 site unfoldings (bond k's exact rank is unfolding k's rank)."""
-    tensor = site_tensor(weight)
+    tensor = site_tensor(weight, layout)
     return [singular_values(tensor.reshape(2 ** (k + 1), -1)) for k in range(tensor.ndim - 1)]
 
 
@@ -105,11 +177,9 @@ def _permute(t, order):
     return t.permute(order) if hasattr(t, "permute") else t.transpose(order)
 
 
-def contract(cores, gates, weight_shape):
-    """Weight (in `weight_shape`) from MPS cores and gate layers; numpy or torch (autograd) alike."""
-    rows, cols = matrix_shape(weight_shape)
-    a, b, order = site_layout(weight_shape)
-    n = a + b
+def contract(cores, gates, layout: SiteLayout):
+    """Weight (in layout.weight_shape) from MPS cores and gate layers; numpy or torch (autograd) alike."""
+    n = layout.n
     vector = cores[0].reshape(-1, cores[0].shape[2])
     for core in cores[1:]:
         vector = (vector @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[2])
@@ -119,15 +189,20 @@ def contract(cores, gates, weight_shape):
             # batched ones (those made a 2^19-entry contraction ~30x slower, forward and backward).
             split = vector.reshape(2**k, 4, -1).swapaxes(0, 1).reshape(4, -1)
             vector = (layer[index] @ split).reshape(4, 2**k, -1).swapaxes(0, 1).reshape(-1)
-    inverse = list(np.argsort(order))
-    padded = _permute(vector.reshape((2,) * n), inverse).reshape(2**a, 2**b)
-    return padded[:rows, :cols].reshape(tuple(weight_shape))
+    inverse = [int(i) for i in np.argsort(layout.order)]
+    padded = _permute(vector.reshape((2,) * n), inverse).reshape(layout.padded)
+    return padded[tuple(slice(0, a) for a in layout.axes)].reshape(layout.weight_shape)
 
 
-def decompose(weight: np.ndarray, chi: int, depth: int):
-    """(cores, identity gates, relative weight error): TT-SVD at bond χ, then `depth` identity layers."""
-    tensor = site_tensor(weight)
+def decompose(weight: np.ndarray, layout: SiteLayout, chi: int, depth: int, spread: str = "uniform"):
+    """(cores, identity gates, relative weight error): TT-SVD at bond χ ("uniform"), or at bonds
+    spread by the unfoldings' spectra within the same stored numbers ("spectral"), then `depth`
+    identity gate layers."""
+    tensor = site_tensor(weight, layout)
+    if spread == "spectral":
+        spectra = [singular_values(tensor.reshape(2 ** (k + 1), -1)) for k in range(tensor.ndim - 1)]
+        chi = spectral_bonds(spectra, mps_params(bonds(layout.n, chi)))
     cores = tt_svd_sites(tensor, chi)
     gates = identity_gates(tensor.ndim, depth)
-    approx = contract(cores, gates, weight.shape)
+    approx = contract(cores, gates, layout)
     return cores, gates, relative_error(weight, approx)

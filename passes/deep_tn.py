@@ -1,17 +1,23 @@
 """Deep tensor-network storage (ADTN): W = TT of binary sites under 4x4 gate layers, folded at load; heal it.
 
-    W (rows × cols, zero-padded to 2^a × 2^b) as n = a+b binary sites, row/column bits interleaved:
+    W read as axes (A_1 … A_m), each zero-padded to 2^{b_i}, split into n = Σ b_i binary sites:
+      Conv (O, I, kh, kw):            sites  kh1 kw1 kh2 kw2 | I1 … I_b | O1 … O_b
+      Gemm/MatMul x·W, x = Flatten(C, H, W):  sites  H1 W1 H2 W2 … | C1 … | N1 …   (axes (C, H, W, N))
+      any other weight (rows, cols):  sites  r1 c1 r2 c2 …  (the matrix layout)
     W = unpad( (L_D ⋯ L_1) · MPS(G_1 … G_n) ),  G_k (χ_{k-1}, 2, χ_k),  L_ℓ = ⊗ two-site gates U (4×4)
 
     Op(x, W)  ⇒  Op(x, Reshape(Slice(Reshape(Transpose(Reshape(
                       MatMul(U_ℓk, Reshape(… MatMul(MatMul(G_1, G_2), G_3) …)) ⋯))))))     (constants only)
 
-Rank = the MPS bond χ; depth D = gate layers (`DEFAULT_DEPTH`). Stored numbers ≈ 2nχ² + 8D(n−1)
-against the weight's 2^n — exponentially fewer. Initialised by TT-SVD with identity gates (exactly
-the truncated TT), then trained by healing (`tnopt --heal`); weight-only truncation at these
-sizes loses a lot, so use it with healing. The contraction is constant-only: onnxruntime folds it at
-load, so the file shrinks and the compute stays the dense layer's (the original op and attributes
-consume the rebuilt W). Not offered by `--method auto`: it saves no FLOPs and pays only when healed.
+Neighbouring sites hold the same scale of an image's rows and columns (the bits of a flat index
+28·r + c would mix them), so smooth filters are low-rank across every cut; the geometry behind a
+Flatten/Reshape comes from the graph (`Layer.input_axes`). Rank = the MPS bond χ; depth D = gate
+layers (`DEFAULT_DEPTH`). Stored numbers ≈ 2nχ² + 8D(n−1) against the weight's ∏ A_i ≈ 2^n —
+exponentially fewer. Initialised by TT-SVD with identity gates (exactly the truncated TT), then
+trained by healing (`tnopt --heal`); weight-only truncation at these sizes loses a lot, so use it
+with healing. The contraction is constant-only: onnxruntime folds it at load, so the file shrinks and
+the compute stays the dense layer's (the original op and attributes consume the rebuilt W). Not
+offered by `--method auto`: it saves no FLOPs and pays only when healed.
 """
 
 from __future__ import annotations
@@ -25,6 +31,32 @@ from ._method import Cost, Factors, Method, scaled_rank
 from .tucker2 import spatial_conv_attrs
 
 DEFAULT_DEPTH = 4
+# Site order by axis role: groups of roles, each group's axes interleaved by scale, groups in order.
+DEFAULT_ARRANGEMENT = (("space",), ("in",), ("out",))
+
+
+def axis_roles(layer) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
+    """(axes, role of each axis: "out" | "in" | "space") of the layer's weight, or None when only the
+    matrix layout is known. Conv (O, I, *k); Gemm/MatMul y = x·W (K, N) whose K inputs a
+    Flatten/Reshape folded from (C, *spatial): (C, *spatial, N)."""
+    shape = tuple(getattr(layer, "weight_shape", None) or np.shape(layer.weight))
+    op = getattr(layer, "op", None)
+    if op == "Conv" and len(shape) >= 3:
+        return shape, ("out", "in") + ("space",) * (len(shape) - 2)
+    folded = getattr(layer, "input_axes", None)
+    if op in ("Gemm", "MatMul") and folded and len(shape) == 2 and prod(folded) == shape[0]:
+        return (*folded, shape[1]), ("in",) + ("space",) * (len(folded) - 1) + ("out",)
+    return None
+
+
+def layout_for(layer, arrangement=DEFAULT_ARRANGEMENT) -> _deep_tn.SiteLayout:
+    shape = tuple(getattr(layer, "weight_shape", None) or np.shape(layer.weight))
+    known = axis_roles(layer) if arrangement is not None else None
+    if known is None:
+        return _deep_tn.site_layout(shape)
+    axes, roles = known
+    groups = [tuple(i for i, r in enumerate(roles) if r in group) for group in arrangement]
+    return _deep_tn.site_layout(shape, axes, [g for g in groups if g])
 
 
 class DeepTNStorage(Method):
@@ -33,12 +65,16 @@ class DeepTNStorage(Method):
     folded_at_load = True
     in_auto = False
 
-    def __init__(self, depth: int = DEFAULT_DEPTH):
+    def __init__(self, depth: int = DEFAULT_DEPTH, arrangement=DEFAULT_ARRANGEMENT, spread: str = "uniform"):
         self.depth = int(depth)
+        self.arrangement = arrangement
+        self.spread = spread
+
+    def layout(self, layer) -> _deep_tn.SiteLayout:
+        return layout_for(layer, self.arrangement)
 
     def _sites(self, layer) -> int:
-        a, b, _ = _deep_tn.site_layout(layer.weight_shape)
-        return a + b
+        return self.layout(layer).n
 
     def full_rank(self, layer) -> int:
         return max(_deep_tn.bond_caps(self._sites(layer)))
@@ -47,16 +83,17 @@ class DeepTNStorage(Method):
         return scaled_rank(self.full_rank(layer), ratio, round_to=0)
 
     def rank_from_energy(self, layer, energy: float) -> int:
-        return max(_linalg.rank_for_energy(s, energy) for s in _deep_tn.unfolding_spectra(layer.weight))
+        spectra = _deep_tn.unfolding_spectra(layer.weight, self.layout(layer))
+        return max(_linalg.rank_for_energy(s, energy) for s in spectra)
 
     def cost(self, layer, rank: int) -> Cost:
-        return Cost(_deep_tn.param_count(layer.weight_shape, rank, self.depth), layer.flops)
+        return Cost(_deep_tn.param_count(self.layout(layer), rank, self.depth), layer.flops)
 
     def decompose(self, layer, rank: int, stats=None) -> Factors:
         weight = layer.weight
         # Weight-only: the input statistics have no place in a TT of binary sites; healing is the
         # data-aware step for this method.
-        cores, gates, err = _deep_tn.decompose(weight, rank, self.depth)
+        cores, gates, err = _deep_tn.decompose(weight, self.layout(layer), rank, self.depth, self.spread)
         arrays = {f"G{k + 1}": c for k, c in enumerate(cores)}
         arrays.update({f"U{k + 1}": g for k, g in enumerate(gates)})
         bonds = tuple(c.shape[2] for c in cores[:-1])
@@ -77,7 +114,7 @@ class DeepTNStorage(Method):
         from . import _torch
 
         cores, gates = self.split_arrays(arrays)
-        weight = _deep_tn.contract(cores, gates, layer.weight_shape)
+        weight = _deep_tn.contract(cores, gates, self.layout(layer))
         return _torch.dense_forward(layer, weight, bias, x)
 
     def build(self, emit, layer, factors: Factors) -> None:
@@ -101,15 +138,16 @@ class DeepTNStorage(Method):
                 )
                 w = emit.op("Reshape", f"{tag}/split", [w, _shape(emit, tag, [2**k, 4, -1])])
                 w = emit.op("MatMul", tag, [gate, w])
-        a, b, order = _deep_tn.site_layout(layer.weight_shape)
-        rows, cols = _deep_tn.matrix_shape(layer.weight_shape)
+        layout = self.layout(layer)
         w = emit.op("Reshape", "rebuild/sites", [w, _shape(emit, "rebuild/sites", [2] * n)])
-        w = emit.op("Transpose", "rebuild/unshuffle", [w], {"perm": [int(p) for p in np.argsort(order)]})
-        w = emit.op("Reshape", "rebuild/matrix", [w, _shape(emit, "rebuild/matrix", [2**a, 2**b])])
-        if (rows, cols) != (2**a, 2**b):
+        perm = [int(p) for p in np.argsort(layout.order)]
+        w = emit.op("Transpose", "rebuild/unshuffle", [w], {"perm": perm})
+        w = emit.op("Reshape", "rebuild/axes", [w, _shape(emit, "rebuild/axes", layout.padded)])
+        if layout.axes != layout.padded:
+            rank = len(layout.axes)
             bounds = [
                 emit.const(f"rebuild/unpad/{role}", np.array(values, np.int64))
-                for role, values in (("starts", [0, 0]), ("ends", [rows, cols]), ("axes", [0, 1]))
+                for role, values in (("starts", [0] * rank), ("ends", layout.axes), ("axes", range(rank)))
             ]
             w = emit.op("Slice", "rebuild/unpad", [w, *bounds])
         shape = list(layer.weight_shape)

@@ -134,22 +134,23 @@ def test_forward_gradients_reach_every_factor():
 # --- deep tensor-network storage ---------------------------------------------------------------------
 
 
-def planted_deep_tn(weight_shape, chi, depth, seed=0):
+def planted_deep_tn(weight_shape, chi, depth, seed=0, layout=None):
     """A weight that is exactly a bond-χ MPS of binary sites (random cores), under `depth` random
-    orthogonal gate layers when depth > 0."""
+    orthogonal gate layers when depth > 0; in the matrix layout unless `layout` is given."""
     rng = np.random.default_rng(seed)
-    a, b, _ = _deep_tn.site_layout(weight_shape)
-    n = a + b
+    layout = layout or _deep_tn.site_layout(weight_shape)
+    n = layout.n
     chain = _deep_tn.bonds(n, chi)
     cores = [rng.standard_normal((chain[k], 2, chain[k + 1])) for k in range(n)]
     gates = [
         np.stack([np.linalg.qr(rng.standard_normal((4, 4)))[0] for _ in sites])
         for sites in _deep_tn.gate_sites(n, depth)
     ]
-    return _deep_tn.contract(cores, gates, weight_shape)
+    return _deep_tn.contract(cores, gates, layout)
 
 
 def test_deep_tn_planted_structure_reproduces_the_weight():
+    # A MatMul with no known input geometry: the matrix layout (rows and columns interleaved).
     # 64x32 = 2^11 entries, no padding: an exact bond-3 MPS is recovered exactly by TT-SVD at χ=3.
     weight = planted_deep_tn((64, 32), 3, 0).astype(np.float32)
     factors = METHODS["deep-tn-storage"].decompose(SimpleNamespace(weight=weight), 3)
@@ -186,7 +187,7 @@ def test_deep_tn_gates_train_to_a_planted_deep_network():
 
     def error():
         cores, gates = impl.split_arrays(params)
-        approx = _deep_tn.contract(cores, gates, shape)
+        approx = _deep_tn.contract(cores, gates, _deep_tn.site_layout(shape))
         return ((approx - target).norm() / target.norm()).float()
 
     start = float(error().detach())
@@ -200,7 +201,7 @@ def test_deep_tn_gates_train_to_a_planted_deep_network():
 
 def test_deep_tn_stores_exponentially_fewer_numbers():
     layer_shape = (1024, 512)
-    params = _deep_tn.param_count(layer_shape, 8, 4)
+    params = _deep_tn.param_count(_deep_tn.site_layout(layer_shape), 8, 4)
     assert params * 100 < np.prod(layer_shape)
     model, _ = conv_model((8, 6, 3, 3), GEOMETRY, (11, 12))
     assert METHODS["deep-tn-storage"].check(analyze(model)[0]) is None

@@ -251,6 +251,7 @@ def _gemm_layer(node) -> Layer:
         if has_bias and per_channel and reason is None
         else None,
         **_stored(weight),
+        input_axes=G.unflattened_axes(a, w_shape[0]) if reason is None and not trans_a else None,
     )
 
 
@@ -297,6 +298,7 @@ def _matmul_layer(node) -> Layer | None:
         False,
         weight.values if reason is None else None,
         **_stored(weight),
+        input_axes=G.unflattened_axes(x, w_shape[0]) if reason is None and side == "right" else None,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from math import prod
 
 import numpy as np
 import onnx
@@ -163,6 +164,25 @@ def shape_of(tensor) -> tuple | None:
     return tuple(
         d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) and d else "?") for d in tensor.shape
     )
+
+
+def unflattened_axes(tensor, size: int) -> tuple[int, ...] | None:
+    """The axes a Flatten/Reshape folded into the last axis (`size` long) of `tensor`, e.g. (C, H, W)
+    for a Gemm input Flatten(N, C, H, W); None when its producer is neither, or the shapes are not
+    static, or the folded axes do not multiply to `size`."""
+    producers = getattr(tensor, "inputs", [])
+    if len(producers) != 1 or producers[0].op not in ("Flatten", "Reshape"):
+        return None
+    node = producers[0]
+    before, after = shape_of(node.inputs[0]), shape_of(tensor)
+    if not before or not after or len(after) != 2:
+        return None
+    axis = int(node.attrs.get("axis", 1)) if node.op == "Flatten" else 1
+    axis = axis + len(before) if axis < 0 else axis
+    folded = tuple(before[axis:])
+    if not 0 < axis < len(before) or len(folded) < 2 or not all(isinstance(d, int) and d > 0 for d in folded):
+        return None
+    return folded if prod(folded) == size else None
 
 
 @dataclass

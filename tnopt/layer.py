@@ -41,6 +41,9 @@ class Layer:
     # symbolic dims (at_data_shapes); costs read them, emitted subgraphs keep the symbolic ones.
     data_input_shape: tuple | None = None
     data_output_shape: tuple | None = None
+    # Gemm/MatMul (weight on the right): the axes a Flatten/Reshape folded into K, e.g. (C, H, W), so
+    # a method may read the weight's K axis as that geometry; None when not known.
+    input_axes: tuple[int, ...] | None = None
 
     @property
     def candidate(self) -> bool:

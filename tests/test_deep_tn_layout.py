@@ -1,0 +1,159 @@
+"""Deep-TN storage's geometry-aware site layout: the axes a weight is read as (a conv's (O, I, kh, kw);
+a Gemm's (C, H, W, N) behind a Flatten), the site order, and exactness at a planted structure in it."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+from helpers import init, make_model, relative_difference, run, tensor
+from onnx import helper
+from tnopt.passes import METHODS, _deep_tn
+from tnopt.passes.deep_tn import layout_for
+
+from tnopt.analyze import analyze
+from tnopt.plan import Choice
+from tnopt.runner import apply_plan
+
+RNG = np.random.default_rng(5)
+
+
+def planted(layout, chi, seed=0):
+    """A weight that is exactly a bond-χ MPS of the layout's sites (random cores)."""
+    rng = np.random.default_rng(seed)
+    chain = _deep_tn.bonds(layout.n, chi)
+    cores = [rng.standard_normal((chain[k], 2, chain[k + 1])) for k in range(layout.n)]
+    return _deep_tn.contract(cores, [], layout).astype(np.float32)
+
+
+def test_site_order_of_a_flattened_image_interleaves_rows_and_columns():
+    # fc2's first layer: 784 = Flatten(1, 28, 28) inputs → 300 outputs. Axes (C, H, W, N) = (1, 28, 28,
+    # 300); C = 1 holds no site; rows (b) and columns (c) alternate coarsest first, then the outputs (d).
+    layer = SimpleNamespace(op="Gemm", weight_shape=(784, 300), input_axes=(1, 28, 28), weight=None)
+    layout = layout_for(layer)
+    assert layout.axes == (1, 28, 28, 300) and layout.bits == (0, 5, 5, 9)
+    assert layout.site_names() == [f"{a}{k}" for k in range(1, 6) for a in "bc"] + [
+        f"d{k}" for k in range(1, 10)
+    ]
+    # A flat index's bits mix rows and columns (28·r + c): the matrix layout this replaces.
+    flat = _deep_tn.site_layout((784, 300))
+    assert flat.axes == (784, 300) and flat.bits == (10, 9)
+    assert flat.site_names()[:4] == ["a1", "b1", "a2", "b2"]
+
+
+def test_site_order_of_a_conv_kernel():
+    # (O, I, kh, kw) = (128, 64, 3, 3): the kernel's rows and columns interleaved, then I, then O.
+    layer = SimpleNamespace(op="Conv", weight_shape=(128, 64, 3, 3), weight=None)
+    layout = layout_for(layer)
+    assert layout.axes == (128, 64, 3, 3) and layout.padded == (128, 64, 4, 4)
+    expected = ["c1", "d1", "c2", "d2"] + [f"b{k}" for k in range(1, 7)] + [f"a{k}" for k in range(1, 8)]
+    assert layout.site_names() == expected
+    # Groups of several axes with different bit counts interleave most significant bits first.
+    mixed = _deep_tn.site_layout((8, 2, 4), (8, 2, 4), [(0, 1, 2)])
+    assert mixed.site_names() == ["a1", "b1", "c1", "a2", "c2", "a3"]
+
+
+def test_site_layout_rejects_axes_that_do_not_hold_the_weight():
+    for axes, groups in (((28, 27, 300), None), ((28, 28, 300), [(0, 1)])):
+        try:
+            _deep_tn.site_layout((784, 300), axes, groups)
+        except ValueError:
+            continue
+        raise AssertionError(f"{axes} {groups} accepted")
+
+
+def flatten_gemm_model(weight_kn, chw):
+    """x (N, C, H, W) → Flatten → Gemm(transB=1) with the (K, N) weight stored as (N, K)."""
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["flat"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["flat", "w", "c"], ["y"], name="layer", transB=1),
+    ]
+    model = make_model(
+        nodes,
+        [tensor("x", ["N", *chw])],
+        [tensor("y", 2)],
+        [init("w", weight_kn.T), init("c", RNG.standard_normal(weight_kn.shape[1]))],
+    )
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def test_analyze_reads_the_geometry_a_flatten_or_reshape_folded():
+    model = flatten_gemm_model(RNG.standard_normal((4 * 6 * 5, 7)).astype(np.float32), (4, 6, 5))
+    assert analyze(model)[0].input_axes == (4, 6, 5)
+    reshape = make_model(
+        [
+            helper.make_node("Reshape", ["x", "shape"], ["flat"], name="reshape"),
+            helper.make_node("MatMul", ["flat", "w"], ["y"], name="layer"),
+        ],
+        [tensor("x", [3, 2, 4, 4])],
+        [tensor("y", 2)],
+        [init("w", RNG.standard_normal((32, 5))), numpy_helper_int64("shape", [3, 32])],
+    )
+    assert analyze(onnx.shape_inference.infer_shapes(reshape))[0].input_axes == (2, 4, 4)
+    plain = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="layer")],
+        [tensor("x", ["N", 32])],
+        [tensor("y", 2)],
+        [init("w", RNG.standard_normal((32, 5)))],
+    )
+    assert analyze(plain)[0].input_axes is None
+
+
+def numpy_helper_int64(name, values):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.array(values, np.int64), name)
+
+
+def test_planted_structure_in_the_image_layout_is_reproduced():
+    """A Gemm behind Flatten(4, 8, 8) (no padding) whose weight is an exact bond-3 MPS in the image
+    layout: TT-SVD at χ = 3 reproduces it, onnxruntime's rebuilt layer equals the dense one, and the
+    same weight read in the matrix layout (flat-index bits) is far from bond 3."""
+    geometry = SimpleNamespace(op="Gemm", weight_shape=(256, 16), input_axes=(4, 8, 8), weight=None)
+    weight = planted(layout_for(geometry), 3)
+    model = flatten_gemm_model(weight, (4, 8, 8))
+    layer = analyze(model)[0]
+    method = METHODS["deep-tn-storage"]
+    assert method.layout(layer).axes == (4, 8, 8, 16)
+    factors = method.decompose(layer, 3)
+    assert factors.rel_error < 1e-5
+    assert method.decompose(layer, 2).rel_error > 1e-2
+    assert METHODS["deep-tn-storage"].decompose(SimpleNamespace(weight=weight), 3).rel_error > 1e-2
+    compressed, _ = apply_plan(model, [Choice(layer, "deep-tn-storage", factors)])
+    x = RNG.standard_normal((3, 4, 8, 8)).astype(np.float32)
+    assert relative_difference(run(model, {"x": x})[0], run(compressed, {"x": x})[0]) < 1e-5
+    stored = sum(np.prod(t.dims) for t in compressed.graph.initializer if t.data_type == 1)
+    assert stored == sum(v.size for v in factors.arrays.values()) + 16  # + Gemm's bias C
+    assert stored - 16 == method.cost(layer, 3).params < weight.size
+
+
+def test_planted_structure_in_the_conv_layout_is_reproduced():
+    layout = layout_for(SimpleNamespace(op="Conv", weight_shape=(8, 4, 2, 2), weight=None))
+    weight = planted(layout, 2, seed=1)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="layer", pads=[1, 0, 0, 1])
+    model = make_model([node], [tensor("x", ["N", 4, 6, 7])], [tensor("y", 4)], [init("w", weight)])
+    layer = analyze(model)[0]
+    factors = METHODS["deep-tn-storage"].decompose(layer, 2)
+    assert factors.rel_error < 1e-5
+    assert METHODS["deep-tn-storage"].decompose(SimpleNamespace(weight=weight), 2).rel_error > 1e-2
+    compressed, _ = apply_plan(model, [Choice(layer, "deep-tn-storage", factors)])
+    x = RNG.standard_normal((2, 4, 6, 7)).astype(np.float32)
+    assert relative_difference(run(model, {"x": x})[0], run(compressed, {"x": x})[0]) < 1e-5
+
+
+def test_padded_axes_rebuild_exactly_in_onnxruntime():
+    """Odd axes (3x3 kernel, 6 and 5 inputs) are padded on their own; the Slice takes every padded
+    entry away, so the torch forward and onnxruntime agree on the truncated factors."""
+    import torch
+
+    weight = RNG.standard_normal((6 * 5 * 3, 7)).astype(np.float32)
+    model = flatten_gemm_model(weight, (6, 5, 3))
+    layer = analyze(model)[0]
+    method = METHODS["deep-tn-storage"]
+    assert method.layout(layer).padded == (8, 8, 4, 8)
+    factors = method.decompose(layer, 3)
+    assert factors.rel_error > 1e-3
+    compressed, _ = apply_plan(model, [Choice(layer, "deep-tn-storage", factors)])
+    x = RNG.standard_normal((3, 6, 5, 3)).astype(np.float32)
+    arrays = {k: torch.tensor(v) for k, v in factors.arrays.items()}
+    got = method.forward(layer, arrays, torch.tensor(x.reshape(3, -1)), torch.tensor(layer.bias))
+    assert relative_difference(run(compressed, {"x": x})[0], got.detach().numpy()) < 1e-5
