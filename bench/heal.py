@@ -22,7 +22,8 @@ whole-model FLOP and parameter ratios (dense / compressed), the agreement drop o
 split, compile(+heal) wall time, heal sample-steps (Σ batch size over all optimizer steps, all plans
 the heal-aware budget tried) and the calibration samples used.
 
-Deep-TN rows: every Conv/Gemm/MatMul of ≥ 50k parameters stored as `deep-tn-storage` at the largest
+Deep-TN rows: every Conv/Gemm/MatMul of ≥ 50k parameters stored as `--deep-tn-method` (`tt-storage`,
+the gateless network, by default; `deep-tn-storage` with gate layers) at the largest
 bond whose cores and gates are ≤ 1/100 of the layer, then healed on `--deep-tn-calib` labelled
 training images (labels used: this table is about storage, not label-free compression); top-1 on the
 evaluation split and the ONNX file size.
@@ -124,22 +125,24 @@ def budget_row(name, budget, report, seconds, healed: bool, calib_n: int, whole=
     return row
 
 
-def deep_tn_rows(name, labelled, evaluation, healing: HealConfig, cache) -> list[dict]:
+def deep_tn_rows(
+    name, labelled, evaluation, healing: HealConfig, cache, method_name="tt-storage"
+) -> list[dict]:
     path = ROOT / "models" / f"{name}.onnx"
-    method = METHODS["deep-tn-storage"]
+    method = METHODS[method_name]
     layers = [x for x in analyze(tnopt.io.load_model(str(path))) if x.candidate and x.params >= 50_000]
-    ranks = {}
+    ranks, by_name = {}, {layer.name: layer for layer in layers}
     for layer in layers:
         chi = method.rank_for_params(layer, layer.params / 100)
         if chi is not None:
-            ranks[layer.name] = ("deep-tn-storage", chi)
+            ranks[layer.name] = (method_name, chi)
     rows = []
     for heal in (None, healing):
         started = time.perf_counter()
         model, report = tnopt.compress(
             str(path),
             ranks=ranks,
-            methods="deep-tn-storage",
+            methods=method_name,
             data=labelled,
             eval_data=evaluation,
             provider="cpu",
@@ -153,8 +156,12 @@ def deep_tn_rows(name, labelled, evaluation, healing: HealConfig, cache) -> list
         rows.append(
             {
                 "model": name,
+                "method": method_name,
                 "heal": heal is not None,
-                "layers": ", ".join(f"{n} χ={r[1]}" for n, r in ranks.items()),
+                "layers": ", ".join(
+                    f"{n} {'×'.join(map(str, method.layout(by_name[n]).axes))} χ={r[1]}"
+                    for n, r in ranks.items()
+                ),
                 "dense_params": dense,
                 "stored_params": stored,
                 "top1_original": report.metrics["top1_original"],
@@ -230,8 +237,9 @@ def deep_tn_table(rows) -> str:
     out = [
         (
             "model",
+            "method",
             "heal",
-            "layers (bond χ)",
+            "layers (axes, bond χ)",
             "dense params",
             "stored params",
             "×",
@@ -246,6 +254,7 @@ def deep_tn_table(rows) -> str:
         out.append(
             (
                 r["model"],
+                r.get("method", "deep-tn-storage"),
                 "yes" if r["heal"] else "no (TT-SVD init)",
                 r["layers"],
                 f"{r['dense_params']:,}",
@@ -278,6 +287,13 @@ def main(argv=None) -> int:
     p.add_argument("--deep-tn", default="fc2,vgg")
     p.add_argument("--deep-tn-steps", type=int, default=1500)
     p.add_argument("--deep-tn-batch", type=int, default=128)
+    p.add_argument("--deep-tn-lr", type=float, default=0.03, help="Adam step relative to each tensor's RMS")
+    p.add_argument(
+        "--deep-tn-method",
+        default="tt-storage",
+        choices=("tt-storage", "deep-tn-storage"),
+        help="depth 0 or gates",
+    )
     p.add_argument(
         "--deep-tn-calib", type=int, default=16384, help="labelled training images for the deep-TN rows"
     )
@@ -343,13 +359,14 @@ def main(argv=None) -> int:
     tn_healing = HealConfig(
         steps=args.deep_tn_steps,
         batch_size=args.deep_tn_batch,
+        lr=args.deep_tn_lr,
         eval_every=max(25, args.deep_tn_steps // 20),
         patience=6,
         max_samples=args.deep_tn_calib,
     )
     for name in [m for m in args.deep_tn.split(",") if m]:
         _, tn_labelled, tn_evaluation = load_splits(args.deep_tn_calib, args.calib_source)
-        tn_rows += deep_tn_rows(name, tn_labelled, tn_evaluation, tn_healing, cache)
+        tn_rows += deep_tn_rows(name, tn_labelled, tn_evaluation, tn_healing, cache, args.deep_tn_method)
         dump()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     body = [

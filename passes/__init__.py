@@ -19,6 +19,7 @@ METHODS: dict[str, Method] = {
     "mpo": mpo.METHOD,
     "mpo-storage": mpo.STORAGE,
     "deep-tn-storage": deep_tn.STORAGE,
+    "tt-storage": deep_tn.TT_STORAGE,
 }
 
 __all__ = ["METHODS", "Cost", "Factors", "Method", "RefitSpec", "Refusal"]

@@ -27,11 +27,16 @@ def planted(layout, chi, seed=0):
 
 def test_site_order_of_a_flattened_image_interleaves_rows_and_columns():
     # fc2's first layer: 784 = Flatten(1, 28, 28) inputs → 300 outputs. Axes (C, H, W, N) = (1, 28, 28,
-    # 300); C = 1 holds no site; rows (b) and columns (c) alternate coarsest first, then the outputs (d).
+    # 300); C = 1 holds no site; rows (b), columns (c) and outputs (d) alternate coarsest first.
     layer = SimpleNamespace(op="Gemm", weight_shape=(784, 300), input_axes=(1, 28, 28), weight=None)
     layout = layout_for(layer)
     assert layout.axes == (1, 28, 28, 300) and layout.bits == (0, 5, 5, 9)
-    assert layout.site_names() == [f"{a}{k}" for k in range(1, 6) for a in "bc"] + [
+    assert layout.site_names() == [f"{a}{k}" for k in range(1, 6) for a in "bcd"] + [
+        f"d{k}" for k in range(6, 10)
+    ]
+    # Image bits first, outputs after: the same axes in two groups.
+    split = layout_for(layer, (("space",), ("in",), ("out",)))
+    assert split.site_names() == [f"{a}{k}" for k in range(1, 6) for a in "bc"] + [
         f"d{k}" for k in range(1, 10)
     ]
     # A flat index's bits mix rows and columns (28·r + c): the matrix layout this replaces.
@@ -41,12 +46,18 @@ def test_site_order_of_a_flattened_image_interleaves_rows_and_columns():
 
 
 def test_site_order_of_a_conv_kernel():
-    # (O, I, kh, kw) = (128, 64, 3, 3): the kernel's rows and columns interleaved, then I, then O.
+    # (O, I, kh, kw) = (128, 64, 3, 3): each scale's bits of O (a), I (b), kh (c), kw (d) together.
     layer = SimpleNamespace(op="Conv", weight_shape=(128, 64, 3, 3), weight=None)
     layout = layout_for(layer)
     assert layout.axes == (128, 64, 3, 3) and layout.padded == (128, 64, 4, 4)
-    expected = ["c1", "d1", "c2", "d2"] + [f"b{k}" for k in range(1, 7)] + [f"a{k}" for k in range(1, 8)]
-    assert layout.site_names() == expected
+    expected = ["a1", "b1", "c1", "d1", "a2", "b2", "c2", "d2"] + [
+        f"{a}{k}" for k in range(3, 7) for a in "ab"
+    ]
+    assert layout.site_names() == expected + ["a7"]
+    grouped = layout_for(layer, (("space",), ("in",), ("out",)))
+    assert grouped.site_names() == ["c1", "d1", "c2", "d2"] + [f"b{k}" for k in range(1, 7)] + [
+        f"a{k}" for k in range(1, 8)
+    ]
     # Groups of several axes with different bit counts interleave most significant bits first.
     mixed = _deep_tn.site_layout((8, 2, 4), (8, 2, 4), [(0, 1, 2)])
     assert mixed.site_names() == ["a1", "b1", "c1", "a2", "c2", "a3"]
@@ -157,3 +168,18 @@ def test_padded_axes_rebuild_exactly_in_onnxruntime():
     arrays = {k: torch.tensor(v) for k, v in factors.arrays.items()}
     got = method.forward(layer, arrays, torch.tensor(x.reshape(3, -1)), torch.tensor(layer.bias))
     assert relative_difference(run(compressed, {"x": x})[0], got.detach().numpy()) < 1e-5
+
+
+def test_tt_storage_is_the_gateless_network_at_a_larger_bond():
+    """tt-storage = deep-tn-storage at depth 0: no gate tensors, so the same stored numbers buy a
+    larger bond (fc2's layer at ≤ 1/100 of its parameters: χ 9 instead of 7)."""
+    layer = SimpleNamespace(
+        op="Gemm", weight_shape=(784, 300), input_axes=(1, 28, 28), params=235_200, flops=470_400
+    )
+    layer.weight = RNG.standard_normal((784, 300)).astype(np.float32)
+    tt, deep = METHODS["tt-storage"], METHODS["deep-tn-storage"]
+    assert tt.name == "tt-storage" and deep.name == "deep-tn-storage"
+    assert (tt.rank_for_params(layer, 2352), deep.rank_for_params(layer, 2352)) == (9, 7)
+    factors = tt.decompose(layer, 9)
+    assert not [k for k in factors.arrays if k.startswith("U")]
+    assert sum(v.size for v in factors.arrays.values()) == tt.cost(layer, 9).params <= 2352
