@@ -183,3 +183,20 @@ def test_tt_storage_is_the_gateless_network_at_a_larger_bond():
     factors = tt.decompose(layer, 9)
     assert not [k for k in factors.arrays if k.startswith("U")]
     assert sum(v.size for v in factors.arrays.values()) == tt.cost(layer, 9).params <= 2352
+
+
+def test_spectral_bond_spread_stays_within_the_uniform_budget_and_finds_a_planted_profile():
+    """Bonds spread by the unfoldings' spectra: within the stored numbers of the uniform bond, no
+    bond above twice a neighbour's, and a weight whose exact bonds are uneven is reproduced."""
+    layout = _deep_tn.site_layout((64, 32))
+    rng = np.random.default_rng(2)
+    chain = [1, 2, 2, 4, 4, 2, 2, 2, 2, 2, 2, 1]  # exact bonds of the planted network
+    cores = [rng.standard_normal((chain[k], 2, chain[k + 1])) for k in range(layout.n)]
+    weight = _deep_tn.contract(cores, [], layout)
+    budget = _deep_tn.mps_params(_deep_tn.bonds(layout.n, 3))
+    cores, _, err = _deep_tn.decompose(weight, layout, 3, 0, spread="spectral")
+    spread = [1] + [c.shape[2] for c in cores]
+    assert _deep_tn.mps_params(spread) <= budget
+    assert all(spread[k] <= 2 * min(spread[k - 1], spread[k + 1]) for k in range(1, layout.n))
+    assert err < 1e-6  # the uniform χ = 3 cannot hold the bond-4 cuts
+    assert _deep_tn.decompose(weight, layout, 3, 0)[2] > 1e-3
