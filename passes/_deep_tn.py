@@ -138,12 +138,12 @@ def param_count(layout: SiteLayout, chi: int, depth: int) -> int:
     return int(mps_params(bonds(n, chi)) + 16 * sum(len(sites) for sites in gate_sites(n, depth)))
 
 
-def site_tensor(weight: np.ndarray, layout: SiteLayout, pad: str = "edge") -> np.ndarray:
-    """The weight as the padded (2,)*n tensor in site order (`pad`: "edge" repeats each axis's last
-    entry, "zero" fills zeros; the contraction slices the padding away either way)."""
+def site_tensor(weight: np.ndarray, layout: SiteLayout) -> np.ndarray:
+    """The weight as the padded (2,)*n tensor in site order, each axis padded by repeating its last
+    entry (smoother than zeros; the contraction slices the padding away)."""
     w = np.asarray(weight, dtype=np.float64).reshape(layout.axes)
     widths = [(0, p - a) for p, a in zip(layout.padded, layout.axes)]
-    padded = np.pad(w, widths, mode="edge" if pad == "edge" else "constant")
+    padded = np.pad(w, widths, mode="edge")
     return padded.reshape((2,) * layout.n).transpose(layout.order)
 
 
@@ -165,7 +165,10 @@ def tt_svd_sites(tensor: np.ndarray, chi) -> list[np.ndarray]:
 
 def unfolding_spectra(weight: np.ndarray, layout: SiteLayout) -> list[np.ndarray]:
     """Singular values of the n-1 site unfoldings (bond k's exact rank is unfolding k's rank)."""
-    tensor = site_tensor(weight, layout)
+    return _site_spectra(site_tensor(weight, layout))
+
+
+def _site_spectra(tensor: np.ndarray) -> list[np.ndarray]:
     return [singular_values(tensor.reshape(2 ** (k + 1), -1)) for k in range(tensor.ndim - 1)]
 
 
@@ -200,8 +203,7 @@ def decompose(weight: np.ndarray, layout: SiteLayout, chi: int, depth: int, spre
     identity gate layers."""
     tensor = site_tensor(weight, layout)
     if spread == "spectral":
-        spectra = [singular_values(tensor.reshape(2 ** (k + 1), -1)) for k in range(tensor.ndim - 1)]
-        chi = spectral_bonds(spectra, mps_params(bonds(layout.n, chi)))
+        chi = spectral_bonds(_site_spectra(tensor), mps_params(bonds(layout.n, chi)))
     cores = tt_svd_sites(tensor, chi)
     gates = identity_gates(tensor.ndim, depth)
     approx = contract(cores, gates, layout)
