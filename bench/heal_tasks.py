@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from tnopt.layout import bind_shapes
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "models"))
 
@@ -130,14 +132,7 @@ def _static(value) -> list[int] | None:
 def graph_flops(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> int:
     """2·multiply-adds of every MatMul, Gemm and Conv (constant weights or not: a transformer's
     attention products count) for inputs of these static shapes."""
-    bound = _skeleton(model)
-    for value in bound.graph.input:
-        if value.name in shapes:
-            for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
-                dim.Clear()
-                dim.dim_value = int(size)
-    del bound.graph.value_info[:]
-    bound = onnx.shape_inference.infer_shapes(bound, data_prop=True)
+    bound = bind_shapes(_skeleton(model), shapes)
     known = {v.name: _static(v) for v in [*bound.graph.input, *bound.graph.value_info, *bound.graph.output]}
     known.update({t.name: list(t.dims) for t in bound.graph.initializer})
     total = 0

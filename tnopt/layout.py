@@ -36,9 +36,14 @@ def data_shapes(model: onnx.ModelProto, feeds: Feeds) -> dict[str, tuple[int, ..
 def bind_dims(model: onnx.ModelProto, feeds: Feeds) -> onnx.ModelProto:
     """A copy with every input's symbolic dims set from one sample of `feeds`, shapes re-inferred.
     Falls back to the model itself when inference fails (FLOPs then count symbolic dims as 1)."""
+    return bind_shapes(model, data_shapes(model, feeds))
+
+
+def bind_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
+    """A copy whose inputs named in `shapes` have those static dims, shapes re-inferred; the model
+    itself when inference fails."""
     bound = onnx.ModelProto()
     bound.CopyFrom(model)
-    shapes = data_shapes(model, feeds)
     for value in bound.graph.input:
         if value.name in shapes and value.type.HasField("tensor_type"):
             dims = value.type.tensor_type.shape.dim
