@@ -55,13 +55,16 @@ def _probe(mode: str) -> tuple[int, int, int]:
 
 @pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="glibc's mallopt/mallinfo2 only (not this C library)")
 def test_fixed_threshold_returns_a_freed_heap_array_after_a_larger_one_was_freed():
+    # The heap's growth is the array's 16 MiB less whatever was already free at its top (a few KiB to
+    # tens of KiB, which varies by machine), and ~0 where the array was mapped on its own: judge against
+    # the middle, 12 MiB, never against the exact size.
     fixed, grew, kept = _probe("fixed")
     assert fixed == 1
-    assert grew >= 16 << 20  # below the fixed threshold: from the heap ...
+    assert grew >= 12 << 20  # below the fixed threshold: from the heap ...
     assert kept < 1 << 20  # ... and given back when freed
     unset, grew, kept = _probe("default")
-    assert unset == 0 and grew >= 16 << 20
-    assert kept >= 16 << 20  # glibc's dynamic trim threshold (48 MiB by now): the heap keeps it
+    assert unset == 0 and grew >= 12 << 20
+    assert kept >= 12 << 20  # glibc's dynamic trim threshold (48 MiB by now): the heap keeps it
 
 
 def test_the_users_own_setting_wins(monkeypatch):
