@@ -92,7 +92,7 @@ def test_im2col_patches_reproduce_the_convolution():
     from helpers import init, make_model, run, tensor
     from onnx import helper
 
-    from tnopt.profile import _patches
+    from tnopt.layer_rows import im2col_rows
 
     rng = np.random.default_rng(6)
     weight = rng.standard_normal((5, 3, 3, 2)).astype(np.float32)
@@ -105,6 +105,6 @@ def test_im2col_patches_reproduce_the_convolution():
     )
     x = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
     expected = run(conv, {"x": x})[0]
-    rows = _patches(SimpleNamespace(attr=attrs.get), x) @ weight.reshape(5, -1).T
+    rows = im2col_rows(SimpleNamespace(attr=attrs.get), x) @ weight.reshape(5, -1).T
     got = rows.reshape(2, expected.shape[2], expected.shape[3], 5).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

@@ -110,7 +110,7 @@ def test_statistics_are_cached_like_the_sensitivities(tmp_path):
 
 
 def test_moment_from_fewer_rows_than_features_is_shrunk():
-    from tnopt.profile import shrunk
+    from tnopt.moment_sums import shrunk
 
     rng = np.random.default_rng(10)
     x = rng.standard_normal((20, 50))

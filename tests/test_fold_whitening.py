@@ -6,7 +6,7 @@ from helpers import init, make_model, relative_difference, tensor
 from onnx import helper
 from tnopt.passes._linalg import refit_last_factor
 
-from tnopt import correct, refine
+from tnopt import refine, refit_equations
 from tnopt.analyze import analyze
 from tnopt.correct import Corrector
 from tnopt.data import Dataset
@@ -134,7 +134,7 @@ def test_a_shared_capture_refits_each_folds_own_first_factors_from_the_layer_inp
     """Economy correction (one capture for every fold): fold k's refit of B rebuilds H = x·A_k
     from the captured input on the other folds' rows; it equals the least squares on those rows
     directly, and the plan refitted on all samples is the correction's usual refit."""
-    monkeypatch.setattr(correct, "ENOUGH_ROWS_PER_UNKNOWN", 10**9)  # no early stop
+    monkeypatch.setattr(refit_equations, "ENOUGH_ROWS_PER_UNKNOWN", 10**9)  # no early stop
     model, layers, samples, calib, stats, plan, runner, fold_of, order = _chain_setup(2, seed=3)
     options = {"max_waves": 1, "shared_capture": True}
     inputs = {"x": calib[order]}
@@ -175,7 +175,7 @@ def test_a_shared_capture_refits_each_folds_own_first_factors_from_the_layer_inp
 def test_exact_cross_fitting_starts_each_folds_chain_from_its_own_factors(monkeypatch):
     """Exact cross-fitting (each fold's chain runs the other folds' samples): fold k's plan is the
     correction, on the other folds' samples alone, of the plan whitened without fold k."""
-    monkeypatch.setattr(correct, "ENOUGH_ROWS_PER_UNKNOWN", 10**9)
+    monkeypatch.setattr(refit_equations, "ENOUGH_ROWS_PER_UNKNOWN", 10**9)
     model, layers, samples, calib, stats, plan, runner, fold_of, order = _chain_setup(3, seed=4)
     options = {"max_waves": None, "shared_capture": False}
     corrector = Corrector(

@@ -9,7 +9,7 @@ from conftest import MODELS, budgeted_cnn4
 from helpers import relative_difference
 from test_switchboard import RUNTIME, lower, widest_choices
 
-from tnopt import correct, refine
+from tnopt import correct, refine, refit_equations
 from tnopt.analyze import analyze
 from tnopt.correct import Corrector
 from tnopt.data import Dataset
@@ -56,7 +56,7 @@ def test_a_folds_refit_is_the_refit_on_the_other_folds_samples(monkeypatch):
     """Moment subtraction: one capture, fold k solved with (total − fold k). With one wave (every
     layer's H from the uncorrected plan) nothing upstream is fitted either, so each fold's factors
     equal a correction run on the other folds' samples alone."""
-    monkeypatch.setattr(correct, "ENOUGH_ROWS_PER_UNKNOWN", 10**9)  # no early stop: same samples
+    monkeypatch.setattr(refit_equations, "ENOUGH_ROWS_PER_UNKNOWN", 10**9)  # no early stop: same samples
     model, layers, inputs, plan = vgg_setup()
     runner = board_runner(model, plan)
     fold_of = np.repeat(np.arange(4), 24)  # contiguous folds
@@ -143,7 +143,7 @@ def test_budgeted_run_gates_cross_fitted_and_saves_a_plan_refitted_on_all(small_
 def test_exact_cross_fitting_equals_a_correction_on_the_other_folds_in_every_wave(monkeypatch):
     """Without the shared capture each fold's chain of refits runs the other folds' samples: with
     two sequential waves, fold k's plan is the correction of the other folds' samples alone."""
-    monkeypatch.setattr(correct, "ENOUGH_ROWS_PER_UNKNOWN", 10**9)
+    monkeypatch.setattr(refit_equations, "ENOUGH_ROWS_PER_UNKNOWN", 10**9)
     model, layers, inputs, plan = vgg_setup()
     plan = plan[:3]
     runner = board_runner(model, plan)

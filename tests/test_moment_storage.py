@@ -57,7 +57,7 @@ def test_pointwise_patch_moment_is_the_channel_moment_and_equals_the_separate_on
         assert item.patch_moment is not None and item.patch_moment is not item.input_moment
     assert stats["conv3"].patch_moment.shape == (C * 9, C * 9)
     # Collected separately (the im2col rows), the same moment and fold sums.
-    monkeypatch.setattr(profile, "_pointwise", lambda layer: False)
+    monkeypatch.setattr(profile, "pointwise", lambda layer: False)
     separate = _stats()["point"]
     assert separate.patch_moment is not separate.input_moment
     assert relative_difference(separate.patch_moment, point.patch_moment) < 1e-6

@@ -5,7 +5,7 @@ import numpy as np
 from tnopt.passes._linalg import refit_last_factor
 from tnopt.passes._method import RefitSpec
 
-from tnopt import correct
+from tnopt import refit_equations
 
 SPEC = RefitSpec(hidden_role="h", factor_key="m", channel_axis=1, transposed=False, intercept=True)
 
@@ -20,11 +20,11 @@ def planted(samples, side, rng):
 
 def test_rows_per_sample_are_capped_and_the_refit_is_still_exact():
     side = 40  # 1600 positions per sample > the cap
-    equations = correct._NormalEquations(SPEC)
+    equations = refit_equations.NormalEquations(SPEC)
     for _ in range(3):  # three batches of 2 samples
         hidden, target, m, b = planted(2, side, np.random.default_rng(7))
         equations.add(hidden, target)
-    assert equations.rows == 3 * 2 * correct.MAX_REFIT_ROWS_PER_SAMPLE < 3 * 2 * side * side
+    assert equations.rows == 3 * 2 * refit_equations.MAX_REFIT_ROWS_PER_SAMPLE < 3 * 2 * side * side
     solution = refit_last_factor(equations.gram, equations.cross)
     np.testing.assert_allclose(solution[:-1], m, rtol=1e-5, atol=1e-6)  # ridge 1e-6
     np.testing.assert_allclose(solution[-1], b, rtol=1e-5, atol=1e-6)
@@ -33,11 +33,11 @@ def test_rows_per_sample_are_capped_and_the_refit_is_still_exact():
 def test_small_layers_keep_every_row_and_the_subset_is_reproducible():
     rng = np.random.default_rng(4)
     hidden, target, _, _ = planted(3, 28, rng)  # 784 positions: under the cap, all kept
-    small = correct._NormalEquations(SPEC)
+    small = refit_equations.NormalEquations(SPEC)
     small.add(hidden, target)
     assert small.rows == 3 * 28 * 28
     big_hidden, big_target, _, _ = planted(2, 48, rng)
-    first, second = correct._NormalEquations(SPEC), correct._NormalEquations(SPEC)
+    first, second = refit_equations.NormalEquations(SPEC), refit_equations.NormalEquations(SPEC)
     first.add(big_hidden, big_target)
     second.add(big_hidden, big_target)
     np.testing.assert_array_equal(first.gram, second.gram)  # seeded: same rows every run

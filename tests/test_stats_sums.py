@@ -1,4 +1,4 @@
-"""The statistics' moment sums, accumulated in place (tnopt/profile.py `_Gram`): the total moment is
+"""The statistics' moment sums, accumulated in place (tnopt/moment_sums.py `GramSums`): the total moment is
 the sum of the fold moments, layers reading one tensor share one set of sums, and a pass whose rows
 stop splitting by sample keeps every row in its total."""
 
@@ -8,7 +8,8 @@ from onnx import helper
 
 from tnopt import profile
 from tnopt.analyze import analyze
-from tnopt.profile import _Gram, collect_stats
+from tnopt.moment_sums import GramSums
+from tnopt.profile import collect_stats
 from tnopt.runtime import Runtime
 
 C, SIDE, SAMPLES = 6, 12, 24
@@ -81,7 +82,7 @@ def test_exact_sums_equal_the_whole_data_moment_with_and_without_folds():
 def test_a_batch_that_does_not_split_by_sample_drops_the_folds_and_keeps_its_rows():
     rng = np.random.default_rng(3)
     batches = [rng.standard_normal((10, 5)).astype(np.float32) for _ in range(3)]
-    gram = _Gram(4, np.float32)
+    gram = GramSums(4, np.float32)
     sample_folds = np.array([0, 1, 2, 3, 0])
     for rows in batches[:2]:
         gram.add(rows, np.repeat(np.arange(5), 2), sample_folds)

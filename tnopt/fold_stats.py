@@ -21,9 +21,10 @@ from __future__ import annotations
 import numpy as np
 
 from tnopt.memo import FactorsMemo
+from tnopt.moment_sums import shrunk
 from tnopt.passes import Factors
 from tnopt.plan import Choice, Plan
-from tnopt.profile import LayerStats, shrunk
+from tnopt.profile import LayerStats
 
 # Fold factors kept at once (least recently used dropped first), in bytes of their arrays.
 MAX_FOLD_FACTOR_BYTES = 256 * 2**20

@@ -15,10 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.linalg import blas as _blas
 
 from tnopt.analyze import Layer
 from tnopt.data import as_feeds
+from tnopt.layer_rows import (
+    batch_first,
+    im2col_rows,
+    input_rows,
+    pointwise,
+    row_layout,
+    row_samples,
+    sampled_rows,
+)
+from tnopt.moment_sums import GramSums, shrunk
 from tnopt.reference_tap import tap_names, tap_sink
 from tnopt.threads import math_threads
 
@@ -36,10 +45,6 @@ MAX_PATCH_ROWS = 200_000
 MAX_PATCH_ROWS_PER_BATCH = 50_000
 # ... and no more than this many bytes of them (a 3x3 conv on 256 channels has 2304 features).
 MAX_PATCH_BYTES_PER_BATCH = 32 * 2**20
-# Rows go through float64 in chunks of at most this many rows and bytes, so a big activation (or a
-# wide patch matrix) is never copied whole.
-ROW_CHUNK = 65_536
-ROW_CHUNK_BYTES = 16 * 2**20
 
 # Economy: where the channel moments' products over the whole pass (Σ over distinct layer inputs of
 # rows × features²) are projected above this many FLOPs, each batch gives only a random sample of
@@ -99,7 +104,7 @@ class _Accumulator:
         )
         # A pointwise conv's patches are its channel rows: its patch moment *is* the channel moment
         # (and its folds' sums the channel folds'), so it is not collected twice but shared (result).
-        self.patches_are_channels = self.want_patches and _pointwise(layer)
+        self.patches_are_channels = self.want_patches and pointwise(layer)
         self.want_patches = self.want_patches and not self.patches_are_channels
         self.rng = np.random.default_rng(0)
         # Economy (set by collect_stats): the fraction of each batch's rows the channel moment takes
@@ -109,11 +114,11 @@ class _Accumulator:
         self.patch_rows_per_batch = MAX_PATCH_ROWS_PER_BATCH
         # Per-fold sums for the cross-fitted gate (set by collect_stats: the fold count, or None).
         self.folds: int | None = None
-        # The sums themselves (_Gram): the channel moment's may be another layer's reading the same
+        # The sums themselves (GramSums): the channel moment's may be another layer's reading the same
         # tensor the same way (`owned` False: forked before it would diverge).
-        self.channel: _Gram | None = None
+        self.channel: GramSums | None = None
         self.owned = True
-        self.patches: _Gram | None = None
+        self.patches: GramSums | None = None
 
     @property
     def rows(self) -> int:
@@ -129,25 +134,25 @@ class _Accumulator:
         its shortcut) share one product and one set of sums. `sample_folds`: each sample's
         cross-fitting fold (kept per fold when the accumulator has `folds`)."""
         folds = self.folds if sample_folds is not None else None
-        if folds and not _batch_first(self.layer, activations, len(sample_folds)):
+        if folds and not batch_first(self.layer, activations, len(sample_folds)):
             folds = None  # rows cannot be told apart by sample: this layer keeps no fold moments
-        key = (self.layer.input_name, _row_layout(self.layer), folds)
+        key = (self.layer.input_name, row_layout(self.layer), folds)
         owner = shared.get(key) if shared is not None else None
         if owner is not None and (owner is self.channel or self.channel is None):
             self.channel, self.owned = owner, owner is self.channel and self.owned
         else:
             if self.keep is None:
-                rows = _rows(self.layer, activations)
+                rows = input_rows(self.layer, activations)
                 samples = (
-                    _row_samples(self.layer, activations, len(rows), len(sample_folds)) if folds else None
+                    row_samples(self.layer, activations, len(rows), len(sample_folds)) if folds else None
                 )
                 dtype = np.float64
             else:
                 n = len(sample_folds) if folds else 0
-                rows, samples = _sampled_rows(self.layer, activations, self.keep, self.rng, n)
+                rows, samples = sampled_rows(self.layer, activations, self.keep, self.rng, n)
                 dtype = np.float32
             if self.channel is None:
-                self.channel = _Gram(self.folds, dtype)
+                self.channel = GramSums(self.folds, dtype)
             elif not self.owned:
                 self.channel, self.owned = self.channel.copy(), True  # diverges from the layer it shared
             self.channel.add(rows, samples if folds else None, sample_folds)
@@ -158,10 +163,10 @@ class _Accumulator:
             limit = min(MAX_PATCH_ROWS_PER_BATCH, max(1, MAX_PATCH_BYTES_PER_BATCH // (4 * features)))
             if self.keep is not None:  # economy: its cap spread over the batches
                 limit = min(limit, self.patch_rows_per_batch, self.max_patch_rows - self.patch_rows)
-            patches, samples = _patches(self.layer, activations, limit, self.rng, with_samples=True)
+            patches, samples = im2col_rows(self.layer, activations, limit, self.rng, with_samples=True)
             # float32 products: the moment only feeds a damped whitening.
             if self.patches is None:
-                self.patches = _Gram(self.folds, np.float32)
+                self.patches = GramSums(self.folds, np.float32)
             self.patches.add(patches, samples if folds else None, sample_folds)
             if self.patches.fold_sums is None:
                 self.folds = None  # a cut-o factor of a fold needs both moments without the fold
@@ -199,17 +204,6 @@ class _Accumulator:
         return stats
 
 
-def _pointwise(layer: Layer) -> bool:
-    """A 1x1 conv with unit strides and no padding: each im2col row is one input pixel's channels."""
-    kernel = tuple(layer.attr("kernel_shape") or ())
-    return (
-        bool(kernel)
-        and all(k == 1 for k in kernel)
-        and all(s == 1 for s in layer.attr("strides") or ())
-        and not any(layer.attr("pads") or ())
-    )
-
-
 def share_pointwise_patches(stats: LayerStats) -> LayerStats:
     """A pointwise conv's patch moment and fold sums as the very arrays of its channel moment and
     folds (one copy in memory: ResNet-50's 1x1 convs held ~0.2 GB of patch moments that repeated
@@ -217,205 +211,6 @@ def share_pointwise_patches(stats: LayerStats) -> LayerStats:
     stats.patch_moment = stats.input_moment
     stats.fold_patch_moments, stats.fold_patch_rows = stats.fold_moments, stats.fold_rows
     return stats
-
-
-class _Gram:
-    """Σ x xᵀ over the rows added batch by batch, accumulated in place by BLAS syrk (the upper
-    triangle; no d×d temporary per batch). Per batch the old sums made a zeroed float64 gram per fold,
-    their sum, a float32 copy of each and a new total: for ResNet-50's 4608-feature patch moment at 5
-    crops a batch, ~1.2 s per batch for that layer alone, against 0.2 s in place.
-
-    Sums are kept in the products' dtype: float32 for the economy's channel moments and for patch
-    moments (as the folds' sums always were: they only feed a damped whitening), float64 for exact
-    statistics. While every batch splits by sample into `folds`, only the folds' float32 sums are
-    kept where the products are float32, and the total is their sum in float64 — the same products,
-    split: C = Σ_k S_k; with float64 products the float64 total is kept beside them. A batch that
-    cannot be split drops the folds (the total continues from their sum so far)."""
-
-    def __init__(self, folds: int | None, dtype):
-        self.dtype = np.dtype(dtype)
-        self.count = 0
-        self.sum: np.ndarray | None = None  # total in `dtype`, upper triangle (None: the folds carry it)
-        self.fold_sums: list | None = [None] * folds if folds and folds > 1 else None
-        self.fold_rows: list | None = [0] * folds if self.fold_sums is not None else None
-
-    def copy(self) -> "_Gram":
-        twin = _Gram(None, self.dtype)
-        twin.count = self.count
-        twin.sum = None if self.sum is None else self.sum.copy(order="F")
-        if self.fold_sums is not None:
-            twin.fold_sums = [None if s is None else s.copy(order="F") for s in self.fold_sums]
-            twin.fold_rows = list(self.fold_rows)
-        return twin
-
-    def add(self, rows: np.ndarray, samples, sample_folds) -> None:
-        """`rows` (n, d); `samples`: each row's sample in the batch (None: not known, the folds are
-        dropped); `sample_folds`: each sample's fold."""
-        if not len(rows):
-            return
-        if self.fold_sums is not None and samples is None:
-            self.sum = self._folded_total()
-            self.fold_sums = self.fold_rows = None
-        if self.fold_sums is None or self.dtype == np.float64:
-            self.sum = _syrk_into(self.sum, rows, self.dtype)
-        if self.fold_sums is not None:
-            row_folds = np.asarray(sample_folds)[samples]
-            for fold in range(len(self.fold_sums)):
-                index = np.flatnonzero(row_folds == fold)
-                if len(index):
-                    self.fold_sums[fold] = _syrk_into(self.fold_sums[fold], rows, np.float32, index)
-                    self.fold_rows[fold] += len(index)
-        self.count += len(rows)
-
-    def _fold_sum(self) -> np.ndarray | None:
-        """Σ_k S_k in float64 (upper triangle), None before any row."""
-        present = [part for part in self.fold_sums if part is not None]
-        if not present:
-            return None
-        total = np.zeros(present[0].shape, order="F")
-        for part in present:
-            total += part
-        return total
-
-    def _folded_total(self) -> np.ndarray | None:
-        if self.sum is not None:
-            return self.sum
-        folded = self._fold_sum()
-        return None if folded is None else folded.astype(self.dtype, order="F")
-
-    def total(self) -> np.ndarray:
-        """The full symmetric Σ x xᵀ in float64 (the folds' sum while they carry it)."""
-        return _symmetric(self.sum.astype(np.float64) if self.sum is not None else self._fold_sum())
-
-    def folds_result(self) -> tuple[list, list]:
-        """(per-fold full symmetric float32 sums, per-fold rows); a fold without rows gives zeros."""
-        shape = next(s.shape for s in self.fold_sums if s is not None)
-        sums = [np.zeros(shape, np.float32) if s is None else _symmetric(s) for s in self.fold_sums]
-        return sums, list(self.fold_rows)
-
-
-def _syrk_into(total: np.ndarray | None, rows: np.ndarray, dtype, index: np.ndarray | None = None):
-    """total (upper triangle, Fortran order, `dtype`; allocated when None) += rows[index]ᵀ rows[index],
-    ROW_CHUNK rows (at most ROW_CHUNK_BYTES) converted to `dtype` at a time, in place."""
-    dtype = np.dtype(dtype)
-    features = rows.shape[1]
-    step = max(1, min(ROW_CHUNK, ROW_CHUNK_BYTES // max(features * dtype.itemsize, 1)))
-    if total is None:
-        total = np.zeros((features, features), dtype, order="F")
-    syrk = _blas.dsyrk if dtype == np.float64 else _blas.ssyrk
-    count = len(rows) if index is None else len(index)
-    for start in range(0, count, step):
-        part = slice(start, start + step)
-        chunk = np.asarray(rows[part] if index is None else rows[index[part]], dtype=dtype)
-        # C := A Aᵀ + C with A = chunkᵀ (features × rows, a Fortran-order view): the upper triangle.
-        total = syrk(1.0, chunk.T, beta=1.0, c=total, trans=0, lower=0, overwrite_c=1)
-        del chunk  # before the next chunk is made: one chunk alive at a time
-    return total
-
-
-def _symmetric(upper: np.ndarray) -> np.ndarray:
-    """The symmetric matrix of an upper triangle whose strict lower triangle is zero (as syrk leaves
-    a zero-initialised sum): U + Uᵀ with the diagonal counted once."""
-    full = upper + upper.T
-    np.fill_diagonal(full, np.diagonal(upper))
-    return full
-
-
-def _batch_first(layer: Layer, x: np.ndarray, batch_samples: int) -> bool:
-    """Whether the layer's input has the batch's samples on the axis its rows start from."""
-    shape = np.shape(x)
-    if layer.op == "Gemm" and layer.attr("transA"):
-        return len(shape) == 2 and shape[1] == batch_samples
-    return len(shape) >= 2 and shape[0] == batch_samples
-
-
-def _row_samples(layer: Layer, x: np.ndarray, count: int, batch_samples: int) -> np.ndarray | None:
-    """The sample of each of `_rows(layer, x)`'s rows, where the layout tells (batch on axis 0, rows
-    sample-major); None otherwise (e.g. a recurrent state with its batch on axis 1)."""
-    x = np.asarray(x)
-    if layer.op == "Gemm" and layer.attr("transA"):
-        return np.arange(count) if x.ndim == 2 and x.shape[1] == batch_samples else None
-    if x.ndim < 2 or x.shape[0] != batch_samples or count % max(batch_samples, 1):
-        return None
-    return np.repeat(np.arange(batch_samples), count // batch_samples)
-
-
-def shrunk(moment: np.ndarray, rows: int) -> np.ndarray:
-    """The moment shrunk toward isotropic when it has fewer rows than features.
-
-    From n < d rows the moment has rank ≤ n: whitening by it would fit W to the n-dimensional
-    span of the calibration inputs and ignore every direction that unseen inputs use (measured: a
-    1000x1280 classifier calibrated on 70 images kept 100% agreement on them and lost 10.6 points
-    on other crops). Adding (d/n − 1)·mean(diag)·I gives the unseen directions the weight an
-    average seen one has, so the fit degrades toward weight-only instead of overfitting."""
-    dim = len(moment)
-    if rows >= dim or rows == 0:
-        return moment
-    scale = float(np.mean(np.diag(moment))) or 1.0
-    out = moment.copy()  # + c·I on the diagonal only: no dim x dim identity (170 MB for 4608²)
-    out.flat[:: dim + 1] += (dim / rows - 1.0) * scale
-    return out
-
-
-def _row_layout(layer: Layer) -> tuple:
-    """What `_rows` depends on besides the tensor: layers equal here read equal rows from it."""
-    if layer.op in ("Conv", "ConvTranspose"):
-        return ("channels",)
-    return (layer.op, bool(layer.op == "Gemm" and layer.attr("transA")))
-
-
-def _sampled_rows(layer: Layer, x: np.ndarray, keep: float, rng, batch_samples: int = 0):
-    """(A random `keep` fraction of `_rows(layer, x)` (at least one row), copying only those rows;
-    each row's sample, or None without `batch_samples` or where the layout does not tell)."""
-    x = np.asarray(x)
-    if layer.op in ("Conv", "ConvTranspose"):
-        flat = x.reshape(x.shape[0], x.shape[1], -1)  # (N, C, positions): a view
-        total = flat.shape[0] * flat.shape[2]
-        count = min(total, max(1, int(round(keep * total))))
-        picked = np.sort(rng.choice(total, size=count, replace=False))
-        sample, position = np.divmod(picked, flat.shape[2])
-        return flat[sample, :, position], sample  # (count, C)
-    rows = _rows(layer, x)
-    count = min(len(rows), max(1, int(round(keep * len(rows)))))
-    picked = np.sort(rng.choice(len(rows), size=count, replace=False))
-    samples = _row_samples(layer, x, len(rows), batch_samples) if batch_samples else None
-    return rows[picked], None if samples is None else samples[picked]
-
-
-def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
-    """The layer's input as a (rows, features) matrix in its own dtype, features = the contracted
-    axis (a view where the layout allows; _syrk_into widens it a chunk at a time)."""
-    x = np.asarray(x)
-    if layer.op in ("Conv", "ConvTranspose"):
-        return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
-    if layer.op == "Gemm":
-        return x.T if layer.attr("transA") else x.reshape(-1, x.shape[-1])
-    return x.reshape(-1, x.shape[-1])  # MatMul, weight on the right
-
-
-def _patches(layer: Layer, x: np.ndarray, limit: int | None = None, rng=None, with_samples: bool = False):
-    """im2col rows (positions, I·kh·kw) in the (I, kh, kw) order of a reshaped Conv weight: numpy
-    strided windows (a view; only the final rows are copied), no deep-learning framework needed.
-    With `limit`, at most that many positions, drawn at random from the batch's (sample, y, x).
-    `with_samples`: (rows, each row's sample)."""
-    pads = layer.attr("pads")
-    (kh, kw), (dh, dw), (sh, sw) = layer.attr("kernel_shape"), layer.attr("dilations"), layer.attr("strides")
-    padded = np.pad(np.asarray(x, dtype=np.float32), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (span_h, span_w), axis=(2, 3))
-    # (N, I, H', W', span_h, span_w) → strides on the positions, dilation inside each window.
-    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]
-    n, channels, out_h, out_w = windows.shape[:4]
-    positions = n * out_h * out_w
-    if limit is not None and positions > limit:
-        picked = np.sort((rng or np.random.default_rng(0)).choice(positions, size=limit, replace=False))
-        sample, rest = np.divmod(picked, out_h * out_w)
-        y, x_pos = np.divmod(rest, out_w)
-        # Fancy indexing on the strided view copies only the picked windows: (limit, I, kh, kw).
-        rows = windows[sample, :, y, x_pos].reshape(limit, channels * kh * kw)
-        return (rows, sample) if with_samples else rows
-    rows = windows.transpose(0, 2, 3, 1, 4, 5).reshape(positions, channels * kh * kw)
-    return (rows, np.repeat(np.arange(n), out_h * out_w)) if with_samples else rows
 
 
 def collect_stats(
@@ -442,7 +237,7 @@ def collect_stats(
         names, outputs_into = tap_names(model, names), tap_sink(model, names, outputs_into)
     accumulators = {layer.name: _Accumulator(layer, want_patches) for layer in eligible}
     samples = as_feeds(inputs).samples()
-    last_reader = {(layer.input_name, _row_layout(layer)): i for i, layer in enumerate(eligible)}
+    last_reader = {(layer.input_name, row_layout(layer)): i for i, layer in enumerate(eligible)}
     first = True
     for batch, outputs in runtime.iter_batches(session, inputs, output_names=names):
         values = dict(zip(names, outputs))
@@ -462,10 +257,10 @@ def collect_stats(
         with math_threads(largest_moment):
             for index, layer in enumerate(eligible):
                 accumulators[layer.name].add(values[layer.input_name], shared, sample_folds)
-                if last_reader[(layer.input_name, _row_layout(layer))] == index:
+                if last_reader[(layer.input_name, row_layout(layer))] == index:
                     # No later layer reads this product: drop it (with folds, each key holds folds + 1
                     # grams: MiniLM's 1536² FFN inputs held 0.5 GB more for the whole batch).
-                    for key in [k for k in shared if k[:2] == (layer.input_name, _row_layout(layer))]:
+                    for key in [k for k in shared if k[:2] == (layer.input_name, row_layout(layer))]:
                         del shared[key]
     # Each accumulator is dropped as its result is made (its sums go with it).
     return {name: accumulators.pop(name).result() for name in list(accumulators)}
@@ -477,7 +272,9 @@ def plan_fold_moments(accumulators, values: dict, folds: int, max_bytes: int | N
     budget = FOLD_MOMENT_MAX_BYTES if max_bytes is None else max_bytes
     for acc in accumulators:
         x = np.asarray(values[acc.layer.input_name])
-        features = x.shape[1] if acc.layer.op in ("Conv", "ConvTranspose") else _rows(acc.layer, x).shape[1]
+        features = (
+            x.shape[1] if acc.layer.op in ("Conv", "ConvTranspose") else input_rows(acc.layer, x).shape[1]
+        )
         size = features**2
         if acc.want_patches:
             size += (features * int(np.prod(acc.layer.attr("kernel_shape")))) ** 2
@@ -496,9 +293,9 @@ def _plan_economy(accumulators, values: dict, samples: int, batch_samples: int) 
             features = x.shape[1]
             count = x.size // max(features, 1)
         else:
-            count, features = _rows(acc.layer, x).shape  # a view: Gemm/MatMul rows are not copied
+            count, features = input_rows(acc.layer, x).shape  # a view: Gemm/MatMul rows are not copied
         sizes[acc.layer.name] = (count / max(batch_samples, 1) * samples, features)
-    distinct = {(a.layer.input_name, _row_layout(a.layer)): sizes[a.layer.name] for a in accumulators}
+    distinct = {(a.layer.input_name, row_layout(a.layer)): sizes[a.layer.name] for a in accumulators}
     projected = sum(total * features**2 for total, features in distinct.values())
     if projected <= EXACT_STATS_MAX_FLOPS:
         return False
