@@ -51,6 +51,7 @@ from tnopt.passes import METHODS  # noqa: E402
 import tnopt  # noqa: E402
 from tnopt.analyze import analyze  # noqa: E402
 from tnopt.heal import HealConfig  # noqa: E402
+from tnopt.runtime import Runtime  # noqa: E402
 
 
 def load_splits(calib_n: int, source: str = "train"):
@@ -126,16 +127,43 @@ def budget_row(name, budget, report, seconds, healed: bool, calib_n: int, whole=
 
 
 def deep_tn_rows(
-    name, labelled, evaluation, healing: HealConfig, cache, method_name="tt-storage"
+    name,
+    labelled,
+    evaluation,
+    healing: HealConfig,
+    cache,
+    method_name="tt-storage",
+    ratios=(100.0,),
+    share="output-rank",
 ) -> list[dict]:
     path = ROOT / "models" / f"{name}.onnx"
     method = METHODS[method_name]
-    layers = [x for x in analyze(tnopt.io.load_model(str(path))) if x.candidate and x.params >= 50_000]
-    ranks, by_name = {}, {layer.name: layer for layer in layers}
-    for layer in layers:
-        chi = method.rank_for_params(layer, layer.params / 100)
-        if chi is not None:
-            ranks[layer.name] = (method_name, chi)
+    original = tnopt.io.load_model(str(path))
+    layers = [x for x in analyze(original) if x.candidate and x.params >= 50_000]
+    by_name = {layer.name: layer for layer in layers}
+    outputs = None
+    if share == "output-rank":
+        sample = {"input": labelled["input"][:512]}
+        outputs = Runtime("cpu").capture(original, [x.output_name for x in layers], sample)
+        outputs = {x.name: outputs[x.output_name] for x in layers}
+    rows = []
+    for ratio in ratios:
+        rows += _deep_tn_pair(
+            name, path, method, layers, by_name, outputs, ratio, labelled, evaluation, healing, cache, share
+        )
+    return rows
+
+
+def _deep_tn_pair(
+    name, path, method, layers, by_name, outputs, ratio, labelled, evaluation, healing, cache, share
+) -> list[dict]:
+    method_name = method.name
+    total = sum(x.params for x in layers) / ratio
+    if share == "layer":
+        chis = {x.name: method.rank_for_params(x, x.params / ratio) for x in layers}
+    else:
+        chis = method.shared_ranks(layers, outputs, total)
+    ranks = {n: (method_name, chi) for n, chi in chis.items() if chi is not None}
     rows = []
     for heal in (None, healing):
         started = time.perf_counter()
@@ -157,6 +185,8 @@ def deep_tn_rows(
             {
                 "model": name,
                 "method": method_name,
+                "share": share,
+                "ratio_target": ratio,
                 "heal": heal is not None,
                 "layers": ", ".join(
                     f"{n} {'×'.join(map(str, method.layout(by_name[n]).axes))} χ={r[1]}"
@@ -295,6 +325,18 @@ def main(argv=None) -> int:
         help="depth 0 or gates",
     )
     p.add_argument(
+        "--deep-tn-share",
+        default="output-rank",
+        choices=("output-rank", "layer"),
+        help="how the 1/ratio budget is spread over a model's >= 50k layers: shared by the effective rank "
+        "of each layer's output x its fan-in + fan-out (output-rank), or 1/ratio of each layer on its own",
+    )
+    p.add_argument(
+        "--deep-tn-ratios",
+        default="100",
+        help="dense / stored parameters of the >= 50k layers together; several (100,50,25) give a trade-off",
+    )
+    p.add_argument(
         "--deep-tn-calib", type=int, default=16384, help="labelled training images for the deep-TN rows"
     )
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
@@ -366,7 +408,16 @@ def main(argv=None) -> int:
     )
     for name in [m for m in args.deep_tn.split(",") if m]:
         _, tn_labelled, tn_evaluation = load_splits(args.deep_tn_calib, args.calib_source)
-        tn_rows += deep_tn_rows(name, tn_labelled, tn_evaluation, tn_healing, cache, args.deep_tn_method)
+        tn_rows += deep_tn_rows(
+            name,
+            tn_labelled,
+            tn_evaluation,
+            tn_healing,
+            cache,
+            args.deep_tn_method,
+            [float(r) for r in args.deep_tn_ratios.split(",") if r],
+            args.deep_tn_share,
+        )
         dump()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     body = [

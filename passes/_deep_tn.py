@@ -128,6 +128,47 @@ def spectral_bonds(spectra, budget: int) -> list[int]:
         chain[best] += 1
 
 
+def effective_rank(samples: np.ndarray) -> float:
+    """exp(entropy) of the normalised eigenvalues of the centred covariance of `samples` (rows =
+    observations, columns = channels; Roy & Vetterli's effective rank): how many directions the
+    layer's output really spans on the data, without a threshold to choose."""
+    z = np.asarray(samples, np.float64)
+    z = z - z.mean(axis=0)
+    eig = np.clip(np.linalg.eigvalsh(z.T @ z), 0.0, None)
+    if eig.sum() <= 0:
+        return 1.0
+    p = eig[eig > 0] / eig.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def share_budget(needs, cost_at, total: float) -> list[int]:
+    """One bond per layer whose stored numbers together fit `total`, shared in proportion to
+    `needs` (each layer's need in numbers; e.g. the effective rank of its output times its fan-in
+    plus fan-out, what a low-rank map of that rank stores). `cost_at[l](χ)` is layer l's stored
+    numbers at bond χ (non-decreasing). Each layer takes the largest bond within its share (at least
+    1); what rounding leaves is then spent raising, one step at a time, the bond of the layer
+    furthest below its share, while the total fits. Never above `total` unless bond 1 everywhere is."""
+    needs = np.asarray(needs, np.float64)
+    shares = total * needs / needs.sum()
+    chis = []
+    for cost, share in zip(cost_at, shares):
+        chi = 1
+        while cost(chi + 1) <= share and cost(chi + 1) > cost(chi):
+            chi += 1
+        chis.append(chi)
+    used = sum(cost(chi) for cost, chi in zip(cost_at, chis))
+    while True:
+        # Layers in order of how far their stored numbers are below their share.
+        for layer in np.argsort([cost(chi) / share for cost, chi, share in zip(cost_at, chis, shares)]):
+            cost, chi = cost_at[layer], chis[layer]
+            extra = cost(chi + 1) - cost(chi)
+            if extra > 0 and used + extra <= total:
+                chis[layer], used = chi + 1, used + extra
+                break
+        else:
+            return chis
+
+
 def gate_sites(n: int, depth: int) -> list[list[int]]:
     """For each gate layer, the first site of each two-site gate (brick wall, alternating offsets)."""
     return [list(range(layer % 2, n - 1, 2)) for layer in range(depth)]

@@ -69,10 +69,19 @@ class DeepTNStorage(Method):
     in_auto = False
 
     def __init__(
-        self, depth: int = DEFAULT_DEPTH, arrangement=DEFAULT_ARRANGEMENT, spread: str = "uniform", name=None
+        self,
+        depth: int = DEFAULT_DEPTH,
+        arrangement=DEFAULT_ARRANGEMENT,
+        spread: str = "uniform",
+        name=None,
+        train_bias: bool = True,
     ):
         self.name = name or type(self).name
         self.depth = int(depth)
+        # The layer's constant bias rides along as the factor array "bias" (same size, dense, emitted
+        # in place of the original), so healing trains it with the cores: a 100x network cannot put
+        # each output's offset where the dense weight had it.
+        self.train_bias = bool(train_bias)
         self.arrangement = arrangement
         self.spread = spread
 
@@ -102,6 +111,9 @@ class DeepTNStorage(Method):
         cores, gates, err = _deep_tn.decompose(weight, self.layout(layer), rank, self.depth, self.spread)
         arrays = {f"G{k + 1}": c for k, c in enumerate(cores)}
         arrays.update({f"U{k + 1}": g for k, g in enumerate(gates)})
+        bias = getattr(layer, "bias", None)
+        if self.train_bias and bias is not None:
+            arrays["bias"] = np.asarray(bias)
         bonds = tuple(c.shape[2] for c in cores[:-1])
         return Factors(
             {k: np.ascontiguousarray(v.astype(weight.dtype)) for k, v in arrays.items()},
@@ -109,6 +121,25 @@ class DeepTNStorage(Method):
             err,
             {"mode": "storage", "depth": self.depth, "sites": len(cores)},
         )
+
+    def shared_ranks(self, layers, outputs: dict, total: float) -> dict[str, int]:
+        """Bond per layer with the layers' stored numbers together ≤ `total`, shared by what each
+        layer's output spans on the data: need = effective rank of its output channels (`outputs`:
+        layer name → the layer's output on calibration samples) × (fan-in + fan-out), the numbers a
+        map of that rank stores. A layer whose outputs span few directions (often a classifier's FC
+        layers) gives its share to those that span many (often the 3x3 convs)."""
+        needs = []
+        for layer in layers:
+            y = np.asarray(outputs[layer.name])
+            axis = 1 if layer.op in ("Conv", "ConvTranspose") else -1
+            if layer.op == "MatMul" and layer.attr("weight_side") == "left":
+                axis = -2
+            channels = np.moveaxis(y, axis, -1).reshape(-1, y.shape[axis])
+            rows, cols = _deep_tn.matrix_shape(layer.weight_shape)
+            needs.append(_deep_tn.effective_rank(channels) * (rows + cols))
+        costs = [lambda chi, layer=layer: self.cost(layer, chi).params for layer in layers]
+        chis = _deep_tn.share_budget(needs, costs, total)
+        return {layer.name: chi for layer, chi in zip(layers, chis)}
 
     @staticmethod
     def split_arrays(arrays) -> tuple[list, list]:
@@ -121,7 +152,7 @@ class DeepTNStorage(Method):
 
         cores, gates = self.split_arrays(arrays)
         weight = _deep_tn.contract(cores, gates, self.layout(layer))
-        return _torch.dense_forward(layer, weight, bias, x)
+        return _torch.dense_forward(layer, weight, self.effective_bias(arrays, bias), x)
 
     def build(self, emit, layer, factors: Factors) -> None:
         cores, gates = self.split_arrays(factors.arrays)
@@ -158,12 +189,15 @@ class DeepTNStorage(Method):
             w = emit.op("Slice", "rebuild/unpad", [w, *bounds])
         shape = list(layer.weight_shape)
         w = emit.op("Reshape", "rebuild/weight", [w, _shape(emit, "rebuild/weight", shape)])
-        bias = [emit.bias] if emit.bias is not None else []
+        bias_input = self.bias_input(emit, factors)
+        bias = [bias_input] if bias_input is not None else []
         if layer.op == "Conv":
             attrs = spatial_conv_attrs(layer, layer.weight_shape[2:], group=layer.group)
             emit.op("Conv", "conv", [emit.data_input, w, *bias], attrs, final=True)
         elif layer.op == "Gemm":
-            attrs = {"transA": layer.attr("transA"), "beta": layer.attr("beta")}
+            # A carried bias already holds beta·C.
+            beta = 1.0 if "bias" in factors.arrays else layer.attr("beta")
+            attrs = {"transA": layer.attr("transA"), "beta": beta}
             emit.op("Gemm", "gemm", [emit.data_input, w, *bias], attrs, final=True)
         elif layer.attr("weight_side") == "left":
             emit.op("MatMul", "matmul", [w, emit.data_input], final=True)
@@ -176,7 +210,8 @@ def _shape(emit, role: str, dims) -> object:
 
 
 def stored_params(factors: Factors) -> int:
-    return int(sum(prod(v.shape) for v in factors.arrays.values()))
+    """The weight's stored numbers: cores and gates (the carried bias is the layer's own, same size)."""
+    return int(sum(prod(v.shape) for k, v in factors.arrays.items() if k != "bias"))
 
 
 STORAGE = DeepTNStorage()

@@ -133,7 +133,9 @@ def test_planted_structure_in_the_image_layout_is_reproduced():
     x = RNG.standard_normal((3, 4, 8, 8)).astype(np.float32)
     assert relative_difference(run(model, {"x": x})[0], run(compressed, {"x": x})[0]) < 1e-5
     stored = sum(np.prod(t.dims) for t in compressed.graph.initializer if t.data_type == 1)
-    assert stored == sum(v.size for v in factors.arrays.values()) + 16  # + Gemm's bias C
+    # The layer's bias C (16) travels as the factor array "bias", in place of the original.
+    assert factors.arrays["bias"].shape == (16,)
+    assert stored == sum(v.size for v in factors.arrays.values())
     assert stored - 16 == method.cost(layer, 3).params < weight.size
 
 
