@@ -23,8 +23,10 @@ split, compile(+heal) wall time, heal sample-steps (Σ batch size over all optim
 the heal-aware budget tried) and the calibration samples used.
 
 Deep-TN rows: every Conv/Gemm/MatMul of ≥ 50k parameters stored as `--deep-tn-method` (`tt-storage`,
-the gateless network, by default; `deep-tn-storage` with gate layers) at the largest
-bond whose cores and gates are ≤ 1/100 of the layer, then healed on `--deep-tn-calib` labelled
+the gateless network, by default; `tt-storage-mixed` on mixed-radix sites; `deep-tn-storage` with gate
+layers) at the largest bond whose cores and gates are ≤ 1/R of the layer (R each of `--deep-tn-ratios`,
+default 100; `--deep-tn-share output-rank` instead shares the model's total 1/R by the effective rank
+of each layer's output × its fan-in + fan-out), then healed on `--deep-tn-calib` labelled
 training images (labels used: this table is about storage, not label-free compression); top-1 on the
 evaluation split and the ONNX file size.
 """
@@ -134,7 +136,7 @@ def deep_tn_rows(
     cache,
     method_name="tt-storage",
     ratios=(100.0,),
-    share="output-rank",
+    share="layer",
 ) -> list[dict]:
     path = ROOT / "models" / f"{name}.onnx"
     method = METHODS[method_name]
@@ -321,12 +323,12 @@ def main(argv=None) -> int:
     p.add_argument(
         "--deep-tn-method",
         default="tt-storage",
-        choices=("tt-storage", "deep-tn-storage"),
-        help="depth 0 or gates",
+        choices=("tt-storage", "tt-storage-mixed", "deep-tn-storage"),
+        help="depth 0 on binary sites, depth 0 on mixed-radix sites, or with gate layers",
     )
     p.add_argument(
         "--deep-tn-share",
-        default="output-rank",
+        default="layer",
         choices=("output-rank", "layer"),
         help="how the 1/ratio budget is spread over a model's >= 50k layers: shared by the effective rank "
         "of each layer's output x its fan-in + fan-out (output-rank), or 1/ratio of each layer on its own",

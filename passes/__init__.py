@@ -20,6 +20,7 @@ METHODS: dict[str, Method] = {
     "mpo-storage": mpo.STORAGE,
     "deep-tn-storage": deep_tn.STORAGE,
     "tt-storage": deep_tn.TT_STORAGE,
+    "tt-storage-mixed": deep_tn.TT_STORAGE_MIXED,
 }
 
 __all__ = ["METHODS", "Cost", "Factors", "Method", "RefitSpec", "Refusal"]

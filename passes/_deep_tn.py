@@ -17,6 +17,10 @@ low-rank across every cut, which it is not when the flat index 28·r + c is spli
 whole (the bits of a flat index mix rows and columns). The matrix layout (rows = first axis, cols =
 the rest, two axes interleaved) is the case axes = (rows, cols), groups = ((rows, cols),).
 
+Mixed radix (`radix="mixed"`): each axis is split into its prime factors ≤ 7 instead (28 → 7·2·2,
+300 → 5·5·3·2·2, 3 → 3), so core k is (χ_{k-1}, d_k, χ_k) with d_k the digit's radix and an axis is
+padded only when it has a larger prime factor; gates need binary sites (depth 0 only).
+
 Stored numbers ≈ 2nχ² + D·(n−1)/2·16 against ∏ A_i for the weight: exponentially fewer. A TT is the
 depth-0 case; TT-SVD initialises it and the gates start as identities, so before training the network
 is exactly the truncated TT, and gradient training (healing) moves every tensor. Padded entries are
@@ -43,23 +47,54 @@ def bits_for(size: int) -> int:
     return math.ceil(math.log2(size)) if size > 1 else 0
 
 
+def radix_digits(size: int, max_radix: int = 7) -> tuple[int, ...]:
+    """Mixed-radix digits of an axis index, most significant first: the prime factors of `size`
+    (largest first) when none exceeds `max_radix`, else of the smallest larger size whose factors
+    all do (the axis is padded up to it). () for an axis of size 1. E.g. 28 → (7, 2, 2),
+    300 → (5, 5, 3, 2, 2), 3 → (3,), 11 → (3, 2, 2) (padded to 12)."""
+    if size <= 1:
+        return ()
+    padded = size
+    while True:
+        rest, factors = padded, []
+        for p in range(2, max_radix + 1):
+            while rest % p == 0:
+                factors.append(p)
+                rest //= p
+        if rest == 1:
+            return tuple(sorted(factors, reverse=True))
+        padded += 1
+
+
 @dataclass(frozen=True)
 class SiteLayout:
-    """How the weight's entries map to sites. The bit tensor has axis 0's bits (most significant
-    first), then axis 1's, …; site j holds bit `order[j]` of it."""
+    """How the weight's entries map to sites. The digit tensor has axis 0's digits (most significant
+    first), then axis 1's, …; site j holds digit `order[j]` of it. `radices` None: binary digits
+    (`bits` of them per axis); else each axis's digits' radices (mixed radix, `bits` = their count)."""
 
     weight_shape: tuple[int, ...]
     axes: tuple[int, ...]
     bits: tuple[int, ...]
     order: tuple[int, ...]
+    radices: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def n(self) -> int:
         return len(self.order)
 
     @property
+    def digits(self) -> tuple[tuple[int, ...], ...]:
+        return self.radices if self.radices is not None else tuple((2,) * b for b in self.bits)
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """Each site's dimension (its digit's radix), in site order."""
+        flat = [d for axis in self.digits for d in axis]
+        return tuple(flat[j] for j in self.order)
+
+    @property
     def padded(self) -> tuple[int, ...]:
-        return tuple(2**b for b in self.bits)
+        return tuple(math.prod(d) for d in self.digits)
 
     def site_names(self, names: str = "abcdefghijklmnopqrstuvwxyz") -> list[str]:
         """'a1', 'b1', … per site (axis letter, bit from the most significant): for tests and reports."""
@@ -67,10 +102,12 @@ class SiteLayout:
         return [labels[j] for j in self.order]
 
 
-def site_layout(weight_shape, axes=None, groups=None) -> SiteLayout:
+def site_layout(weight_shape, axes=None, groups=None, radix: str = "binary") -> SiteLayout:
     """The layout of a weight read as `axes` (sizes, product = the weight's size; default the matrix
     (rows, cols)), with `groups` (tuples of axis indices covering every axis once; default one group
-    of all axes): each group's bits interleave by scale, coarsest first, groups in order."""
+    of all axes): each group's digits interleave by scale, coarsest first, groups in order. `radix`
+    "binary": each axis padded to a power of two, one site per bit; "mixed": one site per prime
+    factor of the axis (`radix_digits`), so an axis of 28 or 300 or 3 is not padded to 32, 512, 4."""
     weight_shape = tuple(int(d) for d in weight_shape)
     axes = tuple(int(a) for a in (axes if axes is not None else matrix_shape(weight_shape)))
     if math.prod(axes) != math.prod(weight_shape):
@@ -78,7 +115,17 @@ def site_layout(weight_shape, axes=None, groups=None) -> SiteLayout:
     groups = tuple(tuple(g) for g in (groups if groups is not None else (tuple(range(len(axes))),)))
     if sorted(i for g in groups for i in g) != list(range(len(axes))):
         raise ValueError(f"groups {groups} must name each of the {len(axes)} axes once")
-    bits = [bits_for(a) for a in axes]
+    if radix not in ("binary", "mixed"):
+        raise ValueError(f"radix {radix!r}: binary or mixed")
+    radices = None
+    if radix == "mixed":
+        radices = [radix_digits(a) for a in axes]
+        if not any(radices):
+            radices[0] = (2,)
+        bits = [len(d) for d in radices]
+        radices = tuple(radices)
+    else:
+        bits = [bits_for(a) for a in axes]
     if sum(bits) == 0:
         bits[0] = 1  # a one-entry weight still needs one site
     offsets = np.concatenate([[0], np.cumsum(bits)[:-1]]).astype(int)
@@ -86,21 +133,24 @@ def site_layout(weight_shape, axes=None, groups=None) -> SiteLayout:
     for group in groups:
         for level in range(max((bits[i] for i in group), default=0)):
             order += [int(offsets[i]) + level for i in group if level < bits[i]]
-    return SiteLayout(weight_shape, axes, tuple(bits), tuple(order))
+    return SiteLayout(weight_shape, axes, tuple(bits), tuple(order), radices)
 
 
-def bond_caps(n: int) -> list[int]:
-    """Largest useful bond between site k and k+1 (k = 0..n-2): the rank bound of that unfolding."""
-    return [min(2 ** (k + 1), 2 ** (n - k - 1)) for k in range(n - 1)]
+def bond_caps(n: int, dims=None) -> list[int]:
+    """Largest useful bond between site k and k+1 (k = 0..n-2): the rank bound of that unfolding
+    (sites of dimension `dims`, default 2 each)."""
+    dims = [2] * n if dims is None else list(dims)
+    return [min(math.prod(dims[: k + 1]), math.prod(dims[k + 1 :])) for k in range(n - 1)]
 
 
-def bonds(n: int, chi: int) -> list[int]:
+def bonds(n: int, chi: int, dims=None) -> list[int]:
     """Full bond list (1, χ_1, …, χ_{n-1}, 1) with every inner bond min(χ, its cap)."""
-    return [1] + [max(1, min(int(chi), cap)) for cap in bond_caps(n)] + [1]
+    return [1] + [max(1, min(int(chi), cap)) for cap in bond_caps(n, dims)] + [1]
 
 
-def mps_params(chain) -> int:
-    return int(sum(chain[k] * 2 * chain[k + 1] for k in range(len(chain) - 1)))
+def mps_params(chain, dims=None) -> int:
+    dims = [2] * (len(chain) - 1) if dims is None else list(dims)
+    return int(sum(chain[k] * dims[k] * chain[k + 1] for k in range(len(chain) - 1)))
 
 
 def spectral_bonds(spectra, budget: int) -> list[int]:
@@ -176,7 +226,12 @@ def gate_sites(n: int, depth: int) -> list[list[int]]:
 
 def param_count(layout: SiteLayout, chi: int, depth: int) -> int:
     n = layout.n
-    return int(mps_params(bonds(n, chi)) + 16 * sum(len(sites) for sites in gate_sites(n, depth)))
+    if depth and layout.radices is not None:
+        raise ValueError("gate layers act on binary sites: a mixed-radix layout takes depth 0")
+    return int(
+        mps_params(bonds(n, chi, layout.dims), layout.dims)
+        + 16 * sum(len(sites) for sites in gate_sites(n, depth))
+    )
 
 
 def site_tensor(weight: np.ndarray, layout: SiteLayout) -> np.ndarray:
@@ -185,22 +240,22 @@ def site_tensor(weight: np.ndarray, layout: SiteLayout) -> np.ndarray:
     w = np.asarray(weight, dtype=np.float64).reshape(layout.axes)
     widths = [(0, p - a) for p, a in zip(layout.padded, layout.axes)]
     padded = np.pad(w, widths, mode="edge")
-    return padded.reshape((2,) * layout.n).transpose(layout.order)
+    return padded.reshape([d for axis in layout.digits for d in axis]).transpose(layout.order)
 
 
 def tt_svd_sites(tensor: np.ndarray, chi) -> list[np.ndarray]:
-    """TT-SVD (Oseledets) of a (2,)*n tensor with every bond ≤ χ (an int), or with the bonds of a
-    full chain (1, χ_1, …, 1): cores (χ_{k-1}, 2, χ_k)."""
-    n = tensor.ndim
-    chain = list(chi) if isinstance(chi, (list, tuple)) else bonds(n, chi)
-    cores, rest = [], tensor.reshape(2, -1)
+    """TT-SVD (Oseledets) of a (d_1, …, d_n) tensor with every bond ≤ χ (an int), or with the bonds
+    of a full chain (1, χ_1, …, 1): cores (χ_{k-1}, d_k, χ_k)."""
+    n, dims = tensor.ndim, tensor.shape
+    chain = list(chi) if isinstance(chi, (list, tuple)) else bonds(n, chi, dims)
+    cores, rest = [], tensor.reshape(dims[0], -1)
     for k in range(n - 1):
         u, s, vt = svd(rest)
         r = min(chain[k + 1], len(s))
-        cores.append(u[:, :r].reshape(chain[k], 2, r))
+        cores.append(u[:, :r].reshape(chain[k], dims[k], r))
         chain[k + 1] = r
-        rest = (s[:r, None] * vt[:r]).reshape(r * 2, -1)
-    cores.append(rest.reshape(chain[n - 1], 2, 1))
+        rest = (s[:r, None] * vt[:r]).reshape(r * dims[k + 1], -1)
+    cores.append(rest.reshape(chain[n - 1], dims[n - 1], 1))
     return cores
 
 
@@ -210,7 +265,8 @@ def unfolding_spectra(weight: np.ndarray, layout: SiteLayout) -> list[np.ndarray
 
 
 def _site_spectra(tensor: np.ndarray) -> list[np.ndarray]:
-    return [singular_values(tensor.reshape(2 ** (k + 1), -1)) for k in range(tensor.ndim - 1)]
+    dims = tensor.shape
+    return [singular_values(tensor.reshape(math.prod(dims[: k + 1]), -1)) for k in range(tensor.ndim - 1)]
 
 
 def identity_gates(n: int, depth: int) -> list[np.ndarray]:
@@ -224,6 +280,8 @@ def _permute(t, order):
 def contract(cores, gates, layout: SiteLayout):
     """Weight (in layout.weight_shape) from MPS cores and gate layers; numpy or torch (autograd) alike."""
     n = layout.n
+    if gates and layout.radices is not None:
+        raise ValueError("gate layers act on binary sites: a mixed-radix layout takes depth 0")
     vector = cores[0].reshape(-1, cores[0].shape[2])
     for core in cores[1:]:
         vector = (vector @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[2])
@@ -234,7 +292,7 @@ def contract(cores, gates, layout: SiteLayout):
             split = vector.reshape(2**k, 4, -1).swapaxes(0, 1).reshape(4, -1)
             vector = (layer[index] @ split).reshape(4, 2**k, -1).swapaxes(0, 1).reshape(-1)
     inverse = [int(i) for i in np.argsort(layout.order)]
-    padded = _permute(vector.reshape((2,) * n), inverse).reshape(layout.padded)
+    padded = _permute(vector.reshape(layout.dims), inverse).reshape(layout.padded)
     return padded[tuple(slice(0, a) for a in layout.axes)].reshape(layout.weight_shape)
 
 
@@ -244,7 +302,11 @@ def decompose(weight: np.ndarray, layout: SiteLayout, chi: int, depth: int, spre
     identity gate layers."""
     tensor = site_tensor(weight, layout)
     if spread == "spectral":
+        if layout.radices is not None:
+            raise ValueError("the spectral bond spread takes binary sites")
         chi = spectral_bonds(_site_spectra(tensor), mps_params(bonds(layout.n, chi)))
+    if depth and layout.radices is not None:
+        raise ValueError("gate layers act on binary sites: a mixed-radix layout takes depth 0")
     cores = tt_svd_sites(tensor, chi)
     gates = identity_gates(tensor.ndim, depth)
     approx = contract(cores, gates, layout)

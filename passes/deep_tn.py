@@ -1,6 +1,7 @@
 """Deep tensor-network storage (ADTN): W = TT of binary sites under 4x4 gate layers, folded at load; heal it.
 
-    W read as axes (A_1 … A_m), each zero-padded to 2^{b_i}, split into n = Σ b_i binary sites:
+    W read as axes (A_1 … A_m), each zero-padded to 2^{b_i}, split into n = Σ b_i binary sites
+    (`radix="mixed"`: each A_i split into its prime factors ≤ 7 instead, sites of those dimensions):
       Conv (O, I, kh, kw):            sites  kh1 kw1 kh2 kw2 | I1 … I_b | O1 … O_b
       Gemm/MatMul x·W, x = Flatten(C, H, W):  sites  H1 W1 H2 W2 … | C1 … | N1 …   (axes (C, H, W, N))
       any other weight (rows, cols):  sites  r1 c1 r2 c2 …  (the matrix layout)
@@ -16,7 +17,8 @@ layers (`DEFAULT_DEPTH`). Stored numbers ≈ 2nχ² + 8D(n−1) against the weig
 exponentially fewer. Initialised by TT-SVD with identity gates (exactly the truncated TT), then
 trained by healing (`tnopt --heal`); weight-only truncation at these sizes loses a lot, so use it
 with healing. The contraction is constant-only: onnxruntime folds it at load, so the file shrinks and
-the compute stays the dense layer's (the original op and attributes consume the rebuilt W). Not
+the compute stays the dense layer's (the original op and attributes consume the rebuilt W). The
+layer's constant bias is carried as the factor array "bias" (same size; what healing may refit). Not
 offered by `--method auto`: it saves no FLOPs and pays only when healed.
 """
 
@@ -52,14 +54,14 @@ def axis_roles(layer) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
     return None
 
 
-def layout_for(layer, arrangement=DEFAULT_ARRANGEMENT) -> _deep_tn.SiteLayout:
+def layout_for(layer, arrangement=DEFAULT_ARRANGEMENT, radix: str = "binary") -> _deep_tn.SiteLayout:
     shape = tuple(getattr(layer, "weight_shape", None) or np.shape(layer.weight))
     known = axis_roles(layer) if arrangement is not None else None
     if known is None:
-        return _deep_tn.site_layout(shape)
+        return _deep_tn.site_layout(shape, radix=radix)
     axes, roles = known
     groups = [tuple(i for i, r in enumerate(roles) if r in group) for group in arrangement]
-    return _deep_tn.site_layout(shape, axes, [g for g in groups if g])
+    return _deep_tn.site_layout(shape, axes, [g for g in groups if g], radix=radix)
 
 
 class DeepTNStorage(Method):
@@ -75,7 +77,13 @@ class DeepTNStorage(Method):
         spread: str = "uniform",
         name=None,
         train_bias: bool = True,
+        radix: str = "binary",
+        summary: str | None = None,
     ):
+        self.summary = summary
+        if radix == "mixed" and depth:
+            raise ValueError("gate layers act on binary sites: a mixed-radix network takes depth 0")
+        self.radix = radix
         self.name = name or type(self).name
         self.depth = int(depth)
         # The layer's constant bias rides along as the factor array "bias" (same size, dense, emitted
@@ -86,13 +94,14 @@ class DeepTNStorage(Method):
         self.spread = spread
 
     def layout(self, layer) -> _deep_tn.SiteLayout:
-        return layout_for(layer, self.arrangement)
+        return layout_for(layer, self.arrangement, self.radix)
 
     def _sites(self, layer) -> int:
         return self.layout(layer).n
 
     def full_rank(self, layer) -> int:
-        return max(_deep_tn.bond_caps(self._sites(layer)))
+        layout = self.layout(layer)
+        return max(_deep_tn.bond_caps(layout.n, layout.dims))
 
     def rank_from_ratio(self, layer, ratio: float) -> int:
         return scaled_rank(self.full_rank(layer), ratio, round_to=0)
@@ -176,7 +185,7 @@ class DeepTNStorage(Method):
                 w = emit.op("Reshape", f"{tag}/split", [w, _shape(emit, tag, [2**k, 4, -1])])
                 w = emit.op("MatMul", tag, [gate, w])
         layout = self.layout(layer)
-        w = emit.op("Reshape", "rebuild/sites", [w, _shape(emit, "rebuild/sites", [2] * n)])
+        w = emit.op("Reshape", "rebuild/sites", [w, _shape(emit, "rebuild/sites", layout.dims)])
         perm = [int(p) for p in np.argsort(layout.order)]
         w = emit.op("Transpose", "rebuild/unshuffle", [w], {"perm": perm})
         w = emit.op("Reshape", "rebuild/axes", [w, _shape(emit, "rebuild/axes", layout.padded)])
@@ -217,4 +226,20 @@ def stored_params(factors: Factors) -> int:
 STORAGE = DeepTNStorage()
 # The depth-0 network (a quantics tensor train, no gates): at the same stored numbers the gates'
 # 16 numbers each buy a larger bond instead; on fc2 at ≥100x it trained better (84.9% vs 83.9%).
-TT_STORAGE = DeepTNStorage(depth=0, name="tt-storage")
+TT_STORAGE = DeepTNStorage(
+    depth=0,
+    name="tt-storage",
+    summary="Tensor-train storage (deep-tn-storage without gate layers): binary sites, folded at load; "
+    "heal it.",
+)
+# The same TT on mixed-radix sites (an axis of 28 = 7·2·2 or 300 = 5·5·3·2·2 is not padded to 32 or
+# 512). bench/RESULTS.md, issue 11 session 11: fc2 at ≥100x 85.4% vs 84.4% binary after 1200 steps;
+# VGG's four ≥50k layers 79.9% vs 86.0% after 300 (a 3x3 kernel padded to 4x4 leaves the binary TT
+# free entries). Not the default for that reason.
+TT_STORAGE_MIXED = DeepTNStorage(
+    depth=0,
+    radix="mixed",
+    name="tt-storage-mixed",
+    summary="Tensor-train storage on mixed-radix sites (each axis split into its prime factors ≤ 7, "
+    "no padding to powers of two); heal it.",
+)

@@ -202,3 +202,51 @@ def test_spectral_bond_spread_stays_within_the_uniform_budget_and_finds_a_plante
     assert all(spread[k] <= 2 * min(spread[k - 1], spread[k + 1]) for k in range(1, layout.n))
     assert err < 1e-6  # the uniform χ = 3 cannot hold the bond-4 cuts
     assert _deep_tn.decompose(weight, layout, 3, 0)[2] > 1e-3
+
+
+def test_mixed_radix_sites_hold_axes_without_padding():
+    assert _deep_tn.radix_digits(28) == (7, 2, 2) and _deep_tn.radix_digits(300) == (5, 5, 3, 2, 2)
+    assert _deep_tn.radix_digits(3) == (3,) and _deep_tn.radix_digits(1) == ()
+    assert _deep_tn.radix_digits(11) == (3, 2, 2)  # a prime above 7: padded to 12
+    layer = SimpleNamespace(op="Gemm", weight_shape=(784, 300), input_axes=(1, 28, 28), weight=None)
+    layout = layout_for(layer, radix="mixed")
+    assert layout.padded == (1, 28, 28, 300) and sorted(layout.dims) == sorted(
+        (7, 2, 2) * 2 + (5, 5, 3, 2, 2)
+    )
+    # Coarsest digits first, interleaved across rows (b), columns (c) and outputs (d).
+    assert layout.site_names()[:3] == ["b1", "c1", "d1"] and layout.dims[:3] == (7, 7, 5)
+
+
+def test_planted_structure_in_a_mixed_radix_layout_is_reproduced():
+    """A conv (6, 5, 3, 3) behind no padding at all in mixed radix (sites 3 2 5 3 3): a weight that
+    is exactly a bond-2 MPS of those sites is recovered by TT-SVD at χ = 2 and rebuilt exactly in
+    onnxruntime; the binary layout (each axis padded to 8, 8, 4, 4) does not see it at χ = 2."""
+    method = type(METHODS["tt-storage"])(depth=0, radix="mixed", name="tt-storage-mixed")
+    geometry = SimpleNamespace(op="Conv", weight_shape=(6, 5, 3, 3), weight=None)
+    layout = method.layout(geometry)
+    assert layout.padded == (6, 5, 3, 3) and layout.n == 5
+    rng = np.random.default_rng(2)
+    chain = _deep_tn.bonds(layout.n, 2, layout.dims)
+    cores = [rng.standard_normal((chain[k], d, chain[k + 1])) for k, d in enumerate(layout.dims)]
+    weight = _deep_tn.contract(cores, [], layout).astype(np.float32)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="layer", pads=[1, 1, 1, 1])],
+        [tensor("x", ["N", 5, 7, 7])],
+        [tensor("y", 4)],
+        [init("w", weight), init("b", RNG.standard_normal(6).astype(np.float32))],
+    )
+    layer = analyze(model)[0]
+    factors = method.decompose(layer, 2)
+    assert factors.rel_error < 1e-5
+    assert METHODS["tt-storage"].decompose(layer, 2).rel_error > 1e-2
+    compressed, _ = apply_plan(model, [Choice(layer, method.name, factors)], {method.name: method})
+    x = RNG.standard_normal((2, 5, 7, 7)).astype(np.float32)
+    assert relative_difference(run(model, {"x": x})[0], run(compressed, {"x": x})[0]) < 1e-5
+    stored = sum(np.prod(t.dims) for t in compressed.graph.initializer if t.data_type == 1)
+    assert stored - 6 == method.cost(layer, 2).params == _deep_tn.mps_params(chain, layout.dims)
+    # Gates act on binary sites only.
+    try:
+        type(METHODS["tt-storage"])(depth=1, radix="mixed")
+    except ValueError:
+        return
+    raise AssertionError("a gated mixed-radix network was accepted")

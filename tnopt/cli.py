@@ -223,7 +223,9 @@ def _list_methods() -> int:
 
     for name, method in METHODS.items():
         doc = (sys.modules[type(method).__module__].__doc__ or "").strip().splitlines()
-        print(f"{name:10s} {', '.join(method.op_types):16s} {doc[0] if doc else ''}")
+        # A variant registered beside its module's main method says what sets it apart.
+        summary = getattr(method, "summary", None) or (doc[0] if doc else "")
+        print(f"{name:10s} {', '.join(method.op_types):16s} {summary}")
     return EXIT_OK
 
 
