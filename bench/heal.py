@@ -70,7 +70,7 @@ def load_splits(calib_n: int, source: str = "train"):
 def task(name: str, args):
     """(model path, calibration data, evaluation data, metric or None for the default, data note)."""
     if name == "minilm":
-        path, calib, evaluation, note = heal_tasks.minilm_task(args.sentences)
+        path, calib, evaluation, note = heal_tasks.minilm_task(args.sentences, args.calib_text == "pool")
         return path, calib, evaluation, "cosine", note
     if name == "efficientnet":
         path, calib, evaluation, note = heal_tasks.efficientnet_task(args.crops, args.eval_crops)
@@ -306,13 +306,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="vgg,resnet")
     p.add_argument("--budgets", default="0.005,0.01,0.02")
-    p.add_argument("--steps", type=int, default=200, help="heal steps per plan (batch 64)")
+    p.add_argument("--steps", type=int, default=200, help="heal steps per plan (of --heal-batch samples)")
     p.add_argument(
         "--heal-time", type=float, default=1080, help="seconds for the heal-aware search per model and budget"
     )
     p.add_argument("--calib", type=int, default=8192, help="calibration + healing images (≤ 8192)")
     p.add_argument("--calib-source", choices=("train", "committed"), default="train")
-    p.add_argument("--sentences", type=int, default=768, help="MiniLM calibration sentences (≤ 777)")
+    p.add_argument(
+        "--sentences", type=int, default=768, help="MiniLM calibration sentences (≤ 777 from the reference)"
+    )
+    p.add_argument(
+        "--calib-text",
+        choices=("reference", "pool"),
+        default="reference",
+        help="MiniLM calibration text: the Python Language Reference, or a pool of several documents",
+    )
+    p.add_argument("--rows", default="plain,healed", help="which budget rows: plain (no heal), healed")
     p.add_argument("--crops", type=int, default=512, help="EfficientNet calibration crops")
     p.add_argument("--eval-crops", type=int, default=256, help="EfficientNet evaluation crops")
     p.add_argument("--heal-batch", type=int, default=64, help="samples per heal step")
@@ -370,7 +379,8 @@ def main(argv=None) -> int:
                 patience=4,
                 time_budget_s=args.heal_time,
             )
-            for heal in (None, healing):
+            wanted = args.rows.split(",")
+            for heal in [h for h, row in ((None, "plain"), (healing, "healed")) if row in wanted]:
                 started = time.perf_counter()
                 compressed, report = tnopt.compress(
                     str(path),

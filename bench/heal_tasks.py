@@ -71,20 +71,102 @@ def dataset_description_sentences() -> list[str]:
     return prose_sentences(" ".join(Path(f).read_text() for f in files))
 
 
-def minilm_task(calib_n: int):
-    """(model path, calibration tokens, evaluation tokens, description of the data)."""
+# -- a calibration pool of many documents ---------------------------------------------------------
+# Offline English prose of several kinds, none of it an evaluation document: the Python Language
+# Reference, docstrings of the standard library and of numpy / scipy / torch / onnx (read with ast,
+# nothing imported), and the license texts Debian ships. scikit-learn is left out: its dataset
+# descriptions are an evaluation document.
+DOCSTRING_PACKAGES = ("numpy", "scipy", "torch", "onnx")
+SKIPPED_FOLDERS = {"site-packages", "test", "tests", "testing", "idlelib", "lib2to3", "__pycache__"}
+
+
+def _docstrings(folder: str) -> str:
+    """Every module, class and function docstring of the .py files under `folder` (test folders
+    left out), in path order."""
+    import ast
+
+    texts = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_FOLDERS)
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            try:
+                tree = ast.parse(Path(root, name).read_text(errors="ignore"))
+            except (SyntaxError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc:
+                        texts.append(doc)
+    return " ".join(texts)
+
+
+def pool_sources() -> dict[str, str]:
+    """{source: its text} of the calibration pool; sources absent on this machine are left out."""
+    import importlib.util
+    import sysconfig
+
+    from pydoc_data.topics import topics
+
+    sources = {"python-reference": " ".join(topics[k] for k in sorted(topics))}
+    sources["stdlib-docstrings"] = _docstrings(sysconfig.get_paths()["stdlib"])
+    for package in DOCSTRING_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.origin:
+            sources[f"{package}-docstrings"] = _docstrings(os.path.dirname(spec.origin))
+    licenses = [f for f in sorted(glob.glob("/usr/share/common-licenses/*")) if os.path.isfile(f)]
+    if licenses:
+        sources["licenses"] = " ".join(Path(f).read_text(errors="ignore") for f in licenses)
+    return sources
+
+
+def pool_sentences(count: int, exclude=(), seed: int = 0) -> tuple[list[str], dict[str, int]]:
+    """`count` prose sentences drawn round-robin from the pool's sources (each source's sentences
+    shuffled with `seed`), none in `exclude`; and how many each source gave. A source that runs
+    out leaves its turns to the others."""
+    import random
+
+    excluded = set(exclude)
+    queues = {}
+    for name, text in pool_sources().items():
+        sentences = [s for s in prose_sentences(text) if s not in excluded]
+        random.Random(seed).shuffle(sentences)
+        queues[name] = sentences
+    taken, seen, counts = [], set(), {name: 0 for name in queues}
+    while len(taken) < count and any(queues.values()):
+        for name, queue in queues.items():
+            while queue and len(taken) < count:
+                sentence = queue.pop()
+                if sentence not in seen:
+                    seen.add(sentence)
+                    taken.append(sentence)
+                    counts[name] += 1
+                    break
+    return taken, counts
+
+
+def minilm_task(calib_n: int, pool: bool = False):
+    """(model path, calibration tokens, evaluation tokens, description of the data). `pool`: the
+    calibration sentences come from the many-document pool (`pool_sentences`), else from the
+    Python Language Reference alone."""
     import minilm
 
     path = Path(tempfile.mkdtemp(prefix="tnopt-heal-minilm-")) / "minilm.onnx"
     minilm.export_minilm(path)
-    calib_sentences = minilm.reference_manual_sentences(calib_n)
     descriptions = dataset_description_sentences()
     eval_sentences = list(minilm.SENTENCES) + descriptions
+    if pool:
+        calib_sentences, counts = pool_sentences(calib_n, exclude=eval_sentences)
+        source = "the pool of " + ", ".join(f"{k} {v}" for k, v in counts.items())
+    else:
+        calib_sentences = minilm.reference_manual_sentences(calib_n)
+        source = f"the Python Language Reference (pydoc_data.topics, Python {sys.version.split()[0]})"
     shared = set(calib_sentences) & set(eval_sentences)
     assert not shared, f"evaluation sentences also in the calibration document: {sorted(shared)[:3]}"
     note = (
-        f"calibration: {len(calib_sentences)} sentences of the Python Language Reference "
-        f"(pydoc_data.topics, Python {sys.version.split()[0]}); evaluation: {len(minilm.SENTENCES)} "
+        f"calibration: {len(calib_sentences)} sentences of {source}; evaluation: {len(minilm.SENTENCES)} "
         f"sentences of models/minilm.py's SENTENCES + {len(descriptions)} of scikit-learn's dataset "
         "descriptions (sklearn/datasets/descr/*.rst) — other documents"
     )

@@ -462,3 +462,40 @@ def test_checkpoint_ties_span_the_drops_standard_error_on_the_selection_split():
     assert 0.013 < error < 0.016
     assert score([reference]) == (0.0, 1 / 400)  # no flips: one sample's resolution
     assert _selection_scorer(runner, None, select)[0] is None
+
+
+def test_heal_batch_is_independent_of_the_onnxruntime_batch(monkeypatch):
+    # A 64-sample step whose teacher and student see parts of at most onnxruntime's batch (8 here)
+    # trains the factors as one 64-sample batch does: the parts' gradients add up to the batch's.
+    import tnopt.heal_paths as paths
+    import tnopt.pipeline as pipeline
+
+    seen = []
+    original_augment = paths.augment_images
+
+    def recording(batch, kinds, rng):
+        seen.append(len(next(iter(batch.values()))))
+        return original_augment(batch, kinds, rng)
+
+    monkeypatch.setattr(paths, "augment_images", recording)
+    config = HealConfig(steps=12, eval_every=6, seed=3, lr=0.02)
+    results = {}
+    for ort_batch in (8, 256):
+        monkeypatch.setattr(pipeline, "batch_size_for", lambda sample_bytes, b=ort_batch: b)
+        seen.clear()
+        model, report = compress_fc2(config)
+        result = report.heal["plans"][0]["heal"]
+        assert result["sample_steps"] == result["steps"] * 64 and result["steps"] == 12
+        assert max(seen) == min(ort_batch, 64) and sum(seen) == 12 * 64  # memory: one part at a time
+        results[ort_batch] = _arrays(model)
+    parts, whole = results[8], results[256]
+    assert parts.keys() == whole.keys()
+    changed = [n for n in parts if n.startswith("/1/Gemm/")]
+    assert changed
+    # Not bit for bit: the parts sum their gradients in another order, and Adam's normalisation
+    # carries the last bits into the smallest entries. A step of 8 samples differs by far more.
+    start = _arrays(compress_fc2(None)[0])
+    for name in changed:
+        moved = np.linalg.norm(whole[name] - start[name])
+        assert moved > 0.05 * np.linalg.norm(start[name]), name
+        assert np.linalg.norm(parts[name] - whole[name]) < 0.01 * moved, name

@@ -213,13 +213,22 @@ class _Trainer:
         return {k: v.detach().numpy().copy() for k, v in self.params.items()}
 
     def step(self, loss) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.apply()
+
+    def accumulate(self, loss) -> None:
+        """Adds `loss`'s gradient to the step being built (a batch in parts: its autograd graph is
+        freed here, so memory holds one part); `apply` takes the step."""
+        loss.backward()
+
+    def apply(self) -> None:
         warm = min(1.0, (self.step_index + 1) / 10)
         decay = 0.5 * (1 + math.cos(math.pi * min(self.step_index, self.total) / self.total))
         for group, base in zip(self.optimizer.param_groups, self.base):
             group["lr"] = base * warm * max(decay, 0.02)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.step_index += 1
 
 

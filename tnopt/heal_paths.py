@@ -37,6 +37,19 @@ class _Stream:
             yield self.batch
 
 
+def _teacher_rows(teacher, count: int) -> dict[str, np.ndarray]:
+    """The teacher's values for the `count` samples just put on the stream (onnxruntime may hand a
+    stream batch back in several pieces: a model run at a fixed batch)."""
+    pieces, got = [], 0
+    while got < count:
+        rows, values = next(teacher)
+        pieces.append(values)
+        got += rows.stop - rows.start
+    if len(pieces) == 1:
+        return pieces[0]
+    return {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
+
+
 def _effective_bias(layer, args):
     """The layer's bias as its node has it at run time (Conv B, Gemm beta·C; MatMul none)."""
     if layer.op == "MatMul" or len(args) < 3 or args[2] is None:
@@ -132,31 +145,38 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
     selector = CheckpointSelector(config.patience, error)
     selector.update(result.select_drop_before, result.holdout_loss_before, 0)
     n = len(train)
-    batch = min(config.batch_size, n, runner.runtime.batch_size)
+    # The step's batch is the config's; onnxruntime (the teacher) and torch (the student's autograd
+    # graph) see it in parts of at most the run's onnxruntime batch, whose gradients add up before
+    # the step: memory holds one part, whatever the batch.
+    batch, part = min(config.batch_size, n), max(1, runner.runtime.batch_size)
     order, cursor = rng.permutation(n), 0
     for step in range(1, config.steps + 1):
         if cursor + batch > n:
             order, cursor = rng.permutation(n), 0
         index = np.sort(order[cursor : cursor + batch])
         cursor += batch
-        stream.batch = augment_images({k: v[index] for k, v in train.inputs.items()}, config.augment, rng)
-        _, target = next(teacher)
-        captured.clear()
-        student = graph.run({k: torch.from_numpy(v) for k, v in stream.batch.items()}, outputs)
-        loss = output_loss(student, [target[name] for name in outputs])
-        if config.feature_weight and plan.choices:
-            feature = sum(
-                _nmse(captured[c.layer.output_name], torch.from_numpy(target[c.layer.output_name]))
-                for c in plan
-            ) / len(plan)
-            loss = loss + config.feature_weight * feature
-        if labels is not None and config.label_weight and float_outputs:
-            logits = student[outputs[float_outputs[0]]]
-            if logits.dim() == 2 and logits.shape[1] > int(labels.max()):
-                loss = loss + config.label_weight * torch.nn.functional.cross_entropy(
-                    logits, torch.from_numpy(labels[index]).long()
-                )
-        trainer.step(loss)
+        for offset in range(0, batch, part):
+            rows = index[offset : offset + part]
+            stream.batch = augment_images({k: v[rows] for k, v in train.inputs.items()}, config.augment, rng)
+            target = _teacher_rows(teacher, len(rows))
+            captured.clear()
+            student = graph.run({k: torch.from_numpy(v) for k, v in stream.batch.items()}, outputs)
+            loss = output_loss(student, [target[name] for name in outputs])
+            if config.feature_weight and plan.choices:
+                feature = sum(
+                    _nmse(captured[c.layer.output_name], torch.from_numpy(target[c.layer.output_name]))
+                    for c in plan
+                ) / len(plan)
+                loss = loss + config.feature_weight * feature
+            if labels is not None and config.label_weight and float_outputs:
+                logits = student[outputs[float_outputs[0]]]
+                if logits.dim() == 2 and logits.shape[1] > int(labels.max()):
+                    loss = loss + config.label_weight * torch.nn.functional.cross_entropy(
+                        logits, torch.from_numpy(labels[rows]).long()
+                    )
+            # Each part's mean loss weighted by its share: the step's gradient is the batch mean's.
+            trainer.accumulate(loss * (len(rows) / batch))
+        trainer.apply()
         result.steps, result.sample_steps = step, result.sample_steps + batch
         if step % config.eval_every == 0 or step == config.steps:
             drop, _, value = evaluate()
