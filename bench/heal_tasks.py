@@ -107,7 +107,6 @@ def pool_sources() -> dict[str, str]:
     """{source: its text} of the calibration pool; sources absent on this machine are left out."""
     import importlib.util
     import sysconfig
-
     from pydoc_data.topics import topics
 
     sources = {"python-reference": " ".join(topics[k] for k in sorted(topics))}
