@@ -109,10 +109,21 @@ def budget_row(name, budget, report, seconds, healed: bool, calib_n: int, whole=
     }
     if healed:
         row["looseness"] = report.heal.get("chosen_looseness")
+        row["flops_before"] = report.before.flops
         row["plans"] = [
             {
                 k: p.get(k)
-                for k in ("looseness", "saving", "drop_before", "drop_after", "margin", "passed", "seconds")
+                for k in (
+                    "looseness",
+                    "saving",
+                    "drop_before",
+                    "drop_after",
+                    "margin",
+                    "passed",
+                    "seconds",
+                    "drop_evaluation_before",
+                    "drop_evaluation_after",
+                )
             }
             for p in report.heal.get("plans", [])
         ]
@@ -221,6 +232,10 @@ def progress(started: float):
 def markdown(rows: list[tuple]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows[1:]])
+
+
+def _drop(value) -> str:
+    return "–" if value is None else f"{value:.4f}"
 
 
 def budget_table(rows) -> str:
@@ -450,10 +465,12 @@ def main(argv=None) -> int:
             if r["heal"]:
                 body.append(
                     f"- {r['model']} {r['budget']:.1%}: plans tried (proxy budget ×, held-out drop "
-                    "before → after healing, gate): "
+                    "before → after healing, gate; evaluation drop before → after): "
                     + "; ".join(
-                        f"×{p['looseness']:g} {p['drop_before']:.4f}→{p['drop_after']:.4f} "
-                        f"{'pass' if p['passed'] else 'fail'} ({p['seconds']:.0f} s)"
+                        f"×{p['looseness']:g} {r['flops_before'] / (r['flops_before'] - p['saving']):.2f}x "
+                        f"{p['drop_before']:.4f}→{p['drop_after']:.4f} "
+                        f"{'pass' if p['passed'] else 'fail'} ({p['seconds']:.0f} s; evaluation "
+                        f"{_drop(p.get('drop_evaluation_before'))}→{_drop(p.get('drop_evaluation_after'))})"
                         for p in r["plans"]
                     )
                     + f"; heal path: {r.get('heal_path')}"

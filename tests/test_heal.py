@@ -338,6 +338,11 @@ def test_budget_is_judged_after_healing(small_splits):
     assert report.budget["proxy_max_drop"] == 0.02 * report.heal["chosen_looseness"]
     chosen = [p for p in plans if p["looseness"] == report.heal["chosen_looseness"]][0]
     assert chosen["passed"] == report.budget_met or report.budget["drop_evaluation"] > 0.02
+    # Every plan tried shows its evaluation drop; the chosen one's is the report's.
+    assert all(p["drop_evaluation_before"] is not None for p in plans)
+    assert all(("drop_evaluation_after" in p) == bool(p["heal"]) for p in plans)
+    chosen_eval = chosen.get("drop_evaluation_after", chosen["drop_evaluation_before"])
+    assert chosen_eval == pytest.approx(report.budget["drop_evaluation"], abs=1e-9)
 
 
 def test_checkpoint_selection_follows_the_charged_metric_not_the_loss():

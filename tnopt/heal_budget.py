@@ -245,16 +245,24 @@ def heal_budgeted_plan(runner, run_config, search_at, train, holdout, evaluation
     max_drop, drop_type = B.parse_budget(run_config.budget)
     gate, used = _gate(runner, holdout, run_config.metric, drop_type)
     searched: dict[float, object] = {}
+    eval_gate, _ = _gate(runner, evaluation, used.name, drop_type)
+    # Each tried plan's drop on the evaluation data before and after healing (reported only: nothing
+    # is chosen by it), so the report shows whether the gate's verdict carries over to that data.
+    on_evaluation: dict[float, dict] = {}
 
     def search_plan(factor: float) -> Plan:
         # Spelled as a percentage and capped below 100%: a bare fraction ≥ 0.1 is refused as ambiguous
         # (2% × 16 = 0.32), a drop of 100% or more as one every model meets.
         loose = min(max_drop * factor, 0.99)
         searched[factor] = search_at({"max_drop": f"{loose * 100:.12g}%", "drop_type": drop_type})
+        on_evaluation[factor] = {"drop_evaluation_before": eval_gate(searched[factor].plan)[0]}
         return searched[factor].plan
 
     def heal_plan(plan):
-        return heal(runner, plan, train, holdout, config, say, metric=used)
+        healed, result = heal(runner, plan, train, holdout, config, say, metric=used)
+        factor = next(reversed(on_evaluation))
+        on_evaluation[factor]["drop_evaluation_after"] = eval_gate(healed)[0]
+        return healed, result
 
     by_params = run_config.objective == "params"
 
@@ -271,7 +279,6 @@ def heal_budgeted_plan(runner, run_config, search_at, train, holdout, evaluation
     result = searched[best.looseness]
     report.search = dict(result.search)
     report.timings.update(result.timings)
-    eval_gate, _ = _gate(runner, evaluation, used.name, drop_type)
     eval_drop, _ = eval_gate(best.plan)
     report.budget = dict(result.budget)
     report.budget.update(
@@ -300,7 +307,7 @@ def heal_budgeted_plan(runner, run_config, search_at, train, holdout, evaluation
         "metric": used.name,
         "holdout": holdout.source,
         "chosen_looseness": best.looseness,
-        "plans": [t.to_dict() for t in trials],
+        "plans": [{**t.to_dict(), **on_evaluation.get(t.looseness, {})} for t in trials],
         "seconds": time.perf_counter() - started,
         "time_budget_s": config.time_budget_s,
     }
