@@ -76,3 +76,31 @@ def test_healing_trains_the_layers_bias_and_nothing_else_changes():
     original = tnopt.io.load_model(str(MODELS / "fc2.onnx"))
     gemm = next(n for n in original.graph.node if n.name == "/1/Gemm")
     assert gemm.input[2] not in after
+
+
+def test_healing_runs_torch_on_the_math_thread_count_and_restores_it(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("TNOPT_MATH_THREADS", "1")
+    calls, original, before = [], torch.set_num_threads, torch.get_num_threads()
+    torch.set_num_threads(2)
+
+    def record(n):
+        calls.append(n)
+        original(n)
+
+    monkeypatch.setattr(torch, "set_num_threads", record)
+    with np.load(MODELS / "calib.npz") as archive:
+        data = {"input": archive["input"][:64]}
+    tnopt.compress(
+        str(MODELS / "fc2.onnx"),
+        ranks={"/1/Gemm": ("tt-storage", 3)},
+        methods="tt-storage",
+        data=data,
+        provider="cpu",
+        correct=False,
+        heal=HealConfig(steps=2, eval_every=1),
+    )
+    after = torch.get_num_threads()
+    original(before)
+    assert calls == [1, 2] and after == 2

@@ -290,6 +290,22 @@ def heal(
     to give a selection split."""
     import torch
 
+    from tnopt import threads
+
+    # torch's own threads follow tnopt's BLAS policy (tnopt/threads.py): every core only while the
+    # rest of the machine leaves them idle. On 2 cores under a load of ~4, fc2's 600 tt-storage
+    # steps took 30 s on one thread and did not finish in 300 s on torch's default two.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads.choose_threads())
+    try:
+        return _heal(runner, plan, train, holdout, config, say, metric)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _heal(runner, plan, train, holdout, config, say, metric):
+    import torch
+
     started = time.perf_counter()
     plan = Plan.of(plan)
     torch.manual_seed(config.seed)
