@@ -340,6 +340,9 @@ def main(argv=None) -> int:
     p.add_argument("--crops", type=int, default=512, help="EfficientNet calibration crops")
     p.add_argument("--eval-crops", type=int, default=256, help="EfficientNet evaluation crops")
     p.add_argument("--heal-batch", type=int, default=64, help="samples per heal step")
+    p.add_argument(
+        "--heal-lr", type=float, default=HealConfig.lr, help="Adam step relative to each tensor's RMS"
+    )
     p.add_argument("--deep-tn", default="fc2,vgg")
     p.add_argument("--deep-tn-steps", type=int, default=1500)
     p.add_argument("--deep-tn-batch", type=int, default=128)
@@ -390,6 +393,7 @@ def main(argv=None) -> int:
             healing = HealConfig(
                 steps=args.steps,
                 batch_size=args.heal_batch,
+                lr=args.heal_lr,
                 eval_every=25,
                 patience=4,
                 time_budget_s=args.heal_time,
