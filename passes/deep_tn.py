@@ -233,7 +233,7 @@ TT_STORAGE = DeepTNStorage(
     "heal it.",
 )
 # The same TT on mixed-radix sites (an axis of 28 = 7·2·2 or 300 = 5·5·3·2·2 is not padded to 32 or
-# 512). bench/RESULTS.md, issue 11 session 11: fc2 at ≥100x 85.4% vs 84.4% binary after 1200 steps;
+# 512). bench/RESULTS.md, issue 11 session 11: fc2 at ≥100x 85.7% vs 84.7% binary after 1500 steps;
 # VGG's four ≥50k layers 79.9% vs 86.0% after 300 (a 3x3 kernel padded to 4x4 leaves the binary TT
 # free entries). Not the default for that reason.
 TT_STORAGE_MIXED = DeepTNStorage(
