@@ -26,7 +26,7 @@ def batch_first(layer: Layer, x: np.ndarray, batch_samples: int) -> bool:
     """Whether the layer's input has the batch's samples on the axis its rows start from."""
     shape = np.shape(x)
     if layer.op == "Gemm" and layer.attr("transA"):
-        return len(shape) == 2 and shape[1] == batch_samples
+        return len(shape) == 2 and len(_a_rows(layer, x)) == batch_samples
     return len(shape) >= 2 and shape[0] == batch_samples
 
 
@@ -35,7 +35,7 @@ def row_samples(layer: Layer, x: np.ndarray, count: int, batch_samples: int) -> 
     sample-major); None otherwise (e.g. a recurrent state with its batch on axis 1)."""
     x = np.asarray(x)
     if layer.op == "Gemm" and layer.attr("transA"):
-        return np.arange(count) if x.ndim == 2 and x.shape[1] == batch_samples else None
+        return np.arange(count) if x.ndim == 2 and count == batch_samples else None
     if x.ndim < 2 or x.shape[0] != batch_samples or count % max(batch_samples, 1):
         return None
     return np.repeat(np.arange(batch_samples), count // batch_samples)
@@ -66,6 +66,18 @@ def sampled_rows(layer: Layer, x: np.ndarray, keep: float, rng, batch_samples: i
     return rows[picked], None if samples is None else samples[picked]
 
 
+def _a_rows(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """A Gemm with transA=1 reads A as (K, M). A capture comes sample-major where the runtime found
+    A's batch dim (symbolic, on axis 1) and moved it to axis 0 (Runtime.iter_batches): then it is
+    already (M, K); a fixed-shape A comes as the model holds it, (K, M)."""
+    k = layer.weight_shape[0]
+    shape = layer.input_shape or ()
+    moved = len(shape) == 2 and isinstance(shape[1], str) and not isinstance(shape[0], str)
+    if x.ndim == 2 and x.shape[1] == k and (x.shape[0] != k or moved):
+        return x
+    return x.T
+
+
 def input_rows(layer: Layer, x: np.ndarray) -> np.ndarray:
     """The layer's input as a (rows, features) matrix in its own dtype, features = the contracted
     axis (a view where the layout allows; syrk_into widens it a chunk at a time)."""
@@ -73,7 +85,7 @@ def input_rows(layer: Layer, x: np.ndarray) -> np.ndarray:
     if layer.op in ("Conv", "ConvTranspose"):
         return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
     if layer.op == "Gemm":
-        return x.T if layer.attr("transA") else x.reshape(-1, x.shape[-1])
+        return _a_rows(layer, x) if layer.attr("transA") else x.reshape(-1, x.shape[-1])
     return x.reshape(-1, x.shape[-1])  # MatMul, weight on the right
 
 
