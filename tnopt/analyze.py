@@ -72,10 +72,25 @@ def _bias_vector(tensor, scale: float, channels: int) -> np.ndarray | None:
     return (values * np.asarray(scale, values.dtype)).astype(constant.values.dtype)
 
 
+# Ops that only re-lay out a weight: a dequantised weight may reach its layer through them
+# (a QDQ export's transposed MatMul weight: DequantizeLinear → Transpose → MatMul).
+_LAYOUT_OPS = ("Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast")
+
+
 def _quantized(tensor) -> bool:
-    """The tensor is dequantised at run time (DequantizeLinear): a quantized model's weight."""
-    producers = getattr(tensor, "inputs", [])
-    return len(producers) == 1 and producers[0].op in ("DequantizeLinear", "DynamicQuantizeLinear")
+    """The tensor is a constant dequantised at run time (DequantizeLinear), directly or through
+    layout ops: a quantized model's weight (not a QDQ model's activation, whose DequantizeLinear
+    reads a QuantizeLinear)."""
+    for _ in range(8):
+        producers = getattr(tensor, "inputs", [])
+        if len(producers) != 1:
+            return False
+        if producers[0].op in ("DequantizeLinear", "DynamicQuantizeLinear"):
+            return bool(producers[0].inputs) and G.resolve_constant(producers[0].inputs[0]) is not None
+        if producers[0].op not in _LAYOUT_OPS or not producers[0].inputs:
+            return False
+        tensor = producers[0].inputs[0]
+    return False
 
 
 QUANTIZED_REASON = (
