@@ -73,6 +73,15 @@ def keep_versions(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
     _keep_graph_inputs(model, like)
 
 
+def declare_outputs(model: onnx.ModelProto, declared: list[onnx.ValueInfoProto]) -> None:
+    """Give `model`'s graph outputs the types they were declared with (by name): shape inference
+    fills in dims an exporter left unknown, and a written model keeps its input's interface."""
+    by_name = {value.name: value for value in declared}
+    for value in model.graph.output:
+        if value.name in by_name:
+            value.CopyFrom(by_name[value.name])
+
+
 def overridable_initializers(model: onnx.ModelProto) -> frozenset[str]:
     """Initializers that are also graph inputs: defaults a caller may override at run time.
 

@@ -33,6 +33,14 @@ EXTERNAL_MIN_BYTES = 1024
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     """Read, check and shape-infer a model. The caller's ModelProto is copied, never modified."""
+    return load_model_and_outputs(source)[0]
+
+
+def load_model_and_outputs(
+    source: str | os.PathLike | onnx.ModelProto,
+) -> tuple[onnx.ModelProto, list[onnx.ValueInfoProto]]:
+    """`load_model`, and the graph outputs as the model declared them before shape inference
+    (which fills in the dims an exporter left unknown): the interface a written model keeps."""
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -67,6 +75,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         onnx.checker.check_model(where if big and Path(where).exists() else model, full_check=False)
     except Exception as exc:
         raise UnsupportedModelError(f"{where}: fails onnx.checker ({_first_line(exc)})") from None
+    declared = [onnx.ValueInfoProto.FromString(v.SerializeToString()) for v in model.graph.output]
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
@@ -74,7 +83,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         inferred = model
     # infer_shapes can rewrite nothing but value_info; keep the original IR version explicitly.
     inferred.ir_version = model.ir_version
-    return inferred
+    return inferred, declared
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:

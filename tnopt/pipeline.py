@@ -26,7 +26,7 @@ from tnopt.config import RunConfig, resolve_methods
 from tnopt.data import Dataset, as_feeds, dataset_from_arrays, input_specs, load_npz, random_inputs
 from tnopt.errors import TnoptError, UnsupportedModelError
 from tnopt.fixed import fixed_rank_plan
-from tnopt.graph import op_counts, parameter_count
+from tnopt.graph import declare_outputs, op_counts, parameter_count
 from tnopt.latency import whole_model_latency
 from tnopt.layout import activation_bytes, bind_dims, restore_interface
 from tnopt.metric_choice import add_output_figures
@@ -182,7 +182,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     clock = StageClock()
     source = model if isinstance(model, str) else getattr(model.graph, "name", "model")
     clock.begin("load")
-    original = io.load_model(model)
+    original, declared_outputs = io.load_model_and_outputs(model)
     validate.check_model_outputs(original)
     clock.end()
     runtime = Runtime(config.provider)
@@ -386,6 +386,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     report.timings["validate_s"] = time.perf_counter() - compressed_eval_start
     if interface is not original:
         compressed = restore_interface(compressed, interface)
+    declare_outputs(compressed, declared_outputs)
     if config.latency_batch:
         clock.begin("latency")
         report.latency = whole_model_latency(
