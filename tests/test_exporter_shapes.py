@@ -1,0 +1,114 @@
+"""Graph shapes real exporters write that broke tnopt (found by bench/graph_shapes.py): each is
+rewritten correctly or listed with its reason."""
+
+import json
+
+import numpy as np
+import onnx
+from contract import decisions, run_case, save, single
+from helpers import init, relative_difference, run, tensor
+from onnx import TensorProto, helper, numpy_helper
+
+from tnopt.analyze import analyze
+from tnopt.layer_rows import batch_first, input_rows
+
+
+def _weight(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32) / np.sqrt(shape[0])
+
+
+def test_gemm_trans_a_with_calibration_data_is_exact_at_full_rank(tmp_path):
+    # A is (K, N): its batch sits on axis 1, and captures arrive with it moved to axis 0. The input
+    # moments were taken over the wrong axis (exit 4: a 64x64 moment for a 24-row weight).
+    model = single(
+        helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc", transA=1, alpha=0.5, beta=2.0),
+        [tensor("x", [24, "N"])],
+        [tensor("y", ["N", 16])],
+        [init("w", _weight(24, 16)), init("c", np.linspace(-1, 1, 16).reshape(1, 16))],
+    )
+    path = save(model, tmp_path)
+    x = np.random.default_rng(1).standard_normal((24, 64)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    report = tmp_path / "r.json"
+    run_case(
+        tmp_path,
+        path,
+        "--rank-ratio",
+        "1",
+        "--allow-growth",
+        "--data",
+        tmp_path / "calib.npz",
+        "--report",
+        report,
+        expect=0,
+    )
+    assert decisions(report)["fc"]["decision"] == "rewritten"
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert relative_difference(run(model, {"x": x})[0], run(out, {"x": x})[0]) < 1e-4
+
+
+def test_trans_a_rows_read_moved_and_unmoved_captures():
+    model = single(
+        helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transA=1),
+        [tensor("x", [8, "N"])],
+        [tensor("y", ["N", 5])],
+        [init("w", _weight(8, 5))],
+    )
+    layer = analyze(model)[0]
+    moved = np.arange(6 * 8, dtype=np.float32).reshape(6, 8)  # the runtime moved N to axis 0
+    assert np.array_equal(input_rows(layer, moved), moved) and batch_first(layer, moved, 6)
+    fixed = single(
+        helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transA=1),
+        [tensor("x", [8, 6])],
+        [tensor("y", [6, 5])],
+        [init("w", _weight(8, 5))],
+    )
+    as_held = moved.T.copy()  # a fixed-shape A comes as the model holds it, (K, M)
+    assert np.array_equal(input_rows(analyze(fixed)[0], as_held), moved)
+
+
+def test_a_dequantized_weight_behind_a_transpose_is_listed_and_a_qdq_activation_is_not():
+    rng = np.random.default_rng(2)
+    nodes = [
+        helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wt"], name="dq_w"),
+        helper.make_node("Transpose", ["wt"], ["w"], name="tr", perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="qmm"),
+        helper.make_node("QuantizeLinear", ["h", "s", "z"], ["hq"], name="q_h"),
+        helper.make_node("DequantizeLinear", ["hq", "s", "z"], ["hd"], name="dq_h"),
+        helper.make_node("Transpose", ["hd"], ["ht"], name="tr_h", perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "ht"], ["y"], name="activations"),
+    ]
+    model = single(
+        nodes,
+        [tensor("x", ["N", 16])],
+        [tensor("y", ["N", "N"])],
+        [
+            numpy_helper.from_array(rng.integers(-100, 100, (12, 16)).astype(np.int8), "wq"),
+            init("s", np.array(0.01)),
+            numpy_helper.from_array(np.array(0, np.int8), "z"),
+        ],
+    )
+    layers = {layer.name: layer for layer in analyze(model)}
+    assert set(layers) == {"qmm"}
+    assert "dequantized at run time (DequantizeLinear)" in layers["qmm"].skip_reason
+
+
+def test_graph_outputs_keep_their_declared_dims(tmp_path):
+    # Shape inference fills in dims an exporter left unknown; the written model declared them
+    # concrete (['N', 8, 6, 6] for [?, ?, ?, ?]) — the interface changed.
+    model = single(
+        [
+            helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["h"], ["y"], name="relu"),
+        ],
+        [tensor("x", ["N", 8, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)],
+        [init("w", _weight(8, 8, 3, 3))],
+    )
+    path = save(model, tmp_path)
+    report = tmp_path / "r.json"
+    run_case(tmp_path, path, "--rank-ratio", "0.5", "--report", report, expect=0)
+    assert json.loads(report.read_text())["layers"][0]["decision"] == "rewritten"
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    dims = out.graph.output[0].type.tensor_type.shape.dim
+    assert len(dims) == 4 and all(not d.dim_param and not d.HasField("dim_value") for d in dims)
