@@ -112,3 +112,38 @@ def test_graph_outputs_keep_their_declared_dims(tmp_path):
     out = onnx.load(str(tmp_path / "out.onnx"))
     dims = out.graph.output[0].type.tensor_type.shape.dim
     assert len(dims) == 4 and all(not d.dim_param and not d.HasField("dim_value") for d in dims)
+
+
+def test_kept_nodes_keep_their_doc_strings_and_metadata_inside_bodies_too(tmp_path):
+    # graphsurgeon dropped every node's doc_string and metadata_props (torch's dynamo exporter writes
+    # module paths there), in Loop bodies too.
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="go_on"),
+            helper.make_node("Neg", ["v_in"], ["v_out"], name="negate", doc_string="inside the body"),
+        ],
+        "body",
+        [tensor("i", [], TensorProto.INT64), tensor("cond_in", [], TensorProto.BOOL), tensor("v_in", 2)],
+        [tensor("cond_out", [], TensorProto.BOOL), tensor("v_out", 2)],
+    )
+    relu = helper.make_node("Relu", ["h"], ["r"], name="relu", doc_string="kept as it is")
+    entry = relu.metadata_props.add()
+    entry.key, entry.value = "namespace", "block0: torch.nn.ReLU"
+    model = single(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+            relu,
+            helper.make_node("Loop", ["trips", "", "r"], ["y"], name="loop", body=body),
+        ],
+        [tensor("x", ["N", 32])],
+        [tensor("y", ["N", 32])],
+        [init("w", _weight(32, 32)), numpy_helper.from_array(np.array(2, np.int64), "trips")],
+    )
+    report = tmp_path / "r.json"
+    run_case(tmp_path, save(model, tmp_path), "--rank-ratio", "0.25", "--report", report, expect=0)
+    assert decisions(report)["mm"]["decision"] == "rewritten"
+    out = {node.name: node for node in onnx.load(str(tmp_path / "out.onnx")).graph.node}
+    assert out["relu"].doc_string == "kept as it is"
+    assert [(p.key, p.value) for p in out["relu"].metadata_props] == [("namespace", "block0: torch.nn.ReLU")]
+    negate = next(n for n in out["loop"].attribute[0].g.node if n.op_type == "Neg")
+    assert negate.doc_string == "inside the body"

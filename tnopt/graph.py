@@ -54,6 +54,11 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, provenance: dict[str, d
         setattr(model, attr, getattr(like, attr))
     del model.metadata_props[:]
     model.metadata_props.extend(like.metadata_props)
+    _keep_node_annotations(model.graph.node, like.graph.node)
+    functions = {(f.domain, f.name): f for f in like.functions}
+    for function in model.functions:
+        if (function.domain, function.name) in functions:
+            _keep_node_annotations(function.node, functions[(function.domain, function.name)].node)
     if provenance:
         for node in model.graph.node:
             tags = provenance.get(node.name)
@@ -62,6 +67,24 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, provenance: dict[str, d
                     entry = node.metadata_props.add()
                     entry.key, entry.value = key, str(value)
     return model
+
+
+def _keep_node_annotations(nodes, like_nodes) -> None:
+    """graphsurgeon drops every node's doc_string and metadata_props (torch's dynamo exporter
+    writes its module paths there). Copy them back onto each node that survives unchanged — same op
+    and outputs as a node of `like` — and into the subgraphs of its If/Loop/Scan attributes."""
+    originals = {(node.op_type, tuple(node.output)): node for node in like_nodes}
+    for node in nodes:
+        original = originals.get((node.op_type, tuple(node.output)))
+        if original is None or any(p.key == "tnopt.source_node" for p in node.metadata_props):
+            continue
+        node.doc_string = original.doc_string
+        if not node.metadata_props:
+            node.metadata_props.extend(original.metadata_props)
+        bodies = {a.name: a for a in original.attribute if a.type == onnx.AttributeProto.GRAPH}
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH and attribute.name in bodies:
+                _keep_node_annotations(attribute.g.node, bodies[attribute.name].g.node)
 
 
 def keep_versions(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
