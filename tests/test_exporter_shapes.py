@@ -147,3 +147,22 @@ def test_kept_nodes_keep_their_doc_strings_and_metadata_inside_bodies_too(tmp_pa
     assert [(p.key, p.value) for p in out["relu"].metadata_props] == [("namespace", "block0: torch.nn.ReLU")]
     negate = next(n for n in out["loop"].attribute[0].g.node if n.op_type == "Neg")
     assert negate.doc_string == "inside the body"
+
+
+def test_graph_metadata_and_input_output_doc_strings_are_kept(tmp_path):
+    model = single(
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+        [tensor("x", ["N", 32])],
+        [tensor("y", ["N", 32])],
+        [init("w", _weight(32, 32))],
+    )
+    model.ir_version = 10
+    model.graph.input[0].doc_string, model.graph.output[0].doc_string = "features", "embedding"
+    entry = model.graph.metadata_props.add()
+    entry.key, entry.value = "source", "tf2onnx"
+    report = tmp_path / "r.json"
+    run_case(tmp_path, save(model, tmp_path), "--rank-ratio", "0.25", "--report", report, expect=0)
+    assert decisions(report)["mm"]["decision"] == "rewritten"
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert [(p.key, p.value) for p in out.graph.metadata_props] == [("source", "tf2onnx")]
+    assert (out.graph.input[0].doc_string, out.graph.output[0].doc_string) == ("features", "embedding")

@@ -54,6 +54,13 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, provenance: dict[str, d
         setattr(model, attr, getattr(like, attr))
     del model.metadata_props[:]
     model.metadata_props.extend(like.metadata_props)
+    # graphsurgeon keeps neither the graph's metadata_props (IR 10) nor its inputs' and outputs' doc strings.
+    del model.graph.metadata_props[:]
+    model.graph.metadata_props.extend(like.graph.metadata_props)
+    docs = {v.name: v.doc_string for v in [*like.graph.input, *like.graph.output] if v.doc_string}
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name in docs:
+            value.doc_string = docs[value.name]
     _keep_node_annotations(model.graph.node, like.graph.node)
     functions = {(f.domain, f.name): f for f in like.functions}
     for function in model.functions:
