@@ -166,3 +166,35 @@ def test_graph_metadata_and_input_output_doc_strings_are_kept(tmp_path):
     out = onnx.load(str(tmp_path / "out.onnx"))
     assert [(p.key, p.value) for p in out.graph.metadata_props] == [("source", "tf2onnx")]
     assert (out.graph.input[0].doc_string, out.graph.output[0].doc_string) == ("features", "embedding")
+
+
+def test_a_sequence_of_maps_output_is_refused_in_one_line(tmp_path):
+    # skl2onnx's classifiers end in ZipMap: a sequence of maps that no comparison could read (exit 4
+    # from the reference tap, or an unloadable rewrite whose export lost the output's type).
+    seq_map = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w"], ["logits"], name="fc"),
+            helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=1),
+            helper.make_node(
+                "ZipMap", ["probs"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2]
+            ),
+        ],
+        "skl",
+        [tensor("x", ["N", 16])],
+        [helper.make_value_info("probabilities", seq_map)],
+        [init("w", _weight(16, 3))],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)], ir_version=8
+    )
+    run_case(
+        tmp_path,
+        save(model, tmp_path),
+        "--rank-ratio",
+        "0.5",
+        expect=2,
+        fragment="graph output 'probabilities' is a sequence (e.g. scikit-learn's ZipMap), not a tensor",
+    )

@@ -373,6 +373,15 @@ def check_model_outputs(model) -> None:
     constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
     inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
     for output in model.graph.output:
+        kind = output.type.WhichOneof("value")
+        if kind != "tensor_type":
+            what = {"sequence_type": "a sequence", "map_type": "a map", "optional_type": "an optional"}.get(
+                kind, "not a dense tensor"
+            )
+            raise TnoptError(
+                f"graph output {output.name!r} is {what} (e.g. scikit-learn's ZipMap), not a tensor; tnopt "
+                "compares tensor outputs sample by sample (skl2onnx: convert with options={'zipmap': False})"
+            )
         if output.name in constants:
             raise TnoptError(
                 f"graph output {output.name!r} is a constant, not computed from the inputs; tnopt "
