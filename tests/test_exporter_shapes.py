@@ -198,3 +198,39 @@ def test_a_sequence_of_maps_output_is_refused_in_one_line(tmp_path):
         expect=2,
         fragment="graph output 'probabilities' is a sequence (e.g. scikit-learn's ZipMap), not a tensor",
     )
+
+
+def test_fixed_batch_4_model_under_a_budget(tmp_path):
+    # The latency guard captured each layer's input from one sample, which a [4, 24] input refuses:
+    # exit 2 "onnxruntime failed to run the model" on a model that runs fine.
+    rng = np.random.default_rng(3)
+    model = single(
+        [
+            helper.make_node("Gemm", ["x", "w1", "c1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            # C (4, 12): the batch is fixed for good (a dynamic-batch copy cannot broadcast it).
+            helper.make_node("Gemm", ["r", "w2", "c2"], ["y"], name="fc2"),
+        ],
+        [tensor("x", [4, 24])],
+        [tensor("y", [4, 12])],
+        [
+            init("w1", _weight(24, 32)),
+            init("c1", np.zeros(32)),
+            init("w2", _weight(32, 12)),
+            init("c2", rng.standard_normal((4, 12))),
+        ],
+    )
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 24)).astype(np.float32))
+    report = tmp_path / "r.json"
+    run_case(
+        tmp_path,
+        save(model, tmp_path),
+        "--budget",
+        "1%",
+        "--data",
+        tmp_path / "calib.npz",
+        "--report",
+        report,
+        expect=0,
+    )
+    assert set(decisions(report)) == {"fc1", "fc2"}

@@ -236,7 +236,10 @@ class Runtime:
         """Shapes of intermediate tensors in the model's own layout, from one batch of `feeds`."""
         feeds = as_feeds(feeds)
         session = self.with_outputs(model, tensor_names)
-        first = feeds.take(slice(0, fixed_batch(session, feeds) or min(self.batch_size, feeds.samples())))
+        # A model with a fixed batch dim takes exactly that many samples: fewer (the latency guard
+        # asks for one) are repeated to fill it.
+        size = fixed_batch(session, feeds) or min(self.batch_size, feeds.samples())
+        first = feeds.take(np.arange(size) % feeds.samples())
         try:
             values = session.run(list(tensor_names), feeds.for_model(dict(first)))
         except Exception as exc:
