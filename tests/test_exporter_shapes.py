@@ -234,3 +234,38 @@ def test_fixed_batch_4_model_under_a_budget(tmp_path):
         expect=0,
     )
     assert set(decisions(report)) == {"fc1", "fc2"}
+
+
+def test_batch_1_export_that_squeezes_the_batch_away(tmp_path):
+    # x [1, 32] → Squeeze → (32,) @ W: run one sample at a time, the MatMul's input has no batch
+    # axis, and trimming each run's value to "its one sample" kept x[0][:1] — exit 4 on a 1x1 moment.
+    model = single(
+        [
+            helper.make_node("Squeeze", ["x", "axis0"], ["v"], name="squeeze"),
+            helper.make_node("MatMul", ["v", "w"], ["h"], name="mm"),
+            helper.make_node("Unsqueeze", ["h", "axis0"], ["y"], name="unsqueeze"),
+        ],
+        [tensor("x", [1, 32])],
+        [tensor("y", [1, 24])],
+        [init("w", _weight(32, 24)), numpy_helper.from_array(np.array([0], np.int64), "axis0")],
+    )
+    x = np.random.default_rng(4).standard_normal((16, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    report = tmp_path / "r.json"
+    run_case(
+        tmp_path,
+        save(model, tmp_path),
+        "--rank-ratio",
+        "1",
+        "--allow-growth",
+        "--data",
+        tmp_path / "calib.npz",
+        "--report",
+        report,
+        expect=0,
+    )
+    assert decisions(report)["mm"]["decision"] == "rewritten"
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    for sample in x[:3]:
+        feed = {"x": sample[None]}
+        assert relative_difference(run(model, feed)[0], run(out, feed)[0]) < 1e-4

@@ -207,7 +207,7 @@ class Runtime:
                 self.sample_forwards += len(next(iter(batch.values())))
                 yield (
                     slice(start, start + short),
-                    [(np.moveaxis(o, a, 0) if a else o)[:short] for o, a in zip(outputs, axes)],
+                    [_sample_major(o, a, short, fixed) for o, a in zip(outputs, axes)],
                 )
                 start += short
 
@@ -287,6 +287,15 @@ def _failure(own: bool, what: str, exc: Exception, where: str = "") -> Exception
     if own:
         return InternalError(f"onnxruntime {what} a graph tnopt built ({detail}){where}")
     return TnoptError(f"onnxruntime {what} the model ({detail})")
+
+
+def _sample_major(value: np.ndarray, axis: int, samples: int, fixed: int) -> np.ndarray:
+    """One run's output with its batch axis first and the padding trimmed. A batch-1 model runs
+    one sample at a time, and a tensor it computes after squeezing the batch away (x[0] @ W) has no
+    batch axis: that run's value is the one sample's, given a sample axis of its own."""
+    if fixed == 1 and (np.ndim(value) <= axis or np.shape(value)[axis] != 1):
+        return np.asarray(value)[None]
+    return (np.moveaxis(value, axis, 0) if axis else value)[:samples]
 
 
 def fixed_batch(session: ort.InferenceSession, feeds=None) -> int | None:
