@@ -269,3 +269,25 @@ def test_batch_1_export_that_squeezes_the_batch_away(tmp_path):
     for sample in x[:3]:
         feed = {"x": sample[None]}
         assert relative_difference(run(model, feed)[0], run(out, feed)[0]) < 1e-4
+
+
+def test_a_single_vector_input_without_a_batch_axis_is_refused_in_one_line(tmp_path):
+    # x [32] @ W: its one axis was read as the batch, so calibration subsets of it were fed to a
+    # 32-row weight (exit 4 under --budget).
+    model = single(
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+        [tensor("x", [32])],
+        [tensor("y", [24])],
+        [init("w", _weight(32, 24))],
+    )
+    np.savez(tmp_path / "calib.npz", x=np.ones(32, np.float32))
+    run_case(
+        tmp_path,
+        save(model, tmp_path),
+        "--budget",
+        "1%",
+        "--data",
+        tmp_path / "calib.npz",
+        expect=2,
+        fragment="input 'x' [32] is a single vector with no batch axis",
+    )

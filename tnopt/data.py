@@ -250,6 +250,14 @@ def infer_batch_axes(specs: list[InputSpec], overrides: dict[str, int | None] | 
             axes[spec.name] = None  # a 0-d input (a sample rate): the same value for every batch
         elif batch is not None and batch in spec.shape:
             axes[spec.name] = spec.shape.index(batch)
+        elif batch is None and len(spec.shape) == 1 and isinstance(spec.shape[0], int):
+            # Its one axis would be both the samples and the features a MatMul contracts: calibration
+            # subsets of it fed a 16-wide moment to a 32-row weight (exit 4).
+            raise DataError(
+                f"input {spec.name!r} {spec.describe()} is a single vector with no batch axis: tnopt fits "
+                f"and measures on samples; export the model with one (e.g. [N, {spec.shape[0]}]), or name it "
+                f"with --batch-axis {spec.name}:0 if each value is a sample"
+            )
         elif batch is None or len(specs) == 1:
             axes[spec.name] = 0
         else:
