@@ -291,3 +291,21 @@ def test_a_single_vector_input_without_a_batch_axis_is_refused_in_one_line(tmp_p
         expect=2,
         fragment="input 'x' [32] is a single vector with no batch axis",
     )
+
+
+def test_an_unused_overridable_input_stays_in_the_interface(tmp_path):
+    # An initializer listed as a graph input (a default the caller may override) that no node reads:
+    # graphsurgeon's cleanup dropped it, and a caller feeding it was refused by the written model.
+    model = single(
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+        [tensor("x", ["N", 32]), tensor("temperature", [])],
+        [tensor("y", ["N", 32])],
+        [init("w", _weight(32, 32)), init("temperature", np.array(1.0))],
+    )
+    report = tmp_path / "r.json"
+    run_case(tmp_path, save(model, tmp_path), "--rank-ratio", "0.25", "--report", report, expect=0)
+    assert decisions(report)["mm"]["decision"] == "rewritten"
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert [i.name for i in out.graph.input] == ["x", "temperature"]
+    x = np.ones((2, 32), np.float32)
+    run(out, {"x": x, "temperature": np.array(2.0, np.float32)})

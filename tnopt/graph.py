@@ -49,6 +49,7 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, provenance: dict[str, d
     """gs.Graph → ModelProto carrying `like`'s IR version, opsets, metadata and doc string."""
     graph.cleanup().toposort()
     model = gs.export_onnx(graph, do_type_check=False)
+    _keep_overridable_defaults(model, like)
     keep_versions(model, like)
     for attr in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, attr, getattr(like, attr))
@@ -123,6 +124,16 @@ def overridable_initializers(model: onnx.ModelProto) -> frozenset[str]:
     if model.ir_version < 4 or listed == initializers:
         return frozenset()
     return listed
+
+
+def _keep_overridable_defaults(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
+    """A graph input with a default (an overridable initializer) is part of the interface even where
+    no node reads it: graphsurgeon's cleanup dropped its initializer, and a caller feeding it was
+    refused. Its initializer comes back; `_keep_graph_inputs` then lists it in its place."""
+    kept, overridable = {t.name for t in model.graph.initializer}, overridable_initializers(like)
+    for tensor in like.graph.initializer:
+        if tensor.name in overridable and tensor.name not in kept:
+            model.graph.initializer.append(tensor)
 
 
 def _keep_graph_inputs(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
