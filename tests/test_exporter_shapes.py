@@ -309,3 +309,70 @@ def test_an_unused_overridable_input_stays_in_the_interface(tmp_path):
     assert [i.name for i in out.graph.input] == ["x", "temperature"]
     x = np.ones((2, 32), np.float32)
     run(out, {"x": x, "temperature": np.array(2.0, np.float32)})
+
+
+def _low_rank(k, n, rank, seed=0):
+    g = np.random.default_rng(seed)
+    return (g.standard_normal((k, rank)) @ g.standard_normal((rank, n)) / np.sqrt(k * rank)).astype(
+        np.float32
+    )
+
+
+def test_gemm_with_a_full_c_is_not_refitted_into_a_double_bias(tmp_path):
+    # C (4, 12) is no per-channel bias: the refit had no intercept, fitted B to a target holding
+    # C, and the rewritten Gemm added C again — a planted rank-3 weight at rank 6 read 25% off.
+    rng = np.random.default_rng(5)
+    model = single(
+        helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc", alpha=2.0),
+        [tensor("x", [4, 20])],
+        [tensor("y", [4, 12])],
+        [init("w", _low_rank(20, 12, 3)), init("c", rng.standard_normal((4, 12)))],
+    )
+    x = rng.standard_normal((64, 20)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    report = tmp_path / "r.json"
+    run_case(
+        tmp_path,
+        save(model, tmp_path),
+        "--rank-ratio",
+        "0.5",
+        "--data",
+        tmp_path / "calib.npz",
+        "--report",
+        report,
+        expect=0,
+    )
+    assert decisions(report)["fc"]["decision"] == "rewritten"
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert relative_difference(run(model, {"x": x[:4]})[0], run(out, {"x": x[:4]})[0]) < 1e-4
+
+
+def test_a_bias_fed_at_run_time_stays_an_input_of_the_rewritten_conv(tmp_path):
+    # The refit's intercept replaced the Conv's bias input b with a constant: the written model
+    # ignored b (59% off once the caller fed another b).
+    rng = np.random.default_rng(6)
+    model = single(
+        helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+        [tensor("x", ["N", 8, 6, 6]), tensor("b", [16])],
+        [tensor("y", ["N", 16, 6, 6])],
+        [init("w", _low_rank(16, 8 * 9, 3).reshape(16, 8, 3, 3))],
+    )
+    calib = {"x": rng.standard_normal((64, 8, 6, 6)).astype(np.float32), "b": np.zeros(16, np.float32)}
+    np.savez(tmp_path / "calib.npz", **calib)
+    report = tmp_path / "r.json"
+    run_case(
+        tmp_path,
+        save(model, tmp_path),
+        "--rank-ratio",
+        "1",
+        "--allow-growth",
+        "--data",
+        tmp_path / "calib.npz",
+        "--report",
+        report,
+        expect=0,
+    )
+    assert decisions(report)["conv"]["decision"] == "rewritten"
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    feed = {"x": calib["x"][:4], "b": np.linspace(-1, 1, 16).astype(np.float32)}
+    assert relative_difference(run(model, feed)[0], run(out, feed)[0]) < 1e-3

@@ -130,7 +130,7 @@ class Corrector:
         self.refittable = [
             layer
             for layer in layers
-            if any(m.refit_spec(layer) is not None for m in self.methods.values() if layer.op in m.op_types)
+            if any(refit_spec(m, layer) is not None for m in self.methods.values() if layer.op in m.op_types)
         ]
         self.layer_names = [layer.name for layer in layers]
         self._held: dict[tuple[int, int], dict[str, np.ndarray]] = {}
@@ -150,7 +150,7 @@ class Corrector:
         """The tensors a board must expose for these (layer, method) paths to be refitted."""
         names = []
         for choice in choices:
-            spec = (methods or METHODS)[choice.method].refit_spec(choice.layer)
+            spec = refit_spec((methods or METHODS)[choice.method], choice.layer)
             if spec is not None:
                 names.append(emitted_tensor(choice.layer.name, choice.method, spec.hidden_role))
         return names
@@ -236,14 +236,14 @@ class Corrector:
         not refitted; in a shared capture only where the refit can rebuild H from the layer's input
         (`Method.input_map`) and that input is an intermediate tensor the capture can read."""
         method = self.methods[choice.method]
-        if self._fold_count == 1 or not self.shared_capture or method.refit_spec(choice.layer) is None:
+        if self._fold_count == 1 or not self.shared_capture or refit_spec(method, choice.layer) is None:
             return True
         return self._input_space(choice)
 
     def _input_space(self, choice: Choice) -> bool:
         method = self.methods[choice.method]
         return (
-            method.refit_spec(choice.layer) is not None
+            refit_spec(method, choice.layer) is not None
             and method.input_map(choice.layer, choice.factors) is not None
             and choice.layer.input_name not in self._graph_inputs
         )
@@ -283,7 +283,7 @@ class Corrector:
     def waves(self, ordered: list[Choice]) -> list[list[Choice]]:
         """The plan's refittable choices in waves: sequential (a layer after every rewritten layer
         upstream of it) up to `max_waves`; beyond, consecutive levels merged into that many groups."""
-        refits = [c for c in ordered if self.methods[c.method].refit_spec(c.layer) is not None]
+        refits = [c for c in ordered if refit_spec(self.methods[c.method], c.layer) is not None]
         level = chain_levels([c.layer.name for c in refits], self.upstream)
         levels = 1 + max(level.values()) if level else 0
         groups = levels if self.max_waves is None else min(levels, self.max_waves)
@@ -306,7 +306,7 @@ class Corrector:
         base_of = [ordered] * folds if bases is None else [[b[c.layer.name] for c in ordered] for b in bases]
         everything = slice(0, _samples(self.inputs))
         for wave in self.waves(ordered):
-            specs = {c.layer.name: self.methods[c.method].refit_spec(c.layer) for c in wave}
+            specs = {c.layer.name: refit_spec(self.methods[c.method], c.layer) for c in wave}
             in_space = self._in_space(wave, bases)
             names = self._capture_names(wave, bases, in_space)
             self.last_waves += 1
@@ -422,6 +422,15 @@ class Corrector:
             arrays["bias"] = solution[-1].astype(last.dtype)
         notes = dict(choice.factors.notes, corrected=True)
         return choice.with_factors(Factors(arrays, choice.factors.rank, choice.factors.rel_error, notes))
+
+
+def refit_spec(method, layer):
+    """`method`'s refit of `layer`, or None where the layer's bias is not a constant per-channel
+    vector: the target holds that bias and the rewritten node adds it again (a Gemm C of shape
+    (M, N)), or a refitted intercept would replace a bias the caller feeds at run time."""
+    if layer.has_bias and layer.bias is None:
+        return None
+    return method.refit_spec(layer)
 
 
 def _samples(inputs) -> int:
