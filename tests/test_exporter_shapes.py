@@ -149,7 +149,7 @@ def test_kept_nodes_keep_their_doc_strings_and_metadata_inside_bodies_too(tmp_pa
     assert negate.doc_string == "inside the body"
 
 
-def test_graph_metadata_and_input_output_doc_strings_are_kept(tmp_path):
+def test_graph_metadata_and_input_output_doc_strings_and_metadata_are_kept(tmp_path):
     model = single(
         helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
         [tensor("x", ["N", 32])],
@@ -160,12 +160,16 @@ def test_graph_metadata_and_input_output_doc_strings_are_kept(tmp_path):
     model.graph.input[0].doc_string, model.graph.output[0].doc_string = "features", "embedding"
     entry = model.graph.metadata_props.add()
     entry.key, entry.value = "source", "tf2onnx"
+    entry = model.graph.input[0].metadata_props.add()  # torch's dynamo exporter writes these
+    entry.key, entry.value = "pkg.torch.export.graph_signature.InputSpec.kind", "USER_INPUT"
     report = tmp_path / "r.json"
     run_case(tmp_path, save(model, tmp_path), "--rank-ratio", "0.25", "--report", report, expect=0)
     assert decisions(report)["mm"]["decision"] == "rewritten"
     out = onnx.load(str(tmp_path / "out.onnx"))
     assert [(p.key, p.value) for p in out.graph.metadata_props] == [("source", "tf2onnx")]
     assert (out.graph.input[0].doc_string, out.graph.output[0].doc_string) == ("features", "embedding")
+    kind = [(p.key, p.value) for p in out.graph.input[0].metadata_props]
+    assert kind == [("pkg.torch.export.graph_signature.InputSpec.kind", "USER_INPUT")]
 
 
 def test_a_sequence_of_maps_output_is_refused_in_one_line(tmp_path):

@@ -55,13 +55,21 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, provenance: dict[str, d
         setattr(model, attr, getattr(like, attr))
     del model.metadata_props[:]
     model.metadata_props.extend(like.metadata_props)
-    # graphsurgeon keeps neither the graph's metadata_props (IR 10) nor its inputs' and outputs' doc strings.
+    # graphsurgeon keeps neither the graph's metadata_props (IR 10) nor the doc strings and
+    # metadata_props of its inputs, outputs and value_info (torch's dynamo exporter writes them).
     del model.graph.metadata_props[:]
     model.graph.metadata_props.extend(like.graph.metadata_props)
-    docs = {v.name: v.doc_string for v in [*like.graph.input, *like.graph.output] if v.doc_string}
-    for value in [*model.graph.input, *model.graph.output]:
-        if value.name in docs:
-            value.doc_string = docs[value.name]
+    described = {
+        v.name: v
+        for v in [*like.graph.value_info, *like.graph.input, *like.graph.output]
+        if v.doc_string or v.metadata_props
+    }
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        original = described.get(value.name)
+        if original is not None:
+            value.doc_string = original.doc_string
+            del value.metadata_props[:]
+            value.metadata_props.extend(original.metadata_props)
     _keep_node_annotations(model.graph.node, like.graph.node)
     functions = {(f.domain, f.name): f for f in like.functions}
     for function in model.functions:
