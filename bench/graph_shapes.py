@@ -905,6 +905,67 @@ def torch_fp16():
     return torch_export(net, {"x": (8, 12)}, dynamic={"x": {0: "N"}}, dtype=torch.float16)
 
 
+@case(
+    "torch dynamo exporter (torch.onnx.export(dynamo=True), the default since torch 2.9): CNN, IR 10 opset 20"
+)
+def dynamo_cnn():
+    import torch
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 16, 3, padding=1),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, groups=2),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 36, 10),
+    )
+    return dynamo_export(net, {"x": (8, 6, 6)})
+
+
+@case("torch dynamo exporter: TransformerEncoderLayer + Linear head, batch and sequence dynamic")
+def dynamo_transformer():
+    import torch
+
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True, dropout=0.0)
+    net = torch.nn.Sequential(layer, torch.nn.Linear(32, 8))
+    return dynamo_export(net, {"tokens": (6, 32)}, sequence_axis=1)
+
+
+def dynamo_export(net, shapes: dict, sequence_axis=None):
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    import torch
+
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    net.eval()
+    example = tuple(torch.randn(2, *shape) for shape in shapes.values())
+    dims = []
+    for _ in shapes:
+        axes = {0: torch.export.Dim("batch")}
+        if sequence_axis is not None:
+            axes[sequence_axis] = torch.export.Dim("sequence", min=2)
+        dims.append(axes)
+    dims = tuple(dims)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            net,
+            example,
+            dynamo=True,
+            dynamic_shapes=dims,
+            input_names=list(shapes),
+            output_names=["y"],
+            verbose=False,
+        )
+    model = program.model_proto
+    return model, {name: data(shape) for name, shape in shapes.items()}
+
+
 def torch_export(net, shapes: dict, dynamic: dict, opset=17, dtype=None, keep_initializers_as_inputs=None):
     import io
     import warnings
@@ -1009,6 +1070,12 @@ def contract_problems(original: onnx.ModelProto, produced: onnx.ModelProto) -> l
     if props(original.graph) != props(produced.graph):
         problems.append("graph metadata_props changed")
     io_docs = lambda m: [v.doc_string for v in [*m.graph.input, *m.graph.output] if v.doc_string]  # noqa: E731
+
+    def io_props(m):
+        return [[(p.key, p.value) for p in v.metadata_props] for v in [*m.graph.input, *m.graph.output]]
+
+    if sorted(map(str, io_props(original))) != sorted(map(str, io_props(produced))):
+        problems.append("graph input/output metadata_props changed")
     if io_docs(original) != io_docs(produced):
         problems.append("graph input/output doc strings changed")
     if original.graph.doc_string != produced.graph.doc_string:
