@@ -380,3 +380,33 @@ def test_a_bias_fed_at_run_time_stays_an_input_of_the_rewritten_conv(tmp_path):
     out = onnx.load(str(tmp_path / "out.onnx"))
     feed = {"x": calib["x"][:4], "b": np.linspace(-1, 1, 16).astype(np.float32)}
     assert relative_difference(run(model, feed)[0], run(out, feed)[0]) < 1e-3
+
+
+def test_layers_inside_if_and_scan_bodies_are_listed_with_a_reason(tmp_path):
+    then_graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w_then"], ["t"], name="then_mm")],
+        "then",
+        [],
+        [tensor("t", ["N", 32])],
+        [init("w_then", _weight(32, 32, seed=1))],
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["e"], name="else_neg")], "else", [], [tensor("e", ["N", 32])]
+    )
+    model = single(
+        [
+            helper.make_node(
+                "If", ["flag"], ["b"], name="choose", then_branch=then_graph, else_branch=else_graph
+            ),
+            helper.make_node("MatMul", ["b", "w"], ["y"], name="mm"),
+        ],
+        [tensor("x", ["N", 32])],
+        [tensor("y", ["N", 32])],
+        [init("w", _weight(32, 32)), numpy_helper.from_array(np.array(True), "flag")],
+    )
+    report = tmp_path / "r.json"
+    run_case(tmp_path, save(model, tmp_path), "--rank-ratio", "0.25", "--report", report, expect=0)
+    layers = decisions(report)
+    assert layers["mm"]["decision"] == "rewritten"
+    body = layers["choose/then_branch/then_mm"]
+    assert body["decision"] == "skipped" and "inside the If node 'choose' (then_branch)" in body["reason"]

@@ -2,7 +2,8 @@
 
 Candidates: every Conv (N-d; grouped ones too, depthwise ones get a skip reason), every
 Gemm, and every MatMul with one constant operand. A MatMul of two activations (attention QKᵀ,
-attention·V) is never a candidate and is not even listed. FLOPs are 2·MACs at the inferred
+attention·V) is never a candidate and is not even listed. Layers inside If/Loop/Scan bodies are
+listed with a skip reason (bodies are kept as they are). FLOPs are 2·MACs at the inferred
 shapes, with symbolic dims (batch, sequence) counted as 1.
 """
 
@@ -30,14 +31,7 @@ def analyze_graph(graph, overridable: frozenset[str] = frozenset()) -> list[Laye
     replace at run time, so never constants to factorize."""
     layers = []
     for node in graph.nodes:
-        if node.op in ("Conv", "ConvTranspose"):
-            layer = _conv_layer(node)
-        elif node.op == "Gemm":
-            layer = _gemm_layer(node)
-        elif node.op == "MatMul":
-            layer = _matmul_layer(node)
-        else:
-            continue
+        layer = _layer_of(node)
         if layer is None:
             continue
         if layer.candidate and overridable:
@@ -52,7 +46,47 @@ def analyze_graph(graph, overridable: frozenset[str] = frozenset()) -> list[Laye
                     bias=None,
                 )
         layers.append(layer)
+    layers.extend(_body_layers(graph))
     return layers
+
+
+def _layer_of(node) -> Layer | None:
+    """The layer record of a Conv, ConvTranspose, Gemm or constant-weight MatMul; None otherwise."""
+    if node.op in ("Conv", "ConvTranspose"):
+        return _conv_layer(node)
+    if node.op == "Gemm":
+        return _gemm_layer(node)
+    if node.op == "MatMul":
+        return _matmul_layer(node)
+    return None
+
+
+BODY_REASON = "inside the {op} node {parent!r} ({attribute}): If/Loop/Scan bodies are kept as they are"
+
+
+def _body_layers(graph, depth: int = 0) -> list[Layer]:
+    """The layers of If/Loop/Scan bodies (and bodies within them), listed with a skip reason so the
+    report accounts for them; named `{parent}/{attribute}/{node}`, since body node names need not be
+    unique across the model."""
+    found: list[Layer] = []
+    if depth > 8:
+        return found
+    for parent in graph.nodes:
+        for attribute, body in sorted(parent.attrs.items()):
+            if not isinstance(body, G.Subgraph):
+                continue
+            for index, node in enumerate(body.nodes):
+                layer = _layer_of(node)
+                if layer is None:
+                    continue
+                name = f"{parent.name}/{attribute}/{node.name or f'{node.op}_{index}'}"
+                reason = BODY_REASON.format(op=parent.op, parent=parent.name, attribute=attribute)
+                found.append(replace(layer, name=name, skip_reason=reason, weight=None, bias=None))
+            found.extend(
+                replace(layer, name=f"{parent.name}/{attribute}/{layer.name}")
+                for layer in _body_layers(body, depth + 1)
+            )
+    return found
 
 
 def _dims(shape) -> int:

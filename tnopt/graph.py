@@ -20,6 +20,10 @@ import onnx_graphsurgeon as gs
 _PASS_THROUGH = ("Identity", "Transpose", "Cast", "Mul", "MatMul", "Reshape", "Squeeze", "Unsqueeze")
 
 
+# A node attribute holding a body graph (If branches, Loop and Scan bodies).
+Subgraph = gs.Graph
+
+
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     graph = gs.import_onnx(model)
     _name_unnamed_nodes(graph)
