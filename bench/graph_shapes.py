@@ -892,6 +892,23 @@ def torch_cnn():
     return torch_export(net, {"image": (3, 12, 12)}, dynamic={"image": {0: "N"}})
 
 
+@case("vocoder-style torch export: weight-normed Conv1d, ConvTranspose1d stride 4, grouped ConvTranspose1d")
+def torch_vocoder():
+    import torch
+    from torch.nn.utils.parametrizations import weight_norm
+
+    net = torch.nn.Sequential(
+        weight_norm(torch.nn.Conv1d(16, 32, 7, padding=3)),
+        torch.nn.LeakyReLU(0.1),
+        torch.nn.ConvTranspose1d(32, 16, 8, stride=4, padding=2),
+        torch.nn.LeakyReLU(0.1),
+        torch.nn.ConvTranspose1d(16, 16, 4, stride=2, padding=1, groups=4),
+        torch.nn.Conv1d(16, 1, 7, padding=3),
+        torch.nn.Tanh(),
+    )
+    return torch_export(net, {"mel": (16, 20)}, dynamic={"mel": {0: "N", 2: "frames"}})
+
+
 @case("torch float16 model (Linear/Conv1d .half()), exported on CPU")
 def torch_fp16():
     import torch
