@@ -172,9 +172,7 @@ def test_graph_metadata_and_input_output_doc_strings_and_metadata_are_kept(tmp_p
     assert kind == [("pkg.torch.export.graph_signature.InputSpec.kind", "USER_INPUT")]
 
 
-def test_a_sequence_of_maps_output_is_refused_in_one_line(tmp_path):
-    # skl2onnx's classifiers end in ZipMap: a sequence of maps that no comparison could read (exit 4
-    # from the reference tap, or an unloadable rewrite whose export lost the output's type).
+def _zipmap_model():
     seq_map = helper.make_sequence_type_proto(
         helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
     )
@@ -191,9 +189,15 @@ def test_a_sequence_of_maps_output_is_refused_in_one_line(tmp_path):
         [helper.make_value_info("probabilities", seq_map)],
         [init("w", _weight(16, 3))],
     )
-    model = helper.make_model(
+    return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)], ir_version=8
     )
+
+
+def test_a_sequence_of_maps_output_is_refused_in_one_line(tmp_path):
+    # skl2onnx's classifiers end in ZipMap: a sequence of maps that no comparison could read (exit 4
+    # from the reference tap, or an unloadable rewrite whose export lost the output's type).
+    model = _zipmap_model()
     run_case(
         tmp_path,
         save(model, tmp_path),
@@ -410,3 +414,16 @@ def test_layers_inside_if_and_scan_bodies_are_listed_with_a_reason(tmp_path):
     assert layers["mm"]["decision"] == "rewritten"
     body = layers["choose/then_branch/then_mm"]
     assert body["decision"] == "skipped" and "inside the If node 'choose' (then_branch)" in body["reason"]
+
+
+def test_inspect_json_stays_json_on_a_sequence_of_maps_output(tmp_path):
+    # graphsurgeon printed "[W] Could not convert: UNDEFINED ..." to stdout ahead of the JSON.
+    import subprocess
+    import sys
+
+    path = save(_zipmap_model(), tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "tnopt", "inspect", str(path), "--json"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert [layer["name"] for layer in json.loads(result.stdout)] == ["fc"]

@@ -15,6 +15,11 @@ from math import prod
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
+
+# graphsurgeon logs its warnings to stdout (e.g. "Could not convert: UNDEFINED" for a sequence-typed
+# value), where `tnopt inspect --json` writes its JSON and the CLI its tables: only errors, please.
+G_LOGGER.severity = G_LOGGER.ERROR
 
 # Ops through which a constant weight may reach a layer; each is folded when reading the weight.
 _PASS_THROUGH = ("Identity", "Transpose", "Cast", "Mul", "MatMul", "Reshape", "Squeeze", "Unsqueeze")
