@@ -1163,6 +1163,40 @@ def layer_summary(report_path: Path) -> str:
     return "; ".join(parts)
 
 
+def run_inspect(folder: Path) -> dict:
+    """`tnopt inspect MODEL --json`: exit 0 with one entry per listed layer, or exit 2 in one line."""
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "tnopt", "inspect", str(folder / "model.onnx"), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    problems, summary = [], ""
+    if "Traceback" in result.stderr or result.returncode not in (0, 2):
+        problems.append(f"inspect exit {result.returncode}: {result.stderr.strip()[-120:]}")
+    elif result.returncode == 2:
+        lines = result.stderr.strip().splitlines()
+        summary = lines[-1] if lines else ""
+        if len(lines) != 1:
+            problems.append(f"inspect exit 2 with {len(lines)} stderr lines")
+    else:
+        try:
+            listed = json.loads(result.stdout)
+            layers = listed["layers"] if isinstance(listed, dict) else listed
+            summary = (
+                f"{len(layers)} layers listed, {sum(bool(x.get('candidate')) for x in layers)} candidates"
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.append(f"inspect --json unreadable ({exc})")
+    return {
+        "exit": result.returncode,
+        "difference": None,
+        "layers": summary,
+        "problems": problems,
+        "seconds": time.perf_counter() - started,
+    }
+
+
 def run_cli(folder: Path, mode: str, extra: list[str], original, feeds, tolerance: float):
     model_path, out, report = folder / "model.onnx", folder / f"out-{mode}.onnx", folder / f"r-{mode}.json"
     before = model_path.read_bytes()
@@ -1222,7 +1256,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", help="run the cases whose name contains this")
     parser.add_argument("--keep", help="build the cases in this folder (kept) instead of a temporary one")
-    parser.add_argument("--modes", default="full,half,budget,methods")
+    parser.add_argument("--modes", default="inspect,full,half,budget,methods")
     parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
@@ -1258,6 +1292,8 @@ def main(argv=None) -> int:
         )
         tolerance = 3e-2 if half else 1e-3
         runs = []
+        if "inspect" in modes:
+            runs.append(("inspect", []))
         if "full" in modes:
             runs.append(("full", ["--rank-ratio", "1", "--allow-growth"]))
         if "half" in modes:
@@ -1271,7 +1307,14 @@ def main(argv=None) -> int:
                 (f"full:{m}", ["--rank-ratio", "1", "--allow-growth", "--method", m]) for m in entry.methods
             ]
         for mode, extra in runs:
-            row = {"case": entry.name, "mode": mode, **run_cli(folder, mode, extra, model, feeds, tolerance)}
+            if mode == "inspect":
+                row = {"case": entry.name, "mode": mode, **run_inspect(folder)}
+            else:
+                row = {
+                    "case": entry.name,
+                    "mode": mode,
+                    **run_cli(folder, mode, extra, model, feeds, tolerance),
+                }
             rows.append(row)
             verdict = "ok" if not row["problems"] else " | ".join(row["problems"])
             diff = "-" if row["difference"] is None else f"{row['difference']:.1e}"
