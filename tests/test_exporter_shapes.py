@@ -427,3 +427,49 @@ def test_inspect_json_stays_json_on_a_sequence_of_maps_output(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert [layer["name"] for layer in json.loads(result.stdout)] == ["fc"]
+
+
+def test_outer_constants_read_in_a_body_stay_outside_it(tmp_path):
+    # graphsurgeon copied every outer-scope constant a body reads into the body: `w_shared` was stored
+    # twice, and the body's copy of the overridable default `scale` shadowed what the caller fed.
+    then_graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w_shared"], ["p"], name="then_mm"),
+            helper.make_node("Mul", ["p", "scale"], ["t"], name="then_scale"),
+        ],
+        "then",
+        [],
+        [tensor("t", ["N", 32])],
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["e"], name="else_neg")], "else", [], [tensor("e", ["N", 32])]
+    )
+    model = single(
+        [
+            helper.make_node("MatMul", ["x", "w_shared"], ["a"], name="top_mm"),
+            helper.make_node(
+                "If", ["flag"], ["b"], name="choose", then_branch=then_graph, else_branch=else_graph
+            ),
+            helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+            helper.make_node("MatMul", ["s", "w"], ["y"], name="mm"),
+        ],
+        [tensor("x", ["N", 32]), tensor("scale", [])],
+        [tensor("y", ["N", 32])],
+        [
+            init("w_shared", _weight(32, 32, seed=2)),
+            init("w", _weight(32, 32)),
+            init("scale", np.array(1.0)),
+            numpy_helper.from_array(np.array(True), "flag"),
+        ],
+    )
+    report = tmp_path / "r.json"
+    run_case(
+        tmp_path, save(model, tmp_path), "--rank-ratio", "1", "--allow-growth", "--report", report, expect=0
+    )
+    assert decisions(report)["mm"]["decision"] == "rewritten"
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    choose = next(n for n in out.graph.node if n.op_type == "If")
+    assert [t.name for a in choose.attribute for t in a.g.initializer] == []
+    assert [t.name for t in out.graph.initializer].count("w_shared") == 1
+    feed = {"x": np.ones((2, 32), np.float32), "scale": np.array(3.0, np.float32)}
+    assert relative_difference(run(model, feed)[0], run(out, feed)[0]) < 1e-4

@@ -59,6 +59,7 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, provenance: dict[str, d
     graph.cleanup().toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     _keep_overridable_defaults(model, like)
+    _keep_outer_constants_outside(model.graph, model.graph.node, like.graph.node)
     keep_versions(model, like)
     for attr in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, attr, getattr(like, attr))
@@ -92,6 +93,33 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, provenance: dict[str, d
                     entry = node.metadata_props.add()
                     entry.key, entry.value = key, str(value)
     return model
+
+
+def _keep_outer_constants_outside(top: onnx.GraphProto, nodes, like_nodes) -> None:
+    """graphsurgeon copies each outer-scope constant an If/Loop/Scan body reads into that body's
+    initializers: a weight read at the top level and in a body was stored twice, and a body's copy of
+    an overridable default would shadow what the caller feeds. Each body of an unchanged node keeps
+    only the initializers it had; the others go back to (or stay in) the top-level graph."""
+    originals = {(node.op_type, tuple(node.output)): node for node in like_nodes}
+    outer = {t.name for t in top.initializer}
+    for node in nodes:
+        original = originals.get((node.op_type, tuple(node.output)))
+        if original is None:
+            continue
+        bodies = {a.name: a.g for a in original.attribute if a.type == onnx.AttributeProto.GRAPH}
+        for attribute in node.attribute:
+            if attribute.type != onnx.AttributeProto.GRAPH or attribute.name not in bodies:
+                continue
+            body, own = attribute.g, {t.name for t in bodies[attribute.name].initializer}
+            moved = [t for t in body.initializer if t.name not in own]
+            kept = [t for t in body.initializer if t.name in own]
+            del body.initializer[:]
+            body.initializer.extend(kept)
+            for tensor in moved:
+                if tensor.name not in outer:
+                    top.initializer.append(tensor)
+                    outer.add(tensor.name)
+            _keep_outer_constants_outside(top, body.node, bodies[attribute.name].node)
 
 
 def _keep_node_annotations(nodes, like_nodes) -> None:
