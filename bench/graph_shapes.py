@@ -1150,6 +1150,15 @@ def _difference(original, produced, feeds) -> float:
     return worst
 
 
+def layer_decisions(report_path: Path) -> list[dict]:
+    if not report_path.exists():
+        return []
+    return [
+        {"name": x["name"], "decision": x["decision"], "method": x.get("method"), "reason": x.get("reason")}
+        for x in json.loads(report_path.read_text())["layers"]
+    ]
+
+
 def layer_summary(report_path: Path) -> str:
     if not report_path.exists():
         return "-"
@@ -1247,9 +1256,56 @@ def run_cli(folder: Path, mode: str, extra: list[str], original, feeds, toleranc
         "exit": result.returncode,
         "difference": difference,
         "layers": summary,
+        "decisions": layer_decisions(report),
         "problems": problems,
         "seconds": seconds,
     }
+
+
+def _cell(row) -> str:
+    """exit · rewritten/listed · worst output difference, for one run."""
+    if row["exit"] == 2:
+        return "exit 2"
+    listed = row.get("decisions") or []
+    rewritten = sum(x["decision"] == "rewritten" for x in listed)
+    diff = "" if row["difference"] is None else f" · {row['difference']:.0e}"
+    return f"exit {row['exit']} · {rewritten}/{len(listed)}{diff}"
+
+
+def print_summary(rows) -> None:
+    """One row per case: each mode's outcome, the skip / refusal reasons met, the contract verdict."""
+    print()
+    print(
+        "| case | full rank (exit · rewritten/listed · worst rel. L2) | half rank | budget 1% "
+        "| full rank per Conv method | not rewritten: why | contract |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    cases = list(dict.fromkeys(row["case"] for row in rows))
+    for name in cases:
+        mine = [row for row in rows if row["case"] == name]
+        by_mode = {row["mode"]: row for row in mine}
+        methods = [row for row in mine if row["mode"].startswith("full:")]
+        method_cell = "-"
+        if methods:
+            ok = [row["mode"][5:] for row in methods if row["exit"] == 0 and not row["problems"]]
+            refused = [row["mode"][5:] for row in methods if row["exit"] == 2]
+            method_cell = f"{len(ok)} exact" + (f", refused: {', '.join(refused)}" if refused else "")
+        reasons = set()
+        for row in mine:
+            if row["mode"] == "build":
+                continue
+            if row["exit"] == 2 and not row["mode"].startswith("full:") and row["mode"] != "inspect":
+                reasons.add(
+                    "exit 2: " + row["layers"].removeprefix("tnopt: error: ").split(": ", 1)[-1][:110]
+                )
+            for x in row.get("decisions") or []:
+                if x["decision"] == "skipped":
+                    reasons.add(f"{x['name']}: {x['reason']}")
+        problems = sorted({p for row in mine for p in row["problems"]})
+        verdict = "ok" if not problems else "**" + "; ".join(problems) + "**"
+        cells = [_cell(by_mode[m]) if m in by_mode else "-" for m in ("full", "half", "budget")]
+        why = "<br>".join(sorted(reasons)) or "-"
+        print(f"| {name} | {' | '.join(cells)} | {method_cell} | {why} | {verdict} |")
 
 
 def main(argv=None) -> int:
@@ -1258,6 +1314,7 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", help="build the cases in this folder (kept) instead of a temporary one")
     parser.add_argument("--modes", default="inspect,full,half,budget,methods")
     parser.add_argument("--json", help="also write the rows as JSON here")
+    parser.add_argument("--runs", action="store_true", help="also print one table row per run")
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="graph_shapes-"))
@@ -1323,13 +1380,15 @@ def main(argv=None) -> int:
                 f"{row['seconds']:5.1f}s  {verdict}",
                 flush=True,
             )
-    print()
-    print("| case | mode | exit | worst rel. diff | layers (decision — reason) | contract |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        diff = "-" if row["difference"] is None else f"{row['difference']:.1e}"
-        verdict = "ok" if not row["problems"] else "**" + "; ".join(row["problems"]) + "**"
-        print(f"| {row['case']} | {row['mode']} | {row['exit']} | {diff} | {row['layers']} | {verdict} |")
+    if args.runs:
+        print()
+        print("| case | mode | exit | worst rel. diff | layers (decision — reason) | contract |")
+        print("|---|---|---|---|---|---|")
+        for row in rows:
+            diff = "-" if row["difference"] is None else f"{row['difference']:.1e}"
+            verdict = "ok" if not row["problems"] else "**" + "; ".join(row["problems"]) + "**"
+            print(f"| {row['case']} | {row['mode']} | {row['exit']} | {diff} | {row['layers']} | {verdict} |")
+    print_summary(rows)
     failures = sum(bool(row["problems"]) for row in rows)
     print(f"\n{len(rows)} runs, {failures} with contract violations; cases built in {root}")
     if args.json:
