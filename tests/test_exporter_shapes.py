@@ -473,3 +473,54 @@ def test_outer_constants_read_in_a_body_stay_outside_it(tmp_path):
     assert [t.name for t in out.graph.initializer].count("w_shared") == 1
     feed = {"x": np.ones((2, 32), np.float32), "scale": np.array(3.0, np.float32)}
     assert relative_difference(run(model, feed)[0], run(out, feed)[0]) < 1e-4
+
+
+def _heal_case(tmp_path, model, x):
+    np.savez(tmp_path / "calib.npz", x=x)
+    report = tmp_path / "r.json"
+    run_case(
+        tmp_path,
+        save(model, tmp_path),
+        "--rank-ratio",
+        "0.5",
+        "--data",
+        tmp_path / "calib.npz",
+        "--heal",
+        "5",
+        "--report",
+        report,
+        expect=0,
+    )
+    return json.loads(report.read_text())
+
+
+def test_healing_a_gemm_with_trans_a(tmp_path):
+    # The whole-graph path fed [K, N]'s samples on axis 0, and block training fed the sample-major
+    # capture to a forward that transposes A again: exit 4 either way.
+    model = single(
+        helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transA=1),
+        [tensor("x", [24, "N"])],
+        [tensor("y", ["N", 16])],
+        [init("w", _weight(24, 16))],
+    )
+    x = np.random.default_rng(7).standard_normal((24, 64)).astype(np.float32)
+    report = _heal_case(tmp_path, model, x)
+    healed = report["heal"]["plans"][0]["heal"]
+    assert healed["path"] == "block" and "batch on axis 1" in healed["reason"] and healed["steps"] == 5
+
+
+def test_healing_a_batch_1_export_that_squeezes(tmp_path):
+    model = single(
+        [
+            helper.make_node("Squeeze", ["x", "axis0"], ["v"], name="squeeze"),
+            helper.make_node("MatMul", ["v", "w"], ["h"], name="mm"),
+            helper.make_node("Unsqueeze", ["h", "axis0"], ["y"], name="unsqueeze"),
+        ],
+        [tensor("x", [1, 32])],
+        [tensor("y", [1, 24])],
+        [init("w", _weight(32, 24)), numpy_helper.from_array(np.array([0], np.int64), "axis0")],
+    )
+    x = np.random.default_rng(8).standard_normal((64, 32)).astype(np.float32)
+    report = _heal_case(tmp_path, model, x)
+    healed = report["heal"]["plans"][0]["heal"]
+    assert healed["path"] == "block" and "fixed at 1" in healed["reason"] and healed["steps"] == 5

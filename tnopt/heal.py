@@ -317,6 +317,7 @@ def _heal(runner, plan, train, holdout, config, say, metric):
         from tnopt.torch_graph import NotConvertible, TorchGraph
 
         try:
+            _whole_graph_feeds(runner.original, train.inputs)
             graph = TorchGraph(runner.original, {c.layer.name: None for c in plan})
         except NotConvertible as exc:
             if config.path == "graph":
@@ -335,6 +336,21 @@ def _heal(runner, plan, train, holdout, config, say, metric):
     result.holdout_samples, result.select_samples = len(holdout), len(select)
     result.seconds = time.perf_counter() - started
     return healed, result
+
+
+def _whole_graph_feeds(model, inputs) -> None:
+    """The whole-graph path feeds the model sample-major batches of any size: refuse (NotConvertible)
+    a model whose batch sits on another axis (a Gemm's transposed A, [K, N]) or is fixed (a batch-1
+    export that squeezes it away), which it would run on misshapen tensors."""
+    from tnopt.layout import fixed_batch_size
+    from tnopt.torch_graph import NotConvertible
+
+    moved = [name for name in inputs.batched if inputs.axes[name]]
+    if moved:
+        raise NotConvertible(f"input {moved[0]!r} has its batch on axis {inputs.axes[moved[0]]}")
+    fixed = fixed_batch_size(model, inputs)
+    if fixed is not None:
+        raise NotConvertible(f"the model's batch is fixed at {fixed}")
 
 
 def _writeback(plan: Plan, trained: dict[str, dict[str, np.ndarray]]) -> Plan:

@@ -50,6 +50,24 @@ def _teacher_rows(teacher, count: int) -> dict[str, np.ndarray]:
     return {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
 
 
+def _sample_major_input(layer, x_train, x_hold):
+    """(x_train, x_hold, the layer as the forward reads them). Block training indexes captures by
+    sample on axis 0; a Gemm with transA=1 holds A as (K, M), so its capture is read as (M, K) rows
+    and trained as the plain x·W it computes (transA 0): its forward would transpose them again."""
+    if not (layer.op == "Gemm" and layer.attr("transA")):
+        return x_train, x_hold, layer
+    from dataclasses import replace
+
+    from tnopt.layer_rows import input_rows
+
+    attrs = tuple((key, 0 if key == "transA" else value) for key, value in layer.attrs)
+    return (
+        np.ascontiguousarray(input_rows(layer, x_train)),
+        np.ascontiguousarray(input_rows(layer, x_hold)),
+        replace(layer, attrs=attrs),
+    )
+
+
 def _effective_bias(layer, args):
     """The layer's bias as its node has it at run time (Conv B, Gemm beta·C; MatMul none)."""
     if layer.op == "MatMul" or len(args) < 3 or args[2] is None:
@@ -239,13 +257,14 @@ def heal_blocks(runner, plan, train, holdout, config, say):
         t_hold = _gather(
             runner.capture(Plan(), [layer.output_name], hold_feeds, board=False), layer.output_name
         )
+        x_train, x_hold, trained_layer = _sample_major_input(layer, x_train, x_hold)
         x_hold, t_hold = torch.from_numpy(x_hold), torch.from_numpy(t_hold)
         bias = None if layer.bias is None else torch.from_numpy(np.asarray(layer.bias, np.float32))
         trainer = _Trainer(choice.factors.arrays, config, config.steps)
 
         def hold_loss():
             with torch.no_grad():
-                return float(_nmse(method.forward(layer, trainer.params, x_hold, bias), t_hold))
+                return float(_nmse(method.forward(trained_layer, trainer.params, x_hold, bias), t_hold))
 
         stopper = _EarlyStop(config.patience)
         start_loss = hold_loss()
@@ -258,7 +277,9 @@ def heal_blocks(runner, plan, train, holdout, config, say):
             index = np.sort(order[cursor : cursor + batch])
             cursor += batch
             x = torch.from_numpy(x_train[index])
-            loss = _nmse(method.forward(layer, trainer.params, x, bias), torch.from_numpy(t_train[index]))
+            loss = _nmse(
+                method.forward(trained_layer, trainer.params, x, bias), torch.from_numpy(t_train[index])
+            )
             trainer.step(loss)
             result.steps += 1
             result.sample_steps += batch
