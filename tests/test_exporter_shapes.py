@@ -524,3 +524,55 @@ def test_healing_a_batch_1_export_that_squeezes(tmp_path):
     report = _heal_case(tmp_path, model, x)
     healed = report["heal"]["plans"][0]["heal"]
     assert healed["path"] == "block" and "fixed at 1" in healed["reason"] and healed["steps"] == 5
+
+
+def test_healing_a_float16_model(tmp_path):
+    # The whole-graph path ran float16 ops beside float32 factors, and block training fed float16
+    # captures to them: exit 4.
+    half = TensorProto.FLOAT16
+    model = single(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+            helper.make_node("Relu", ["h"], ["y"], name="relu"),
+        ],
+        [tensor("x", ["N", 32], half)],
+        [tensor("y", ["N", 24], half)],
+        [numpy_helper.from_array(_weight(32, 24).astype(np.float16), "w")],
+    )
+    x = np.random.default_rng(9).standard_normal((64, 32)).astype(np.float16)
+    report = _heal_case(tmp_path, model, x)
+    healed = report["heal"]["plans"][0]["heal"]
+    assert healed["path"] == "block" and "float16" in healed["reason"] and healed["steps"] == 5
+
+
+def test_healing_with_an_input_fed_whole(tmp_path):
+    # A 0-d `gain` input (no batch axis) was indexed by sample like the batched ones: exit 4.
+    model = single(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+            helper.make_node("Mul", ["h", "gain"], ["y"], name="scale"),
+        ],
+        [tensor("x", ["N", 32]), tensor("gain", [])],
+        [tensor("y", ["N", 24])],
+        [init("w", _weight(32, 24))],
+    )
+    rng = np.random.default_rng(10)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((64, 32)).astype(np.float32), gain=np.float32(2.0))
+    for path in ("graph", "block"):
+        report = tmp_path / f"r-{path}.json"
+        run_case(
+            tmp_path,
+            save(model, tmp_path),
+            "--rank-ratio",
+            "0.5",
+            "--data",
+            tmp_path / "calib.npz",
+            "--heal",
+            "5",
+            "--heal-path",
+            path,
+            "--report",
+            report,
+            expect=0,
+        )
+        assert json.loads(report.read_text())["heal"]["plans"][0]["heal"]["steps"] == 5

@@ -317,7 +317,7 @@ def _heal(runner, plan, train, holdout, config, say, metric):
         from tnopt.torch_graph import NotConvertible, TorchGraph
 
         try:
-            _whole_graph_feeds(runner.original, train.inputs)
+            _whole_graph_feeds(runner.original, train.inputs, plan)
             graph = TorchGraph(runner.original, {c.layer.name: None for c in plan})
         except NotConvertible as exc:
             if config.path == "graph":
@@ -338,12 +338,19 @@ def _heal(runner, plan, train, holdout, config, say, metric):
     return healed, result
 
 
-def _whole_graph_feeds(model, inputs) -> None:
-    """The whole-graph path feeds the model sample-major batches of any size: refuse (NotConvertible)
-    a model whose batch sits on another axis (a Gemm's transposed A, [K, N]) or is fixed (a batch-1
-    export that squeezes it away), which it would run on misshapen tensors."""
+def _whole_graph_feeds(model, inputs, plan) -> None:
+    """The whole-graph path feeds the model sample-major batches of any size and trains float32
+    factors inside it: refuse (NotConvertible) a model whose batch sits on another axis (a Gemm's
+    transposed A, [K, N]) or is fixed (a batch-1 export that squeezes it away), which it would run on
+    misshapen tensors, and a float16 / float64 model, whose other ops would not take float32 values."""
     from tnopt.layout import fixed_batch_size
     from tnopt.torch_graph import NotConvertible
+
+    other = next(
+        (c.layer for c in plan if c.layer.weight is not None and c.layer.weight.dtype != np.float32), None
+    )
+    if other is not None:
+        raise NotConvertible(f"layer {other.name!r} is {other.weight.dtype}; the factors train in float32")
 
     moved = [name for name in inputs.batched if inputs.axes[name]]
     if moved:

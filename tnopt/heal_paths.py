@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tnopt.data import Feeds
 from tnopt.heal import (
     MAX_CAPTURE_BYTES,
     CheckpointSelector,
@@ -145,10 +146,11 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
         total, pieces = 0.0, {name: [] for name in outputs}
         with torch.no_grad():
             for start in range(0, len(select), 256):
-                feeds = {k: torch.from_numpy(v[start : start + 256]) for k, v in select.inputs.items()}
+                part = select.inputs.take(slice(start, start + 256))  # inputs fed whole stay whole
+                feeds = {k: torch.from_numpy(np.asarray(v)) for k, v in part.items()}
                 student = graph.run(feeds, outputs)
                 targets = [r[start : start + 256] for r in select_reference]
-                n = len(next(iter(feeds.values())))
+                n = min(256, len(select) - start)
                 total += float(output_loss(student, targets)) * n
                 for name in outputs:
                     pieces[name].append(student[name].numpy())
@@ -175,7 +177,9 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
         cursor += batch
         for offset in range(0, batch, part):
             rows = index[offset : offset + part]
-            stream.batch = augment_images({k: v[rows] for k, v in train.inputs.items()}, config.augment, rng)
+            stream.batch = Feeds(
+                augment_images(dict(train.inputs.take(rows)), config.augment, rng), train.inputs.axes
+            )
             target = _teacher_rows(teacher, len(rows))
             captured.clear()
             student = graph.run({k: torch.from_numpy(v) for k, v in stream.batch.items()}, outputs)
@@ -220,7 +224,7 @@ def _gather(batches, name) -> np.ndarray:
 
 def _capture_rows(runner, names, inputs, limit_bytes) -> int:
     """How many samples of `inputs` fit the capture budget for these tensors (original model)."""
-    probe = {k: v[:2] for k, v in inputs.items()}
+    probe = inputs.take(slice(0, 2))
     sizes = [_gather(runner.capture(Plan(), [name], probe, board=False), name).nbytes for name in names]
     return int(max(16, limit_bytes // max(1, sum(sizes) // 2)))
 
@@ -233,11 +237,15 @@ def heal_blocks(runner, plan, train, holdout, config, say):
 
     methods = runner.methods
     rng = np.random.default_rng(config.seed)
-    train_inputs = dict(train.inputs)
+    train_inputs = train.inputs
     if config.augment:
-        extra = augment_images(train_inputs, config.augment, rng)
-        train_inputs = {k: np.concatenate([v, extra[k]]) for k, v in train_inputs.items()}
-    result = HealResult("block", train_samples=len(next(iter(train_inputs.values()))))
+        extra = augment_images(dict(train_inputs), config.augment, rng)
+        batched = set(train_inputs.batched)  # inputs fed whole are not repeated
+        train_inputs = Feeds(
+            {k: np.concatenate([v, extra[k]]) if k in batched else v for k, v in train_inputs.items()},
+            train_inputs.axes,
+        )
+    result = HealResult("block", train_samples=train_inputs.samples())
     healed = plan
     before, after = [], []
     for choice in plan:  # plans list their layers in graph order
@@ -247,8 +255,8 @@ def heal_blocks(runner, plan, train, holdout, config, say):
             continue
         names = [layer.input_name, layer.output_name]
         rows = _capture_rows(runner, names, train_inputs, MAX_CAPTURE_BYTES)
-        feeds = {k: v[:rows] for k, v in train_inputs.items()}
-        hold_feeds = {k: v[: min(len(holdout), rows)] for k, v in holdout.inputs.items()}
+        feeds = train_inputs.take(slice(0, rows))
+        hold_feeds = holdout.inputs.take(slice(0, min(len(holdout), rows)))
         x_train = _gather(runner.capture(healed, [layer.input_name], feeds, board=False), layer.input_name)
         t_train = _gather(runner.capture(Plan(), [layer.output_name], feeds, board=False), layer.output_name)
         x_hold = _gather(
@@ -258,6 +266,10 @@ def heal_blocks(runner, plan, train, holdout, config, say):
             runner.capture(Plan(), [layer.output_name], hold_feeds, board=False), layer.output_name
         )
         x_train, x_hold, trained_layer = _sample_major_input(layer, x_train, x_hold)
+        # The factors train in float32 (written back in the layer's dtype): so do the activations.
+        x_train, x_hold, t_train, t_hold = (
+            np.asarray(a, np.float32) for a in (x_train, x_hold, t_train, t_hold)
+        )
         x_hold, t_hold = torch.from_numpy(x_hold), torch.from_numpy(t_hold)
         bias = None if layer.bias is None else torch.from_numpy(np.asarray(layer.bias, np.float32))
         trainer = _Trainer(choice.factors.arrays, config, config.steps)
