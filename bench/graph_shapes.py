@@ -4,13 +4,16 @@
 
 Each case is a small model built the way an exporter writes it (torch.onnx.export with the CPU torch,
 or onnx.helper where the shape is easier to state directly), with 64 random calibration samples. For
-each case the CLI runs as a user would (`tnopt IN -o OUT ... --data calib.npz`) in three modes:
+each case the CLI runs as a user would (`tnopt IN -o OUT ... --data calib.npz`) in these modes:
 
 - `full`:   `--rank-ratio 1 --allow-growth` — every rewrite at full rank must reproduce the original
-            (relative L2 of every output ≤ 1e-3, 3e-2 for float16): a silently wrong graph fails here;
+            (relative L2 of every output ≤ 1e-3, 3e-2 for float16, on the calibration inputs and on fresh
+            ones): a silently wrong graph fails here;
 - `half`:   `--rank-ratio 0.5` — forced rewrites at half rank;
 - `budget`: `--budget 1% --no-latency-guard` — the budgeted search (without the guard, which keeps
-            layers this small dense: the point is the budgeted path's graphs on each shape).
+            layers this small dense: the point is the budgeted path's graphs on each shape);
+- `heal`:   `--rank-ratio 0.5 --heal 5` — five healing steps (torch), whole-graph or block-local;
+- `inspect`: `tnopt inspect MODEL --json` — parseable JSON listing the layers.
 
 Conv cases also run `full` once per method that accepts a Conv (tucker2, cp, cut-o, cut-i,
 cut-spatial, mpo, tucker2-grouped / tucker2-transpose where they apply).
@@ -1276,10 +1279,10 @@ def print_summary(rows) -> None:
     """One row per case: each mode's outcome, the skip / refusal reasons met, the contract verdict."""
     print()
     print(
-        "| case | full rank (exit · rewritten/listed · worst rel. L2) | half rank | budget 1% "
+        "| case | full rank (exit · rewritten/listed · worst rel. L2) | half rank | budget 1% | heal 5 steps "
         "| full rank per Conv method | not rewritten: why | contract |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     cases = list(dict.fromkeys(row["case"] for row in rows))
     for name in cases:
         mine = [row for row in rows if row["case"] == name]
@@ -1303,7 +1306,7 @@ def print_summary(rows) -> None:
                     reasons.add(f"{x['name']}: {x['reason']}")
         problems = sorted({p for row in mine for p in row["problems"]})
         verdict = "ok" if not problems else "**" + "; ".join(problems) + "**"
-        cells = [_cell(by_mode[m]) if m in by_mode else "-" for m in ("full", "half", "budget")]
+        cells = [_cell(by_mode[m]) if m in by_mode else "-" for m in ("full", "half", "budget", "heal")]
         why = "<br>".join(sorted(reasons)) or "-"
         print(f"| {name} | {' | '.join(cells)} | {method_cell} | {why} | {verdict} |")
 
@@ -1312,7 +1315,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", help="run the cases whose name contains this")
     parser.add_argument("--keep", help="build the cases in this folder (kept) instead of a temporary one")
-    parser.add_argument("--modes", default="inspect,full,half,budget,methods")
+    parser.add_argument("--modes", default="inspect,full,half,budget,heal,methods")
     parser.add_argument("--json", help="also write the rows as JSON here")
     parser.add_argument("--runs", action="store_true", help="also print one table row per run")
     args = parser.parse_args(argv)
@@ -1359,6 +1362,8 @@ def main(argv=None) -> int:
             # Without the latency guard: these layers are too small to run faster factorized, and the
             # point is the budgeted path's graphs (switchboard, correction, export) on each shape.
             runs.append(("budget", ["--budget", "1%", "--no-latency-guard"]))
+        if "heal" in modes:
+            runs.append(("heal", ["--rank-ratio", "0.5", "--heal", "5"]))
         if "methods" in modes and entry.conv:
             runs += [
                 (f"full:{m}", ["--rank-ratio", "1", "--allow-growth", "--method", m]) for m in entry.methods
