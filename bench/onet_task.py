@@ -1,11 +1,13 @@
-"""A plug-in task metric for MTCNN O-Net (`--metric onet_task:agreement`), as a user would write one.
+"""A plug-in task metric for MTCNN R-Net and O-Net (`--metric onet_task:agreement`), as a user writes one.
 
 O-Net scores a 48x48 crop: `box_offsets` [N, 4] (refinement of the crop box, in crop sizes), `landmarks`
 [N, 10] (5 points, x then y, in crop sizes) and `face_prob` [N, 2] (softmax: non-face, face). MTCNN keeps a
 crop as a face when face_prob >= 0.7 (its default third-stage threshold), then moves the box and reads the
 landmarks. Per crop, the compressed model agrees with the original when it takes the same face decision
 and, for a face, its refined box overlaps the original's at IoU >= 0.8 and its landmarks are within 3% of
-the crop size on average. Returns one score per sample, so tnopt also gets the standard error.
+the crop size on average. R-Net scores a 24x24 crop with `box_offsets` and `face_prob` only, at the same
+threshold (0.7, the second stage's): the same test without landmarks. Returns one score per sample, so
+tnopt also gets the standard error.
 """
 
 import numpy as np
@@ -27,8 +29,12 @@ def _iou(a, b):
 
 
 def agreement(reference, outputs, labels):
-    ref_offsets, ref_marks, ref_prob = reference
-    offsets, marks, prob = outputs
+    if len(reference) == 2:  # R-Net: no landmarks
+        (ref_offsets, ref_prob), (offsets, prob) = reference, outputs
+        ref_marks = marks = np.zeros((len(ref_prob), 10))
+    else:
+        ref_offsets, ref_marks, ref_prob = reference
+        offsets, marks, prob = outputs
     ref_face = ref_prob[:, 1] >= FACE_THRESHOLD
     face = prob[:, 1] >= FACE_THRESHOLD
     box_ok = _iou(_refined_boxes(ref_offsets), _refined_boxes(offsets)) >= 0.8
