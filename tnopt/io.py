@@ -33,7 +33,7 @@ EXTERNAL_MIN_BYTES = 1024
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     """Read, check and shape-infer a model. The caller's ModelProto is copied, never modified."""
-    return load_model_and_outputs(source)[0]
+    return load_model_declared(source)[0]
 
 
 def load_model_and_outputs(
@@ -41,6 +41,14 @@ def load_model_and_outputs(
 ) -> tuple[onnx.ModelProto, list[onnx.ValueInfoProto]]:
     """`load_model`, and the graph outputs as the model declared them before shape inference
     (which fills in the dims an exporter left unknown): the interface a written model keeps."""
+    return load_model_declared(source)[:2]
+
+
+def load_model_declared(
+    source: str | os.PathLike | onnx.ModelProto,
+) -> tuple[onnx.ModelProto, list[onnx.ValueInfoProto], frozenset[str]]:
+    """`load_model_and_outputs`, and the names of the value_info entries the file itself declared
+    (shape inference adds one per computed tensor; `keep_declared_value_info` drops those again)."""
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -68,7 +76,10 @@ def load_model_and_outputs(
     if opset is None:
         raise UnsupportedModelError(f"{where}: the model imports no default-domain opset")
     if opset < MIN_OPSET:
-        raise UnsupportedModelError(f"{where}: opset {opset} is below the supported minimum {MIN_OPSET}")
+        raise UnsupportedModelError(
+            f"{where}: opset {opset} is below the supported minimum {MIN_OPSET} (convert it first: "
+            f"onnx.save(onnx.version_converter.convert_version(onnx.load(IN), {MIN_OPSET}), OUT))"
+        )
     try:
         # Above 2 GiB the checker can only read the model from its file.
         big = model.ByteSize() > _PROTO_LIMIT
@@ -76,6 +87,7 @@ def load_model_and_outputs(
     except Exception as exc:
         raise UnsupportedModelError(f"{where}: fails onnx.checker ({_first_line(exc)})") from None
     declared = [onnx.ValueInfoProto.FromString(v.SerializeToString()) for v in model.graph.output]
+    declared_value_info = frozenset(value.name for value in model.graph.value_info)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
@@ -83,7 +95,19 @@ def load_model_and_outputs(
         inferred = model
     # infer_shapes can rewrite nothing but value_info; keep the original IR version explicitly.
     inferred.ir_version = model.ir_version
-    return inferred, declared
+    return inferred, declared, declared_value_info
+
+
+def keep_declared_value_info(model: onnx.ModelProto, declared: frozenset[str]) -> onnx.ModelProto:
+    """Drop (in place) the value_info entries that are not among `declared`: the shapes inferred at
+    load and the types of emitted nodes are for tnopt's own use, and written out they made the output
+    file larger than the input when nothing was rewritten (MTCNN P-Net: 28,519 -> 29,052 bytes);
+    onnxruntime infers them again at load."""
+    kept = [value for value in model.graph.value_info if value.name in declared]
+    if len(kept) != len(model.graph.value_info):
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
+    return model
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:

@@ -182,7 +182,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     clock = StageClock()
     source = model if isinstance(model, str) else getattr(model.graph, "name", "model")
     clock.begin("load")
-    original, declared_outputs = io.load_model_and_outputs(model)
+    original, declared_outputs, declared_value_info = io.load_model_declared(model)
     validate.check_model_outputs(original)
     clock.end()
     runtime = Runtime(config.provider)
@@ -394,6 +394,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         )
         clock.end()
     _fill_layers(report, layers, candidates, by_name, plan, decisions, table)
+    compressed = io.keep_declared_value_info(compressed, declared_value_info)
     report.after = summarize(compressed, calib.inputs)
     report.timings["total_s"] = time.perf_counter() - started
     # How tnopt's own math ran (tnopt/threads.py): sections on one BLAS thread / on every core.
