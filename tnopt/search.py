@@ -300,7 +300,7 @@ class Search:
             final = dict(final, plan=refitted, refined=True)
             best_pass = final if best_pass is not None else None
         steps.mark("verify")
-        explain(ctx, final, options, measured, latency, latency_guard, decisions)
+        explain(ctx, final, options, measured, latency, latency_guard, decisions, evaluated)
         held_out, miss = check_held_out(ctx, self.evaluation, final, best_pass)
         steps.mark("held-out")
         time_limit = {"limit_s": config.time_limit, "reached": bool(stopped_in), "stopped_in": stopped_in}

@@ -258,10 +258,11 @@ def _search_tau(ctx, options, refine, grid_options=None):
     return best, verifier.evaluated, verifier.curve
 
 
-def explain(ctx, final, options, measured, latency, latency_guard, decisions) -> None:
-    """Each layer's reason: chosen, or why not."""
+def explain(ctx, final, options, measured, latency, latency_guard, decisions, evaluated=None) -> None:
+    """Each layer's reason: chosen, or why not. `evaluated`: the verified plans (allocation → result)."""
     chosen = {c.layer.name: c for c in final["plan"]}
     with_options = {o.layer for o in options}
+    verified = list((evaluated or {}).values())
     for layer in ctx.layers:
         decision = decisions[layer.name]
         if layer.name in chosen:
@@ -272,7 +273,39 @@ def explain(ctx, final, options, measured, latency, latency_guard, decisions) ->
         elif layer.name not in with_options:
             decision["reason"] = _why_no_option(ctx, layer, measured, latency, latency_guard)
         else:
-            decision["reason"] = "rewriting it did not fit the budget beside more profitable layers"
+            own = [o for o in options if o.layer == layer.name]
+            decision["reason"] = _why_not_chosen(ctx, layer.name, own, verified)
+
+
+def _why_not_chosen(ctx, name: str, own: list, verified: list[dict]) -> str:
+    """Why a layer with options within the budget is not in the saved plan. "Beside more profitable
+    layers" is only true where a passing plan rewrote it and a larger one without it won; where every
+    plan that rewrote it failed on the whole model (MTCNN R-Net: each layer alone within 1%, the one
+    plan with a layer 1.5% cross-fitted, nothing saved) the reason must say so."""
+    if own and all(o.saving <= 0 for o in own):
+        kinds = ", ".join(
+            sorted({f"{o.key[0]}:{ctx.methods[o.key[0]].rank_label(o.key[1])}" for o in own})[:3]
+        )
+        return f"its options within the budget ({kinds}) save nothing of the objective; kept dense"
+    with_it = [r for r in verified if name in r["allocation"]]
+    if any(r["passed"] for r in with_it):
+        return "rewriting it did not fit the budget beside more profitable layers"
+    if with_it:
+        best = min(with_it, key=lambda r: (bool(r["collapsed"]), r["drop"] + r["margin"]))
+        count = len(best["allocation"])
+        why = (
+            f"collapsed ({best['collapsed'][0]})"
+            if best["collapsed"]
+            else f"drop {best['drop']:.4f} ± {best['margin']:.4f} > {ctx.max_drop:g}"
+        )
+        return (
+            f"within the budget alone, but every verified plan that rewrote it failed on the whole model "
+            f"(the closest: {count} layer{'s' if count > 1 else ''}, {why})"
+        )
+    return (
+        "within the budget alone, but no verified plan rewrote it (the search stopped at a failing plan "
+        "of other layers, or at --time-limit)"
+    )
 
 
 def _why_no_option(ctx, layer, measured, latency, latency_guard) -> str:
