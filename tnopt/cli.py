@@ -58,13 +58,21 @@ def compress_parser():
         "--budget", help="allowed metric drop: 1%%, 1pp or 0.01 (one point); needs --data (budgeted search)"
     )
     rule.add_argument("--max-drop", dest="budget", help="same as --budget")
-    p.add_argument("--drop-type", choices=("absolute", "relative"), default="absolute")
+    p.add_argument(
+        "--drop-type",
+        choices=("absolute", "relative"),
+        default="absolute",
+        help="absolute: the budget is points of the metric (1%% = 0.01); relative: a fraction of the "
+        "original's value (default absolute)",
+    )
     p.add_argument(
         "--metric",
         help="top1 | agreement | cosine | rel-l2 | fidelity | detection | ctc | segmentation | embedding, "
         "options after a colon (detection:iou=0.5,conf=0.25), or a plug-in package.module:function "
         "(fn(reference_outputs, outputs, labels) -> score or per-sample scores, higher is better). "
-        "Default: top1 with labels, agreement for classifiers, else fidelity (worst channel group)",
+        "Default: top1 with labels; agreement for classifiers; the task's own metric for a recognised "
+        "YOLO-style detector (detection), CTC recognizer (ctc) or Sigmoid probability map (map IoU); else "
+        "fidelity (worst channel group). The run's first lines say which and why",
     )
     p.add_argument(
         "--metric-outputs", help="comma list of the outputs the metric and guard count (default: all)"
@@ -313,6 +321,8 @@ def _compress(argv) -> int:
             print()
             print(report.heal_table())
         print(f"\nwrote {args.output} ({len(report.rewritten)} of {len(report.layers)} layers rewritten)")
+        if report.budget_line():
+            print(report.budget_line())
     if report.budget_met is False:
         print(
             f"tnopt: budget not met: saved the best model found to {args.output} "

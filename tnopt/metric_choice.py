@@ -270,6 +270,16 @@ def add_output_figures(report, original, reference, outputs, metric, say) -> Non
     """Every counted output's worst channel-group fidelity (and classifier agreement) in the report's
     table and JSON, budget or not; a collapse is flagged loudly."""
     collapsed, figures = output_figures(original, reference, outputs, metric)
+    infos = output_infos(original, reference)
+    if (
+        "agreement" in report.metrics
+        and infos
+        and classifier_like(infos[0], reference[0], len(infos) == 1) is None
+    ):
+        # The generic agreement is the argmax of the first output's last axis: of a box regression or
+        # an embedding it means nothing, and beside the charged metric it read as a loss (MTCNN R-Net:
+        # "agreement 0.9531" of its box offsets while the face decisions agreed on every crop).
+        del report.metrics["agreement"]
     for key, value in figures.items():
         report.metrics[key] = value
         report.metrics[f"{key}_original"] = 1.0

@@ -80,6 +80,25 @@ class Report:
     def write_json(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
 
+    def budget_line(self) -> str:
+        """The budget's outcome in one line: what was charged, the limit, and the drop on the data the
+        search never verified on (empty without a budget)."""
+        budget = self.budget or {}
+        if "max_drop" not in budget:
+            return ""
+        relative = " (relative)" if budget.get("drop_type") == "relative" else ""
+        head = f"budget: {budget.get('metric', 'metric')} drop <= {budget['max_drop']:g}{relative}"
+        verdict = {True: "met", False: "NOT met", None: "unknown"}[self.budget_met]
+        parts = []
+        if budget.get("drop_evaluation") is not None:
+            parts.append(f"{budget['drop_evaluation']:.4f} on the evaluation data")
+        if budget.get("drop_calibration") is not None:
+            parts.append(
+                f"{budget['drop_calibration']:.4f} ± {budget.get('margin_calibration') or 0.0:.4f} "
+                "on the calibration data"
+            )
+        return f"{head}: {verdict}" + (f" ({'; '.join(parts)})" if parts else "")
+
     def summary_table(self) -> str:
         after = self.after or self.before
         rows = [("", "before", "after", "ratio")]
