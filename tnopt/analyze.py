@@ -140,6 +140,13 @@ def _skip_for_weight(weight: G.ConstantWeight | None, tensor=None) -> str | None
     if weight.shared:
         return "weight is shared with another node; rewriting one user would not shrink the model"
     values = weight.values
+    if "ConstantOfShape(" in weight.source:
+        # Checked before the value scans below: the fill is a broadcast view, a scan would allocate it.
+        fill = values.reshape(-1)[0] if values.size else 0
+        return (
+            f"weight is one value repeated (a ConstantOfShape fill, every value {fill:g}): nothing to "
+            f"factorize, and its {weight.nbytes} stored bytes are fewer than any factors'; left dense"
+        )
     if values.dtype.name == "bfloat16":
         return "bfloat16 weight: factors cannot be exported in bfloat16 yet; left dense"
     if values.dtype.kind != "f":

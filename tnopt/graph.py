@@ -316,6 +316,8 @@ def resolve_constant(tensor, depth: int = 0) -> ConstantWeight | None:
                 values = np.asarray(producer.attrs[key], dtype=np.float32)
                 return ConstantWeight(values, "Constant", shared, int(values.nbytes), "float32")
         return None
+    if producer.op == "ConstantOfShape":
+        return _constant_fill(producer, shared, depth)
     if producer.op not in _PASS_THROUGH:
         return None
     operands = [resolve_constant(t, depth + 1) if is_present(t) else None for t in producer.inputs]
@@ -340,6 +342,23 @@ def resolve_constant(tensor, depth: int = 0) -> ConstantWeight | None:
     chain_shared = shared or any(op is not None and op.shared for op in operands)
     stored = sum(op.nbytes for op in operands if op is not None)
     return ConstantWeight(values, f"{producer.op}({first.source})", chain_shared, stored, first.stored_dtype)
+
+
+def _constant_fill(node, shared: bool, depth: int) -> ConstantWeight | None:
+    """ConstantOfShape of a constant shape: one value repeated (the weights of the onnx wheel's
+    "light" test models are stored so). A broadcast view: no memory for the repeated values."""
+    shape = resolve_constant(node.inputs[0], depth + 1) if node.inputs else None
+    if shape is None:
+        return None
+    fill = node.attrs.get("value")
+    value = (
+        np.asarray(fill.values).reshape(-1)[:1] if isinstance(fill, gs.Constant) else np.zeros(1, np.float32)
+    )
+    dims = tuple(int(d) for d in np.asarray(shape.values).reshape(-1))
+    values = np.broadcast_to(value.reshape(()), dims)
+    return ConstantWeight(
+        values, f"ConstantOfShape({shape.source})", shared, shape.nbytes + int(value.nbytes), str(value.dtype)
+    )
 
 
 def _folded_shape(node, values: np.ndarray, operands) -> tuple | None:

@@ -64,9 +64,17 @@ def known_names() -> list[str]:
 
 
 # --------------------------------------------------------------------------- suggestions
+PROBABILITY_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
+
+
 def suggest(infos: list[OutputInfo], reference: list[np.ndarray] | None = None) -> list[str]:
     """Task metrics that the output shapes (and, with data, value ranges) point at unambiguously."""
     hints = []
+    # Beside a probability map (Softmax/Sigmoid) a map from any other op is as likely a regression
+    # (MTCNN P-Net's box offsets beside its face map), whose argmax is no segmentation.
+    probability_maps = {
+        i for i, info in enumerate(infos) if len(info.shape) == 4 and info.producer in PROBABILITY_OPS
+    }
     for index, info in enumerate(infos):
         shape = info.shape
         if len(shape) == 3 and isinstance(shape[1], int) and isinstance(shape[2], int):
@@ -91,6 +99,6 @@ def suggest(infos: list[OutputInfo], reference: list[np.ndarray] | None = None) 
                 f"ctc:output={info.name} ({info.name} {tuple(shape)} is a per-step class "
                 "distribution; blank= defaults to 0)"
             )
-        elif len(shape) == 4:
+        elif len(shape) == 4 and (index in probability_maps or not probability_maps):
             hints.append(f"segmentation:output={info.name} ({info.name} {tuple(shape)} is a map)")
     return hints
