@@ -53,9 +53,10 @@ def inspect_command(argv) -> int:
 def compare_command(argv) -> int:
     from tnopt import io
     from tnopt.data import input_specs, random_inputs
+    from tnopt.metric_choice import add_output_figures
     from tnopt.metrics import fidelity_report
     from tnopt.pipeline import load_data, summarize
-    from tnopt.report import format_table
+    from tnopt.report import Report, format_table
     from tnopt.runtime import Runtime
 
     p = _Parser(prog="tnopt compare", description="Compare two models' outputs and sizes.")
@@ -79,14 +80,21 @@ def compare_command(argv) -> int:
             file=sys.stderr,
         )
     runtime = Runtime(args.provider)
-    values = fidelity_report(runtime.run(a, data.inputs), runtime.run(b, data.inputs), data.labels)
-    sa, sb = summarize(a), summarize(b)
+    reference, outputs = runtime.run(a, data.inputs), runtime.run(b, data.inputs)
+    # FLOPs at the data's shapes (a fully convolutional model's symbolic H, W would count as 1), sizes
+    # on disk (the loaded models carry the shapes inferred at load), and the same per-output figures
+    # as a run's validation table (the generic agreement only where the first output is a classifier).
+    sa, sb = summarize(a, data.inputs), summarize(b, data.inputs)
+    figures = Report(args.reference, runtime.provider_name, sa)
+    figures.metrics.update(fidelity_report(reference, outputs, data.labels))
+    add_output_figures(figures, a, reference, outputs, None, lambda message: print(message, file=sys.stderr))
+    bytes_a, bytes_b = io.bytes_on_disk(args.reference), io.bytes_on_disk(args.candidate)
     rows = [
         ("", "reference", "candidate"),
         ("params", f"{sa.params:,}", f"{sb.params:,}"),
         ("FLOPs", f"{sa.flops:,}", f"{sb.flops:,}"),
-        ("file bytes", f"{sa.file_bytes:,}", f"{sb.file_bytes:,}"),
+        ("file bytes", f"{bytes_a:,}", f"{bytes_b:,}"),
     ]
-    rows += [(k, "", f"{v:.4f}") for k, v in values.items()]
+    rows += [(k, "", f"{v:.4f}") for k, v in figures.metrics.items() if not k.endswith("_original")]
     print(format_table(rows))
     return EXIT_OK
