@@ -107,7 +107,9 @@ def _head_model(first_producer):
         helper.make_node("MatMul", ["x", "v"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["prob"], axis=1),
     ]
-    inits = [init("v", np.ones((4, 2)))] + ([init("w", np.eye(4))] if first_producer == "MatMul" else [])
+    inits = [init("v", [[1, -1], [2, 0], [-1, 1], [0, 3]])]
+    if first_producer == "MatMul":
+        inits.append(init("w", np.eye(4)))
     return make_model(nodes, [tensor("x", ["N", 4])], [tensor("box", 2), tensor("prob", 2)], inits)
 
 
@@ -247,3 +249,26 @@ def test_rnet_agreement_plugin_has_no_landmarks():
     moved[2] = [0.4, 0.6]  # a face lost
     scores = onet_task.agreement([offsets, prob], [offsets, moved], None)
     assert scores.tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_compare_shows_sizes_on_disk_and_per_output_figures(tmp_path):
+    from helpers import cli
+
+    model = _head_model("MatMul")
+    model.graph.output[0].type.tensor_type.shape.Clear()  # shapes the load infers: not in the file
+    path = tmp_path / "two-heads.onnx"
+    onnx.save(model, str(path))
+    result = cli("compare", path, path)
+    assert result.returncode == 0
+    lines = {line.split("  ")[0]: line.split() for line in result.stdout.splitlines()}
+    assert lines["file bytes"][-2:] == [f"{path.stat().st_size:,}"] * 2
+    assert "agreement" not in lines  # the argmax of the box output means nothing
+    assert lines["prob agreement"][-1] == "1.0000"
+
+
+def test_a_pooled_vector_output_is_suggested_as_an_embedding():
+    (hint,) = suggest([OutputInfo("sentence_embedding", (8, 384), "Div")])
+    assert hint.startswith("embedding:output=sentence_embedding")
+    # a classifier's or regressor's head, or a narrow vector, is not
+    assert suggest([OutputInfo("logits", (8, 1000), "Gemm")]) == []
+    assert suggest([OutputInfo("box", (8, 4), "Div")]) == []

@@ -67,6 +67,18 @@ def known_names() -> list[str]:
 PROBABILITY_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
 
 
+# Ops that end a classifier or a regression head: their [N, D] output is no embedding to compare by angle.
+HEAD_OPS = ("Gemm", "MatMul", "Add", "Softmax", "LogSoftmax", "Sigmoid")
+MIN_EMBEDDING_WIDTH = 32
+
+
+def _embedding_like(info: OutputInfo) -> bool:
+    """[N, D >= 32] written by a pooling or normalisation (a sentence embedding is Div of a masked sum,
+    an L2 normalisation, a ReduceMean), not by a head op."""
+    width = info.shape[1]
+    return isinstance(width, int) and width >= MIN_EMBEDDING_WIDTH and info.producer not in (None, *HEAD_OPS)
+
+
 def suggest(infos: list[OutputInfo], reference: list[np.ndarray] | None = None) -> list[str]:
     """Task metrics that the output shapes (and, with data, value ranges) point at unambiguously."""
     hints = []
@@ -98,6 +110,11 @@ def suggest(infos: list[OutputInfo], reference: list[np.ndarray] | None = None) 
             hints.append(
                 f"ctc:output={info.name} ({info.name} {tuple(shape)} is a per-step class "
                 "distribution; blank= defaults to 0)"
+            )
+        elif len(shape) == 2 and _embedding_like(info):
+            hints.append(
+                f"embedding:output={info.name} ({info.name} {tuple(shape)} is one vector per sample from "
+                f"{info.producer}, not a classifier head: per-sample cosine)"
             )
         elif len(shape) == 4 and (index in probability_maps or not probability_maps):
             hints.append(f"segmentation:output={info.name} ({info.name} {tuple(shape)} is a map)")
