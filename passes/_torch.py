@@ -61,14 +61,24 @@ def conv(x: torch.Tensor, weight, bias, attrs: dict) -> torch.Tensor:
     )
 
 
+def no_torch_form(op: str, attrs: dict) -> str | None:
+    """Why a node of this op and attributes has no torch form here (None: it has one)."""
+    if op != "ConvTranspose":
+        return None
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "") or attrs.get("output_shape"):
+        return "ConvTranspose with auto_pad or output_shape has no torch form here"
+    return None
+
+
 def conv_transpose(x: torch.Tensor, weight, bias, attrs: dict) -> torch.Tensor:
     """ONNX ConvTranspose with explicit pads and output_padding (auto_pad / output_shape: refused)."""
     weight = as_tensor(weight)
     n = weight.dim() - 2
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad not in ("NOTSET", "") or attrs.get("output_shape"):
-        raise NotImplementedError("ConvTranspose with auto_pad or output_shape has no torch form here")
+    refused = no_torch_form("ConvTranspose", attrs)
+    if refused:
+        raise NotImplementedError(refused)
     strides = list(attrs.get("strides") or [1] * n)
     dilations = list(attrs.get("dilations") or [1] * n)
     pads = list(attrs.get("pads") or [0] * (2 * n))

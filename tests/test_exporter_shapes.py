@@ -576,3 +576,19 @@ def test_healing_with_an_input_fed_whole(tmp_path):
             expect=0,
         )
         assert json.loads(report.read_text())["heal"]["plans"][0]["heal"]["steps"] == 5
+
+
+def test_healing_a_conv_transpose_with_auto_pad(tmp_path):
+    # Its torch forward refuses auto_pad / output_shape: NotImplementedError at the first step (exit 4).
+    model = single(
+        helper.make_node(
+            "ConvTranspose", ["x", "w"], ["y"], name="up", strides=[2, 2], auto_pad="SAME_UPPER"
+        ),
+        [tensor("x", ["N", 16, 5, 5])],
+        [tensor("y", ["N", 12, 10, 10])],
+        [init("w", _low_rank(16, 12 * 9, 4).reshape(16, 12, 3, 3))],
+    )
+    x = np.random.default_rng(11).standard_normal((64, 16, 5, 5)).astype(np.float32)
+    report = _heal_case(tmp_path, model, x)
+    healed = report["heal"]["plans"][0]["heal"]
+    assert healed["path"] == "block" and "auto_pad" in healed["reason"]

@@ -253,6 +253,12 @@ def heal_blocks(runner, plan, train, holdout, config, say):
         if layer.has_bias and layer.bias is None:
             result.skipped[layer.name] = "bias is not a constant per-channel vector"
             continue
+        from tnopt.passes._torch import no_torch_form
+
+        refused = no_torch_form(layer.op, dict(layer.attrs))
+        if refused:
+            result.skipped[layer.name] = refused
+            continue
         names = [layer.input_name, layer.output_name]
         rows = _capture_rows(runner, names, train_inputs, MAX_CAPTURE_BYTES)
         feeds = train_inputs.take(slice(0, rows))

@@ -18,6 +18,7 @@ from typing import Callable
 import onnx
 import torch
 
+from tnopt.passes._torch import no_torch_form
 from tnopt.torch_ops import OPS, NotConvertible, _attrs, _constant, _softmax, _tensor
 
 __all__ = ["NotConvertible", "TorchGraph", "unsupported_ops"]
@@ -43,6 +44,10 @@ class TorchGraph:
         ]
         if missing:
             raise NotConvertible(f"no torch form for op(s) {', '.join(missing)}")
+        for node in model.graph.node:
+            refused = no_torch_form(node.op_type, _attrs(node))
+            if refused:
+                raise NotConvertible(f"{node.name or node.op_type}: {refused}")
         self.opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 17)
         self.constants = {t.name: _tensor(t) for t in model.graph.initializer}
         self.inputs = [i.name for i in model.graph.input if i.name not in self.constants]
