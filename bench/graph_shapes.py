@@ -1089,14 +1089,19 @@ def contract_problems(original: onnx.ModelProto, produced: onnx.ModelProto) -> l
             problems.append(f"model {attr} changed")
     if props(original.graph) != props(produced.graph):
         problems.append("graph metadata_props changed")
-    io_docs = lambda m: [v.doc_string for v in [*m.graph.input, *m.graph.output] if v.doc_string]  # noqa: E731
+    io_docs = lambda m: {v.name: v.doc_string for v in [*m.graph.input, *m.graph.output]}  # noqa: E731
 
     def io_props(m):
-        return [[(p.key, p.value) for p in v.metadata_props] for v in [*m.graph.input, *m.graph.output]]
+        return {
+            v.name: [(p.key, p.value) for p in v.metadata_props] for v in [*m.graph.input, *m.graph.output]
+        }
 
-    if sorted(map(str, io_props(original))) != sorted(map(str, io_props(produced))):
+    # Compared where the value is in both: a rewritten weight listed as input by convention goes.
+    theirs = io_props(produced)
+    if any(name in theirs and theirs[name] != props for name, props in io_props(original).items()):
         problems.append("graph input/output metadata_props changed")
-    if io_docs(original) != io_docs(produced):
+    docs_out = io_docs(produced)
+    if any(name in docs_out and docs_out[name] != doc for name, doc in io_docs(original).items()):
         problems.append("graph input/output doc strings changed")
     if original.graph.doc_string != produced.graph.doc_string:
         problems.append("graph doc_string changed")
