@@ -592,3 +592,18 @@ def test_healing_a_conv_transpose_with_auto_pad(tmp_path):
     report = _heal_case(tmp_path, model, x)
     healed = report["heal"]["plans"][0]["heal"]
     assert healed["path"] == "block" and "auto_pad" in healed["reason"]
+
+
+def test_healing_unnamed_nodes_through_the_whole_graph(tmp_path):
+    # Layers of unnamed nodes are addressed by the names tnopt gives them on import (MatMul_0); the
+    # torch graph read the empty names and found no node to replace (KeyError, exit 4).
+    model = single(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        [tensor("x", ["N", 32])],
+        [tensor("y", ["N", 24])],
+        [init("w", _weight(32, 24))],
+    )
+    x = np.random.default_rng(12).standard_normal((64, 32)).astype(np.float32)
+    report = _heal_case(tmp_path, model, x)
+    healed = report["heal"]["plans"][0]["heal"]
+    assert healed["path"] == "graph" and healed["steps"] == 5

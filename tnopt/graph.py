@@ -37,21 +37,29 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
 def _name_unnamed_nodes(graph: gs.Graph) -> None:
     """Give every node a unique name: layers are addressed by node name in plans and reports."""
-    seen: Counter[str] = Counter()
-    for node in graph.nodes:
-        seen[node.name] += 1
+    for node, name in zip(graph.nodes, unique_node_names([(n.name, n.op) for n in graph.nodes])):
+        node.name = name
+
+
+def unique_node_names(nodes: list[tuple[str, str]]) -> list[str]:
+    """The names tnopt addresses the nodes (name, op type) of a graph by, in order: each unique
+    name kept, an empty or repeated one replaced by `{name or op}_{index}` (made unique)."""
+    seen: Counter[str] = Counter(name for name, _ in nodes)
     taken = set(seen)
     counters: Counter[str] = Counter()
-    for index, node in enumerate(graph.nodes):
-        if node.name and seen[node.name] == 1:
+    names = []
+    for index, (name, op) in enumerate(nodes):
+        if name and seen[name] == 1:
+            names.append(name)
             continue
-        base = node.name or f"{node.op}_{index}"
+        base = name or f"{op}_{index}"
         candidate = base
         while candidate in taken:
             counters[base] += 1
             candidate = f"{base}_{counters[base]}"
         taken.add(candidate)
-        node.name = candidate
+        names.append(candidate)
+    return names
 
 
 def export_model(graph: gs.Graph, like: onnx.ModelProto, provenance: dict[str, dict[str, str]] | None = None):

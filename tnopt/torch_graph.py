@@ -18,6 +18,7 @@ from typing import Callable
 import onnx
 import torch
 
+from tnopt.graph import unique_node_names
 from tnopt.passes._torch import no_torch_form
 from tnopt.torch_ops import OPS, NotConvertible, _attrs, _constant, _softmax, _tensor
 
@@ -36,11 +37,14 @@ class TorchGraph:
 
     def __init__(self, model: onnx.ModelProto, replacements: dict[str, Callable] | None = None):
         self.replacements = dict(replacements or {})
-        missing = [op for op in unsupported_ops(model) if True]
+        # The names plans address nodes by (tnopt.graph names unnamed nodes on import).
+        names = unique_node_names([(n.name, n.op_type) for n in model.graph.node])
         missing = [
             op
-            for op in missing
-            if not all(n.name in self.replacements for n in model.graph.node if n.op_type == op)
+            for op in unsupported_ops(model)
+            if not all(
+                name in self.replacements for name, n in zip(names, model.graph.node) if n.op_type == op
+            )
         ]
         if missing:
             raise NotConvertible(f"no torch form for op(s) {', '.join(missing)}")
@@ -53,14 +57,14 @@ class TorchGraph:
         self.inputs = [i.name for i in model.graph.input if i.name not in self.constants]
         self.outputs = [o.name for o in model.graph.output]
         self.nodes = []
-        for node in model.graph.node:
+        for name, node in zip(names, model.graph.node):
             attrs = _attrs(node)
             if node.op_type == "Constant":
                 self.constants[node.output[0]] = _constant(attrs)
                 continue
             if node.op_type == "Split":
                 attrs["_outputs"] = len(node.output)
-            self.nodes.append((node.name, node.op_type, list(node.input), list(node.output), attrs))
+            self.nodes.append((name, node.op_type, list(node.input), list(node.output), attrs))
         found = {n[0] for n in self.nodes}
         absent = set(self.replacements) - found
         if absent:
