@@ -319,15 +319,14 @@ def _heal(runner, plan, train, holdout, config, say, metric):
         try:
             _whole_graph_feeds(runner.original, train.inputs, plan)
             graph = TorchGraph(runner.original, {c.layer.name: None for c in plan})
-        except NotConvertible as exc:
-            if config.path == "graph":
-                raise TnoptError(f"--heal: the whole-graph path cannot run this model ({exc})") from None
-            reason = str(exc)
-            say(f"heal: whole graph not convertible ({reason}); healing layer by layer")
-        else:
             from tnopt.heal_paths import heal_graph
 
             healed, result = heal_graph(runner, graph, plan, train, select, config, say, metric)
+        except NotConvertible as exc:
+            if config.path == "graph":
+                raise TnoptError(f"--heal: the whole-graph path cannot run this model ({exc})") from None
+            result, reason = None, str(exc)
+            say(f"heal: whole graph not convertible ({reason}); healing layer by layer")
     if result is None:
         from tnopt.heal_paths import heal_blocks
 

@@ -158,7 +158,16 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
         return drop, error, total / max(len(select), 1)
 
     result = HealResult("graph", layers=[c.layer.name for c in plan], train_samples=len(train), loss=kind)
-    result.select_drop_before, error, result.holdout_loss_before = evaluate()
+    try:
+        result.select_drop_before, error, result.holdout_loss_before = evaluate()
+    except (RuntimeError, ValueError, IndexError) as exc:
+        # The first run of the whole graph in torch, before any training: a graph the converter
+        # took but torch does not run (shapes an exporter computed for another input) heals by blocks.
+        from tnopt.torch_graph import NotConvertible
+
+        raise NotConvertible(
+            f"the whole graph does not run in torch ({str(exc).splitlines()[0][:120]})"
+        ) from exc
     # Drops within the unhealed plan's standard error on this split are ties, decided by the loss
     # (which matches the charged metric): with 768 samples, single flips made the selection pick
     # a step-25 checkpoint (2.7%) whose loss was far above the later ones.
@@ -183,6 +192,8 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
             target = _teacher_rows(teacher, len(rows))
             captured.clear()
             student = graph.run({k: torch.from_numpy(v) for k, v in stream.batch.items()}, outputs)
+            if result.steps == 0:
+                _check_same_shapes({**captured, **student}, target)
             loss = output_loss(student, [target[name] for name in outputs])
             if config.feature_weight and plan.choices:
                 feature = sum(
@@ -216,6 +227,19 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
         layer_name, array_name = key.split("\x00")
         trained.setdefault(layer_name, {})[array_name] = value
     return _writeback(plan, trained), result
+
+
+def _check_same_shapes(student: dict, teacher: dict) -> None:
+    """The first step's tensors in torch against onnxruntime's: a graph the converter took but torch
+    computes differently (shapes an exporter computed for its example input) heals by blocks."""
+    from tnopt.torch_graph import NotConvertible
+
+    for name, value in student.items():
+        if name in teacher and tuple(value.shape) != tuple(np.shape(teacher[name])):
+            raise NotConvertible(
+                f"the whole graph computes {name!r} as {tuple(value.shape)} in torch, "
+                f"{tuple(np.shape(teacher[name]))} in onnxruntime"
+            )
 
 
 def _gather(batches, name) -> np.ndarray:
