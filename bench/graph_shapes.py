@@ -1300,12 +1300,11 @@ def print_summary(rows) -> None:
             method_cell = f"{len(ok)} exact" + (f", refused: {', '.join(refused)}" if refused else "")
         reasons = set()
         for row in mine:
-            if row["mode"] == "build":
-                continue
-            if row["exit"] == 2 and not row["mode"].startswith("full:") and row["mode"] != "inspect":
-                reasons.add(
-                    "exit 2: " + row["layers"].removeprefix("tnopt: error: ").split(": ", 1)[-1][:110]
-                )
+            if row["mode"] in ("build", "inspect") or row["mode"].startswith("full:"):
+                continue  # a method run's refusals are that method's, in the per-method column
+            if row["exit"] == 2:
+                message = row["layers"].removeprefix("tnopt: error: ")
+                reasons.add("exit 2: " + message.split("model.onnx: ", 1)[-1][:160])
             for x in row.get("decisions") or []:
                 if x["decision"] == "skipped":
                     reasons.add(f"{x['name']}: {x['reason']}")
@@ -1323,7 +1322,13 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="inspect,full,half,budget,heal,methods")
     parser.add_argument("--json", help="also write the rows as JSON here")
     parser.add_argument("--runs", action="store_true", help="also print one table row per run")
+    parser.add_argument(
+        "--summarize", help="print the summary of a --json file of an earlier sweep, run nothing"
+    )
     args = parser.parse_args(argv)
+    if args.summarize:
+        print_summary(json.loads(Path(args.summarize).read_text()))
+        return 0
     modes = args.modes.split(",")
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="graph_shapes-"))
     rows = []
