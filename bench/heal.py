@@ -52,7 +52,7 @@ from tnopt.passes import METHODS  # noqa: E402
 
 import tnopt  # noqa: E402
 from tnopt.analyze import analyze  # noqa: E402
-from tnopt.heal import HealConfig  # noqa: E402
+from tnopt.heal import HealConfig, parse_augment  # noqa: E402
 from tnopt.runtime import Runtime  # noqa: E402
 
 
@@ -214,10 +214,25 @@ def _deep_tn_pair(
                 "seconds": seconds,
                 "sample_steps": heal_sample_steps(report) if heal else 0,
                 "calib": len(labelled["input"]),
+                "healing": None if heal is None else healing_note(heal),
             }
         )
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def healing_note(config: HealConfig) -> str:
+    """How a deep-TN row was healed: steps, and whatever differs from HealConfig's defaults."""
+    parts = [f"{config.steps} steps"]
+    if config.augment:
+        parts.append("augment " + "+".join(config.augment))
+    if config.label_weight != HealConfig.label_weight:
+        parts.append(f"CE weight {config.label_weight:g}")
+    if config.temperature != HealConfig.temperature:
+        parts.append(f"T={config.temperature:g}")
+    if config.seed != HealConfig.seed:
+        parts.append(f"seed {config.seed}")
+    return ", ".join(parts)
 
 
 def progress(started: float):
@@ -302,7 +317,7 @@ def deep_tn_table(rows) -> str:
             (
                 r["model"],
                 r.get("method", "deep-tn-storage"),
-                "yes" if r["heal"] else "no (TT-SVD init)",
+                (r.get("healing") or "yes") if r["heal"] else "no (TT-SVD init)",
                 r["layers"],
                 f"{r['dense_params']:,}",
                 f"{r['stored_params']:,}",
@@ -368,6 +383,22 @@ def main(argv=None) -> int:
     p.add_argument(
         "--deep-tn-calib", type=int, default=16384, help="labelled training images for the deep-TN rows"
     )
+    p.add_argument(
+        "--deep-tn-augment",
+        default="",
+        help="heal the deep-TN rows on randomly flipped / shifted views (flip,crop); the teacher sees the "
+        "same view as the student",
+    )
+    p.add_argument(
+        "--deep-tn-label-weight",
+        type=float,
+        default=HealConfig.label_weight,
+        help="weight of the cross-entropy on labels",
+    )
+    p.add_argument(
+        "--deep-tn-temperature", type=float, default=HealConfig.temperature, help="of the softmax KL"
+    )
+    p.add_argument("--deep-tn-seed", type=int, default=0, help="healing seed (batch order, augmentation)")
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     p.add_argument("--json", default=None, help="also write the rows here as they come")
     args = p.parse_args(argv)
@@ -436,6 +467,10 @@ def main(argv=None) -> int:
         eval_every=max(25, args.deep_tn_steps // 20),
         patience=6,
         max_samples=args.deep_tn_calib,
+        augment=parse_augment(args.deep_tn_augment),
+        label_weight=args.deep_tn_label_weight,
+        temperature=args.deep_tn_temperature,
+        seed=args.deep_tn_seed,
     )
     for name in [m for m in args.deep_tn.split(",") if m]:
         _, tn_labelled, tn_evaluation = load_splits(args.deep_tn_calib, args.calib_source)

@@ -190,6 +190,47 @@ def test_augment_flips_and_crops_images_only():
     assert cropped.shape == batch["img"].shape and not np.array_equal(cropped, batch["img"])
 
 
+def test_teacher_sees_the_same_augmented_view_as_the_student(monkeypatch):
+    # Distillation on augmented images matches the original's function only if the teacher runs on
+    # the very view the student trains on (Beyer et al. 2022, "consistent" teaching): a teacher fed
+    # the unaugmented batch would ask the student to map a shifted image to the unshifted answer.
+    from tnopt import heal_paths
+
+    made, taught, seen = [], [], []
+    augment = heal_paths.augment_images
+
+    def recording_augment(batch, kinds, rng):
+        out = augment(batch, kinds, rng)
+        made.append(out)
+        return out
+
+    class RecordingStream(heal_paths._Stream):
+        def __iter__(self):
+            for batch in super().__iter__():
+                taught.append(batch)
+                yield batch
+
+    graph_run = TorchGraph.run
+
+    def recording_run(self, feeds, want=None):
+        if all(f.requires_grad is False for f in feeds.values()) and torch.is_grad_enabled():
+            seen.append({k: v.numpy() for k, v in feeds.items()})
+        return graph_run(self, feeds, want)
+
+    monkeypatch.setattr(heal_paths, "augment_images", recording_augment)
+    monkeypatch.setattr(heal_paths, "_Stream", RecordingStream)
+    monkeypatch.setattr(TorchGraph, "run", recording_run)
+    compress_fc2(HealConfig(steps=3, eval_every=3, augment=("flip", "crop"), lr=0.02))
+    assert len(made) == 3 and len(taught) == 3 and len(seen) == 3
+    raw = unlabelled()["input"]
+    for view, teacher_batch, student_batch in zip(made, taught, seen):
+        assert teacher_batch is view  # the teacher's feed is the augmented view itself
+        np.testing.assert_array_equal(student_batch["input"], view["input"])
+        # and it is augmented: mostly not rows of the calibration images as they are
+        unchanged = sum(any(np.array_equal(image, r) for r in raw) for image in view["input"])
+        assert unchanged < len(view["input"]) // 4
+
+
 def cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "tnopt", *map(str, args)],
