@@ -171,6 +171,7 @@ def _deep_tn_pair(
     name, path, method, layers, by_name, outputs, ratio, labelled, evaluation, healing, cache, share
 ) -> list[dict]:
     method_name = method.name
+    original_model = tnopt.io.load_model(str(path))
     total = sum(x.params for x in layers) / ratio
     if share == "layer":
         chis = {x.name: method.rank_for_params(x, x.params / ratio) for x in layers}
@@ -192,6 +193,10 @@ def _deep_tn_pair(
             correct=False,
         )
         seconds = time.perf_counter() - started
+        # Top-1 on the images healed on (the first train_samples rows: the selection split and the
+        # gate's holdout come after them) beside the evaluation split's: underfit or overfit.
+        fitted = (report.heal["plans"][0]["heal"] or {}).get("train_samples") if heal else None
+        train_top1 = None if not fitted else [top1(m, labelled, fitted) for m in (model, original_model)]
         stored = sum(e.params_after for e in report.layers if e.decision == "rewritten")
         dense = sum(e.params_before for e in report.layers if e.decision == "rewritten")
         rows.append(
@@ -209,6 +214,9 @@ def _deep_tn_pair(
                 "stored_params": stored,
                 "top1_original": report.metrics["top1_original"],
                 "top1": report.metrics["top1"],
+                "top1_train": None if train_top1 is None else train_top1[0],
+                "top1_train_original": None if train_top1 is None else train_top1[1],
+                "train_samples": fitted,
                 "file_before": report.before.file_bytes,
                 "file_after": len(model.SerializeToString()),
                 "seconds": seconds,
@@ -219,6 +227,18 @@ def _deep_tn_pair(
         )
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def top1(model, labelled, count: int) -> float:
+    """Top-1 of `model` on the first `count` labelled images, in onnxruntime."""
+    import numpy as np
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    images, labels = labelled["input"][:count], labelled["labels"][:count]
+    guesses = [session.run(None, {name: images[i : i + 512]})[0].argmax(1) for i in range(0, count, 512)]
+    return float((np.concatenate(guesses) == labels).mean())
 
 
 def healing_note(config: HealConfig) -> str:
@@ -307,6 +327,7 @@ def deep_tn_table(rows) -> str:
             "×",
             "top-1 orig",
             "top-1",
+            "top-1 on the images healed on (orig)",
             "file bytes before → after",
             "s",
             "sample-steps",
@@ -324,6 +345,9 @@ def deep_tn_table(rows) -> str:
                 f"{r['dense_params'] / r['stored_params']:.0f}",
                 f"{r['top1_original']:.4f}",
                 f"{r['top1']:.4f}",
+                "–"
+                if r.get("top1_train") is None
+                else f"{r['top1_train']:.4f} ({r['top1_train_original']:.4f}, {r['train_samples']:,})",
                 f"{r['file_before']:,} → {r['file_after']:,}",
                 f"{r['seconds']:.0f}",
                 r["sample_steps"],
