@@ -22,13 +22,15 @@ whole-model FLOP and parameter ratios (dense / compressed), the agreement drop o
 split, compile(+heal) wall time, heal sample-steps (Σ batch size over all optimizer steps, all plans
 the heal-aware budget tried) and the calibration samples used.
 
-Deep-TN rows: every Conv/Gemm/MatMul of ≥ 50k parameters stored as `--deep-tn-method` (`tt-storage`,
-the gateless network, by default; `tt-storage-mixed` on mixed-radix sites; `deep-tn-storage` with gate
-layers) at the largest bond whose cores and gates are ≤ 1/R of the layer (R each of `--deep-tn-ratios`,
-default 100; `--deep-tn-share output-rank` instead shares the model's total 1/R by the effective rank
-of each layer's output × its fan-in + fan-out), then healed on `--deep-tn-calib` labelled
-training images (labels used: this table is about storage, not label-free compression); top-1 on the
-evaluation split and the ONNX file size.
+Deep-TN rows: every Conv/Gemm/MatMul of ≥ 50k parameters stored as `--deep-tn-method`
+(`tt-storage-mixed`, the gateless network on mixed-radix sites for axes > 4 and binary ones for
+smaller axes, by default; `tt-storage` on binary sites; `deep-tn-storage` with gate layers) at the
+largest bond whose cores and gates are ≤ 1/R of the layer (R each of `--deep-tn-ratios`, default
+100; `--deep-tn-share output-rank` instead shares the model's total 1/R by the effective rank of
+each layer's output × its fan-in + fan-out), then healed on `--deep-tn-calib` labelled training
+images (labels used: this table is about storage, not label-free compression; `--deep-tn-augment`
+heals on randomly flipped / shifted views, the teacher on the same view); top-1 on the evaluation
+split and on the images healed on, and the ONNX file size.
 """
 
 from __future__ import annotations
@@ -388,9 +390,10 @@ def main(argv=None) -> int:
     p.add_argument("--deep-tn-lr", type=float, default=0.03, help="Adam step relative to each tensor's RMS")
     p.add_argument(
         "--deep-tn-method",
-        default="tt-storage",
+        default="tt-storage-mixed",
         choices=("tt-storage", "tt-storage-mixed", "deep-tn-storage"),
-        help="depth 0 on binary sites, depth 0 on mixed-radix sites, or with gate layers",
+        help="depth 0 on binary sites, depth 0 on mixed-radix sites (binary on axes <= 4), or with gate "
+        "layers",
     )
     p.add_argument(
         "--deep-tn-share",

@@ -20,6 +20,10 @@ the rest, two axes interleaved) is the case axes = (rows, cols), groups = ((rows
 Mixed radix (`radix="mixed"`): each axis is split into its prime factors ≤ 7 instead (28 → 7·2·2,
 300 → 5·5·3·2·2, 3 → 3), so core k is (χ_{k-1}, d_k, χ_k) with d_k the digit's radix and an axis is
 padded only when it has a larger prime factor; gates need binary sites (depth 0 only).
+`radix="sized"`: by the axis's size — an axis of at most `SMALL_AXIS` entries (a 3x3 kernel's) is
+padded to a power of two and split into bits, a larger one in mixed radix. The padded kernel entries
+are free numbers the TT may use (VGG at 110x: 86.0% binary vs 79.9% mixed after 300 steps), while
+padding 300 to 512 or 28 to 32 only costs bonds (fc2 at ≥ 100x: 85.7% mixed vs 84.7% binary).
 
 Stored numbers ≈ 2nχ² + D·(n−1)/2·16 against ∏ A_i for the weight: exponentially fewer. A TT is the
 depth-0 case; TT-SVD initialises it and the gates start as identities, so before training the network
@@ -36,6 +40,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._linalg import relative_error, singular_values, svd
+
+# Axes up to this size are padded to a power of two under radix "sized" (see the module docstring).
+SMALL_AXIS = 4
 
 
 def matrix_shape(weight_shape) -> tuple[int, int]:
@@ -107,7 +114,8 @@ def site_layout(weight_shape, axes=None, groups=None, radix: str = "binary") -> 
     (rows, cols)), with `groups` (tuples of axis indices covering every axis once; default one group
     of all axes): each group's digits interleave by scale, coarsest first, groups in order. `radix`
     "binary": each axis padded to a power of two, one site per bit; "mixed": one site per prime
-    factor of the axis (`radix_digits`), so an axis of 28 or 300 or 3 is not padded to 32, 512, 4."""
+    factor of the axis (`radix_digits`), so an axis of 28 or 300 or 3 is not padded to 32, 512, 4;
+    "sized": binary for axes of at most `SMALL_AXIS` entries, mixed for the larger ones."""
     weight_shape = tuple(int(d) for d in weight_shape)
     axes = tuple(int(a) for a in (axes if axes is not None else matrix_shape(weight_shape)))
     if math.prod(axes) != math.prod(weight_shape):
@@ -115,15 +123,19 @@ def site_layout(weight_shape, axes=None, groups=None, radix: str = "binary") -> 
     groups = tuple(tuple(g) for g in (groups if groups is not None else (tuple(range(len(axes))),)))
     if sorted(i for g in groups for i in g) != list(range(len(axes))):
         raise ValueError(f"groups {groups} must name each of the {len(axes)} axes once")
-    if radix not in ("binary", "mixed"):
-        raise ValueError(f"radix {radix!r}: binary or mixed")
+    if radix not in ("binary", "mixed", "sized"):
+        raise ValueError(f"radix {radix!r}: binary, mixed or sized")
     radices = None
-    if radix == "mixed":
-        radices = [radix_digits(a) for a in axes]
+    if radix in ("mixed", "sized"):
+        radices = [
+            (2,) * bits_for(a) if radix == "sized" and a <= SMALL_AXIS else radix_digits(a) for a in axes
+        ]
         if not any(radices):
             radices[0] = (2,)
         bits = [len(d) for d in radices]
         radices = tuple(radices)
+        if radix == "sized" and all(d == 2 for axis in radices for d in axis):
+            radices = None  # every axis a power of two or small: exactly the binary layout
     else:
         bits = [bits_for(a) for a in axes]
     if sum(bits) == 0:

@@ -1,7 +1,8 @@
 """Deep tensor-network storage (ADTN): W = TT of binary sites under 4x4 gate layers, folded at load; heal it.
 
     W read as axes (A_1 … A_m), each zero-padded to 2^{b_i}, split into n = Σ b_i binary sites
-    (`radix="mixed"`: each A_i split into its prime factors ≤ 7 instead, sites of those dimensions):
+    (`radix="mixed"`: each A_i split into its prime factors ≤ 7 instead, sites of those dimensions;
+     `radix="sized"`, tt-storage-mixed: mixed on axes > 4, binary on smaller ones such as 3x3 kernels):
       Conv (O, I, kh, kw):            sites  kh1 kw1 kh2 kw2 | I1 … I_b | O1 … O_b
       Gemm/MatMul x·W, x = Flatten(C, H, W):  sites  H1 W1 H2 W2 … | C1 … | N1 …   (axes (C, H, W, N))
       any other weight (rows, cols):  sites  r1 c1 r2 c2 …  (the matrix layout)
@@ -81,7 +82,7 @@ class DeepTNStorage(Method):
         summary: str | None = None,
     ):
         self.summary = summary
-        if radix == "mixed" and depth:
+        if radix != "binary" and depth:
             raise ValueError("gate layers act on binary sites: a mixed-radix network takes depth 0")
         self.radix = radix
         self.name = name or type(self).name
@@ -232,14 +233,16 @@ TT_STORAGE = DeepTNStorage(
     summary="Tensor-train storage (deep-tn-storage without gate layers): binary sites, folded at load; "
     "heal it.",
 )
-# The same TT on mixed-radix sites (an axis of 28 = 7·2·2 or 300 = 5·5·3·2·2 is not padded to 32 or
-# 512). bench/RESULTS.md, issue 11 session 11: fc2 at ≥100x 85.7% vs 84.7% binary after 1500 steps;
-# VGG's four ≥50k layers 79.9% vs 86.0% after 300 (a 3x3 kernel padded to 4x4 leaves the binary TT
-# free entries). Not the default for that reason.
+# The same TT on mixed-radix sites where padding wastes (an axis of 28 = 7·2·2 or 300 = 5·5·3·2·2
+# is not padded to 32 or 512), binary sites on axes of ≤ 4 (a 3x3 kernel padded to 4x4 leaves the TT
+# free entries): bench/RESULTS.md, issue 11 session 11: fc2 at ≥100x 85.7% mixed vs 84.7% binary
+# after 1500 steps; VGG's four ≥50k layers 79.9% with its kernels in mixed radix vs 86.0% binary
+# after 300. The rule is by axis size ("sized"): on VGG it is exactly the binary layout, on fc2
+# exactly the mixed one.
 TT_STORAGE_MIXED = DeepTNStorage(
     depth=0,
-    radix="mixed",
+    radix="sized",
     name="tt-storage-mixed",
-    summary="Tensor-train storage on mixed-radix sites (each axis split into its prime factors ≤ 7, "
-    "no padding to powers of two); heal it.",
+    summary="Tensor-train storage on mixed-radix sites (axes > 4 split into their prime factors ≤ 7, "
+    "not padded to powers of two; axes ≤ 4, e.g. 3x3 kernels, padded to binary sites); heal it.",
 )

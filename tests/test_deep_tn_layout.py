@@ -217,6 +217,23 @@ def test_mixed_radix_sites_hold_axes_without_padding():
     assert layout.site_names()[:3] == ["b1", "c1", "d1"] and layout.dims[:3] == (7, 7, 5)
 
 
+def test_sized_radix_pads_small_axes_to_bits_and_splits_large_ones_by_prime_factors():
+    # By axis size, not by model: fc2's (1, 28, 28, 300) Gemm gets the mixed layout, a VGG conv's
+    # (128, 64, 3, 3) and Gemm's (128, 3, 3, 256) exactly the binary one (3 padded to 4).
+    fc2 = SimpleNamespace(op="Gemm", weight_shape=(784, 300), input_axes=(1, 28, 28), weight=None)
+    assert layout_for(fc2, radix="sized") == layout_for(fc2, radix="mixed")
+    assert layout_for(fc2, radix="sized") != layout_for(fc2, radix="binary")
+    conv = SimpleNamespace(op="Conv", weight_shape=(128, 64, 3, 3), weight=None)
+    flat = SimpleNamespace(op="Gemm", weight_shape=(1152, 256), input_axes=(128, 3, 3), weight=None)
+    for layer in (conv, flat):
+        assert layout_for(layer, radix="sized") == layout_for(layer, radix="binary")
+        assert layout_for(layer, radix="mixed").padded != layout_for(layer, radix="binary").padded
+    # A layer with both: kernel axes binary, 6 and 5 in mixed radix.
+    both = layout_for(SimpleNamespace(op="Conv", weight_shape=(6, 5, 3, 3), weight=None), radix="sized")
+    assert both.padded == (6, 5, 4, 4) and both.digits == ((3, 2), (5,), (2, 2), (2, 2))
+    assert METHODS["tt-storage-mixed"].layout(conv) == layout_for(conv, radix="binary")
+
+
 def test_planted_structure_in_a_mixed_radix_layout_is_reproduced():
     """A conv (6, 5, 3, 3) behind no padding at all in mixed radix (sites 3 2 5 3 3): a weight that
     is exactly a bond-2 MPS of those sites is recovered by TT-SVD at χ = 2 and rebuilt exactly in
