@@ -272,3 +272,17 @@ def test_a_pooled_vector_output_is_suggested_as_an_embedding():
     # a classifier's or regressor's head, or a narrow vector, is not
     assert suggest([OutputInfo("logits", (8, 1000), "Gemm")]) == []
     assert suggest([OutputInfo("box", (8, 4), "Div")]) == []
+
+
+def test_too_few_samples_for_a_per_prediction_budget_is_warned():
+    from tnopt.metric_choice import flips_allowed, resolution_warning
+
+    # EfficientNet-Lite0's row: 128 crops at 1% agreement — one flip is 0.78 points, plus its error
+    assert flips_allowed(128, 0.01) == 0
+    warning = resolution_warning("agreement", 128, 0.01, "absolute")
+    assert warning.startswith("128 calibration samples: one changed prediction is 0.78 points of agreement")
+    assert "at most 0 of them; give --data at least 474 samples" in warning
+    # enough samples, a continuous metric, or a relative budget: no warning
+    assert flips_allowed(1024, 0.01) == 7 and resolution_warning("top1", 1024, 0.01, "absolute") is None
+    assert resolution_warning("fidelity", 128, 0.01, "absolute") is None
+    assert resolution_warning("agreement", 128, 0.01, "relative") is None

@@ -35,7 +35,7 @@ from tnopt import budget as B
 from tnopt.cache import SensitivityCache
 from tnopt.graph import output_producer
 from tnopt.memo import FactorsMemo
-from tnopt.metric_choice import announce
+from tnopt.metric_choice import announce, resolution_warning
 from tnopt.metrics import choose_metric
 from tnopt.objective import make_objective, needs_latency
 from tnopt.plan import Choice, Plan
@@ -193,6 +193,11 @@ class Search:
         )
         for line in announce(metric):
             say(line)
+        too_coarse = resolution_warning(metric.name, len(calib), max_drop, drop_type)
+        if too_coarse:
+            if isinstance(getattr(metric, "warnings", None), list):
+                metric.warnings.append(too_coarse)  # into the report's metric_warnings
+            say(f"warning: {too_coarse}")
         cache_key = ""
         if config.cache_dir:
             # Only a cache file needs the key: hashing the model's and the data's bytes cost ResNet-50
