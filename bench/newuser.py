@@ -129,6 +129,12 @@ def random_weights(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
     keep = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
+    # IR 3 lists every initializer as a graph input too (the shapes of the fills, the new weights as
+    # overridable defaults): only the image stays an input.
+    constants = {t.name for t in model.graph.initializer} | set(shapes)
+    inputs = [value for value in model.graph.input if value.name not in constants]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
     # IR 3 (the shipped files) wants every initializer listed as a graph input: IR 6 (opset 11's own)
     # lets the new weights be plain constants, as an exporter writes them
     model.ir_version = max(model.ir_version, 6)

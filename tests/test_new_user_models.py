@@ -286,3 +286,15 @@ def test_too_few_samples_for_a_per_prediction_budget_is_warned():
     assert flips_allowed(1024, 0.01) == 7 and resolution_warning("top1", 1024, 0.01, "absolute") is None
     assert resolution_warning("fidelity", 128, 0.01, "absolute") is None
     assert resolution_warning("agreement", 128, 0.01, "relative") is None
+
+
+def test_missing_data_for_many_inputs_names_a_few_and_the_count():
+    from tnopt.data import InputSpec, dataset_from_arrays
+    from tnopt.errors import DataError
+
+    specs = [InputSpec(f"w{i}_SHAPE", np.dtype(np.float32), ("N", 4)) for i in range(270)]
+    with pytest.raises(DataError) as error:
+        dataset_from_arrays({"image": np.zeros((2, 4), np.float32)}, specs, "calib.npz")
+    message = str(error.value)
+    assert "w0_SHAPE, w1_SHAPE, w2_SHAPE, w3_SHAPE, w4_SHAPE, … (270 in all)" in message
+    assert len(message) < 200

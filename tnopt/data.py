@@ -286,8 +286,7 @@ def dataset_from_arrays(
     missing = [n for n in names if n not in arrays]
     if missing:
         raise DataError(
-            f"{source}: no array for model input(s) {', '.join(missing)} "
-            f"(found: {', '.join(arrays) or 'none'})"
+            f"{source}: no array for model input(s) {_some(missing)} (found: {_some(list(arrays)) or 'none'})"
         )
     strays = [k for k, v in arrays.items() if k not in names and np.ndim(v) == 0]
     if strays:
@@ -336,6 +335,14 @@ def dataset_from_arrays(
                 f"{source}: 'labels' has {len(labels)} entries, the inputs have {feeds.samples()} samples"
             )
     return Dataset(feeds, labels, source)
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    """The first few names and how many in all: a model whose weights are all graph inputs (IR 3
+    exports list every initializer there) made this one error line 15 KB of names."""
+    if len(names) <= shown:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])}, … ({len(names)} in all)"
 
 
 def _keep_dtype(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
