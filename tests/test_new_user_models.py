@@ -298,3 +298,18 @@ def test_missing_data_for_many_inputs_names_a_few_and_the_count():
     message = str(error.value)
     assert "w0_SHAPE, w1_SHAPE, w2_SHAPE, w3_SHAPE, w4_SHAPE, … (270 in all)" in message
     assert len(message) < 200
+
+
+def test_a_plan_saving_almost_nothing_is_not_worth_a_loss():
+    from tnopt.verify import negligible_reason, worth_its_loss
+
+    total = 362_679_040  # rec-tiny's candidate FLOPs; its best passing plan saved 3,876 at a 0.0047 drop
+    rec_tiny = {"allocation": {"Conv.14": _option("Conv.14")}, "saving": 3876.0, "drop": 0.0047}
+    assert not worth_its_loss(rec_tiny, total)
+    assert negligible_reason(rec_tiny, total, "flops") == (
+        "the best passing plan saved 0.001% of the layers' flops for a 0.0047 drop "
+        "(under 1%: not worth any loss); the original is kept"
+    )
+    assert worth_its_loss(dict(rec_tiny, saving=0.02 * total), total)  # a real saving pays
+    assert worth_its_loss(dict(rec_tiny, drop=0.0), total)  # a free one too
+    assert worth_its_loss({"allocation": {}, "saving": 0.0, "drop": 0.0}, total)  # the original

@@ -40,7 +40,15 @@ from tnopt.metrics import choose_metric
 from tnopt.objective import make_objective, needs_latency
 from tnopt.plan import Choice, Plan
 from tnopt.sweep import MAX_SWEEP_SAMPLES, screen, sweep, widest_paths
-from tnopt.verify import check_held_out, explain, priced_options, search_tau
+from tnopt.verify import (
+    check_held_out,
+    explain,
+    negligible_reason,
+    original_plan,
+    priced_options,
+    search_tau,
+    worth_its_loss,
+)
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
@@ -290,6 +298,12 @@ class Search:
         if not stopped_in:
             best_pass, evaluated, curve = search_tau(ctx, options, self.refine, unguarded)
             stopped_in = "verify" if ctx.out_of_time() else None
+        negligible = None
+        total = objective.dense_total(self.layers)
+        if best_pass is not None and not worth_its_loss(best_pass, total):
+            negligible = (best_pass, negligible_reason(best_pass, total, config.objective))
+            self.say(f"note: {negligible[1]}")
+            best_pass = original_plan(ctx, self.refine)
         final = (
             best_pass
             or (
@@ -305,7 +319,7 @@ class Search:
             final = dict(final, plan=refitted, refined=True)
             best_pass = final if best_pass is not None else None
         steps.mark("verify")
-        explain(ctx, final, options, measured, latency, latency_guard, decisions, evaluated)
+        explain(ctx, final, options, measured, latency, latency_guard, decisions, evaluated, negligible)
         held_out, miss = check_held_out(ctx, self.evaluation, final, best_pass)
         steps.mark("held-out")
         time_limit = {"limit_s": config.time_limit, "reached": bool(stopped_in), "stopped_in": stopped_in}
@@ -351,6 +365,7 @@ class Search:
                 else "refits fitted on the gate's samples (too few samples to split)"
             ),
             "miss_reason": miss or "",
+            "negligible_plan": negligible[1] if negligible else "",
         }
         if miss:
             self.say(f"budget not met: {miss}")
