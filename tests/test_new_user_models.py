@@ -313,3 +313,17 @@ def test_a_plan_saving_almost_nothing_is_not_worth_a_loss():
     assert worth_its_loss(dict(rec_tiny, saving=0.02 * total), total)  # a real saving pays
     assert worth_its_loss(dict(rec_tiny, drop=0.0), total)  # a free one too
     assert worth_its_loss({"allocation": {}, "saving": 0.0, "drop": 0.0}, total)  # the original
+
+
+def test_the_charged_metric_is_not_suggested_again():
+    from tnopt.metric_choice import announce
+
+    chosen = SimpleNamespace(
+        name="embedding",
+        spec="embedding",
+        reason="--metric embedding",
+        suggestions=["embedding:output=e (e (8, 384): a vector)", "segmentation:output=m (map)"],
+        warnings=[],
+    )
+    notes = [line for line in announce(chosen) if line.startswith("note:")]
+    assert notes == ["note: task metrics that fit these outputs: --metric segmentation:output=m (map)"]

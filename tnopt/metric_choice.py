@@ -193,7 +193,9 @@ def _warn_if_cosine_is_blind(chosen) -> None:
 def announce(chosen) -> list[str]:
     """Lines for the start of a run: which metric is charged and why, then its warnings."""
     lines = [f"metric: {getattr(chosen, 'spec', chosen.name)} ({chosen.reason})"]
-    lines += [f"note: task metrics that fit these outputs: --metric {s}" for s in chosen.suggestions]
+    # A suggestion of the metric the run already charges is noise (MiniLM under --metric embedding).
+    suggestions = [s for s in chosen.suggestions if s.split(":")[0] != chosen.name]
+    lines += [f"note: task metrics that fit these outputs: --metric {s}" for s in suggestions]
     lines += [f"warning: {w}" for w in chosen.warnings]
     return lines
 
