@@ -327,3 +327,23 @@ def test_the_charged_metric_is_not_suggested_again():
     )
     notes = [line for line in announce(chosen) if line.startswith("note:")]
     assert notes == ["note: task metrics that fit these outputs: --metric segmentation:output=m (map)"]
+
+
+def test_a_layer_too_wide_for_its_input_moment_keeps_weight_only_factors(monkeypatch):
+    import tnopt.profile
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "w2"], ["y"]),
+    ]
+    inits = [init("w1", rng.standard_normal((64, 48))), init("w2", rng.standard_normal((48, 16)))]
+    model = make_model(nodes, [tensor("x", ["N", 64])], [tensor("y", ["N", 16])], inits)
+    data = {"x": rng.standard_normal((64, 64)).astype(np.float32)}
+    monkeypatch.setattr(tnopt.profile, "MAX_MOMENT_FEATURES", 50)  # w1 reads 64 features, w2 48
+    _, report = tnopt.compress(model, rank_ratio=0.5, data=data, provider="cpu", latency_batch=0)
+    whitened = {layer.weight_shape[0]: bool(layer.factor_notes.get("data_aware")) for layer in report.layers}
+    assert whitened == {64: False, 48: True}  # the 64-wide layer weight-only, the other whitened
+    (warning,) = [w for w in report.warnings if "input features" in w]
+    assert "1 layer(s) read more than" in warning and ": 64, its input moment" in warning

@@ -33,7 +33,7 @@ from tnopt.metric_choice import add_output_figures
 from tnopt.metrics import fidelity_report
 from tnopt.passes import METHODS
 from tnopt.plan import Plan
-from tnopt.profile import calibration_stats
+from tnopt.profile import MAX_MOMENT_FEATURES, calibration_stats, moment_width, split_by_moment_width
 from tnopt.reference_tap import tapped_reference
 from tnopt.refine import CROSS_FIT_FOLDS, apply_refiners, build_refiners, cross_fitted_refiners
 from tnopt.report import LayerReport, ModelSummary, Report
@@ -260,8 +260,26 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     stats = {}
     tapped: list = []  # the original's outputs per batch of the statistics pass (tnopt/reference_tap.py)
     # The statistics pass of this run (the data-aware factors' or the predictor's, below).
+    moment_targets, too_wide = split_by_moment_width(targets)
+    if too_wide and data_aware:
+        widest = max(too_wide, key=moment_width)
+        message = (
+            f"{len(too_wide)} layer(s) read more than {MAX_MOMENT_FEATURES} input features ({widest.name}: "
+            f"{moment_width(widest):,}, its input moment {8 * moment_width(widest) ** 2 / 2**30:.1f} GiB in "
+            "float64): their factors are weight-only, not whitened by the calibration data"
+        )
+        report.warnings.append(message)
+        say(f"note: {message}")
     statistics = partial(
-        calibration_stats, original, targets, calib, runtime, config.cache_dir, planned_methods, report, say
+        calibration_stats,
+        original,
+        moment_targets,
+        calib,
+        runtime,
+        config.cache_dir,
+        planned_methods,
+        report,
+        say,
     )
     clock.begin("statistics")
     if data_aware and targets:

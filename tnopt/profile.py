@@ -39,6 +39,11 @@ PATCH_METHODS = ("cut-o",)
 # The patch moment stops accumulating past this many im2col rows: (I·k·k)² entries converge long
 # before, and each batch of 28x28 feature maps adds ~50k rows.
 MAX_PATCH_ROWS = 200_000
+# A layer whose input moment would be wider than this keeps weight-only factors: the moment is
+# features² float64 values and whitening it holds about four such arrays at once (the symmetrised
+# sums, a contiguous copy, the damped copy, its Cholesky factor). VGG-19's fc6 reads 25,088 features:
+# 5 GB per copy; its `--rank-ratio 0.5` run passed 16 GB RSS after the statistics and was stopped.
+MAX_MOMENT_FEATURES = 8192
 # At most this many im2col rows (positions) are taken from one batch, drawn at random (seeded) from
 # its positions: a 736x736 page has 540k positions per sample, and unfolding them all would cost
 # I·k·k times the activation itself. Spread over batches, the moment sees more samples, too.
@@ -211,6 +216,21 @@ def share_pointwise_patches(stats: LayerStats) -> LayerStats:
     stats.patch_moment = stats.input_moment
     stats.fold_patch_moments, stats.fold_patch_rows = stats.fold_moments, stats.fold_rows
     return stats
+
+
+def moment_width(layer: Layer) -> int:
+    """Features of the widest moment a layer's data-aware factors read: a Conv's patch (I·kh·kw), a
+    ConvTranspose's input channels, a Gemm/MatMul's K."""
+    shape = layer.weight_shape
+    if layer.op == "Conv":
+        return int(np.prod(shape[1:]))
+    return int(shape[0])
+
+
+def split_by_moment_width(targets: list[Layer]) -> tuple[list[Layer], list[Layer]]:
+    """(layers whose moments are collected, layers too wide for them: MAX_MOMENT_FEATURES)."""
+    fits = [layer for layer in targets if moment_width(layer) <= MAX_MOMENT_FEATURES]
+    return fits, [layer for layer in targets if moment_width(layer) > MAX_MOMENT_FEATURES]
 
 
 def collect_stats(
