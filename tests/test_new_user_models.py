@@ -347,3 +347,25 @@ def test_a_layer_too_wide_for_its_input_moment_keeps_weight_only_factors(monkeyp
     assert whitened == {64: False, 48: True}  # the 64-wide layer weight-only, the other whitened
     (warning,) = [w for w in report.warnings if "input features" in w]
     assert "1 layer(s) read more than" in warning and ": 64, its input moment" in warning
+
+
+def test_time_limit_stops_the_predicted_sweep(small_splits, monkeypatch):
+    """With predicted sensitivities (auto's choice for large models) the limit was not looked at until
+    the sweep ended: ResNet-50 at --time-limit 120 was still predicting after 4 minutes."""
+    from tnopt import search as search_module
+
+    calib, evaluation = small_splits
+    monkeypatch.setattr(search_module.SearchContext, "out_of_time", lambda self: True)
+    _, report = tnopt.compress(
+        str(ROOT / "models" / "cnn4.onnx"),
+        budget="1%",
+        data=str(calib),
+        eval_data=str(evaluation),
+        provider="cpu",
+        sensitivity="predicted",
+        time_limit=60,
+        latency_batch=0,
+    )
+    assert report.search["time_limit"]["stopped_in"] == "sweep"
+    assert report.search["prediction"]["measured_on_subsample"] == 0
+    assert not report.rewritten and report.budget_met is False

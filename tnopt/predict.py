@@ -173,7 +173,10 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
     bar = ctx.bar(
         sum(len(ctx.methods[m].candidate_ranks(a)) for a in able for m in candidates[a.name]), "predict"
     )
+    out_of_time = getattr(ctx, "out_of_time", lambda: False)
     for layer in able:
+        if out_of_time():
+            break  # --time-limit: layers not reached get no options (ResNet-50 ran 4 min past 120 s here)
         # The (O, d)·(d, d) products: every core where the machine is idle and the layer is large.
         with math_threads(int(getattr(layer.weight, "size", 0) or 0)):
             _local_errors(ctx, layer, stats[layer.name], candidates, local, weight_errors, measured, bar)
@@ -193,6 +196,8 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
     # Round 1: one anchor per (layer, method): methods differ in how much of their local error the
     # rest of the network passes on (measured: 100x between SVD and MPO on one VGG Gemm).
     for name, method in pairs:
+        if out_of_time():
+            break
         pool = [k for k in local if k[0] == name and k[1] == method]
         measure(min(pool, key=lambda k: abs(math.log(max(local[k], 1e-12) / ANCHOR_ERROR))))
     # Rounds 2..: the frontier. The predicted plans of the τ grid run (unrefined) on the subsample;
@@ -200,6 +205,8 @@ def predicted_sweep(ctx, layers, candidates, decisions) -> tuple[dict, int]:
     # from its measured points (or of a method not measured there) is measured, and the map refitted.
     by_name = {layer.name: layer for layer in able}
     for _ in range(FRONTIER_ROUNDS):
+        if out_of_time():
+            break
         slope = _pooled_slope(points)
         options = _options(ctx, by_name, local, points, slope)
         wanted: dict[str, tuple] = {}
