@@ -369,3 +369,13 @@ def test_time_limit_stops_the_predicted_sweep(small_splits, monkeypatch):
     assert report.search["time_limit"]["stopped_in"] == "sweep"
     assert report.search["prediction"]["measured_on_subsample"] == 0
     assert not report.rewritten and report.budget_met is False
+
+
+def test_cached_moments_are_read_for_this_runs_layers_only(tmp_path):
+    from tnopt.profile import LayerStats, load_stats, save_stats
+
+    path = tmp_path / "stats.npz"
+    save_stats(path, {"small": LayerStats(4, np.eye(3)), "wide": LayerStats(4, np.eye(50))})
+    assert sorted(load_stats(path)) == ["small", "wide"]
+    only = load_stats(path, {"small"})
+    assert list(only) == ["small"] and only["small"].input_moment.shape == (3, 3)

@@ -358,7 +358,10 @@ def save_stats(path, stats: dict[str, LayerStats]) -> None:
         pass  # an unwritable cache only loses the speed-up
 
 
-def load_stats(path) -> dict[str, LayerStats]:
+def load_stats(path, names=None) -> dict[str, LayerStats]:
+    """The cached moments, of the layers in `names` only (None: all): the archive reads each array
+    on access, and a layer this run does not collect may hold gigabytes (VGG-19's fc6 moment, 5 GB,
+    cached by a run before it was left weight-only, was read back whole)."""
     import json
 
     try:
@@ -366,6 +369,8 @@ def load_stats(path) -> dict[str, LayerStats]:
             index = json.loads(archive["index"].tobytes().decode())
             loaded = {}
             for i, (name, rows, fold_rows, patch_rows, *shared) in enumerate(index):
+                if names is not None and name not in names:
+                    continue
                 item = LayerStats(
                     rows,
                     archive[f"m{i}"],
@@ -409,7 +414,7 @@ def calibration_stats(
         model_hash = hashlib.sha256(original.SerializeToString()).hexdigest()[:16]
         tag = f"-f{folds}" if folds else ""
         stats_file = Path(cache_dir) / f"{model_hash}-{stats_data.fingerprint()}{tag}-stats3.npz"
-        stats = load_stats(stats_file) if stats_file.exists() else {}
+        stats = load_stats(stats_file, {layer.name for layer in targets}) if stats_file.exists() else {}
     missing = [
         layer
         for layer in targets
