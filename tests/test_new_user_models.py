@@ -379,3 +379,16 @@ def test_cached_moments_are_read_for_this_runs_layers_only(tmp_path):
     assert sorted(load_stats(path)) == ["small", "wide"]
     only = load_stats(path, {"small"})
     assert list(only) == ["small"] and only["small"].input_moment.shape == (3, 3)
+
+
+def test_time_limit_stops_the_method_screen(monkeypatch):
+    from tnopt import sweep
+
+    def no_fit(*args):
+        raise AssertionError("screened after the time limit")
+
+    monkeypatch.setattr(sweep, "screen_methods", no_fit)
+    ctx = SimpleNamespace(out_of_time=lambda: True, cache=SimpleNamespace(entries={}, put=None))
+    layers = [SimpleNamespace(name="a"), SimpleNamespace(name="b")]
+    candidates = {"a": ["tucker2", "cp"], "b": ["svd"]}
+    assert sweep.screen(ctx, layers, candidates) == candidates

@@ -26,6 +26,8 @@ SCREEN_FRACTIONS = (0.5, 0.25, 0.125)
 def screen(ctx, layers, candidates: dict[str, list[str]]) -> dict[str, list[str]]:
     kept = dict(candidates)
     for layer in layers:
+        if ctx.out_of_time():
+            break  # --time-limit: the rest keep every method; the sweep stops at once after this
         methods = kept[layer.name]
         key = f"screen|{layer.name}|{','.join(methods)}"
         # The screen fits every method; a rerun takes its verdict from the cache instead.
