@@ -286,6 +286,7 @@ def test_too_few_samples_for_a_per_prediction_budget_is_warned():
     assert flips_allowed(1024, 0.01) == 7 and resolution_warning("top1", 1024, 0.01, "absolute") is None
     assert resolution_warning("fidelity", 128, 0.01, "absolute") is None
     assert resolution_warning("agreement", 128, 0.01, "relative") is None
+    assert resolution_warning("top1", 128, 0.0, "absolute") is None  # a zero budget: none may change
 
 
 def test_missing_data_for_many_inputs_names_a_few_and_the_count():

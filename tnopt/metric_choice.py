@@ -218,8 +218,8 @@ def resolution_warning(metric_name: str, samples: int, max_drop: float, drop_typ
     metric (EfficientNet-Lite0, 128 crops at 1%: one changed prediction is 0.78 points, and with its
     standard error no plan that changes any can pass — the run kept every layer, and said only that
     each 'exceeds the budget')."""
-    if metric_name not in ("top1", "agreement") or drop_type != "absolute" or samples <= 0:
-        return None
+    if metric_name not in ("top1", "agreement") or drop_type != "absolute" or samples <= 0 or max_drop <= 0:
+        return None  # a zero budget asks for no changed prediction at all: nothing to resolve
     allowed = flips_allowed(samples, max_drop)
     if allowed >= MIN_FLIPS_ALLOWED:
         return None
