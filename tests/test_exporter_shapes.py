@@ -17,6 +17,28 @@ def _weight(*shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32) / np.sqrt(shape[0])
 
 
+def rewrite_at_full_rank(tmp_path, model, **calib) -> tuple[onnx.ModelProto, dict[str, dict]]:
+    """`tnopt MODEL --rank-ratio 1 --allow-growth` held to the contract (exit 0), with `calib` saved
+    as calib.npz and passed as --data when given: the written model and the report's decisions."""
+    data = []
+    if calib:
+        np.savez(tmp_path / "calib.npz", **calib)
+        data = ["--data", tmp_path / "calib.npz"]
+    report = tmp_path / "r.json"
+    run_case(
+        tmp_path,
+        save(model, tmp_path),
+        "--rank-ratio",
+        "1",
+        "--allow-growth",
+        *data,
+        "--report",
+        report,
+        expect=0,
+    )
+    return onnx.load(str(tmp_path / "out.onnx")), decisions(report)
+
+
 def test_gemm_trans_a_with_calibration_data_is_exact_at_full_rank(tmp_path):
     # A is (K, N): its batch sits on axis 1, and captures arrive with it moved to axis 0. The input
     # moments were taken over the wrong axis (exit 4: a 64x64 moment for a 24-row weight).
@@ -607,3 +629,40 @@ def test_healing_unnamed_nodes_through_the_whole_graph(tmp_path):
     report = _heal_case(tmp_path, model, x)
     healed = report["heal"]["plans"][0]["heal"]
     assert healed["path"] == "graph" and healed["steps"] == 5
+
+
+def test_a_matmul_constant_with_leading_dims_of_1_is_rewritten_as_its_matrix(tmp_path):
+    # x (N, S, 16) @ W (1, 16, 12) (and (1, 1, 12, 8) on a 4-D input): MatMul's broadcasting makes the
+    # leading 1s no-ops, yet such weights were skipped ("weight has 3 dims; only a 2-D weight …").
+    # A stack of real matrices (2, 8, 6) and a weight of higher rank than its input get reasons.
+    nodes = [
+        helper.make_node("MatMul", ["x", "w3"], ["h"], name="mm3"),
+        helper.make_node("Unsqueeze", ["h", "axis1"], ["h4"], name="unsqueeze"),
+        helper.make_node("MatMul", ["h4", "w4"], ["g"], name="mm4"),
+        helper.make_node("Concat", ["g", "g"], ["gg"], name="concat", axis=1),
+        helper.make_node("MatMul", ["gg", "stack"], ["y"], name="stacked"),
+        helper.make_node("ReduceMean", ["x"], ["m"], name="mean", axes=[1], keepdims=0),
+        helper.make_node("MatMul", ["m", "w_up"], ["y2"], name="rank_up"),
+    ]
+    model = single(
+        nodes,
+        [tensor("x", ["N", "S", 16])],
+        [tensor("y", ["N", 2, "S", 6]), tensor("y2", [1, "N", 12])],
+        [
+            init("w3", _low_rank(16, 12, 12).reshape(1, 16, 12)),
+            init("w4", _low_rank(12, 8, 8, seed=1).reshape(1, 1, 12, 8)),
+            init("stack", _weight(2, 8, 6)),
+            init("w_up", _weight(16, 12, seed=2).reshape(1, 16, 12)),
+            numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        ],
+        opset=13,
+    )
+    x = np.random.default_rng(13).standard_normal((32, 5, 16)).astype(np.float32)
+    out, layers = rewrite_at_full_rank(tmp_path, model, x=x)
+    assert layers["mm3"]["decision"] == "rewritten" and layers["mm4"]["decision"] == "rewritten"
+    assert layers["mm3"]["weight_shape"] == [16, 12]
+    assert "is 2 separate (8, 6) matrices" in layers["stacked"]["reason"]
+    assert "more dims than its input (of rank 2)" in layers["rank_up"]["reason"]
+    fresh = {"x": np.random.default_rng(14).standard_normal((3, 7, 16)).astype(np.float32)}
+    for expected, got in zip(run(model, fresh), run(out, fresh)):
+        assert expected.shape == got.shape and relative_difference(expected, got) < 1e-4

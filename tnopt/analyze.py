@@ -325,9 +325,12 @@ def _matmul_layer(node) -> Layer | None:
     x = node.inputs[data_index]
     in_shape = G.shape_of(x)
     reason = _skip_for_weight(weight)
-    if reason is None and weight.values.ndim != 2:
-        reason = f"weight has {weight.values.ndim} dims; only a 2-D weight is factorized"
-    w_shape = tuple(weight.values.shape)
+    values = weight.values
+    if reason is None and values.ndim != 2:
+        reason = _stacked_weight_reason(tuple(values.shape), in_shape)
+        if reason is None:
+            values = values.reshape(values.shape[-2:])  # (1, …, 1, K, N): the (K, N) matrix itself
+    w_shape = tuple(values.shape)
     params = int(prod(w_shape))
     if in_shape:
         # right: x (..., M, K) @ W (K, N) → rows = prod(leading dims); left: W (M, K) @ x (..., K, N)
@@ -352,10 +355,34 @@ def _matmul_layer(node) -> Layer | None:
         x.name,
         node.outputs[0].name,
         False,
-        weight.values if reason is None else None,
+        values if reason is None else None,
         **_stored(weight),
         input_axes=G.unflattened_axes(x, w_shape[0]) if reason is None and side == "right" else None,
     )
+
+
+def _stacked_weight_reason(w_shape: tuple[int, ...], in_shape) -> str | None:
+    """Why a MatMul constant that is not a matrix cannot be factorized as one; None for a
+    (1, …, 1, K, N) weight beside an input of at least its rank, where MatMul's broadcasting makes
+    the leading 1s no-ops: x (…, M, K) @ W (1, K, N) is x @ W[0], shape and all."""
+    if len(w_shape) < 2:
+        return (
+            f"weight is a vector (shape {w_shape}): the MatMul contracts it away; only a matrix is factorized"
+        )
+    leading, matrix = w_shape[:-2], w_shape[-2:]
+    if any(d != 1 for d in leading):
+        count = prod(leading)
+        return (
+            f"weight {w_shape} is {count} separate {matrix} matrices (a batched MatMul over its leading "
+            f"dims {leading}): only a single matrix is factorized; left dense"
+        )
+    if in_shape is None or len(in_shape) < len(w_shape):
+        rank = "of unknown rank" if in_shape is None else f"of rank {len(in_shape)}"
+        return (
+            f"weight {w_shape} has more dims than its input ({rank}): the MatMul's output gains "
+            f"leading axes of 1, which a {matrix} factorization would not; left dense"
+        )
+    return None
 
 
 def at_data_shapes(layers: list[Layer], bound_layers: list[Layer]) -> list[Layer]:
