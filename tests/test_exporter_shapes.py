@@ -666,3 +666,69 @@ def test_a_matmul_constant_with_leading_dims_of_1_is_rewritten_as_its_matrix(tmp
     fresh = {"x": np.random.default_rng(14).standard_normal((3, 7, 16)).astype(np.float32)}
     for expected, got in zip(run(model, fresh), run(out, fresh)):
         assert expected.shape == got.shape and relative_difference(expected, got) < 1e-4
+
+
+def test_einsum_products_with_a_constant_matrix_are_rewritten_and_others_listed(tmp_path):
+    # Einsum layers were not listed at all: a user saw nothing. "bij,jk->bik" (and a weight stored
+    # (N, K), "...j,kj->...k") are x·W: rewritten as MatMul factors; a batched weight gets a reason.
+    nodes = [
+        helper.make_node("Einsum", ["x", "w"], ["h"], name="proj", equation="bij,jk->bik"),
+        helper.make_node("Einsum", ["v", "h"], ["g"], name="proj_t", equation="...j,kj->...k"),
+        helper.make_node("Einsum", ["g", "batched"], ["y"], name="per_step", equation="bij,ijk->bik"),
+    ]
+    nodes[1].input[:] = ["h", "v"]  # the activation first; the constant stored (N, K)
+    model = single(
+        nodes,
+        [tensor("x", ["N", 5, 16])],
+        [tensor("y", ["N", 5, 4])],
+        [
+            init("w", _low_rank(16, 12, 12)),
+            init("v", _low_rank(10, 12, 10, seed=1)),
+            init("batched", _weight(5, 10, 4, seed=2)),
+        ],
+    )
+    x = np.random.default_rng(15).standard_normal((32, 5, 16)).astype(np.float32)
+    out, layers = rewrite_at_full_rank(tmp_path, model, x=x)
+    assert layers["proj"]["decision"] == "rewritten" and layers["proj"]["weight_shape"] == [16, 12]
+    assert layers["proj_t"]["decision"] == "rewritten" and layers["proj_t"]["weight_shape"] == [12, 10]
+    assert "Einsum 'bij,ijk->bik' is not a product x·W" in layers["per_step"]["reason"]
+    assert [n.op_type for n in out.graph.node].count("Einsum") == 1
+    fresh = {"x": np.random.default_rng(16).standard_normal((3, 5, 16)).astype(np.float32)}
+    assert relative_difference(run(model, fresh)[0], run(out, fresh)[0]) < 1e-4
+
+
+def test_layers_inside_local_functions_are_listed_with_a_reason(tmp_path):
+    # A MatMul inside ModelProto.functions was in no listing: the report said nothing of it.
+    function = helper.make_function(
+        "custom",
+        "Dense",
+        ["inp", "w"],
+        ["out"],
+        [helper.make_node("MatMul", ["inp", "w"], ["mm"]), helper.make_node("Relu", ["mm"], ["out"])],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Dense", ["x", "fw"], ["d"], name="block", domain="custom"),
+            helper.make_node("MatMul", ["d", "hw"], ["y"], name="head"),
+        ],
+        "g",
+        [tensor("x", ["N", 16])],
+        [tensor("y", ["N", 10])],
+        [init("fw", _weight(16, 24)), init("hw", _weight(24, 10, seed=1))],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)],
+        ir_version=8,
+        functions=[function],
+    )
+    listed = {layer.name: layer for layer in analyze(model)}
+    inner = listed["block/Dense/MatMul_0"]
+    assert inner.weight_shape == (16, 24) and inner.params == 384
+    assert inner.skip_reason == (
+        "inside the local function 'custom.Dense' (called by 'block'): local functions are kept as they are"
+    )
+    _, layers = rewrite_at_full_rank(tmp_path, model)
+    assert layers["head"]["decision"] == "rewritten"
+    assert layers["block/Dense/MatMul_0"]["decision"] == "skipped"

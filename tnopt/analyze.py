@@ -1,16 +1,18 @@
 """Find the layers tnopt can factorize and describe each as a frozen `Layer` record.
 
 Candidates: every Conv (N-d; grouped ones too, depthwise ones get a skip reason), every
-Gemm, and every MatMul with one constant operand. A MatMul of two activations (attention QKᵀ,
-attention·V) is never a candidate and is not even listed. Layers inside If/Loop/Scan bodies are
-listed with a skip reason (bodies are kept as they are). FLOPs are 2·MACs at the inferred
-shapes, with symbolic dims (batch, sequence) counted as 1.
+Gemm, every MatMul with one constant operand, and every Einsum with one (a product x·W over x's
+last axis, "bij,jk->bik", is a MatMul layer; any other is listed with a reason). A MatMul of two
+activations (attention QKᵀ, attention·V) is never a candidate and is not even listed. Layers inside
+If/Loop/Scan bodies and local functions are listed with a skip reason (kept as they are). FLOPs
+are 2·MACs at the inferred shapes, with symbolic dims (batch, sequence) counted as 1.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from math import prod
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -47,6 +49,7 @@ def analyze_graph(graph, overridable: frozenset[str] = frozenset()) -> list[Laye
                 )
         layers.append(layer)
     layers.extend(_body_layers(graph))
+    layers.extend(_function_layers(graph))
     return layers
 
 
@@ -58,6 +61,8 @@ def _layer_of(node) -> Layer | None:
         return _gemm_layer(node)
     if node.op == "MatMul":
         return _matmul_layer(node)
+    if node.op == "Einsum":
+        return _einsum_layer(node)
     return None
 
 
@@ -87,6 +92,48 @@ def _body_layers(graph, depth: int = 0) -> list[Layer]:
                 for layer in _body_layers(body, depth + 1)
             )
     return found
+
+
+FUNCTION_REASON = (
+    "inside the local function {function!r} (called by {call!r}): local functions are kept as they are"
+)
+
+
+def _function_layers(graph) -> list[Layer]:
+    """The layers inside the model's local functions (ModelProto.functions), once per call in the
+    main graph, listed with a skip reason so the report accounts for them; named
+    `{call}/{function}/{node}`. A weight the call passes in is read from the caller's tensor, so the
+    record has its shape and size. (Calls from bodies or from other functions are not followed.)"""
+    functions = {(f.domain, f.name): f for f in getattr(graph, "functions", [])}
+    found: list[Layer] = []
+    for call in graph.nodes:
+        function = functions.get((call.domain, call.op))
+        if function is None:
+            continue
+        passed = {formal.name: actual for formal, actual in zip(function.inputs, call.inputs)}
+        for index, node in enumerate(function.nodes):
+            layer = _layer_of(_as_called(node, passed, call.attrs))
+            if layer is None:
+                continue
+            name = f"{call.name}/{function.name}/{node.name or f'{node.op}_{index}'}"
+            reason = FUNCTION_REASON.format(function=f"{function.domain}.{function.name}", call=call.name)
+            found.append(replace(layer, name=name, skip_reason=reason, weight=None, bias=None))
+    return found
+
+
+def _as_called(node, passed: dict, call_attrs: dict) -> SimpleNamespace:
+    """A read-only view of a function's node as one call runs it: its formal inputs replaced by the
+    caller's tensors, its attribute references by the caller's attributes (unset ones dropped:
+    the op's defaults apply). A plain view, not a graph node, so the graph is left untouched."""
+    inputs = [passed.get(t.name, t) if G.is_present(t) else t for t in node.inputs]
+    attrs = {}
+    for key, value in node.attrs.items():
+        if isinstance(value, G.AttributeRef):
+            if value.name not in call_attrs:
+                continue
+            value = call_attrs[value.name]
+        attrs[key] = value
+    return SimpleNamespace(op=node.op, name=node.name, attrs=attrs, inputs=inputs, outputs=node.outputs)
 
 
 def _dims(shape) -> int:
@@ -330,6 +377,14 @@ def _matmul_layer(node) -> Layer | None:
         reason = _stacked_weight_reason(tuple(values.shape), in_shape)
         if reason is None:
             values = values.reshape(values.shape[-2:])  # (1, …, 1, K, N): the (K, N) matrix itself
+    return _matrix_product_layer(node, weight, values, data_index, side, reason)
+
+
+def _matrix_product_layer(node, weight, values, data_index: int, side: str, reason, source_note=""):
+    """The record of y = x·W (side "right") or W·x ("left") with W the (K, N) matrix `values`, read
+    from a MatMul or an Einsum node; the methods emit MatMuls for it."""
+    x = node.inputs[data_index]
+    in_shape = G.shape_of(x)
     w_shape = tuple(values.shape)
     params = int(prod(w_shape))
     if in_shape:
@@ -348,7 +403,7 @@ def _matmul_layer(node) -> Layer | None:
         (("weight_side", side),),
         data_index,
         False,
-        weight.source,
+        weight.source + source_note,
         rows,
         rows,
         reason,
@@ -359,6 +414,59 @@ def _matmul_layer(node) -> Layer | None:
         **_stored(weight),
         input_axes=G.unflattened_axes(x, w_shape[0]) if reason is None and side == "right" else None,
     )
+
+
+def _einsum_layer(node) -> Layer | None:
+    """An Einsum with one constant operand. One that is x·W over x's last axis with W a matrix
+    ("bij,jk->bik", "...j,kj->...k", operands in either order) is a MatMul layer with W as (K, N)
+    — the methods emit MatMuls, which compute exactly that; any other is listed with a reason."""
+    constants = [G.resolve_constant(t) if G.is_present(t) else None for t in node.inputs]
+    weight_index = next((i for i, c in enumerate(constants) if c is not None), None)
+    if weight_index is None or all(c is not None for c in constants):
+        return None  # activations only (attention), or constants only (folded by the runtime)
+    equation = str(node.attrs.get("equation", ""))
+    weight = constants[weight_index]
+    data_index = next(i for i, c in enumerate(constants) if c is None)
+    layout = _einsum_as_matmul(equation, weight_index) if len(constants) == 2 else None
+    reason = _skip_for_weight(weight)
+    if reason is None and layout is None:
+        reason = (
+            f"Einsum {equation!r} is not a product x·W over x's last axis with one constant matrix W "
+            "(as 'bij,jk->bik'): not factorized; left dense"
+        )
+    values = weight.values.T if reason is None and layout == "nk" else weight.values
+    return _matrix_product_layer(
+        node, weight, values, data_index, "right", reason, f"; Einsum {equation!r} read as x·W"
+    )
+
+
+def _einsum_axes(term: str) -> list[str]:
+    """The axis labels of one Einsum term, an ellipsis counted as one label."""
+    labels = term.replace("...", ".").strip()
+    return ["..." if label == "." else label for label in labels]
+
+
+def _einsum_as_matmul(equation: str, weight_index: int) -> str | None:
+    """How `equation`, with its constant the operand `weight_index`, reads as x·W contracting x's
+    last axis: "kn" when the constant is W (K, N), "nk" when it is stored transposed (N, K); None
+    for any other contraction (a batched weight, a contraction over another axis, a trace, an
+    implicit output)."""
+    if "->" not in equation:
+        return None
+    inputs, output = equation.replace(" ", "").split("->")
+    terms = inputs.split(",")
+    if len(terms) != 2:
+        return None
+    w_axes, x_axes = _einsum_axes(terms[weight_index]), _einsum_axes(terms[1 - weight_index])
+    if len(w_axes) != 2 or len(set(w_axes)) != 2 or "..." in w_axes:
+        return None
+    if not x_axes or len(set(x_axes)) != len(x_axes) or x_axes[-1] not in w_axes:
+        return None
+    contracted = x_axes[-1]
+    kept = w_axes[1] if w_axes[0] == contracted else w_axes[0]
+    if kept in x_axes or _einsum_axes(output) != x_axes[:-1] + [kept]:
+        return None
+    return "kn" if w_axes[0] == contracted else "nk"
 
 
 def _stacked_weight_reason(w_shape: tuple[int, ...], in_shape) -> str | None:

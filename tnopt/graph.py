@@ -27,6 +27,8 @@ _PASS_THROUGH = ("Identity", "Transpose", "Cast", "Mul", "MatMul", "Reshape", "S
 
 # A node attribute holding a body graph (If branches, Loop and Scan bodies).
 Subgraph = gs.Graph
+# A local function's node attribute that refers to an attribute of the calling node.
+AttributeRef = gs.Node.AttributeRef
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
