@@ -2,14 +2,18 @@
 verified so far and says so; no plan verified within the budget is exit 3, as for a missed budget."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from conftest import MODELS
-from contract import run_case
+from contract import mlp, run_case
+from tnopt.passes import METHODS
 
 import tnopt
+from tnopt import pipeline, runner, verify
 from tnopt import search as search_module
-from tnopt import verify
+from tnopt.analyze import analyze
+from tnopt.sweep import widest_paths
 
 
 @pytest.mark.parametrize(
@@ -43,11 +47,16 @@ def test_time_limit_needs_a_budget(tmp_path, model_path, labelled):
     )
 
 
-def test_time_up_before_any_verification_is_a_missed_budget(tmp_path, small_splits):
+def test_time_up_before_any_verification_is_a_missed_budget(tmp_path, small_splits, monkeypatch):
     """The limit runs out before the sweep measured anything: nothing was verified, so the original
-    layers are saved, the reason says why, and the exit code is the missed budget's."""
+    layers are saved, the reason says why, and the exit code is the missed budget's. The statistics
+    pass ran to its end whatever the limit (ResNet-50: minutes past 120 s): it stops after the batch
+    in which the limit ran out, saves no partial moments to the cache, and no board is built."""
     calib, evaluation = small_splits
-    report_path = tmp_path / "r.json"
+    monkeypatch.setattr(pipeline, "batch_size_for", lambda sample_bytes: 32)  # 256 samples: 8 batches
+    prepared = []
+    monkeypatch.setattr(runner.PlanRunner, "prepare", lambda self, *a, **k: prepared.append(a))
+    report_path, cache = tmp_path / "r.json", tmp_path / "cache"
     result = run_case(
         tmp_path,
         MODELS / "cnn4.onnx",
@@ -59,17 +68,24 @@ def test_time_up_before_any_verification_is_a_missed_budget(tmp_path, small_spli
         evaluation,
         "--time-limit",
         "0.001",
+        "--cache",
+        cache,
         "--report",
         report_path,
         expect=3,
     )
-    assert "time limit of 0.001 s" in result.stderr and "budget not met" in result.stderr
+    assert "the time limit of 0.001 s ran out in the statistics stage" in result.stderr
+    assert "budget not met" in result.stderr
     report = json.loads(report_path.read_text())
     limit = report["search"]["time_limit"]
-    assert limit == {"limit_s": 0.001, "reached": True, "stopped_in": "sweep"}
+    assert limit == {"limit_s": 0.001, "reached": True, "stopped_in": "statistics"}
+    assert report["timings"]["stats_stopped_at_samples"] == 32
     assert report["search"]["verifications"] == 0 and report["search"]["sweep_measurements"] == 0
-    assert not [layer for layer in report["layers"] if layer["decision"] == "rewritten"]
+    assert {layer["reason"] for layer in report["layers"]} == {
+        "not measured: --time-limit ran out before the sweep reached it; kept dense"
+    }
     assert report["budget_met"] is False
+    assert not list(cache.glob("*-stats3.npz")) and prepared == []
 
 
 def test_time_up_during_verification_keeps_the_best_verified_plan(tmp_path, small_splits, monkeypatch):
@@ -106,3 +122,17 @@ def test_time_up_during_verification_keeps_the_best_verified_plan(tmp_path, smal
     _, full = tnopt.compress(str(MODELS / "cnn4.onnx"), cache_dir=cache, **common)
     assert full.search["verifications"] > 3 and full.search["time_limit"]["reached"] is False
     assert full.after.flops <= limited.after.flops
+
+
+def test_time_up_stops_the_widest_rank_fits_at_a_layer_boundary():
+    """The board's widest-rank fits (CP-ALS of every conv) ran to the end after the limit."""
+    layers = [layer for layer in analyze(mlp()) if layer.candidate]
+    fitted = []
+
+    def estimate_for(layer, method, rank):
+        fitted.append(layer.name)
+        return METHODS[method].decompose(layer, rank)
+
+    ctx = SimpleNamespace(methods=METHODS, estimate_for=estimate_for, out_of_time=lambda: bool(fitted))
+    widest = widest_paths(ctx, layers, {layer.name: ["svd"] for layer in layers})
+    assert len(layers) == 2 and fitted == [layers[0].name] and [c.layer.name for c in widest] == fitted

@@ -270,6 +270,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         )
         report.warnings.append(message)
         say(f"note: {message}")
+    deadline = None if config.time_limit is None else started + float(config.time_limit)
     statistics = partial(
         calibration_stats,
         original,
@@ -280,6 +281,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         planned_methods,
         report,
         say,
+        out_of_time=None if deadline is None else lambda: time.perf_counter() >= deadline,
     )
     clock.begin("statistics")
     if data_aware and targets:
@@ -346,7 +348,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
             factor_mode=factor_mode,
             say=say,
             stats=predictor_stats,
-            deadline=None if config.time_limit is None else started + float(config.time_limit),
+            deadline=deadline,
             cross_fit=cross_fit,
             reference=reference,
         )

@@ -241,12 +241,14 @@ def collect_stats(
     want_patches: bool = False,
     folds: int | None = None,
     outputs_into: list | None = None,
+    stop=None,
 ) -> dict[str, LayerStats]:
     """Input moments of every layer whose weight sits on the right of its product (all but
     left-weight MatMuls), from one pass of the original model over `inputs`. `folds`: also each
     cross-fitting fold's sums (sample i in fold i mod folds), within FOLD_MOMENT_MAX_BYTES.
     `outputs_into`: a list that gets the model's own outputs of each batch (onnxruntime computes
-    them in this pass anyway; tnopt/reference_tap.py)."""
+    them in this pass anyway; tnopt/reference_tap.py). `stop(samples done)`: asked after each batch;
+    True ends the pass there, the moments averaging the samples done (--time-limit)."""
     eligible = [layer for layer in layers if layer.attr("weight_side", "right") == "right"]
     if not eligible:
         return {}
@@ -282,6 +284,8 @@ def collect_stats(
                     # grams: MiniLM's 1536² FFN inputs held 0.5 GB more for the whole batch).
                     for key in [k for k in shared if k[:2] == (layer.input_name, row_layout(layer))]:
                         del shared[key]
+        if stop is not None and stop(batch.stop):
+            break
     # Each accumulator is dropped as its result is made (its sums go with it).
     return {name: accumulators.pop(name).result() for name in list(accumulators)}
 
@@ -400,11 +404,15 @@ def calibration_stats(
     say,
     folds: int | None = None,
     outputs_into: list | None = None,
+    out_of_time=None,
 ) -> dict:
     """Moments of every target layer from the first MAX_STATS_SAMPLES calibration samples, read from
     and saved to `cache_dir` when given; times and cache use go to `report.timings`. `folds`: the
     cross-fitted gate's fold count (per-fold moments too; tnopt/fold_stats.py). `outputs_into`: see
-    `collect_stats` (left empty when no pass runs)."""
+    `collect_stats` (left empty when no pass runs). `out_of_time()` (--time-limit): once True, the
+    pass ends at the next batch boundary with the moments of the samples done (at least one batch),
+    says so, records `stats_stopped_at_samples`, and saves nothing to the cache (a later run would
+    read a partial pass as the whole)."""
     stats_start = time.perf_counter()
     stats_data = calib.head(MAX_STATS_SAMPLES)
     folds = min(folds, len(stats_data)) if folds and folds > 1 else None
@@ -421,6 +429,14 @@ def calibration_stats(
         if layer.name not in stats
         or (want_patches and layer.op == "Conv" and stats[layer.name].patch_moment is None)
     ]
+    stopped_at: list[int] = []
+
+    def stop(samples_done: int) -> bool:
+        if out_of_time is None or samples_done >= len(stats_data) or not out_of_time():
+            return False
+        stopped_at.append(samples_done)
+        return True
+
     if missing:
         stats.update(
             collect_stats(
@@ -431,15 +447,20 @@ def calibration_stats(
                 want_patches=want_patches,
                 folds=folds,
                 outputs_into=outputs_into,
+                stop=stop,
             )
         )
-        if stats_file is not None:
+        if stats_file is not None and not stopped_at:
             stats_file.parent.mkdir(parents=True, exist_ok=True)
             save_stats(stats_file, stats)
     report.timings["stats_cached_layers"] = len(targets) - len(missing)
     report.timings["stats_s"] = time.perf_counter() - stats_start
+    samples = f"{len(stats_data)} samples"
+    if stopped_at:
+        report.timings["stats_stopped_at_samples"] = stopped_at[0]
+        samples = f"the first {stopped_at[0]} of {len(stats_data)} samples (the time limit ran out)"
     say(
-        f"calibration statistics: {len(targets)} layers from {len(stats_data)} samples, "
+        f"calibration statistics: {len(targets)} layers from {samples}, "
         f"{len(targets) - len(missing)} from cache"
     )
     return stats

@@ -257,13 +257,19 @@ class Search:
             "sweep_samples": len(ctx.sweep_data),
         }
         steps = _StepClock(self.runner)
+        # --time-limit may run out before the search begins (the statistics pass stops at a batch
+        # boundary) or in the screen and the widest-rank fits (at a layer boundary).
+        stopped_in = "statistics" if ctx.out_of_time() else None
         candidates = screen(ctx, self.layers, self.candidates)
         widest = widest_paths(ctx, self.layers, candidates)
+        if not stopped_in and ctx.out_of_time():
+            stopped_in = "screen"
         # Refiners that read intermediate tensors (the correction's hidden activations) get them on the board.
         hidden = [n for r in self.refiners if hasattr(r, "hidden_tensors") for n in r.hidden_tensors(widest)]
         if hasattr(ctx.cross_fit, "hidden_tensors"):  # inputs the gate's fold refits read
             hidden += [n for n in ctx.cross_fit.hidden_tensors(widest) if n not in hidden]
-        self.runner.prepare(widest, ctx.sweep_data.inputs, hidden)
+        if not stopped_in:  # a board costs a session and a timing; a stopped search runs no plan on it
+            self.runner.prepare(widest, ctx.sweep_data.inputs, hidden)
         decisions = {layer.name: {"sensitivity": {}} for layer in self.layers}
         steps.mark("screen+board")
         if config.sensitivity == "predicted":
@@ -285,7 +291,7 @@ class Search:
             f"sensitivity: {counted}, {hits} from cache" + (f" ({ctx.cache.path})" if ctx.cache.path else "")
         )
         steps.mark("sensitivity")
-        stopped_in = "sweep" if ctx.out_of_time() else None
+        stopped_in = stopped_in or ("sweep" if ctx.out_of_time() else None)
         latency = {}
         if not stopped_in and (latency_guard or needs_latency(config.objective)):
             latency = self.measure_latency(measured, decisions)

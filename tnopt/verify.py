@@ -340,6 +340,8 @@ def _why_not_chosen(ctx, name: str, own: list, verified: list[dict]) -> str:
 
 def _why_no_option(ctx, layer, measured, latency, latency_guard) -> str:
     entries = [v for k, v in measured.items() if k[0] == layer.name]
+    if not entries and ctx.out_of_time():
+        return "not measured: --time-limit ran out before the sweep reached it; kept dense"
     if not entries:
         return "no candidate rank is cheaper than the dense layer"
     best = min(v["drop"] for v in entries)
