@@ -732,3 +732,36 @@ def test_layers_inside_local_functions_are_listed_with_a_reason(tmp_path):
     _, layers = rewrite_at_full_rank(tmp_path, model)
     assert layers["head"]["decision"] == "rewritten"
     assert layers["block/Dense/MatMul_0"]["decision"] == "skipped"
+
+
+def test_a_run_that_rewrites_nothing_writes_the_input_bytes_unchanged(tmp_path):
+    # A budgeted run that kept every layer wrote a re-serialisation, 2 bytes longer per Constant
+    # whose tensor has no name (torch's Clip bounds; real13: +138 bytes on EfficientNet-Lite0).
+    def bound(value):
+        return helper.make_node(
+            "Constant", [], [f"c{value}"], value=numpy_helper.from_array(np.float32(value))
+        )
+
+    model = single(
+        [
+            helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+            bound(0),
+            bound(6),
+            helper.make_node("Clip", ["h", "c0", "c6"], ["r"], name="relu6"),
+            helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+            helper.make_node("Gemm", ["f", "w2"], ["y"], name="fc"),
+        ],
+        [tensor("x", ["N", 3, 6, 6])],
+        [tensor("y", ["N", 10])],
+        [init("w", _weight(8, 3, 3, 3)), init("w2", _weight(8 * 36, 10, seed=1))],
+    )
+    path = save(model, tmp_path)
+    np.savez(
+        tmp_path / "calib.npz", x=np.random.default_rng(17).standard_normal((64, 3, 6, 6)).astype(np.float32)
+    )
+    report = tmp_path / "r.json"
+    args = ("--budget", "0.0001%", "--data", tmp_path / "calib.npz", "--report", report)
+    run_case(tmp_path, path, *args, expect=0)
+    assert not [layer for layer in decisions(report).values() if layer["decision"] == "rewritten"]
+    assert (tmp_path / "out.onnx").read_bytes() == path.read_bytes()
+    assert json.loads(report.read_text())["after"]["file_bytes"] == path.stat().st_size

@@ -239,6 +239,7 @@ def _list_methods() -> int:
 
 def _compress(argv) -> int:
     from tnopt import allocator, io, validate
+    from tnopt.graph import rewritten_layers
     from tnopt.pipeline import compress
     from tnopt.runtime import Runtime
 
@@ -290,9 +291,16 @@ def _compress(argv) -> int:
     runtime = Runtime(args.provider)
     # An input with external data gets an output with external data (OUT.data beside OUT).
     external = bool(io.external_data_files(args.model))
-    report.after.file_bytes = io.save_model_atomic(
-        model, args.output, verify_session=runtime.verify_loads, external_data=external
-    )
+    if not external and not rewritten_layers(model):
+        # Nothing rewritten: the file given is the answer, byte for byte.
+        report.after.file_bytes = io.copy_model_atomic(
+            args.model, args.output, verify_session=runtime.verify_loads
+        )
+        say("nothing was rewritten: the output is the input file unchanged")
+    else:
+        report.after.file_bytes = io.save_model_atomic(
+            model, args.output, verify_session=runtime.verify_loads, external_data=external
+        )
     report.before.file_bytes = io.bytes_on_disk(args.model)
     report.run = {
         "tnopt_version": _version(),

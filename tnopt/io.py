@@ -187,6 +187,29 @@ def save_model_atomic(
             raise _own_failure(
                 model, f"compressed model fails to load in onnxruntime ({_first_line(exc)})"
             ) from None
+    _write_atomic(payload, out)
+    return len(payload)
+
+
+def copy_model_atomic(source: str | os.PathLike, output: str | os.PathLike, *, verify_session=None) -> int:
+    """Write the bytes of the model file `source` to `output` unchanged, after the same checks as
+    `save_model_atomic` (onnx.checker, an onnxruntime load) and as atomically: a run that rewrote
+    nothing gives back the file it was given, not a re-serialisation of it (graphsurgeon's export
+    added 2 bytes per Constant tensor). Self-contained models only. Returns the size in bytes."""
+    payload = Path(source).read_bytes()
+    model = onnx.load_model_from_string(payload)
+    try:
+        onnx.checker.check_model(model, full_check=False)
+        if verify_session is not None:
+            verify_session(payload)
+    except Exception as exc:
+        raise ValidationError(f"the unchanged model fails its checks ({_first_line(exc)})") from None
+    _write_atomic(payload, Path(output))
+    return len(payload)
+
+
+def _write_atomic(payload: bytes, out: Path) -> None:
+    """`payload` to `out` through a temporary file beside it, synced, then renamed over it."""
     parent = out.resolve().parent
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
@@ -204,7 +227,6 @@ def save_model_atomic(
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
-    return len(payload)
 
 
 def _own_failure(model: onnx.ModelProto, message: str) -> Exception:
