@@ -17,25 +17,16 @@ def _weight(*shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32) / np.sqrt(shape[0])
 
 
-def rewrite_at_full_rank(tmp_path, model, **calib) -> tuple[onnx.ModelProto, dict[str, dict]]:
-    """`tnopt MODEL --rank-ratio 1 --allow-growth` held to the contract (exit 0), with `calib` saved
-    as calib.npz and passed as --data when given: the written model and the report's decisions."""
-    data = []
+def rewrite(tmp_path, model, rank_ratio="1", **calib) -> tuple[onnx.ModelProto, dict[str, dict]]:
+    """`tnopt MODEL --rank-ratio R` held to the contract (exit 0) — at full rank with
+    --allow-growth, so that every rewrite must reproduce the original —, with `calib` saved as
+    calib.npz and passed as --data when given: the written model and the report's decisions."""
+    args = ["--rank-ratio", rank_ratio] + (["--allow-growth"] if rank_ratio == "1" else [])
     if calib:
         np.savez(tmp_path / "calib.npz", **calib)
-        data = ["--data", tmp_path / "calib.npz"]
+        args += ["--data", tmp_path / "calib.npz"]
     report = tmp_path / "r.json"
-    run_case(
-        tmp_path,
-        save(model, tmp_path),
-        "--rank-ratio",
-        "1",
-        "--allow-growth",
-        *data,
-        "--report",
-        report,
-        expect=0,
-    )
+    run_case(tmp_path, save(model, tmp_path), *args, "--report", report, expect=0)
     return onnx.load(str(tmp_path / "out.onnx")), decisions(report)
 
 
@@ -48,24 +39,9 @@ def test_gemm_trans_a_with_calibration_data_is_exact_at_full_rank(tmp_path):
         [tensor("y", ["N", 16])],
         [init("w", _weight(24, 16)), init("c", np.linspace(-1, 1, 16).reshape(1, 16))],
     )
-    path = save(model, tmp_path)
     x = np.random.default_rng(1).standard_normal((24, 64)).astype(np.float32)
-    np.savez(tmp_path / "calib.npz", x=x)
-    report = tmp_path / "r.json"
-    run_case(
-        tmp_path,
-        path,
-        "--rank-ratio",
-        "1",
-        "--allow-growth",
-        "--data",
-        tmp_path / "calib.npz",
-        "--report",
-        report,
-        expect=0,
-    )
-    assert decisions(report)["fc"]["decision"] == "rewritten"
-    out = onnx.load(str(tmp_path / "out.onnx"))
+    out, layers = rewrite(tmp_path, model, x=x)
+    assert layers["fc"]["decision"] == "rewritten"
     assert relative_difference(run(model, {"x": x})[0], run(out, {"x": x})[0]) < 1e-4
 
 
@@ -127,11 +103,8 @@ def test_graph_outputs_keep_their_declared_dims(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)],
         [init("w", _weight(8, 8, 3, 3))],
     )
-    path = save(model, tmp_path)
-    report = tmp_path / "r.json"
-    run_case(tmp_path, path, "--rank-ratio", "0.5", "--report", report, expect=0)
-    assert json.loads(report.read_text())["layers"][0]["decision"] == "rewritten"
-    out = onnx.load(str(tmp_path / "out.onnx"))
+    out, layers = rewrite(tmp_path, model, "0.5")
+    assert layers["conv"]["decision"] == "rewritten"
     dims = out.graph.output[0].type.tensor_type.shape.dim
     assert len(dims) == 4 and all(not d.dim_param and not d.HasField("dim_value") for d in dims)
 
@@ -161,10 +134,9 @@ def test_kept_nodes_keep_their_doc_strings_and_metadata_inside_bodies_too(tmp_pa
         [tensor("y", ["N", 32])],
         [init("w", _weight(32, 32)), numpy_helper.from_array(np.array(2, np.int64), "trips")],
     )
-    report = tmp_path / "r.json"
-    run_case(tmp_path, save(model, tmp_path), "--rank-ratio", "0.25", "--report", report, expect=0)
-    assert decisions(report)["mm"]["decision"] == "rewritten"
-    out = {node.name: node for node in onnx.load(str(tmp_path / "out.onnx")).graph.node}
+    written, layers = rewrite(tmp_path, model, "0.25")
+    assert layers["mm"]["decision"] == "rewritten"
+    out = {node.name: node for node in written.graph.node}
     assert out["relu"].doc_string == "kept as it is"
     assert [(p.key, p.value) for p in out["relu"].metadata_props] == [("namespace", "block0: torch.nn.ReLU")]
     negate = next(n for n in out["loop"].attribute[0].g.node if n.op_type == "Neg")
@@ -184,10 +156,8 @@ def test_graph_metadata_and_input_output_doc_strings_and_metadata_are_kept(tmp_p
     entry.key, entry.value = "source", "tf2onnx"
     entry = model.graph.input[0].metadata_props.add()  # torch's dynamo exporter writes these
     entry.key, entry.value = "pkg.torch.export.graph_signature.InputSpec.kind", "USER_INPUT"
-    report = tmp_path / "r.json"
-    run_case(tmp_path, save(model, tmp_path), "--rank-ratio", "0.25", "--report", report, expect=0)
-    assert decisions(report)["mm"]["decision"] == "rewritten"
-    out = onnx.load(str(tmp_path / "out.onnx"))
+    out, layers = rewrite(tmp_path, model, "0.25")
+    assert layers["mm"]["decision"] == "rewritten"
     assert [(p.key, p.value) for p in out.graph.metadata_props] == [("source", "tf2onnx")]
     assert (out.graph.input[0].doc_string, out.graph.output[0].doc_string) == ("features", "embedding")
     kind = [(p.key, p.value) for p in out.graph.input[0].metadata_props]
@@ -280,22 +250,8 @@ def test_batch_1_export_that_squeezes_the_batch_away(tmp_path):
         [init("w", _weight(32, 24)), numpy_helper.from_array(np.array([0], np.int64), "axis0")],
     )
     x = np.random.default_rng(4).standard_normal((16, 32)).astype(np.float32)
-    np.savez(tmp_path / "calib.npz", x=x)
-    report = tmp_path / "r.json"
-    run_case(
-        tmp_path,
-        save(model, tmp_path),
-        "--rank-ratio",
-        "1",
-        "--allow-growth",
-        "--data",
-        tmp_path / "calib.npz",
-        "--report",
-        report,
-        expect=0,
-    )
-    assert decisions(report)["mm"]["decision"] == "rewritten"
-    out = onnx.load(str(tmp_path / "out.onnx"))
+    out, layers = rewrite(tmp_path, model, x=x)
+    assert layers["mm"]["decision"] == "rewritten"
     for sample in x[:3]:
         feed = {"x": sample[None]}
         assert relative_difference(run(model, feed)[0], run(out, feed)[0]) < 1e-4
@@ -332,10 +288,8 @@ def test_an_unused_overridable_input_stays_in_the_interface(tmp_path):
         [tensor("y", ["N", 32])],
         [init("w", _weight(32, 32)), init("temperature", np.array(1.0))],
     )
-    report = tmp_path / "r.json"
-    run_case(tmp_path, save(model, tmp_path), "--rank-ratio", "0.25", "--report", report, expect=0)
-    assert decisions(report)["mm"]["decision"] == "rewritten"
-    out = onnx.load(str(tmp_path / "out.onnx"))
+    out, layers = rewrite(tmp_path, model, "0.25")
+    assert layers["mm"]["decision"] == "rewritten"
     assert [i.name for i in out.graph.input] == ["x", "temperature"]
     x = np.ones((2, 32), np.float32)
     run(out, {"x": x, "temperature": np.array(2.0, np.float32)})
@@ -359,21 +313,8 @@ def test_gemm_with_a_full_c_is_not_refitted_into_a_double_bias(tmp_path):
         [init("w", _low_rank(20, 12, 3)), init("c", rng.standard_normal((4, 12)))],
     )
     x = rng.standard_normal((64, 20)).astype(np.float32)
-    np.savez(tmp_path / "calib.npz", x=x)
-    report = tmp_path / "r.json"
-    run_case(
-        tmp_path,
-        save(model, tmp_path),
-        "--rank-ratio",
-        "0.5",
-        "--data",
-        tmp_path / "calib.npz",
-        "--report",
-        report,
-        expect=0,
-    )
-    assert decisions(report)["fc"]["decision"] == "rewritten"
-    out = onnx.load(str(tmp_path / "out.onnx"))
+    out, layers = rewrite(tmp_path, model, "0.5", x=x)
+    assert layers["fc"]["decision"] == "rewritten"
     assert relative_difference(run(model, {"x": x[:4]})[0], run(out, {"x": x[:4]})[0]) < 1e-4
 
 
@@ -388,22 +329,8 @@ def test_a_bias_fed_at_run_time_stays_an_input_of_the_rewritten_conv(tmp_path):
         [init("w", _low_rank(16, 8 * 9, 3).reshape(16, 8, 3, 3))],
     )
     calib = {"x": rng.standard_normal((64, 8, 6, 6)).astype(np.float32), "b": np.zeros(16, np.float32)}
-    np.savez(tmp_path / "calib.npz", **calib)
-    report = tmp_path / "r.json"
-    run_case(
-        tmp_path,
-        save(model, tmp_path),
-        "--rank-ratio",
-        "1",
-        "--allow-growth",
-        "--data",
-        tmp_path / "calib.npz",
-        "--report",
-        report,
-        expect=0,
-    )
-    assert decisions(report)["conv"]["decision"] == "rewritten"
-    out = onnx.load(str(tmp_path / "out.onnx"))
+    out, layers = rewrite(tmp_path, model, **calib)
+    assert layers["conv"]["decision"] == "rewritten"
     feed = {"x": calib["x"][:4], "b": np.linspace(-1, 1, 16).astype(np.float32)}
     assert relative_difference(run(model, feed)[0], run(out, feed)[0]) < 1e-3
 
@@ -430,9 +357,7 @@ def test_layers_inside_if_and_scan_bodies_are_listed_with_a_reason(tmp_path):
         [tensor("y", ["N", 32])],
         [init("w", _weight(32, 32)), numpy_helper.from_array(np.array(True), "flag")],
     )
-    report = tmp_path / "r.json"
-    run_case(tmp_path, save(model, tmp_path), "--rank-ratio", "0.25", "--report", report, expect=0)
-    layers = decisions(report)
+    _, layers = rewrite(tmp_path, model, "0.25")
     assert layers["mm"]["decision"] == "rewritten"
     body = layers["choose/then_branch/then_mm"]
     assert body["decision"] == "skipped" and "inside the If node 'choose' (then_branch)" in body["reason"]
@@ -484,12 +409,8 @@ def test_outer_constants_read_in_a_body_stay_outside_it(tmp_path):
             numpy_helper.from_array(np.array(True), "flag"),
         ],
     )
-    report = tmp_path / "r.json"
-    run_case(
-        tmp_path, save(model, tmp_path), "--rank-ratio", "1", "--allow-growth", "--report", report, expect=0
-    )
-    assert decisions(report)["mm"]["decision"] == "rewritten"
-    out = onnx.load(str(tmp_path / "out.onnx"))
+    out, layers = rewrite(tmp_path, model)
+    assert layers["mm"]["decision"] == "rewritten"
     choose = next(n for n in out.graph.node if n.op_type == "If")
     assert [t.name for a in choose.attribute for t in a.g.initializer] == []
     assert [t.name for t in out.graph.initializer].count("w_shared") == 1
@@ -658,7 +579,7 @@ def test_a_matmul_constant_with_leading_dims_of_1_is_rewritten_as_its_matrix(tmp
         opset=13,
     )
     x = np.random.default_rng(13).standard_normal((32, 5, 16)).astype(np.float32)
-    out, layers = rewrite_at_full_rank(tmp_path, model, x=x)
+    out, layers = rewrite(tmp_path, model, x=x)
     assert layers["mm3"]["decision"] == "rewritten" and layers["mm4"]["decision"] == "rewritten"
     assert layers["mm3"]["weight_shape"] == [16, 12]
     assert "is 2 separate (8, 6) matrices" in layers["stacked"]["reason"]
@@ -688,7 +609,7 @@ def test_einsum_products_with_a_constant_matrix_are_rewritten_and_others_listed(
         ],
     )
     x = np.random.default_rng(15).standard_normal((32, 5, 16)).astype(np.float32)
-    out, layers = rewrite_at_full_rank(tmp_path, model, x=x)
+    out, layers = rewrite(tmp_path, model, x=x)
     assert layers["proj"]["decision"] == "rewritten" and layers["proj"]["weight_shape"] == [16, 12]
     assert layers["proj_t"]["decision"] == "rewritten" and layers["proj_t"]["weight_shape"] == [12, 10]
     assert "Einsum 'bij,ijk->bik' is not a product x·W" in layers["per_step"]["reason"]
@@ -729,7 +650,7 @@ def test_layers_inside_local_functions_are_listed_with_a_reason(tmp_path):
     assert inner.skip_reason == (
         "inside the local function 'custom.Dense' (called by 'block'): local functions are kept as they are"
     )
-    _, layers = rewrite_at_full_rank(tmp_path, model)
+    _, layers = rewrite(tmp_path, model)
     assert layers["head"]["decision"] == "rewritten"
     assert layers["block/Dense/MatMul_0"]["decision"] == "skipped"
 
