@@ -200,7 +200,44 @@ def test_augment_flips_and_crops_images_only():
     assert cropped.shape == batch["img"].shape and not np.array_equal(cropped, batch["img"])
 
 
-def test_teacher_sees_the_same_augmented_view_as_the_student(monkeypatch):
+def test_mixup_blends_each_image_with_another_of_the_batch_and_only_4d_float_inputs():
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((32, 1, 6, 6)).astype(np.float32)
+    features = rng.standard_normal((32, 5)).astype(np.float32)
+    batch = {"img": images, "ids": np.arange(32)[:, None], "features": features}
+    out = augment_images(batch, ("mixup",), np.random.default_rng(4))
+    assert out["img"].shape == images.shape and out["img"].dtype == np.float32
+    assert out["ids"] is batch["ids"] and out["features"] is batch["features"]
+    flat, mixed = images.reshape(32, -1), out["img"].reshape(32, -1)
+    weights = []
+    for i in range(32):
+        # Each output is λ·x_i + (1 − λ)·x_j for one j of the batch and λ in [0, 1]: the best fit of
+        # λ over every partner j leaves (float32) rounding only.
+        fits = []
+        for j in range(32):
+            direction = flat[i] - flat[j]
+            norm = float(direction @ direction)
+            lam = 1.0 if norm == 0 else float((mixed[i] - flat[j]) @ direction) / norm
+            fits.append((float(np.abs(lam * flat[i] + (1 - lam) * flat[j] - mixed[i]).max()), lam))
+        residual, lam = min(fits)
+        assert residual < 1e-5 and -1e-6 <= lam <= 1 + 1e-6
+        weights.append(lam)
+    # Blended, not copied: λ ~ Beta(1, 1) spreads over (0, 1).
+    assert 0.2 < np.mean(weights) < 0.8 and np.std(weights) > 0.15
+    assert not np.array_equal(out["img"], images)
+    np.testing.assert_array_equal(images, batch["img"])  # the caller's array is not modified
+    # A fixed seed repeats; another seed mixes differently; a sharper Beta keeps images nearer pure.
+    again = augment_images(batch, ("mixup",), np.random.default_rng(4))["img"]
+    np.testing.assert_array_equal(again, out["img"])
+    other = augment_images(batch, ("mixup",), np.random.default_rng(5))["img"]
+    assert not np.array_equal(other, out["img"])
+    near_pure = augment_images(batch, ("mixup",), np.random.default_rng(4), mixup_alpha=0.05)["img"]
+    change = np.abs(near_pure - images).reshape(32, -1).max(1)
+    assert np.median(change) < np.median(np.abs(out["img"] - images).reshape(32, -1).max(1))
+
+
+@pytest.mark.parametrize("kinds", [("flip", "crop"), ("mixup",)])
+def test_teacher_sees_the_same_augmented_view_as_the_student(monkeypatch, kinds):
     # Distillation on augmented images matches the original's function only if the teacher runs on
     # the very view the student trains on (Beyer et al. 2022, "consistent" teaching): a teacher fed
     # the unaugmented batch would ask the student to map a shifted image to the unshifted answer.
@@ -209,8 +246,8 @@ def test_teacher_sees_the_same_augmented_view_as_the_student(monkeypatch):
     made, taught, seen = [], [], []
     augment = heal_paths.augment_images
 
-    def recording_augment(batch, kinds, rng):
-        out = augment(batch, kinds, rng)
+    def recording_augment(batch, kinds, rng, *args):
+        out = augment(batch, kinds, rng, *args)
         made.append(out)
         return out
 
@@ -230,7 +267,7 @@ def test_teacher_sees_the_same_augmented_view_as_the_student(monkeypatch):
     monkeypatch.setattr(heal_paths, "augment_images", recording_augment)
     monkeypatch.setattr(heal_paths, "_Stream", RecordingStream)
     monkeypatch.setattr(TorchGraph, "run", recording_run)
-    compress_fc2(HealConfig(steps=3, eval_every=3, augment=("flip", "crop"), lr=0.02))
+    compress_fc2(HealConfig(steps=3, eval_every=3, augment=kinds, lr=0.02))
     assert len(made) == 3 and len(taught) == 3 and len(seen) == 3
     raw = unlabelled()["input"]
     for view, teacher_batch, student_batch in zip(made, taught, seen):
@@ -272,6 +309,16 @@ def test_cli_heal_validates_before_work(tmp_path):
     assert no_data.returncode == 2 and "--data" in no_data.stderr
     not_images = cli(MODELS / "fc2.onnx", "-o", out, "--heal", "5", "--augment", "flip")
     assert not_images.returncode == 2
+    assert not out.exists()
+
+
+def test_cli_mixup_on_a_model_without_image_inputs_is_refused_before_any_work(tmp_path):
+    model, data, out = tmp_path / "mlp.onnx", tmp_path / "x.npz", tmp_path / "o.onnx"
+    onnx.save(softplus_mlp(), model)
+    np.savez(data, x=np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32))
+    done = cli(model, "-o", out, "--rank-ratio", "0.5", "--data", data, "--heal", "5", "--augment", "mixup")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "mixup" in done.stderr and "4-D float" in done.stderr and "search" not in done.stdout
     assert not out.exists()
 
 
@@ -530,9 +577,9 @@ def test_heal_batch_is_independent_of_the_onnxruntime_batch(monkeypatch):
     seen = []
     original_augment = paths.augment_images
 
-    def recording(batch, kinds, rng):
+    def recording(batch, kinds, rng, *args):
         seen.append(len(next(iter(batch.values()))))
-        return original_augment(batch, kinds, rng)
+        return original_augment(batch, kinds, rng, *args)
 
     monkeypatch.setattr(paths, "augment_images", recording)
     config = HealConfig(steps=12, eval_every=6, seed=3, lr=0.02)

@@ -154,7 +154,11 @@ def compress_parser():
         help="train the rewritten layers' factors to reproduce the original's outputs (distillation; "
         f"default {_DEFAULT_HEAL_STEPS} steps); with --budget, plans are judged after healing",
     )
-    p.add_argument("--augment", help="with --heal: flip,crop the calibration images while healing")
+    p.add_argument(
+        "--augment",
+        help="with --heal: flip, crop and/or mixup (each image blended with another, the original "
+        "labelling the blend) the calibration images while healing, e.g. flip,crop",
+    )
     p.add_argument(
         "--heal-path",
         choices=("auto", "graph", "block"),

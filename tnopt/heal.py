@@ -41,7 +41,7 @@ from tnopt.errors import TnoptError
 from tnopt.passes import Factors
 from tnopt.plan import Plan
 
-AUGMENTATIONS = ("flip", "crop")
+AUGMENTATIONS = ("flip", "crop", "mixup")
 # Block-local captures of one layer (inputs and targets) are capped at this many bytes.
 MAX_CAPTURE_BYTES = 384 * 2**20
 
@@ -63,6 +63,9 @@ class HealConfig:
     temperature: float = 2.0  # of the softmax KL when the budget charges top-1 / agreement
     select_fraction: float = 0.125  # of the training part: picks the checkpoint, never trained on
     seed: int = 0
+    # mixup: each image becomes λ·x + (1 − λ)·x' with x' another image of the same batch, λ ~
+    # Beta(α, α) per image (α = 1: uniform), the teacher labelling the mixed image.
+    mixup_alpha: float = 1.0
     path: str = "auto"  # auto | graph | block
     max_samples: int = 8192
     # With a budget: seconds for the whole heal-aware search (None: no limit). No further plan is
@@ -103,9 +106,14 @@ def parse_augment(text: str | None) -> tuple[str, ...]:
     return kinds
 
 
-def augment_images(batch: dict[str, np.ndarray], kinds, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random horizontal flips and shifted crops (edge-padded by 1/8 of the size) of every 4-D float
-    input (N, C, H, W); other inputs pass through."""
+def augment_images(
+    batch: dict[str, np.ndarray], kinds, rng: np.random.Generator, mixup_alpha: float = 1.0
+) -> dict[str, np.ndarray]:
+    """Random horizontal flips, shifted crops (edge-padded by 1/8 of the size) and mixup (each image
+    blended with another of the batch, λ ~ Beta(α, α)) of every 4-D float input (N, C, H, W), in
+    that order; other inputs pass through. Mixup is "function matching" (Beyer et al. 2022): with the
+    teacher labelling the very mixed image, a few thousand images become an unbounded stream of
+    distinct inputs, each with the original's answer."""
     out = {}
     for name, x in batch.items():
         if x.ndim != 4 or x.dtype.kind != "f" or not kinds:
@@ -122,6 +130,10 @@ def augment_images(batch: dict[str, np.ndarray], kinds, rng: np.random.Generator
             dy = rng.integers(0, 2 * ph + 1, len(x))
             dx = rng.integers(0, 2 * pw + 1, len(x))
             x = np.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(len(x))])
+        if "mixup" in kinds and len(x) > 1:
+            partner = rng.permutation(len(x))
+            weight = rng.beta(mixup_alpha, mixup_alpha, len(x)).astype(x.dtype)[:, None, None, None]
+            x = weight * x + (1 - weight) * x[partner]
         out[name] = x
     return out
 
@@ -135,7 +147,9 @@ def check_augment(model: onnx.ModelProto, kinds) -> None:
         if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and len(i.type.tensor_type.shape.dim) == 4
     ]
     if not images:
-        raise TnoptError("--augment flips and crops images: the model has no 4-D float (N, C, H, W) input")
+        raise TnoptError(
+            f"--augment {','.join(kinds)} transforms images: the model has no 4-D float (N, C, H, W) input"
+        )
 
 
 def split_for_healing(data, config: HealConfig):

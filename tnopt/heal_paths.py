@@ -187,7 +187,8 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
         for offset in range(0, batch, part):
             rows = index[offset : offset + part]
             stream.batch = Feeds(
-                augment_images(dict(train.inputs.take(rows)), config.augment, rng), train.inputs.axes
+                augment_images(dict(train.inputs.take(rows)), config.augment, rng, config.mixup_alpha),
+                train.inputs.axes,
             )
             target = _teacher_rows(teacher, len(rows))
             captured.clear()
@@ -263,7 +264,7 @@ def heal_blocks(runner, plan, train, holdout, config, say):
     rng = np.random.default_rng(config.seed)
     train_inputs = train.inputs
     if config.augment:
-        extra = augment_images(dict(train_inputs), config.augment, rng)
+        extra = augment_images(dict(train_inputs), config.augment, rng, config.mixup_alpha)
         batched = set(train_inputs.batched)  # inputs fed whole are not repeated
         train_inputs = Feeds(
             {k: np.concatenate([v, extra[k]]) if k in batched else v for k, v in train_inputs.items()},

@@ -206,6 +206,8 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
     if heal_config is not None:
         if calib.synthetic:
             raise TnoptError("--heal needs real calibration data (--data): it distils the original on it")
+        # An augmentation the model's inputs cannot take is refused before the search, not after it.
+        healing.check_augment(original, heal_config.augment)
         # Healing keeps part of the calibration data away from everything that fits (statistics,
         # refits, healing) for its early stopping and the budget gate.
         calib, heal_holdout = healing.split_for_healing(calib, heal_config)
