@@ -382,6 +382,11 @@ def main(argv=None) -> int:
     p.add_argument("--eval-crops", type=int, default=256, help="EfficientNet evaluation crops")
     p.add_argument("--heal-batch", type=int, default=64, help="samples per heal step")
     p.add_argument(
+        "--heal-augment",
+        default="",
+        help="heal the budget rows on augmented views (flip,crop,mixup); the teacher sees the same view",
+    )
+    p.add_argument(
         "--heal-lr", type=float, default=HealConfig.lr, help="Adam step relative to each tensor's RMS"
     )
     p.add_argument("--deep-tn", default="fc2,vgg")
@@ -429,6 +434,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     p.add_argument("--json", default=None, help="also write the rows here as they come")
     args = p.parse_args(argv)
+    try:
+        heal_augment = parse_augment(args.heal_augment)
+    except tnopt.errors.TnoptError as exc:
+        p.error(str(exc))
     warnings.simplefilter("ignore")
     cache = tempfile.mkdtemp(prefix="tnopt-heal-bench-")
     load = os.getloadavg()
@@ -452,6 +461,7 @@ def main(argv=None) -> int:
                 steps=args.steps,
                 batch_size=args.heal_batch,
                 lr=args.heal_lr,
+                augment=heal_augment,
                 eval_every=25,
                 patience=4,
                 time_budget_s=args.heal_time,
