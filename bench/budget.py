@@ -50,6 +50,21 @@ def load_unseen_train(n: int):
     """Up to 20,000 Fashion-MNIST training images (with labels) that none of cnn4, vgg, resnet was
     trained on (fc2 and lenet5 saw all 60,000), normalised like models/calib.npz. Disjoint from
     models/eval.npz, which comes from the test set."""
+    x, labels = load_train_permuted()
+    return {"input": x[UNSEEN_FROM : UNSEEN_FROM + n], "labels": labels[UNSEEN_FROM : UNSEEN_FROM + n]}
+
+
+def load_all_train(n: int = 60_000):
+    """The first `n` of all 60,000 Fashion-MNIST training images with labels, in the seeded order of
+    `load_train_permuted` (so the images a model trained on come first: cnn4's 40,000, vgg's and
+    resnet's 30,000; fc2 and lenet5 saw them all). Disjoint from models/eval.npz (the test set)."""
+    x, labels = load_train_permuted()
+    return {"input": x[:n], "labels": labels[:n]}
+
+
+def load_train_permuted():
+    """(images (60000, 1, 28, 28) float32 normalised like models/calib.npz, labels int64) of the
+    Fashion-MNIST training set in models/train_reference.py's seeded permutation."""
     import gzip
 
     import torch
@@ -61,9 +76,9 @@ def load_unseen_train(n: int):
     with gzip.open(FASHION_MNIST / "train-labels-idx1-ubyte.gz", "rb") as f:
         labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8).astype(np.int64)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(TRAIN_PERMUTATION_SEED))
-    index = order.numpy()[UNSEEN_FROM : UNSEEN_FROM + n]
+    index = order.numpy()
     x = ((images[index].astype(np.float32) / 255.0 - 0.2860) / 0.3530).astype(np.float32)
-    return {"input": x, "labels": labels[index]}
+    return x, labels[index]
 
 
 def ratios(report):

@@ -209,7 +209,7 @@ def _deep_tn_pair(
                 "ratio_target": ratio,
                 "heal": heal is not None,
                 "layers": ", ".join(
-                    f"{n} {'×'.join(map(str, method.layout(by_name[n]).axes))} χ={r[1]}"
+                    f"{n} {'×'.join(map(str, method.layout(by_name[n]).axes))} χ={method.rank_label(r[1])}"
                     for n, r in ranks.items()
                 ),
                 "dense_params": dense,
@@ -416,6 +416,19 @@ def main(argv=None) -> int:
         "--deep-tn-calib", type=int, default=16384, help="labelled training images for the deep-TN rows"
     )
     p.add_argument(
+        "--deep-tn-images",
+        choices=("unseen", "all"),
+        default="unseen",
+        help="the deep-TN rows' images: training images vgg/resnet/cnn4 never saw (up to 20,000), or the "
+        "first --deep-tn-calib of all 60,000 training images (those a model trained on included)",
+    )
+    p.add_argument(
+        "--deep-tn-holdout",
+        type=float,
+        default=HealConfig.holdout,
+        help="fraction of the deep-TN images kept for the gate (not trained on, not used by the rows)",
+    )
+    p.add_argument(
         "--deep-tn-augment",
         default="",
         help="heal the deep-TN rows on randomly flipped / shifted views (flip,crop); the teacher sees the "
@@ -504,6 +517,7 @@ def main(argv=None) -> int:
         eval_every=max(25, args.deep_tn_steps // 20),
         patience=6,
         max_samples=args.deep_tn_calib,
+        holdout=args.deep_tn_holdout,
         augment=parse_augment(args.deep_tn_augment),
         label_weight=args.deep_tn_label_weight,
         temperature=args.deep_tn_temperature,
@@ -511,6 +525,8 @@ def main(argv=None) -> int:
     )
     for name in [m for m in args.deep_tn.split(",") if m]:
         _, tn_labelled, tn_evaluation = load_splits(args.deep_tn_calib, args.calib_source)
+        if args.deep_tn_images == "all":
+            tn_labelled = budget_bench.load_all_train(args.deep_tn_calib)
         tn_rows += deep_tn_rows(
             name,
             tn_labelled,

@@ -267,3 +267,50 @@ def test_planted_structure_in_a_mixed_radix_layout_is_reproduced():
     except ValueError:
         return
     raise AssertionError("a gated mixed-radix network was accepted")
+
+
+def test_filled_bonds_spend_the_parameter_target_that_a_uniform_bond_leaves():
+    """fc2's layer at ≤ 1/100 (2,352 numbers) on mixed-radix sites: the uniform χ 9 stores 2,076,
+    χ 10 would store 2,479. With `fill` the bonds start at χ 9 and rise one step at a time, lowest
+    level first, until no further step fits: more stored numbers, still within the target, no bond
+    two steps above another, and the fit has exactly those bonds."""
+    from tnopt.passes.deep_tn import DeepTNStorage
+
+    layer = SimpleNamespace(
+        op="Gemm", weight_shape=(784, 300), input_axes=(1, 28, 28), params=235_200, flops=470_400
+    )
+    layer.weight = RNG.standard_normal((784, 300)).astype(np.float32)
+    uniform = DeepTNStorage(depth=0, radix="sized")
+    filled = METHODS["tt-storage-mixed"]
+    assert uniform.rank_for_params(layer, 2352) == 9 and uniform.cost(layer, 9).params == 2076
+    chain = filled.rank_for_params(layer, 2352)
+    layout = filled.layout(layer)
+    base = _deep_tn.bonds(layout.n, 9, layout.dims)
+    assert isinstance(chain, tuple) and len(chain) == layout.n + 1
+    assert 2076 < filled.cost(layer, chain).params <= 2352
+    assert all(b <= c <= b + 1 for b, c in zip(base, chain)) and chain != tuple(base)
+    # No further step fits: every bond below its cap would cost more than what is left.
+    left = 2352 - filled.cost(layer, chain).params
+    caps = [1] + _deep_tn.bond_caps(layout.n, layout.dims) + [1]
+    dims = layout.dims
+    steps = [
+        dims[k - 1] * chain[k - 1] + dims[k] * chain[k + 1] for k in range(1, layout.n) if chain[k] < caps[k]
+    ]
+    assert min(steps) > left
+    factors = filled.decompose(layer, chain)
+    assert factors.rank == chain
+    assert (1, *(factors.arrays[f"G{k + 1}"].shape[2] for k in range(layout.n))) == chain
+    assert sum(v.size for k, v in factors.arrays.items() if k != "bias") == filled.cost(layer, chain).params
+    assert filled.rank_label(chain).startswith("10 (")
+
+
+def test_a_bond_chain_outside_the_unfoldings_ranks_is_refused():
+    layout = _deep_tn.site_layout((8, 4))
+    assert _deep_tn.chain_for(layout, 3) == [1, 2, 3, 3, 2, 1]
+    assert _deep_tn.chain_for(layout, (1, 2, 4, 2, 2, 1)) == [1, 2, 4, 2, 2, 1]
+    for bad in ((1, 3, 4, 2, 2, 1), (1, 2, 2, 1), (2, 2, 4, 2, 2, 1)):
+        try:
+            _deep_tn.chain_for(layout, bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad} accepted")
