@@ -11,16 +11,17 @@
     Op(x, W)  ⇒  Op(x, Reshape(Slice(Reshape(Transpose(Reshape(
                       MatMul(U_ℓk, Reshape(… MatMul(MatMul(G_1, G_2), G_3) …)) ⋯))))))     (constants only)
 
-Neighbouring sites hold the same scale of an image's rows and columns (the bits of a flat index
-28·r + c would mix them), so smooth filters are low-rank across every cut; the geometry behind a
-Flatten/Reshape comes from the graph (`Layer.input_axes`). Rank = the MPS bond χ; depth D = gate
-layers (`DEFAULT_DEPTH`). Stored numbers ≈ 2nχ² + 8D(n−1) against the weight's ∏ A_i ≈ 2^n —
-exponentially fewer. Initialised by TT-SVD with identity gates (exactly the truncated TT), then
-trained by healing (`tnopt --heal`); weight-only truncation at these sizes loses a lot, so use it
-with healing. The contraction is constant-only: onnxruntime folds it at load, so the file shrinks and
-the compute stays the dense layer's (the original op and attributes consume the rebuilt W). The
-layer's constant bias is carried as the factor array "bias" (same size; what healing may refit). Not
-offered by `--method auto`: it saves no FLOPs and pays only when healed.
+Neighbouring sites hold the same scale of an image's rows and columns (the bits of a flat index 28·r + c
+would mix them), so smooth filters are low-rank across every cut; the geometry behind a Flatten/Reshape
+comes from the graph (`Layer.input_axes`). Rank = the MPS bond χ, or a chain of bonds (1, χ_1, …, 1)
+(`fill`: what a parameter target leaves above the largest uniform χ, spent one bond step at a time);
+depth D = gate layers (`DEFAULT_DEPTH`). Stored numbers ≈ 2nχ² + 8D(n−1) against the weight's ∏ A_i ≈
+2^n — exponentially fewer. Initialised by TT-SVD with identity gates (exactly the truncated TT), then
+trained by healing (`tnopt --heal`); weight-only truncation at these sizes loses a lot, so use it with
+healing. The contraction is constant-only: onnxruntime folds it at load, so the file shrinks and the
+compute stays the dense layer's (the original op and attributes consume the rebuilt W). The layer's
+constant bias is carried as the factor array "bias" (same size; what healing may refit). Not offered by
+`--method auto`: it saves no FLOPs and pays only when healed.
 """
 
 from __future__ import annotations
@@ -274,5 +275,6 @@ TT_STORAGE_MIXED = DeepTNStorage(
     fill=True,
     name="tt-storage-mixed",
     summary="Tensor-train storage on mixed-radix sites (axes > 4 split into their prime factors ≤ 7, "
-    "not padded to powers of two; axes ≤ 4, e.g. 3x3 kernels, padded to binary sites); heal it.",
+    "not padded to powers of two; axes ≤ 4, e.g. 3x3 kernels, padded to binary sites); a parameter "
+    "target is spent to the last bond step; heal it.",
 )
