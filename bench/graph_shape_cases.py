@@ -387,6 +387,49 @@ def matmul_batched_const():
     return model, {"x": data((4, 5, 16))}
 
 
+@case(
+    "MatMul constants with leading dims of 1: x (N, S, 16) @ W (1, 16, 12), then @ W (1, 1, 12, 8) on a 4-D "
+    "view; a (1, 16, 12) weight on a 2-D input (raises the output's rank)"
+)
+def matmul_unit_leading_dims():
+    nodes = [
+        helper.make_node("MatMul", ["x", "w3"], ["h"], name="mm3"),
+        helper.make_node("Unsqueeze", ["h", "axis1"], ["h4"], name="unsqueeze"),
+        helper.make_node("MatMul", ["h4", "w4"], ["y"], name="mm4"),
+        helper.make_node("ReduceMean", ["x"], ["m"], name="mean", axes=[1], keepdims=0),
+        helper.make_node("MatMul", ["m", "w_up"], ["y2"], name="rank_up"),
+    ]
+    inits = [
+        arr("w3", weight(16, 12).reshape(1, 16, 12)),
+        arr("w4", weight(12, 8, seed=1).reshape(1, 1, 12, 8)),
+        arr("w_up", weight(16, 12, seed=2).reshape(1, 16, 12)),
+        arr("axis1", np.array([1]), np.int64),
+    ]
+    model = model_of(
+        nodes, [vi("x", ["N", "S", 16])], [vi("y", ["N", 1, "S", 8]), vi("y2", [1, "N", 12])], inits, opset=13
+    )
+    return model, {"x": data((5, 16))}
+
+
+@case(
+    "Einsum with a constant: 'bij,jk->bik', '...j,kj->...k' (weight stored (N, K), activation first), "
+    "and a per-position weight 'bij,ijk->bik'"
+)
+def einsum_constant():
+    nodes = [
+        helper.make_node("Einsum", ["x", "w"], ["h"], name="proj", equation="bij,jk->bik"),
+        helper.make_node("Einsum", ["h", "v"], ["g"], name="proj_t", equation="...j,kj->...k"),
+        helper.make_node("Einsum", ["g", "per_step"], ["y"], name="per_step", equation="bij,ijk->bik"),
+    ]
+    inits = [
+        arr("w", weight(16, 12)),
+        arr("v", weight(10, 12, seed=1)),
+        arr("per_step", weight(5, 10, 4, seed=2)),
+    ]
+    model = model_of(nodes, [vi("x", ["N", 5, 16])], [vi("y", ["N", 5, 4])], inits, opset=13)
+    return model, {"x": data((5, 16))}
+
+
 @case("Gemm transA=1 (x given as (K, N)), alpha 0.5, beta 2, C (1, N)")
 def gemm_trans_a():
     nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc", transA=1, alpha=0.5, beta=2.0)]
