@@ -50,21 +50,22 @@ def load_unseen_train(n: int):
     """Up to 20,000 Fashion-MNIST training images (with labels) that none of cnn4, vgg, resnet was
     trained on (fc2 and lenet5 saw all 60,000), normalised like models/calib.npz. Disjoint from
     models/eval.npz, which comes from the test set."""
-    x, labels = load_train_permuted()
-    return {"input": x[UNSEEN_FROM : UNSEEN_FROM + n], "labels": labels[UNSEEN_FROM : UNSEEN_FROM + n]}
+    x, labels = load_train_permuted(slice(UNSEEN_FROM, UNSEEN_FROM + n))
+    return {"input": x, "labels": labels}
 
 
 def load_all_train(n: int = 60_000):
     """The first `n` of all 60,000 Fashion-MNIST training images with labels, in the seeded order of
     `load_train_permuted` (so the images a model trained on come first: cnn4's 40,000, vgg's and
     resnet's 30,000; fc2 and lenet5 saw them all). Disjoint from models/eval.npz (the test set)."""
-    x, labels = load_train_permuted()
-    return {"input": x[:n], "labels": labels[:n]}
+    x, labels = load_train_permuted(slice(0, n))
+    return {"input": x, "labels": labels}
 
 
-def load_train_permuted():
-    """(images (60000, 1, 28, 28) float32 normalised like models/calib.npz, labels int64) of the
-    Fashion-MNIST training set in models/train_reference.py's seeded permutation."""
+def load_train_permuted(rows: slice = slice(None)):
+    """(images (n, 1, 28, 28) float32 normalised like models/calib.npz, labels int64): `rows` of the
+    Fashion-MNIST training set in models/train_reference.py's seeded permutation. Only those rows
+    are converted to float (all 60,000 would be 188 MB for a 64-image draw)."""
     import gzip
 
     import torch
@@ -76,7 +77,7 @@ def load_train_permuted():
     with gzip.open(FASHION_MNIST / "train-labels-idx1-ubyte.gz", "rb") as f:
         labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8).astype(np.int64)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(TRAIN_PERMUTATION_SEED))
-    index = order.numpy()
+    index = order.numpy()[rows]
     x = ((images[index].astype(np.float32) / 255.0 - 0.2860) / 0.3530).astype(np.float32)
     return x, labels[index]
 
