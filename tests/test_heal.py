@@ -178,6 +178,31 @@ def test_a_graph_that_does_not_convert_heals_block_locally():
         tnopt.compress(model, ranks=ranks, data=data, provider="cpu", heal=HealConfig(steps=2, path="graph"))
 
 
+def activation_mlp(op):
+    """softplus_mlp with another activation between the two layers."""
+    model = softplus_mlp()
+    model.graph.node[1].op_type = op
+    return model
+
+
+def test_a_graph_torch_runs_with_other_values_heals_block_locally(monkeypatch):
+    """Same shapes, other values (an op the interpreter reads wrongly): distilling through the torch
+    graph would train toward another function, so the whole-graph path is refused before training."""
+    from tnopt import torch_ops
+
+    model = activation_mlp("Relu")
+    rng = np.random.default_rng(2)
+    data = {"x": rng.standard_normal((256, 32)).astype(np.float32)}
+    options = dict(ranks={"fc1": 6}, data=data, provider="cpu", heal=HealConfig(steps=4, eval_every=2))
+    _, report = tnopt.compress(model, **options)
+    assert report.heal["plans"][0]["heal"]["path"] == "graph"  # the faithful interpreter is trusted
+    monkeypatch.setitem(torch_ops.OPS, "Relu", lambda x, attrs: torch.nn.functional.softplus(x))
+    _, report = tnopt.compress(model, **options)
+    result = report.heal["plans"][0]["heal"]
+    assert result["path"] == "block"
+    assert "'y' differently in torch" in result["reason"]
+
+
 @pytest.mark.parametrize("name", ["fc2", "lenet5", "resnet"])
 def test_torch_graph_matches_onnxruntime(name):
     model = onnx.load(MODELS / f"{name}.onnx")

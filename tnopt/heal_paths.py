@@ -159,6 +159,7 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
 
     result = HealResult("graph", layers=[c.layer.name for c in plan], train_samples=len(train), loss=kind)
     try:
+        _check_same_values(graph, select, select_reference, outputs, float_outputs)
         result.select_drop_before, error, result.holdout_loss_before = evaluate()
     except (RuntimeError, ValueError, IndexError) as exc:
         # The first run of the whole graph in torch, before any training: a graph the converter
@@ -228,6 +229,53 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
         layer_name, array_name = key.split("\x00")
         trained.setdefault(layer_name, {})[array_name] = value
     return _writeback(plan, trained), result
+
+
+# How far the original graph run in torch may be from onnxruntime (relative L2 of each float output)
+# before the whole-graph path is judged to compute another function. Well above float32 round-off
+# and the small differences of equivalent kernels (1e-6 … 1e-4), well below a misread op (a softmax
+# or a transpose on the wrong axis: order 1): distilling through a slightly different graph still
+# heals (the gate judges the written model in onnxruntime), distilling through a wrong one does not.
+SAME_VALUES_TOLERANCE = 1e-2
+_VALUE_CHECK_SAMPLES = 16
+
+
+def _check_same_values(graph, select, reference, outputs, float_outputs) -> None:
+    """The original graph in torch (no node replaced) against onnxruntime's outputs on the first few
+    selection samples: a graph the converter takes but computes differently (same shapes, other
+    values) would train the factors toward another function, so it heals by blocks instead. Skipped
+    where a rewritten node's op has no torch form of its own (it runs only through its factors)."""
+    import torch
+
+    from tnopt.torch_graph import NotConvertible
+    from tnopt.torch_ops import OPS
+
+    if any(op not in OPS for name, op, *_ in graph.nodes if name in graph.replacements):
+        return
+    count = min(_VALUE_CHECK_SAMPLES, len(select))
+    part = select.inputs.take(slice(0, count))
+    saved, graph.replacements = graph.replacements, {}
+    try:
+        with torch.no_grad():
+            got = graph.run({k: torch.from_numpy(np.asarray(v)) for k, v in part.items()}, outputs)
+    finally:
+        graph.replacements = saved
+    for i in float_outputs:
+        want = np.asarray(reference[i][:count], dtype=np.float64)
+        value = got[outputs[i]].double().numpy()
+        if value.shape != want.shape:
+            raise NotConvertible(
+                f"the whole graph computes {outputs[i]!r} as {value.shape} in torch, "
+                f"{want.shape} in onnxruntime"
+            )
+        scale = float(np.linalg.norm(want))
+        # an all-zero output is compared on an absolute scale of 1e-6 per element
+        gap = float(np.linalg.norm(value - want)) / max(scale, 1e-6 * np.sqrt(want.size))
+        if not np.isfinite(gap) or gap > SAME_VALUES_TOLERANCE:
+            raise NotConvertible(
+                f"the whole graph computes {outputs[i]!r} differently in torch (relative difference "
+                f"{gap:.2g} from onnxruntime on {count} samples)"
+            )
 
 
 def _check_same_shapes(student: dict, teacher: dict) -> None:
