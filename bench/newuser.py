@@ -23,6 +23,12 @@ Models (all offline, nothing committed):
   ConstantOfShape fills. `*-light` rows run the file as shipped; `*-random` rows run it converted to
   opset 11 with each fill replaced by a seeded He-normal initializer (architecture-only, accuracy
   meaningless), at `--rank-ratio 0.5` and a budgeted run with `--time-limit`.
+- The repository's text_ctc and shapes_detector (models/), their own data generators.
+
+`*-heal` rows: `--rank-ratio 0.5 --heal 20` (det-tiny on smaller pages, `--small-page-size`);
+`*-heal-budget` rows: `--budget 1% --heal 20 --time-limit 300`. Their rows add which heal path ran
+(whole graph in torch or block-local, and why), the charged metric's drop on the heal holdout
+before/after healing, the held-out (--eval-data) drop and the heal seconds.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ sys.path.insert(0, str(ROOT / "models"))
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 BUDGET = ["--budget", "1%"]
+HEAL = ["--rank-ratio", "0.5", "--heal", "20"]
+HEAL_BUDGET = BUDGET + ["--heal", "20", "--time-limit", "300"]
 
 
 # --------------------------------------------------------------------------- models and data
@@ -92,6 +100,28 @@ def prepare_tinyocr(work: Path, pages: int, page_size: int, lines: int) -> None:
         np.savez(work / "det-tiny-eval.npz", x=scale.text_pages(pages, page_size, seed=1))
         np.savez(work / "rec-tiny-calib.npz", x=scale.text_lines(lines, seed=0))
         np.savez(work / "rec-tiny-eval.npz", x=scale.text_lines(lines, seed=1))
+
+
+def prepare_small_pages(work: Path, pages: int, page_size: int) -> None:
+    """det-tiny's heal rows: the same kind of pages, smaller (736² pages make 20 torch steps slow)."""
+    import scale
+
+    if not (work / "det-tiny-small-calib.npz").exists():
+        np.savez(work / "det-tiny-small-calib.npz", x=scale.text_pages(pages, page_size, seed=0))
+        np.savez(work / "det-tiny-small-eval.npz", x=scale.text_pages(pages, page_size, seed=1))
+
+
+def prepare_repository_models(work: Path, samples: int) -> None:
+    """models/text_ctc.onnx and models/shapes_detector.onnx with their generators' data."""
+    import shapes_detector
+    import text_ctc
+
+    for name, module, key in (("text-ctc", text_ctc, "x"), ("shapes", shapes_detector, "images")):
+        if (work / f"{name}.onnx").exists():
+            continue
+        (work / f"{name}.onnx").write_bytes(Path(module.ONNX_PATH).read_bytes())
+        np.savez(work / f"{name}-calib.npz", **{key: module.make_data(samples, module.CALIB_SEED)[0]})
+        np.savez(work / f"{name}-eval.npz", **{key: module.make_data(samples, module.EVAL_SEED)[0]})
 
 
 def random_weights(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
@@ -180,6 +210,18 @@ ROWS = {
     "vgg19-light-op11": ("vgg19-light-op11", None, ["--rank-ratio", "0.5"]),
     "vgg19-random": ("vgg19-random", "vgg19", ["--rank-ratio", "0.5"]),
     "vgg19-random-budget": ("vgg19-random", "vgg19", BUDGET + ["--time-limit", "120"]),
+    "onet-heal": ("onet", "onet", HEAL),
+    "efficientnet-heal": ("efficientnet", "efficientnet", HEAL),
+    "rec-tiny-heal": ("rec-tiny", "rec-tiny", HEAL),
+    "det-tiny-heal": ("det-tiny", "det-tiny-small", HEAL),
+    "minilm-heal": ("minilm", "minilm", HEAL + ["--metric", "embedding"]),
+    "text-ctc-heal": ("text-ctc", "text-ctc", HEAL),
+    "shapes-heal": ("shapes", "shapes", HEAL),
+    "onet-heal-budget": ("onet", "onet", HEAL_BUDGET),
+    "efficientnet-heal-budget": ("efficientnet", "efficientnet", HEAL_BUDGET),
+    "rec-tiny-heal-budget": ("rec-tiny", "rec-tiny", HEAL_BUDGET),
+    "text-ctc-heal-budget": ("text-ctc", "text-ctc", HEAL_BUDGET),
+    "det-tiny-budget": ("det-tiny", "det-tiny", BUDGET + ["--time-limit", "300"]),
 }
 
 
@@ -230,7 +272,32 @@ def run_row(name: str, work: Path) -> dict:
             ),
             "peak_rss_mib_wait4": row["peak_rss_mib"],
         }
+        row |= heal_fields(data_report)
     return row
+
+
+def heal_fields(report: dict) -> dict:
+    """What healing did, from the report: the path (and why not the whole graph), the charged metric's
+    drop on the heal holdout before/after (the chosen plan's, or the last one tried), the seconds."""
+    heal = report.get("heal") or {}
+    plans = heal.get("plans") or []
+    if not plans:
+        return {}
+    chosen = next((p for p in plans if p.get("looseness") == heal.get("chosen_looseness")), plans[-1])
+    result = chosen.get("heal") or {}
+    return {
+        "heal_path": result.get("path"),
+        "heal_reason": result.get("reason"),
+        "heal_metric": heal.get("metric"),
+        "heal_drop_before": chosen.get("drop_before"),
+        "heal_drop_after": chosen.get("drop_after"),
+        "heal_eval_before": chosen.get("drop_evaluation_before"),
+        "heal_eval_after": chosen.get("drop_evaluation_after"),
+        "heal_steps": result.get("steps"),
+        "heal_skipped": result.get("skipped"),
+        "heal_plans": len(plans),
+        "heal_s": heal.get("seconds"),
+    }
 
 
 def main(argv=None) -> int:
@@ -244,6 +311,8 @@ def main(argv=None) -> int:
     p.add_argument("--minilm-sentences", type=int, default=96)
     p.add_argument("--pages", type=int, default=32)
     p.add_argument("--page-size", type=int, default=736)
+    p.add_argument("--small-page-size", type=int, default=320)
+    p.add_argument("--repo-samples", type=int, default=256)
     p.add_argument("--lines", type=int, default=256)
     p.add_argument("--light-samples", type=int, default=64)
     args = p.parse_args(argv)
@@ -261,6 +330,10 @@ def main(argv=None) -> int:
         prepare_minilm(args.work, args.minilm_sentences)
     if stems & {"det-tiny", "rec-tiny"}:
         prepare_tinyocr(args.work, args.pages, args.page_size, args.lines)
+    if any(ROWS[r][1] == "det-tiny-small" for r in rows):
+        prepare_small_pages(args.work, args.pages, args.small_page_size)
+    if stems & {"text-ctc", "shapes"}:
+        prepare_repository_models(args.work, args.repo_samples)
     if any(s.startswith(("resnet50", "vgg19")) for s in stems):
         prepare_light(args.work, args.light_samples)
     if args.prepare_only:
