@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import pytest
 from helpers import init, make_model, tensor
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import tnopt
 from tnopt import budget as B
@@ -395,3 +395,200 @@ def test_time_limit_stops_the_method_screen(monkeypatch):
     layers = [SimpleNamespace(name="a"), SimpleNamespace(name="b")]
     candidates = {"a": ["tucker2", "cp"], "b": ["svd"]}
     assert sweep.screen(ctx, layers, candidates) == candidates
+
+
+# --- session 14 (`real15`): --heal as a new user on real models -------------------------------------
+
+
+def test_heal_gate_charges_a_task_metric_its_own_standard_error():
+    """The heal-aware budget's gate passed `metric.name` where the metric object was needed: every task
+    metric (ctc, detection, fidelity — O-Net, text_ctc, shapes_detector) read ± 0.0000 in the heal
+    table, and its plans passed on the drop alone, with no allowance for the holdout's size."""
+    from tnopt.data import dataset_from_arrays, input_specs
+    from tnopt.heal_budget import _gate
+    from tnopt.plan import Plan
+    from tnopt.runner import PlanRunner
+    from tnopt.runtime import Runtime
+
+    model = two_conv_model()
+    rng = np.random.default_rng(0)
+    data = dataset_from_arrays(
+        {"x": rng.standard_normal((32, 8, 12, 12)).astype(np.float32)}, input_specs(model), "d"
+    )
+    runner = PlanRunner(model, Runtime("cpu"))
+    original_run = runner.run
+
+    def run(plan, inputs):  # a "plan" that perturbs the output, sample by sample differently
+        outputs = original_run(Plan(), inputs)
+        if not len(plan):
+            return outputs
+        noise = np.random.default_rng(1).standard_normal(outputs[0].shape).astype(np.float32)
+        scale = np.linspace(0.0, 2.0, len(outputs[0]), dtype=np.float32)[:, None, None, None]
+        return [outputs[0] + scale * noise * outputs[0].std()]
+
+    runner.run = run
+    gate, metric = _gate(runner, data, "fidelity", "absolute")
+    assert metric.name == "fidelity"
+    drop, margin = gate(["one layer"])
+    assert drop > 0
+    reference, perturbed = original_run(Plan(), data.inputs), run(["one layer"], data.inputs)
+    assert margin == pytest.approx(metric.standard_error(reference, perturbed))
+    assert margin > 0
+
+
+def test_prelu_runs_in_the_torch_interpreter_as_in_onnxruntime():
+    """MTCNN's P/R/O-Net use PReLU after every layer: without it `--heal` fell back to block-local
+    healing ("no torch form for op(s) PRelu"), layer by layer instead of on the model's outputs."""
+    import torch
+    from helpers import run as ort_run
+
+    from tnopt.torch_graph import TorchGraph
+
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [
+            helper.make_node("PRelu", ["x", "slope"], ["p"]),
+            helper.make_node("PRelu", ["p", "alpha"], ["y"]),
+        ],
+        [tensor("x", ["N", 4, 5, 5])],
+        [tensor("y", 4)],
+        [init("slope", rng.uniform(0.1, 0.5, (4, 1, 1))), init("alpha", [0.3])],
+    )
+    x = rng.standard_normal((3, 4, 5, 5)).astype(np.float32)
+    expected = ort_run(model, {"x": x})[0]
+    got = TorchGraph(model).run({"x": torch.from_numpy(x)})["y"].numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+RESIZE_CASES = [
+    # PP-OCR det-tiny (paddle2onnx): nearest, asymmetric, floor, integer scales
+    (
+        {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+        [1, 1, 2, 2],
+        None,
+    ),
+    ({"mode": "nearest"}, [1, 1, 2, 2], None),  # the defaults: half_pixel, round_prefer_floor
+    ({"mode": "nearest"}, [1, 1, 0.5, 0.5], None),  # downscaling: ties at .5 round down
+    ({"mode": "nearest", "nearest_mode": "round_prefer_ceil"}, None, [2, 3, 5, 9]),
+    ({"mode": "nearest", "coordinate_transformation_mode": "tf_half_pixel_for_nn"}, [1, 1, 1.5, 3], None),
+    ({"mode": "linear"}, [1, 1, 2, 2], None),  # torch's bilinear, align_corners=False
+    ({"mode": "linear", "coordinate_transformation_mode": "align_corners"}, None, [2, 3, 11, 7]),
+    ({"mode": "linear", "coordinate_transformation_mode": "asymmetric"}, [1, 1, 1.7, 0.6], None),
+    ({"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"}, None, [2, 3, 1, 13]),
+]
+
+
+@pytest.mark.parametrize("attrs, scales, sizes", RESIZE_CASES)
+def test_resize_runs_in_the_torch_interpreter_as_in_onnxruntime(attrs, scales, sizes):
+    """det-tiny's FPN upsamples with Resize: without it `--heal` fell back to block-local healing."""
+    import torch
+    from helpers import run as ort_run
+
+    from tnopt.torch_graph import TorchGraph
+
+    inputs = ["x", "roi", "scales" if scales else "", "sizes" if sizes else ""]
+    inits = [init("roi", np.zeros(0))]
+    if scales:
+        inits.append(init("scales", scales))
+    else:
+        inits.append(numpy_helper.from_array(np.asarray(sizes, np.int64), "sizes"))
+    model = make_model(
+        [helper.make_node("Resize", inputs, ["y"], **attrs)],
+        [tensor("x", [2, 3, 6, 7])],
+        [tensor("y", 4)],
+        inits,
+        opset=13,
+    )
+    x = np.random.default_rng(0).standard_normal((2, 3, 6, 7)).astype(np.float32)
+    expected = ort_run(model, {"x": x})[0]
+    got = TorchGraph(model).run({"x": torch.from_numpy(x)})["y"].numpy()
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resize_the_interpreter_cannot_reproduce_is_refused_at_conversion():
+    from tnopt.torch_graph import NotConvertible, TorchGraph
+
+    model = make_model(
+        [helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="cubic")],
+        [tensor("x", [1, 1, 4, 4])],
+        [tensor("y", 4)],
+        [init("scales", [1, 1, 2, 2])],
+        opset=13,
+    )
+    with pytest.raises(NotConvertible, match="Resize mode 'cubic'"):
+        TorchGraph(model)
+
+
+def test_torch_interpreter_drops_each_activation_after_its_last_reader():
+    """`TorchGraph.run` kept every activation of the model until the end of the forward: the heal's
+    evaluation (no_grad) held the whole model's activations for its part, not just the live ones."""
+    import weakref
+
+    import torch
+
+    from tnopt.torch_graph import TorchGraph
+
+    model = make_model(
+        [
+            helper.make_node("Relu", ["x"], ["a"], name="r1"),
+            helper.make_node("Relu", ["a"], ["b"], name="r2"),
+            helper.make_node("Relu", ["b"], ["c"], name="r3"),
+            helper.make_node("Add", ["c", "b"], ["y"], name="add"),
+        ],
+        [tensor("x", ["N", 8])],
+        [tensor("y", 2)],
+    )
+    seen = {}
+
+    def first(args):
+        out = torch.relu(args[0])
+        seen["a"] = weakref.ref(out)
+        return out
+
+    def third(args):
+        seen["a alive at r3"] = seen["a"]() is not None
+        return torch.relu(args[0])
+
+    graph = TorchGraph(model, {"r1": first, "r3": third})
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        y = graph.run({"x": x})["y"]
+    assert seen["a alive at r3"] is False  # read by r2 only
+    b = torch.relu(torch.relu(x))
+    torch.testing.assert_close(y, torch.relu(b) + b)  # b, read again by add, was kept
+    # a tensor asked for is kept even when no node reads it later
+    assert set(graph.run({"x": x}, ["a", "y"])) == {"a", "y"}
+
+
+def test_heal_evaluates_the_selection_split_in_parts_of_the_onnxruntime_batch(monkeypatch, small_splits):
+    """The whole-graph heal's checkpoint evaluation ran its selection split 256 samples at a time in
+    torch, whatever the activation budget had sized onnxruntime's batch to (training: that batch)."""
+    import torch
+
+    import tnopt.pipeline as pipeline
+    from tnopt.heal import HealConfig
+    from tnopt.torch_graph import TorchGraph
+
+    sizes = {"no_grad": [], "grad": []}
+    original_run = TorchGraph.run
+
+    def recording(self, feeds, want=None):
+        sizes["grad" if torch.is_grad_enabled() else "no_grad"].append(len(next(iter(feeds.values()))))
+        return original_run(self, feeds, want)
+
+    monkeypatch.setattr(TorchGraph, "run", recording)
+    monkeypatch.setattr(pipeline, "batch_size_for", lambda sample_bytes: 8)
+    calib, _ = small_splits
+    _, report = tnopt.compress(
+        str(ROOT / "models" / "fc2.onnx"),
+        ranks={"/1/Gemm": 8},
+        data=calib,
+        provider="cpu",
+        heal=HealConfig(steps=4, eval_every=2),
+        latency_batch=0,
+    )
+    assert report.heal["plans"][0]["heal"]["path"] == "graph"
+    assert report.heal["plans"][0]["heal"]["select_samples"] > 8
+    assert sizes["no_grad"] and max(sizes["no_grad"]) <= 8
+    assert sizes["grad"] and max(sizes["grad"]) <= 8

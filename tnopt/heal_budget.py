@@ -197,7 +197,7 @@ def _gate(runner, data, metric_choice, drop_type: str):
             return None, 0.0
         outputs = runner.run(plan, data.inputs)
         value = metric(reference, outputs, data.labels)
-        margin = paired_standard_error(metric.name, reference, outputs, data.labels) if len(plan) else 0.0
+        margin = paired_standard_error(metric, reference, outputs, data.labels) if len(plan) else 0.0
         if drop_type == "relative" and baseline:
             margin /= abs(baseline)
         return metric.drop(value, baseline, drop_type), margin

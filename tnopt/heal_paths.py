@@ -145,18 +145,21 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
         selection split."""
         total, pieces = 0.0, {name: [] for name in outputs}
         with torch.no_grad():
-            for start in range(0, len(select), 256):
-                part = select.inputs.take(slice(start, start + 256))  # inputs fed whole stay whole
-                feeds = {k: torch.from_numpy(np.asarray(v)) for k, v in part.items()}
+            # In parts of the run's onnxruntime batch (sized to the activation budget), as training:
+            # a fixed part of 256 held 256 samples' activations whatever the model.
+            for start in range(0, len(select), part):
+                piece = select.inputs.take(slice(start, start + part))  # inputs fed whole stay whole
+                feeds = {k: torch.from_numpy(np.asarray(v)) for k, v in piece.items()}
                 student = graph.run(feeds, outputs)
-                targets = [r[start : start + 256] for r in select_reference]
-                n = min(256, len(select) - start)
+                targets = [r[start : start + part] for r in select_reference]
+                n = min(part, len(select) - start)
                 total += float(output_loss(student, targets)) * n
                 for name in outputs:
                     pieces[name].append(student[name].numpy())
         drop, error = score([np.concatenate(pieces[name]) for name in outputs]) if score else (None, 0.0)
         return drop, error, total / max(len(select), 1)
 
+    part = max(1, runner.runtime.batch_size)
     result = HealResult("graph", layers=[c.layer.name for c in plan], train_samples=len(train), loss=kind)
     try:
         _check_same_values(graph, select, select_reference, outputs, float_outputs)
@@ -178,7 +181,7 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
     # The step's batch is the config's; onnxruntime (the teacher) and torch (the student's autograd
     # graph) see it in parts of at most the run's onnxruntime batch, whose gradients add up before
     # the step: memory holds one part, whatever the batch.
-    batch, part = min(config.batch_size, n), max(1, runner.runtime.batch_size)
+    batch = min(config.batch_size, n)
     order, cursor = rng.permutation(n), 0
     for step in range(1, config.steps + 1):
         if cursor + batch > n:

@@ -20,7 +20,7 @@ import torch
 
 from tnopt.graph import unique_node_names
 from tnopt.passes._torch import no_torch_form
-from tnopt.torch_ops import OPS, NotConvertible, _attrs, _constant, _softmax, _tensor
+from tnopt.torch_ops import OPS, NotConvertible, _attrs, _constant, _softmax, _tensor, resize_refusal
 
 __all__ = ["NotConvertible", "TorchGraph", "unsupported_ops"]
 
@@ -50,6 +50,8 @@ class TorchGraph:
             raise NotConvertible(f"no torch form for op(s) {', '.join(missing)}")
         for node in model.graph.node:
             refused = no_torch_form(node.op_type, _attrs(node))
+            if node.op_type == "Resize":
+                refused = resize_refusal(_attrs(node))
             if refused:
                 raise NotConvertible(f"{node.name or node.op_type}: {refused}")
         self.opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 17)
@@ -65,6 +67,14 @@ class TorchGraph:
             if node.op_type == "Split":
                 attrs["_outputs"] = len(node.output)
             self.nodes.append((name, node.op_type, list(node.input), list(node.output), attrs))
+        # Each value's last reader (node index): `run` drops it there, so a forward holds the live
+        # tensors only (under no_grad, what the next ops need; with autograd, what backward saves)
+        # rather than every activation of the model at once.
+        self.last_use: dict[str, int] = {}
+        for index, node in enumerate(self.nodes):
+            for name in node[2]:
+                if name and name not in self.constants:
+                    self.last_use[name] = index
         found = {n[0] for n in self.nodes}
         absent = set(self.replacements) - found
         if absent:
@@ -75,7 +85,8 @@ class TorchGraph:
         env: dict[str, torch.Tensor] = dict(self.constants)
         env.update(feeds)
         want = list(want or self.outputs)
-        for name, op, inputs, outputs, attrs in self.nodes:
+        keep = set(want)
+        for index, (name, op, inputs, outputs, attrs) in enumerate(self.nodes):
             args = [env[i] if i else None for i in inputs]
             if name in self.replacements:
                 result = self.replacements[name](args)
@@ -89,4 +100,8 @@ class TorchGraph:
                 env.update(zip(outputs, result))
             else:
                 env[outputs[0]] = result
+            del args, result
+            for value in inputs:
+                if self.last_use.get(value) == index and value not in keep:
+                    env.pop(value, None)
         return {name: env[name] for name in want}

@@ -280,6 +280,94 @@ def _conv_transpose(x, w, b=None, attrs=None):
     return _torch.conv_transpose(x, w, b, attrs)
 
 
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _prelu(x, slope, attrs):
+    # ONNX broadcasts the slope to x (one per channel as (C, 1, 1) in exports, or a single value).
+    return torch.where(x < 0, x * slope, x)
+
+
+# Resize attributes whose non-default values this interpreter does not reproduce.
+_RESIZE_REFUSED = {"exclude_outside": 0, "antialias": 0, "keep_aspect_ratio_policy": "stretch", "axes": None}
+
+
+def resize_refusal(attrs: dict) -> str | None:
+    """Why a Resize node with these attributes has no torch form here (None: it has one)."""
+    mode = _text(attrs.get("mode", "nearest"))
+    transform = _text(attrs.get("coordinate_transformation_mode", "half_pixel"))
+    if mode not in ("nearest", "linear"):
+        return f"Resize mode {mode!r} (nearest and linear only)"
+    if transform not in _SOURCE_COORDINATE:
+        return f"Resize coordinate_transformation_mode {transform!r}"
+    rounding = _text(attrs.get("nearest_mode", "round_prefer_floor"))
+    if mode == "nearest" and rounding not in _NEAREST:
+        return f"Resize nearest_mode {rounding!r}"
+    for key, default in _RESIZE_REFUSED.items():
+        value = attrs.get(key, default)
+        if (_text(value) if isinstance(value, bytes) else value) != default:
+            return f"Resize with {key}={value!r}"
+    return None
+
+
+# ONNX's coordinate transforms: the source coordinate of output index i on an axis of `size` samples
+# resized to `out` with scale `scale`.
+_SOURCE_COORDINATE = {
+    "half_pixel": lambda i, scale, size, out: (i + 0.5) / scale - 0.5,
+    "pytorch_half_pixel": lambda i, scale, size, out: (i + 0.5) / scale - 0.5 if out > 1 else 0.0 * i,
+    "asymmetric": lambda i, scale, size, out: i / scale,
+    "align_corners": lambda i, scale, size, out: i * (size - 1) / (out - 1) if out > 1 else 0.0 * i,
+    "tf_half_pixel_for_nn": lambda i, scale, size, out: (i + 0.5) / scale,
+}
+_NEAREST = {
+    "round_prefer_floor": lambda c: torch.ceil(c - 0.5),
+    "round_prefer_ceil": lambda c: torch.floor(c + 0.5),
+    "floor": torch.floor,
+    "ceil": torch.ceil,
+}
+
+
+def _resize(x, roi=None, scales=None, sizes=None, attrs=None):
+    """ONNX Resize (and opset 10's: x, scales, asymmetric), nearest or (multi)linear, one spatial axis at
+    a time by index arithmetic (exact for every coordinate transform and nearest rounding, unlike
+    torch's interpolate); differentiable in x."""
+    opset10 = roi is not None and scales is None and sizes is None
+    if opset10:
+        roi, scales = None, roi
+    refused = resize_refusal(attrs)
+    if refused:
+        raise NotConvertible(refused)
+    mode = _text(attrs.get("mode", "nearest"))
+    transform = "asymmetric" if opset10 else _text(attrs.get("coordinate_transformation_mode", "half_pixel"))
+    rounding = "floor" if opset10 else _text(attrs.get("nearest_mode", "round_prefer_floor"))
+    if sizes is not None and sizes.numel():
+        outs = _ints(sizes)
+        factors = [o / s for o, s in zip(outs, x.shape)]
+    else:
+        factors = [float(v) for v in scales.tolist()]
+        outs = [int(math.floor(s * f + 1e-9)) for s, f in zip(x.shape, factors)]
+    if len(outs) != x.dim():
+        raise NotConvertible(f"Resize to {len(outs)} dims of a {x.dim()}-d tensor")
+    for axis, (size, out, scale) in enumerate(zip(x.shape, outs, factors)):
+        if out == size and scale == 1.0:
+            continue
+        index = torch.arange(out, dtype=torch.float64)
+        source = _SOURCE_COORDINATE[transform](index, scale, size, out)
+        view = [1] * x.dim()
+        view[axis] = out
+        if mode == "nearest":
+            picked = _NEAREST[rounding](source).clamp(0, size - 1).long()
+            x = x.index_select(axis, picked)
+            continue
+        source = source.clamp(0, size - 1)
+        low = torch.floor(source).long()
+        high = (low + 1).clamp(max=size - 1)
+        weight = (source - low).to(x.dtype).reshape(view)
+        x = x.index_select(axis, low) * (1 - weight) + x.index_select(axis, high) * weight
+    return x
+
+
 def _binary(fn):
     return lambda a, b, attrs: fn(a, b)
 
@@ -315,6 +403,8 @@ OPS: dict[str, Callable] = {
     "Tanh": lambda x, attrs: torch.tanh(x),
     "Sigmoid": lambda x, attrs: torch.sigmoid(x),
     "Relu": lambda x, attrs: F.relu(x),
+    "PRelu": _prelu,
+    "Resize": lambda x, *r, attrs: _resize(x, *r, attrs=attrs),
     "LeakyRelu": lambda x, attrs: F.leaky_relu(x, attrs.get("alpha", 0.01)),
     "Elu": lambda x, attrs: F.elu(x, attrs.get("alpha", 1.0)),
     "HardSigmoid": lambda x, attrs: torch.clamp(attrs.get("alpha", 0.2) * x + attrs.get("beta", 0.5), 0, 1),
