@@ -592,3 +592,78 @@ def test_heal_evaluates_the_selection_split_in_parts_of_the_onnxruntime_batch(mo
     assert report.heal["plans"][0]["heal"]["select_samples"] > 8
     assert sizes["no_grad"] and max(sizes["no_grad"]) <= 8
     assert sizes["grad"] and max(sizes["grad"]) <= 8
+
+
+def _heal_setup(model, rank):
+    from tnopt.data import dataset_from_arrays, input_specs
+    from tnopt.pipeline import factorize
+    from tnopt.plan import Choice, Plan
+    from tnopt.runner import PlanRunner
+    from tnopt.runtime import Runtime
+
+    layers = [layer for layer in analyze(model) if layer.candidate]
+    plan = Plan(tuple(Choice(layer, "svd", factorize(layer, "svd", rank)) for layer in layers))
+    rng = np.random.default_rng(0)
+    samples = {"x": rng.standard_normal((96, 32)).astype(np.float32)}
+    data = dataset_from_arrays(samples, input_specs(model), "d")
+    train, holdout = data.split(0.75)
+    return PlanRunner(model, Runtime("cpu")), plan, train, holdout
+
+
+@pytest.mark.parametrize("path", ["graph", "block"])
+def test_heal_stops_at_the_deadline_with_its_best_checkpoint(path):
+    """`--budget --heal --time-limit`: the limit reached the search but not healing, whose trials ran
+    to their last step (EfficientNet-Lite0: 350 s for 20 steps under load, past a 300 s limit) and
+    then further trials began (the heal-aware budget had no time budget from --time-limit)."""
+    import time
+
+    from tnopt.heal import HealConfig, heal
+
+    model = make_model(
+        [
+            helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["a"], name="act"),
+            helper.make_node("Gemm", ["a", "w2"], ["y"], name="fc2"),
+        ],
+        [tensor("x", ["N", 32])],
+        [tensor("y", ["N", 16])],
+        [init("w1", np.random.default_rng(1).standard_normal((32, 48))), init("w2", np.ones((48, 16)))],
+    )
+    runner, plan, train, holdout = _heal_setup(model, 4)
+    config = HealConfig(steps=5000, eval_every=1000, path=path)
+    started = time.perf_counter()
+    healed, result = heal(runner, plan, train, holdout, config, deadline=started)
+    assert time.perf_counter() - started < 10
+    assert result.stopped == "time limit"
+    if path == "graph":
+        assert result.steps == 1  # the step in progress ends, is evaluated, then training stops
+        assert result.best_step in (0, 1)
+    else:
+        assert result.steps == 0 and result.layers == []
+        assert result.skipped == dict.fromkeys(["fc1", "fc2"], "not trained: --time-limit ran out")
+    assert len(healed) == len(plan)
+    _, unlimited = heal(runner, plan, train, holdout, HealConfig(steps=3, path=path), deadline=None)
+    assert unlimited.stopped == "" and unlimited.steps == (3 if path == "graph" else 6)
+
+
+def test_heal_aware_budget_takes_its_time_budget_from_the_time_limit(monkeypatch):
+    """heal_budgeted_plan: the deadline becomes budgeted_heal's time budget (it was
+    HealConfig.time_budget_s alone, None from the CLI) and reaches every heal."""
+    import time
+
+    import tnopt.heal_budget as HB
+
+    seen = {}
+
+    def fake_budgeted_heal(search_plan, heal_plan, gate, saving, max_drop, say, time_budget_s=None):
+        seen["time_budget_s"] = time_budget_s
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(HB, "budgeted_heal", fake_budgeted_heal)
+    monkeypatch.setattr(HB, "_gate", lambda *a: (lambda plan: (0.0, 0.0), SimpleNamespace(name="cosine")))
+    run_config = SimpleNamespace(heal_config=HB.HealConfig(), budget="1%", metric=None, objective="flops")
+    with pytest.raises(RuntimeError, match="stop here"):
+        HB.heal_budgeted_plan(
+            None, run_config, None, None, None, None, None, print, deadline=time.perf_counter() + 100
+        )
+    assert 95 < seen["time_budget_s"] <= 100

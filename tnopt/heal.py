@@ -80,6 +80,7 @@ class HealResult:
     steps: int = 0
     sample_steps: int = 0  # Σ batch sizes over all optimizer steps
     best_step: int = 0
+    stopped: str = ""  # why training ended before its steps ("time limit"), else empty
     train_samples: int = 0
     holdout_samples: int = 0
     select_samples: int = 0
@@ -295,13 +296,14 @@ def split_selection(train, config: HealConfig):
 
 
 def heal(
-    runner, plan, train, holdout, config: HealConfig, say=lambda m: None, metric=None
+    runner, plan, train, holdout, config: HealConfig, say=lambda m: None, metric=None, deadline=None
 ) -> tuple[Plan, HealResult]:
     """`plan` with healed factors (same layers, methods, ranks) and what healing did. `runner`: the
     run's PlanRunner (the original model, its runtime and method table); `metric`: the metric the
     budget charges (a bound `tnopt.metrics.Metric`), which chooses the distillation distance and the
     checkpoint. `holdout` is the gate's: healing uses it only when the training part is too small
-    to give a selection split."""
+    to give a selection split. `deadline` (a perf_counter time, `--time-limit`): training stops
+    there, keeping the best checkpoint so far (block-local: later layers stay as factorized)."""
     import torch
 
     from tnopt import threads
@@ -312,12 +314,12 @@ def heal(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads.choose_threads())
     try:
-        return _heal(runner, plan, train, holdout, config, say, metric)
+        return _heal(runner, plan, train, holdout, config, say, metric, deadline)
     finally:
         torch.set_num_threads(previous)
 
 
-def _heal(runner, plan, train, holdout, config, say, metric):
+def _heal(runner, plan, train, holdout, config, say, metric, deadline=None):
     import torch
 
     started = time.perf_counter()
@@ -335,7 +337,7 @@ def _heal(runner, plan, train, holdout, config, say, metric):
             graph = TorchGraph(runner.original, {c.layer.name: None for c in plan})
             from tnopt.heal_paths import heal_graph
 
-            healed, result = heal_graph(runner, graph, plan, train, select, config, say, metric)
+            healed, result = heal_graph(runner, graph, plan, train, select, config, say, metric, deadline)
         except NotConvertible as exc:
             if config.path == "graph":
                 raise TnoptError(f"--heal: the whole-graph path cannot run this model ({exc})") from None
@@ -344,7 +346,7 @@ def _heal(runner, plan, train, holdout, config, say, metric):
     if result is None:
         from tnopt.heal_paths import heal_blocks
 
-        healed, result = heal_blocks(runner, plan, train, select, config, say)
+        healed, result = heal_blocks(runner, plan, train, select, config, say, deadline)
         result.reason = reason
     result.holdout_samples, result.select_samples = len(holdout), len(select)
     result.seconds = time.perf_counter() - started

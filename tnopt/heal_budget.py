@@ -234,14 +234,22 @@ def heal_fixed_plan(runner, run_config, plan, train, holdout, report, say):
     return healed
 
 
-def heal_budgeted_plan(runner, run_config, search_at, train, holdout, evaluation, report, say):
+def heal_budgeted_plan(
+    runner, run_config, search_at, train, holdout, evaluation, report, say, deadline: float | None = None
+):
     """Budgeted search that judges plans after healing (see `budgeted_heal`): `search_at(budget)`
     runs the search under another budget and returns its SearchResult. Fills report.budget,
-    report.search (the chosen plan's search) and report.heal (every plan tried)."""
+    report.search (the chosen plan's search) and report.heal (every plan tried). `deadline`
+    (`--time-limit`, a perf_counter time): no trial starts that would end past it, and healing
+    stops there with its best checkpoint so far."""
     from tnopt import budget as B
 
     config = run_config.heal_config
     started = time.perf_counter()
+    time_budget_s = config.time_budget_s
+    if deadline is not None:
+        left = max(deadline - started, 0.0)
+        time_budget_s = left if time_budget_s is None else min(time_budget_s, left)
     max_drop, drop_type = B.parse_budget(run_config.budget)
     gate, used = _gate(runner, holdout, run_config.metric, drop_type)
     searched: dict[float, object] = {}
@@ -259,7 +267,7 @@ def heal_budgeted_plan(runner, run_config, search_at, train, holdout, evaluation
         return searched[factor].plan
 
     def heal_plan(plan):
-        healed, result = heal(runner, plan, train, holdout, config, say, metric=used)
+        healed, result = heal(runner, plan, train, holdout, config, say, metric=used, deadline=deadline)
         factor = next(reversed(on_evaluation))
         on_evaluation[factor]["drop_evaluation_after"] = eval_gate(healed)[0]
         return healed, result
@@ -274,7 +282,7 @@ def heal_budgeted_plan(runner, run_config, search_at, train, holdout, evaluation
         return float(total)
 
     best, trials = budgeted_heal(
-        search_plan, heal_plan, gate, saving, max_drop, say, time_budget_s=config.time_budget_s
+        search_plan, heal_plan, gate, saving, max_drop, say, time_budget_s=time_budget_s
     )
     result = searched[best.looseness]
     report.search = dict(result.search)
@@ -309,6 +317,6 @@ def heal_budgeted_plan(runner, run_config, search_at, train, holdout, evaluation
         "chosen_looseness": best.looseness,
         "plans": [{**t.to_dict(), **on_evaluation.get(t.looseness, {})} for t in trials],
         "seconds": time.perf_counter() - started,
-        "time_budget_s": config.time_budget_s,
+        "time_budget_s": time_budget_s,
     }
     return best.plan, result.decisions

@@ -8,6 +8,8 @@ heal_blocks: layer by layer in graph order, on activations captured in onnxrunti
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from tnopt.data import Feeds
@@ -94,8 +96,13 @@ def _selection_scorer(runner, metric, select):
     return score, reference
 
 
-def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
-    """Whole-graph distillation; `select` picks the checkpoint (see `CheckpointSelector`)."""
+def _past(deadline) -> bool:
+    return deadline is not None and time.perf_counter() >= deadline
+
+
+def heal_graph(runner, graph, plan, train, select, config, say, metric=None, deadline=None):
+    """Whole-graph distillation; `select` picks the checkpoint (see `CheckpointSelector`). Past
+    `deadline` the step in progress is the last: it is evaluated and the best checkpoint kept."""
     import torch
 
     methods = runner.methods
@@ -216,14 +223,18 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None):
             trainer.accumulate(loss * (len(rows) / batch))
         trainer.apply()
         result.steps, result.sample_steps = step, result.sample_steps + batch
-        if step % config.eval_every == 0 or step == config.steps:
+        out_of_time = _past(deadline) and step < config.steps
+        if out_of_time:
+            result.stopped = "time limit"
+            say(f"heal: the time limit ran out at step {step} of {config.steps}")
+        if step % config.eval_every == 0 or step == config.steps or out_of_time:
             drop, _, value = evaluate()
             improved, stop = selector.update(drop, value, step)
             if improved:
                 trainer.best = trainer.snapshot()
             shown = "" if drop is None else f" drop {drop:.4f}"
             say(f"heal: step {step} selection loss {value:.5f}{shown}{' *' if improved else ''}")
-            if stop:
+            if stop or out_of_time:
                 break
     result.best_step, result.holdout_loss_after = selector.best_step, selector.best_loss
     result.select_drop_after = None if score is None else selector.chosen_drop
@@ -305,10 +316,11 @@ def _capture_rows(runner, names, inputs, limit_bytes) -> int:
     return int(max(16, limit_bytes // max(1, sum(sizes) // 2)))
 
 
-def heal_blocks(runner, plan, train, holdout, config, say):
+def heal_blocks(runner, plan, train, holdout, config, say, deadline=None):
     """Layer by layer in graph order on captured activations (no graph conversion needed): each
     layer's inputs come from the compressed model with its upstream layers already healed.
-    `holdout`: the selection split (per-layer early stopping on the layer's loss)."""
+    `holdout`: the selection split (per-layer early stopping on the layer's loss). Past `deadline`
+    the layer in training stops at its best checkpoint and later layers stay as factorized."""
     import torch
 
     methods = runner.methods
@@ -326,6 +338,10 @@ def heal_blocks(runner, plan, train, holdout, config, say):
     before, after = [], []
     for choice in plan:  # plans list their layers in graph order
         layer, method = choice.layer, methods[choice.method]
+        if _past(deadline):
+            result.skipped[layer.name] = "not trained: --time-limit ran out"
+            result.stopped = "time limit"
+            continue
         if layer.has_bias and layer.bias is None:
             result.skipped[layer.name] = "bias is not a constant per-channel vector"
             continue
@@ -377,11 +393,14 @@ def heal_blocks(runner, plan, train, holdout, config, say):
             trainer.step(loss)
             result.steps += 1
             result.sample_steps += batch
-            if step % config.eval_every == 0 or step == config.steps:
+            out_of_time = _past(deadline)
+            if step % config.eval_every == 0 or step == config.steps or out_of_time:
                 improved, stop = stopper.update(hold_loss(), step)
                 if improved:
                     trainer.best = trainer.snapshot()
-                if stop:
+                if out_of_time:
+                    result.stopped = "time limit"
+                if stop or out_of_time:
                     break
         before.append(start_loss)
         after.append(stopper.best)

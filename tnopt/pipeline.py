@@ -363,7 +363,7 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
 
     if config.budget is not None and heal_config is not None:
         plan, decisions = heal_budget.heal_budgeted_plan(
-            runner, config, search_at, calib, heal_holdout, evaluation, report, say
+            runner, config, search_at, calib, heal_holdout, evaluation, report, say, deadline=deadline
         )
     elif config.budget is not None:
         result = search_at(config.budget)
