@@ -667,3 +667,23 @@ def test_heal_aware_budget_takes_its_time_budget_from_the_time_limit(monkeypatch
             None, run_config, None, None, None, None, None, print, deadline=time.perf_counter() + 100
         )
     assert 95 < seen["time_budget_s"] <= 100
+
+
+def test_a_heal_that_kept_the_unhealed_factors_says_so(monkeypatch):
+    """O-Net at rank 0.5, 20 steps: "heal: held-out fidelity drop 0.2152 -> 0.2152" and nothing else,
+    which reads as training that did nothing; no trained checkpoint had beaten the start."""
+    import tnopt.heal_budget as HB
+    from tnopt.heal import HealResult
+
+    gate = (lambda plan: (0.2152, 0.02), SimpleNamespace(name="fidelity"))
+    monkeypatch.setattr(HB, "_gate", lambda *a: gate)
+    run_config = SimpleNamespace(heal_config=HB.HealConfig(steps=20), metric=None)
+    lines = {}
+    for best_step in (0, 20):
+        result = HealResult("graph", steps=20, best_step=best_step)
+        monkeypatch.setattr(HB, "heal", lambda runner, plan, *a, r=result, **k: (plan, r))
+        said = lines[best_step] = []
+        holdout, report = SimpleNamespace(source="h"), SimpleNamespace()
+        HB.heal_fixed_plan(None, run_config, ["a layer"], None, holdout, report, said.append)
+    assert any("no checkpoint of the 20 steps beat the unhealed factors" in line for line in lines[0])
+    assert not any("no checkpoint" in line for line in lines[20])

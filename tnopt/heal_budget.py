@@ -231,6 +231,12 @@ def heal_fixed_plan(runner, run_config, plan, train, holdout, report, say):
     }
     if before is not None:
         say(f"heal: held-out {used.name} drop {before:.4f} -> {after:.4f} in {result.seconds:.1f} s")
+    if result.path == "graph" and result.best_step == 0:
+        # Otherwise "drop 0.2152 -> 0.2152" reads as training that changed nothing.
+        say(
+            f"heal: no checkpoint of the {result.steps} steps beat the unhealed factors on the selection "
+            "split; the unhealed factors are kept (more steps, --heal N, may get further)"
+        )
     return healed
 
 
