@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -234,7 +235,8 @@ def run_row(name: str, work: Path) -> dict:
     if data is not None:
         command[4:4] = ["--data", f"{data}-calib.npz", "--eval-data", f"{data}-eval.npz"]
     home = work / "home" / name
-    home.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(home, ignore_errors=True)  # a cold cache every run, not only the first
+    home.mkdir(parents=True)
     env = dict(os.environ, HOME=str(home), PYTHONPATH=str(ROOT / "bench"))
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     log = work / f"{name}.log"
