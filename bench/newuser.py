@@ -222,6 +222,7 @@ ROWS = {
     "efficientnet-heal-budget": ("efficientnet", "efficientnet", HEAL_BUDGET),
     "rec-tiny-heal-budget": ("rec-tiny", "rec-tiny", HEAL_BUDGET),
     "text-ctc-heal-budget": ("text-ctc", "text-ctc", HEAL_BUDGET),
+    "det-tiny-heal-budget": ("det-tiny", "det-tiny-small", HEAL_BUDGET),
     "det-tiny-budget": ("det-tiny", "det-tiny", BUDGET + ["--time-limit", "300"]),
 }
 
