@@ -169,7 +169,7 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None, dea
     part = max(1, runner.runtime.batch_size)
     result = HealResult("graph", layers=[c.layer.name for c in plan], train_samples=len(train), loss=kind)
     try:
-        _check_same_values(graph, select, select_reference, outputs, float_outputs)
+        _check_same_values(graph, select, select_reference, outputs, float_outputs, part)
         result.select_drop_before, error, result.holdout_loss_before = evaluate()
     except (RuntimeError, ValueError, IndexError) as exc:
         # The first run of the whole graph in torch, before any training: a graph the converter
@@ -254,7 +254,7 @@ SAME_VALUES_TOLERANCE = 1e-2
 _VALUE_CHECK_SAMPLES = 16
 
 
-def _check_same_values(graph, select, reference, outputs, float_outputs) -> None:
+def _check_same_values(graph, select, reference, outputs, float_outputs, part: int = 256) -> None:
     """The original graph in torch (no node replaced) against onnxruntime's outputs on the first few
     selection samples: a graph the converter takes but computes differently (same shapes, other
     values) would train the factors toward another function, so it heals by blocks instead. Skipped
@@ -267,13 +267,20 @@ def _check_same_values(graph, select, reference, outputs, float_outputs) -> None
     if any(op not in OPS for name, op, *_ in graph.nodes if name in graph.replacements):
         return
     count = min(_VALUE_CHECK_SAMPLES, len(select))
-    part = select.inputs.take(slice(0, count))
     saved, graph.replacements = graph.replacements, {}
+    pieces = {name: [] for name in outputs}
     try:
         with torch.no_grad():
-            got = graph.run({k: torch.from_numpy(np.asarray(v)) for k, v in part.items()}, outputs)
+            # `part` samples at a time (the run's onnxruntime batch): 16 pages of det-tiny at once
+            # would hold 16 pages' activations.
+            for start in range(0, count, part):
+                piece = select.inputs.take(slice(start, min(start + part, count)))
+                values = graph.run({k: torch.from_numpy(np.asarray(v)) for k, v in piece.items()}, outputs)
+                for name in outputs:
+                    pieces[name].append(values[name])
     finally:
         graph.replacements = saved
+    got = {name: torch.cat(values) if len(values) > 1 else values[0] for name, values in pieces.items()}
     for i in float_outputs:
         want = np.asarray(reference[i][:count], dtype=np.float64)
         value = got[outputs[i]].double().numpy()
