@@ -687,3 +687,25 @@ def test_a_heal_that_kept_the_unhealed_factors_says_so(monkeypatch):
         HB.heal_fixed_plan(None, run_config, ["a layer"], None, holdout, report, said.append)
     assert any("no checkpoint of the 20 steps beat the unhealed factors" in line for line in lines[0])
     assert not any("no checkpoint" in line for line in lines[20])
+
+
+def test_heal_budget_does_not_call_an_unhealed_trial_healed():
+    """EfficientNet-Lite0 on 96 crops: "heal budget: looseness 4: drop 0.0000 -> 0.0000 healed" for a
+    search that rewrote nothing, so nothing was trained."""
+    from tnopt.heal import HealResult
+    from tnopt.heal_budget import budgeted_heal
+    from tnopt.plan import Plan
+
+    said = []
+    plans = {4.0: Plan(), 16.0: Plan(("a layer",))}
+    budgeted_heal(
+        lambda factor: plans.get(factor, Plan(("a layer",))),
+        lambda plan: (plan, HealResult("graph", steps=20)),
+        lambda plan: (0.0, 0.0) if not len(plan) else (0.05, 0.001),
+        lambda plan: float(len(plan)),
+        0.01,
+        said.append,
+    )
+    assert said[0].startswith("heal budget: looseness 4: drop 0.0000, not healed (nothing rewritten)")
+    assert "drop 0.0500 -> 0.0500 healed" in said[1]
+    assert all("0.0000 -> 0.0000 healed" not in line for line in said)

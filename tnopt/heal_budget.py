@@ -107,9 +107,14 @@ def budgeted_heal(
             clock() - started,
             healed,
         )
+        if result is not None:
+            drops = f"drop {drop_before:.4f} -> {drop_after:.4f} healed"
+        else:  # "0.0000 -> 0.0000 healed" read as a heal of a plan that was never trained
+            why = "nothing rewritten" if not len(plan) else "within budget"
+            drops = f"drop {drop_before:.4f}, not healed ({why})"
         say(
-            f"heal budget: looseness {factor:g}: drop {drop_before:.4f} -> {drop_after:.4f} healed "
-            f"(± {margin:.4f}), {'pass' if trial.passed else 'fail'}, saving {trial.saving:,.0f}"
+            f"heal budget: looseness {factor:g}: {drops} (± {margin:.4f}), "
+            f"{'pass' if trial.passed else 'fail'}, saving {trial.saving:,.0f}"
         )
         trials.append(trial)
         return trial
