@@ -709,3 +709,22 @@ def test_heal_budget_does_not_call_an_unhealed_trial_healed():
     assert said[0].startswith("heal budget: looseness 4: drop 0.0000, not healed (nothing rewritten)")
     assert "drop 0.0500 -> 0.0500 healed" in said[1]
     assert all("0.0000 -> 0.0000 healed" not in line for line in said)
+
+
+def test_a_missed_budget_that_saved_the_original_says_so_in_its_line():
+    """det-tiny (736² pages, --time-limit 300): "budget: segmentation drop <= 0.01: NOT met (0.0000 on
+    the evaluation data; 0.0000 ± 0.0000 on the calibration data)" — a drop of 0 that is "NOT met"."""
+    from tnopt.report import LayerReport
+
+    report = Report("m", "cpu", ModelSummary({}, 0, 0, 0))
+    report.budget = {"max_drop": 0.01, "metric": "segmentation", "drop_evaluation": 0.0}
+    report.budget["drop_calibration"] = 0.0
+    report.budget_met = False
+    report.layers = [LayerReport("conv", "Conv", [4, 4, 1, 1], "kept")]
+    line = report.budget_line()
+    assert line.startswith(
+        "budget: segmentation drop <= 0.01: NOT met: no plan with a rewrite was verified within it, "
+        "the original is saved (0.0000 on the evaluation data"
+    )
+    report.layers = [LayerReport("conv", "Conv", [4, 4, 1, 1], "rewritten")]
+    assert report.budget_line().startswith("budget: segmentation drop <= 0.01: NOT met (0.0000")

@@ -89,6 +89,10 @@ class Report:
         relative = " (relative)" if budget.get("drop_type") == "relative" else ""
         head = f"budget: {budget.get('metric', 'metric')} drop <= {budget['max_drop']:g}{relative}"
         verdict = {True: "met", False: "NOT met", None: "unknown"}[self.budget_met]
+        if self.budget_met is False and self.layers and not self.rewritten:
+            # "NOT met (0.0000 on the evaluation data …)" read as a contradiction: it is the search
+            # that found no compression within the budget, and the saved original loses nothing.
+            verdict += ": no plan with a rewrite was verified within it, the original is saved"
         parts = []
         if budget.get("drop_evaluation") is not None:
             parts.append(f"{budget['drop_evaluation']:.4f} on the evaluation data")
