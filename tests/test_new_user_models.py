@@ -728,3 +728,42 @@ def test_a_missed_budget_that_saved_the_original_says_so_in_its_line():
     )
     report.layers = [LayerReport("conv", "Conv", [4, 4, 1, 1], "rewritten")]
     assert report.budget_line().startswith("budget: segmentation drop <= 0.01: NOT met (0.0000")
+
+
+def test_a_correction_that_makes_a_fixed_rank_plan_worse_is_not_kept(monkeypatch, small_splits):
+    """det-tiny at --rank-ratio 0.5 on 192 pages: the correction (economy mode) took the outputs from
+    relative L2 0.45 to 1.75 on other pages, and the fixed-rank path kept it (nothing gates it)."""
+    from tnopt.passes import Factors
+
+    import tnopt.pipeline as pipeline
+    from tnopt.plan import Plan
+
+    def worse(plan):
+        return Plan(
+            tuple(
+                c.with_factors(
+                    Factors(
+                        {k: 3 * v for k, v in c.factors.arrays.items()},
+                        c.factors.rank,
+                        c.factors.rel_error,
+                        dict(c.factors.notes, corrected=True),
+                    )
+                )
+                for c in plan
+            )
+        )
+
+    calib, _ = small_splits
+    options = dict(rank_ratio=0.5, data=calib, provider="cpu", latency_batch=0)
+    fc2 = str(ROOT / "models" / "fc2.onnx")
+    uncorrected, _ = tnopt.compress(fc2, correct=False, **options)
+    monkeypatch.setattr(pipeline, "build_refiners", lambda *a, **k: [worse])
+    kept, report = tnopt.compress(fc2, **options)
+    assert any("correction made the outputs worse" in w for w in report.warnings)
+    assert [t.SerializeToString() for t in kept.graph.initializer] == [
+        t.SerializeToString() for t in uncorrected.graph.initializer
+    ]
+    # a refit that helps is kept
+    monkeypatch.setattr(pipeline, "build_refiners", lambda *a, **k: [lambda plan: plan])
+    _, report = tnopt.compress(fc2, **options)
+    assert not any("correction made" in w for w in report.warnings)
