@@ -290,7 +290,8 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         stats = statistics(
             # The budget's gate fits each fold's whitened factors without that fold's samples.
             folds=CROSS_FIT_FOLDS if config.budget is not None else None,
-            outputs_into=tapped if config.budget is not None else None,
+            # The original's outputs, for the budget's search or the fixed-rank correction's check.
+            outputs_into=tapped if config.budget is not None or correct else None,
         )
     clock.end()
     report.factors = {"data_aware": bool(stats), "correct": bool(correct)}
@@ -378,7 +379,9 @@ def _run(model, config: RunConfig, say) -> tuple[onnx.ModelProto, Report]:
         )
         if refiners and len(plan):
             _prepare_for_refiners(runner, plan, refiners, table)
-            plan = _refined_if_better(runner, plan, apply_refiners(refiners, plan), calib, report, say)
+            plan = _refined_if_better(
+                runner, plan, apply_refiners(refiners, plan), calib, reference, report, say
+            )
         if heal_config is not None and len(plan):
             plan = heal_budget.heal_fixed_plan(runner, config, plan, calib, heal_holdout, report, say)
     clock.end()
@@ -445,15 +448,19 @@ def _release_search_memory(runner: PlanRunner, *stats: dict) -> None:
     allocator.trim()
 
 
-def _refined_if_better(runner: PlanRunner, plan: Plan, refined: Plan, calib, report: Report, say) -> Plan:
+def _refined_if_better(
+    runner: PlanRunner, plan: Plan, refined: Plan, calib, reference, report: Report, say
+) -> Plan:
     """Fixed ranks: the refitted plan, unless its outputs are further from the original's than the
     plan's before the refits, on the very calibration data the refits were fitted on. A budget gates
     every plan it keeps; a fixed-rank plan is not gated, and the correction in its economy mode (a
     few waves, the layers of a wave refitted together from an uncorrected upstream) took PP-OCR
-    det-tiny at rank 0.5 on 192 pages from relative L2 0.45 to 1.75 on other pages."""
+    det-tiny at rank 0.5 on 192 pages from relative L2 0.45 to 1.75 on other pages. `reference`: the
+    original's outputs on `calib` from the statistics pass, when it has them (one run fewer)."""
     from tnopt.metrics import rel_l2
 
-    reference = runner.run(Plan(), calib.inputs)
+    if reference is None:  # the statistics pass's tap did not cover every sample
+        reference = runner.run(Plan(), calib.inputs)
     before = rel_l2(reference, runner.run(plan, calib.inputs))
     after = rel_l2(reference, runner.run(refined, calib.inputs))
     if after <= before:
