@@ -453,10 +453,11 @@ def _refined_if_better(
 ) -> Plan:
     """Fixed ranks: the refitted plan, unless its outputs are further from the original's than the
     plan's before the refits, on the very calibration data the refits were fitted on. A budget gates
-    every plan it keeps; a fixed-rank plan is not gated, and the correction in its economy mode (a
-    few waves, the layers of a wave refitted together from an uncorrected upstream) took PP-OCR
-    det-tiny at rank 0.5 on 192 pages from relative L2 0.45 to 1.75 on other pages. `reference`: the
-    original's outputs on `calib` from the statistics pass, when it has them (one run fewer)."""
+    every plan it keeps; a fixed-rank plan is not gated, and the correction took PP-OCR det-tiny at
+    rank 0.5 on 192 pages from relative L2 0.46 to 1.76 on the calibration pages in its economy mode
+    (a few waves, the layers of a wave refitted together from an uncorrected upstream) and to 0.83 in
+    its exact sequential one (bench/RESULTS.md, session 14 `real15`; the cause is not traced).
+    `reference`: the original's outputs on `calib` from the statistics pass, when it has them."""
     from tnopt.metrics import rel_l2
 
     if reference is None:  # the statistics pass's tap did not cover every sample
