@@ -50,6 +50,11 @@ def _ints(t) -> list[int]:
     return [int(v) for v in (t.tolist() if isinstance(t, torch.Tensor) else t)]
 
 
+def _text(value) -> str:
+    """A string attribute as text (onnx hands them over as bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _axes(node_attrs, inputs, index, default=None):
     """Axes from the attribute (old opsets) or the optional input at `index` (new opsets)."""
     if "axes" in node_attrs:
@@ -109,8 +114,7 @@ def _gather(data, indices, attrs):
 
 def _pool_pads(x, attrs, n, value):
     pads = list(attrs.get("pads", [0] * (2 * n)))
-    auto_pad = attrs.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    auto_pad = _text(attrs.get("auto_pad", b"NOTSET"))
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         pads = _torch._same_pads(
             x.shape[2:],
@@ -196,8 +200,7 @@ def _split(x, split=None, attrs=None):
 
 def _pad(x, pads=None, value=None, axes=None, attrs=None):
     pads = list(attrs["pads"]) if "pads" in attrs else _ints(pads)
-    mode = attrs.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = _text(attrs.get("mode", b"constant"))
     n = x.dim()
     axes = _ints(axes) if axes is not None else list(range(n))
     begin, end = pads[: len(axes)], pads[len(axes) :]
@@ -278,10 +281,6 @@ def _conv(x, w, b=None, attrs=None):
 
 def _conv_transpose(x, w, b=None, attrs=None):
     return _torch.conv_transpose(x, w, b, attrs)
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _prelu(x, slope, attrs):
