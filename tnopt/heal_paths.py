@@ -154,10 +154,7 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None, dea
         with torch.no_grad():
             # In parts of the run's onnxruntime batch (sized to the activation budget), as training:
             # a fixed part of 256 held 256 samples' activations whatever the model.
-            for start in range(0, len(select), part):
-                piece = select.inputs.take(slice(start, start + part))  # inputs fed whole stay whole
-                feeds = {k: torch.from_numpy(np.asarray(v)) for k, v in piece.items()}
-                student = graph.run(feeds, outputs)
+            for start, student in _run_in_parts(graph, select.inputs, len(select), part, outputs):
                 targets = [r[start : start + part] for r in select_reference]
                 n = min(part, len(select) - start)
                 total += float(output_loss(student, targets)) * n
@@ -245,6 +242,16 @@ def heal_graph(runner, graph, plan, train, select, config, say, metric=None, dea
     return _writeback(plan, trained), result
 
 
+def _run_in_parts(graph, inputs, count: int, part: int, outputs):
+    """(start, the graph's `outputs` on samples [start, start + part)) over the first `count` samples
+    of `inputs` (inputs fed whole stay whole), `part` at a time; the caller sets the grad mode."""
+    import torch
+
+    for start in range(0, count, part):
+        piece = inputs.take(slice(start, min(start + part, count)))
+        yield start, graph.run({k: torch.from_numpy(np.asarray(v)) for k, v in piece.items()}, outputs)
+
+
 # How far the original graph run in torch may be from onnxruntime (relative L2 of each float output)
 # before the whole-graph path is judged to compute another function. Well above float32 round-off
 # and the small differences of equivalent kernels (1e-6 … 1e-4), well below a misread op (a softmax
@@ -273,9 +280,7 @@ def _check_same_values(graph, select, reference, outputs, float_outputs, part: i
         with torch.no_grad():
             # `part` samples at a time (the run's onnxruntime batch): 16 pages of det-tiny at once
             # would hold 16 pages' activations.
-            for start in range(0, count, part):
-                piece = select.inputs.take(slice(start, min(start + part, count)))
-                values = graph.run({k: torch.from_numpy(np.asarray(v)) for k, v in piece.items()}, outputs)
+            for _, values in _run_in_parts(graph, select.inputs, count, part, outputs):
                 for name in outputs:
                     pieces[name].append(values[name])
     finally:
