@@ -456,7 +456,8 @@ def _refined_if_better(
     every plan it keeps; a fixed-rank plan is not gated, and the correction took PP-OCR det-tiny at
     rank 0.5 on 192 pages from relative L2 0.46 to 1.76 on the calibration pages in its economy mode
     (a few waves, the layers of a wave refitted together from an uncorrected upstream) and to 0.83 in
-    its exact sequential one (bench/RESULTS.md, session 14 `real15`; the cause is not traced).
+    its exact sequential one (bench/RESULTS.md, session 14: the economy's waves diverge, and the exact
+    refits each lower their own layer's residual while the output worsens; not fixed).
     `reference`: the original's outputs on `calib` from the statistics pass, when it has them."""
     from tnopt.metrics import rel_l2
 
